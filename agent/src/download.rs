@@ -1,0 +1,362 @@
+//! Downloads: one per digest however many requests want it (single-flight), fetched piece by
+//! piece from the peers the tracker hands out, and published only when whole and verified.
+//!
+//! [`Downloads`] owns the map of downloads in flight; each download's state (its picker,
+//! peers, in-flight requests) is owned by the one task that runs it. Requests that arrive
+//! while a download runs subscribe to its outcome. The task runs on the agent's main runtime,
+//! so a client that disconnects does not cancel a download other clients are waiting for.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use shoal_shared::bitfield::Bitfield;
+use shoal_shared::client::{Announce, PeerInfo};
+use shoal_shared::digest::Digest;
+use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
+use shoal_shared::peer::{PeerClient, PeerError};
+use shoal_shared::picker::Picker;
+use shoal_shared::store::{BlobStore, PartialBlob};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::tracker::{LookupError, TrackerClient};
+
+/// Requests in flight to an origin at once, per download.
+const ORIGIN_PIPELINE: u32 = 6;
+/// Requests in flight to another agent at once, per download.
+const PEER_PIPELINE: u32 = 3;
+/// Requests in flight per download, all peers together (bounds piece buffers in memory).
+const MAX_IN_FLIGHT: usize = 12;
+/// How long a peer that failed is left alone.
+const BACKOFF: Duration = Duration::from_secs(5);
+/// How long to wait for a peer's bitfield.
+const BITFIELD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Re-announce at least this often while downloading, to find new peers and pieces.
+const REANNOUNCE: Duration = Duration::from_secs(3);
+
+/// Why a download failed. Cloned to every waiting request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DownloadError {
+    #[error("blob unknown to the cluster")]
+    NotFound,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("no progress for {0:?}")]
+    Stalled(Duration),
+    #[error("local storage: {0}")]
+    Store(String),
+}
+
+impl From<LookupError> for DownloadError {
+    fn from(e: LookupError) -> Self {
+        match e {
+            LookupError::NotFound => Self::NotFound,
+            LookupError::Unavailable(m) => Self::Unavailable(m),
+        }
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> DownloadError {
+    DownloadError::Store(e.to_string())
+}
+
+type Outcome = Option<Result<(), DownloadError>>;
+
+/// A download in progress, visible to the peer server so its verified pieces are served.
+#[derive(Debug)]
+pub struct Active {
+    pub partial: PartialBlob,
+    pub have: Mutex<Bitfield>,
+}
+
+/// Agent counters.
+#[derive(Debug, Default, Clone)]
+pub struct DownloadMetrics {
+    pub started: Counter,
+    pub completed: Counter,
+    pub failed: Counter,
+    pub pieces: Counter,
+    pub bad_pieces: Counter,
+}
+
+impl DownloadMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("shoal_agent");
+        r.register("downloads_started", "Downloads started", self.started.clone());
+        r.register("downloads_completed", "Downloads completed and verified", self.completed.clone());
+        r.register("downloads_failed", "Downloads that failed", self.failed.clone());
+        r.register("pieces_fetched", "Verified pieces fetched from peers", self.pieces.clone());
+        r.register("bad_pieces", "Pieces rejected for a bad hash or protocol error", self.bad_pieces.clone());
+    }
+}
+
+/// Settings of the download engine.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub me: SocketAddr,
+    pub progress_timeout: Duration,
+    pub seed_time: Duration,
+    pub max_peers: usize,
+}
+
+/// All downloads of this agent, and the blobs it seeds.
+#[derive(Debug)]
+pub struct Downloads {
+    pub store: BlobStore,
+    tracker: TrackerClient,
+    peers: PeerClient,
+    settings: Settings,
+    runtime: tokio::runtime::Handle,
+    inflight: DashMap<Digest, watch::Receiver<Outcome>>,
+    pub active: DashMap<Digest, Arc<Active>>,
+    seeding: DashMap<Digest, Instant>,
+    pub metrics: DownloadMetrics,
+}
+
+impl Downloads {
+    pub fn new(store: BlobStore, tracker: TrackerClient, peers: PeerClient, settings: Settings) -> Self {
+        Self {
+            store,
+            tracker,
+            peers,
+            settings,
+            runtime: tokio::runtime::Handle::current(),
+            inflight: DashMap::new(),
+            active: DashMap::new(),
+            seeding: DashMap::new(),
+            metrics: DownloadMetrics::default(),
+        }
+    }
+
+    pub fn tracker(&self) -> &TrackerClient {
+        &self.tracker
+    }
+
+    /// Returns once `digest` is in the local cache, downloading it if needed. Concurrent
+    /// callers share one download.
+    pub async fn ensure(self: &Arc<Self>, digest: Digest) -> Result<(), DownloadError> {
+        if self.store.size(&digest).await.is_some() {
+            return Ok(());
+        }
+        let mut rx = match self.inflight.entry(digest) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(v) => {
+                // A download may have finished between the check above and here.
+                if self.store.blob_path(&digest).exists() {
+                    return Ok(());
+                }
+                let (tx, rx) = watch::channel(None);
+                v.insert(rx.clone());
+                let this = self.clone();
+                self.runtime.spawn(async move {
+                    this.metrics.started.inc();
+                    let span = tracing::info_span!("download", %digest);
+                    let result = this.download(digest).instrument(span).await;
+                    match &result {
+                        Ok(()) => {
+                            this.metrics.completed.inc();
+                            this.seeding.insert(digest, Instant::now() + this.settings.seed_time);
+                        }
+                        Err(e) => {
+                            this.metrics.failed.inc();
+                            tracing::warn!(%digest, cause = %e, "download failed");
+                        }
+                    }
+                    this.inflight.remove(&digest);
+                    let _ = tx.send(Some(result));
+                });
+                rx
+            }
+        };
+        let outcome = rx.wait_for(Option::is_some).await;
+        match outcome.as_deref() {
+            Ok(Some(result)) => result.clone(),
+            _ => Err(DownloadError::Unavailable("download task ended".into())),
+        }
+    }
+
+    /// Announces every blob still in its seeding period; returns the interval to wait.
+    pub async fn announce_seeded(&self) -> Duration {
+        let now = Instant::now();
+        self.seeding.retain(|_, until| *until > now);
+        let digests: Vec<Digest> = self.seeding.iter().map(|e| *e.key()).collect();
+        let mut interval = Duration::from_secs(10);
+        for digest in digests {
+            let a = Announce { digest, peer: self.settings.me, complete: true };
+            if let Ok(resp) = self.tracker.announce(&a).await {
+                interval = Duration::from_secs(resp.interval.clamp(1, 300));
+            }
+        }
+        interval
+    }
+
+    async fn download(&self, digest: Digest) -> Result<(), DownloadError> {
+        let metainfo = self.tracker.metainfo(digest).await?;
+        let started = Instant::now();
+        let partial = PartialBlob::create(&self.store, metainfo.clone()).await.map_err(store_err)?;
+        let active = Arc::new(Active { partial, have: Mutex::new(Bitfield::new(metainfo.piece_count())) });
+        self.active.insert(digest, active.clone());
+        let result = async {
+            self.swarm(&metainfo, &active).await?;
+            active.partial.commit().await.map_err(store_err)
+        }
+        .await;
+        self.active.remove(&digest);
+        if result.is_err() {
+            active.partial.discard().await;
+        } else {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(%digest, bytes = metainfo.length(), secs, "download complete");
+            let a = Announce { digest, peer: self.settings.me, complete: true };
+            if let Err(e) = self.tracker.announce(&a).await {
+                tracing::warn!(%digest, cause = %e, "completion announce failed");
+            }
+        }
+        result
+    }
+
+    /// Fetches every piece of the blob into `active`.
+    async fn swarm(&self, metainfo: &Metainfo, active: &Active) -> Result<(), DownloadError> {
+        let digest = metainfo.digest();
+        let mut picker = Picker::new(&Bitfield::new(metainfo.piece_count()), rand::random());
+        let mut peers: HashMap<SocketAddr, PeerInfo> = HashMap::new();
+        let mut banned: HashSet<SocketAddr> = HashSet::new();
+        let mut backoff: HashMap<SocketAddr, Instant> = HashMap::new();
+        let mut tasks: JoinSet<(SocketAddr, u32, Result<VerifiedPiece, PeerError>)> = JoinSet::new();
+        let mut last_progress = Instant::now();
+        let mut next_announce = Instant::now();
+        let piece_timeout =
+            Duration::from_secs(10) + Duration::from_secs(u64::from(metainfo.piece_length()) / (1 << 20));
+
+        while !picker.is_complete() {
+            let now = Instant::now();
+            if now >= next_announce {
+                self.refresh_peers(metainfo, &mut picker, &mut peers, &banned, &mut backoff).await;
+                next_announce = Instant::now() + REANNOUNCE;
+            }
+            // Fill every peer's pipeline, origins first, within the download's cap.
+            let mut order: Vec<PeerInfo> = peers.values().copied().collect();
+            order.sort_by_key(|p| (!p.origin, !p.complete));
+            for p in order {
+                let depth = if p.origin { ORIGIN_PIPELINE } else { PEER_PIPELINE };
+                while tasks.len() < MAX_IN_FLIGHT {
+                    let Some(index) = picker.next_request(p.addr, depth) else { break };
+                    let (client, m) = (self.peers.clone(), metainfo.clone());
+                    tasks.spawn(async move {
+                        let fetch = client.piece(p.addr, &m, index);
+                        let result = match tokio::time::timeout(piece_timeout, fetch).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                Err(PeerError::Transport { addr: p.addr, cause: "piece timed out".into() })
+                            }
+                        };
+                        (p.addr, index, result)
+                    });
+                }
+            }
+            if tasks.is_empty() {
+                if last_progress.elapsed() > self.settings.progress_timeout {
+                    return Err(DownloadError::Stalled(self.settings.progress_timeout));
+                }
+                // Nobody to ask right now: look again soon.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                next_announce = next_announce.min(Instant::now() + Duration::from_millis(700));
+                continue;
+            }
+            let joined = tokio::select! {
+                j = tasks.join_next() => j,
+                _ = tokio::time::sleep_until(next_announce.into()) => continue,
+            };
+            let Some(Ok((addr, index, result))) = joined else { continue };
+            match result {
+                Ok(piece) => {
+                    active.partial.write_piece(piece).await.map_err(store_err)?;
+                    active.have.lock().unwrap_or_else(|p| p.into_inner()).set(index);
+                    picker.on_piece(index, addr);
+                    self.metrics.pieces.inc();
+                    last_progress = Instant::now();
+                }
+                Err(e) => {
+                    picker.on_failure(index, addr);
+                    if e.is_misbehaviour() {
+                        self.metrics.bad_pieces.inc();
+                        tracing::warn!(%digest, peer = %addr, cause = %e, "peer blacklisted for this blob");
+                        banned.insert(addr);
+                        self.peers.ban(addr);
+                    } else {
+                        tracing::debug!(%digest, peer = %addr, cause = %e, "piece request failed");
+                        backoff.insert(addr, Instant::now() + BACKOFF);
+                    }
+                    picker.remove_peer(addr);
+                    peers.remove(&addr);
+                }
+            }
+            if last_progress.elapsed() > self.settings.progress_timeout {
+                return Err(DownloadError::Stalled(self.settings.progress_timeout));
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces, then learns the bitfields of new peers and of peers still downloading.
+    async fn refresh_peers(
+        &self,
+        metainfo: &Metainfo,
+        picker: &mut Picker<SocketAddr>,
+        peers: &mut HashMap<SocketAddr, PeerInfo>,
+        banned: &HashSet<SocketAddr>,
+        backoff: &mut HashMap<SocketAddr, Instant>,
+    ) {
+        let digest = metainfo.digest();
+        let a = Announce { digest, peer: self.settings.me, complete: false };
+        let listed = match self.tracker.announce(&a).await {
+            Ok(resp) => resp.peers,
+            Err(e) => {
+                tracing::warn!(%digest, cause = %e, "announce failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        backoff.retain(|_, until| *until > now);
+        let wanted: Vec<PeerInfo> = listed
+            .into_iter()
+            .filter(|p| {
+                p.addr != self.settings.me && !banned.contains(&p.addr) && !backoff.contains_key(&p.addr)
+            })
+            // Known seeders need no refresh: they hold everything.
+            .filter(|p| !peers.get(&p.addr).is_some_and(|known| known.complete))
+            .take(self.settings.max_peers.saturating_sub(peers.values().filter(|p| p.complete).count()))
+            .collect();
+        let mut asks = JoinSet::new();
+        for p in wanted {
+            let (client, m) = (self.peers.clone(), metainfo.clone());
+            asks.spawn(async move {
+                let r = tokio::time::timeout(BITFIELD_TIMEOUT, client.bitfield(p.addr, &m)).await;
+                (p, r)
+            });
+        }
+        while let Some(Ok((p, r))) = asks.join_next().await {
+            match r {
+                Ok(Ok(bits)) => {
+                    let complete = bits.is_complete();
+                    picker.add_peer(p.addr, bits);
+                    peers.insert(p.addr, PeerInfo { complete, ..p });
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%digest, peer = %p.addr, cause = %e, "no bitfield");
+                    backoff.insert(p.addr, now + BACKOFF);
+                }
+                Err(_) => {
+                    backoff.insert(p.addr, now + BACKOFF);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The Shoal agent: one per host. It presents a local, read-only OCI registry that
+//! containerd pulls from, downloads blobs piece by piece from peers over mutually
+//! authenticated QUIC (one download per digest however many pulls want it), verifies them,
+//! and seeds what it holds to other agents.
+
+pub mod config;
+pub mod download;
+pub mod registry;
+pub mod seeding;
+pub mod tracker;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use prometheus_client::registry::Registry;
+use shoal_shared::peer::{self, PeerClient, PeerStats};
+use shoal_shared::store::{BlobStore, StoreError};
+use shoal_shared::tls::{self, TlsError, TlsIdentity};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("no tracker configured (--tracker URL)")]
+    NoTracker,
+}
+
+/// The bound sockets the agent serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    pub registry: TcpListener,
+    pub peer: UdpSocket,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self { registry: TcpListener::bind(config.registry)?, peer: UdpSocket::bind(config.peer)? })
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    if config.tracker.is_empty() {
+        return Err(AgentError::NoTracker);
+    }
+    // Opening the store discards unfinished downloads: a half-written piece is never served.
+    let store = BlobStore::open(&config.data)?;
+    let identity = TlsIdentity::load(&config.tls)?;
+    let me: SocketAddr = match config.advertise_peer {
+        Some(a) => a,
+        None => listeners.peer.local_addr()?,
+    };
+    let endpoint = tls::endpoint(listeners.peer, &identity)?;
+    let downloads = Arc::new(download::Downloads::new(
+        store,
+        tracker::TrackerClient::new(&config.tracker),
+        PeerClient::new(endpoint.clone()),
+        download::Settings {
+            me,
+            progress_timeout: Duration::from_secs(config.progress_timeout.max(1)),
+            seed_time: Duration::from_secs(config.seed_time),
+            max_peers: config.max_peers.max(1),
+        },
+    ));
+    let stats = PeerStats::default();
+    let mut registry = Registry::default();
+    stats.register(&mut registry);
+    downloads.metrics.register(&mut registry);
+
+    let peer_task = tokio::spawn(peer::serve(
+        endpoint,
+        Arc::new(seeding::AgentSource(downloads.clone())),
+        Arc::new(stats),
+        config.max_uploads,
+        shutdown.clone(),
+    ));
+    let announcer = tokio::spawn({
+        let (downloads, shutdown) = (downloads.clone(), shutdown.clone());
+        async move {
+            loop {
+                let wait = downloads.announce_seeded().await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    });
+    let state = web::Data::new(registry::AppState { downloads, registry });
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(registry::configure))
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(2)
+        .listen(listeners.registry)?
+        .run();
+    let handle = server.handle();
+    tracing::info!(peer = %me, trackers = ?config.tracker, "agent serving");
+    let stopper = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            handle.stop(true).await;
+        }
+    });
+    let result = server.await;
+    shutdown.cancel();
+    let _ = stopper.await;
+    let _ = announcer.await;
+    let _ = peer_task.await;
+    result.map_err(AgentError::from)
+}

@@ -1,0 +1,135 @@
+//! The local registry endpoint (pull side of the OCI distribution spec) that containerd
+//! pulls from. Every blob and manifest comes out of the local cache; a miss joins or starts
+//! the single download of that digest.
+
+use std::sync::Arc;
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use prometheus_client::registry::Registry;
+use shoal_shared::digest::Digest;
+use shoal_shared::http::{oci_error, serve_file, DOCKER_CONTENT_DIGEST};
+use shoal_shared::oci::{
+    manifest_media_type, parse_v2_path, ErrorCode, Reference, V2Path, V2PathError, MAX_MANIFEST,
+};
+
+use crate::download::{DownloadError, Downloads};
+use crate::tracker::LookupError;
+
+/// Handler state.
+#[derive(Debug)]
+pub struct AppState {
+    pub downloads: Arc<Downloads>,
+    pub registry: Registry,
+}
+
+type State = web::Data<AppState>;
+
+/// Mounts the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v2", web::route().to(v2))
+        .route("/v2/{tail:.*}", web::route().to(v2))
+        .route(
+            "/metrics",
+            web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
+        )
+        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+}
+
+fn download_error(e: &DownloadError, unknown: ErrorCode) -> HttpResponse {
+    match e {
+        DownloadError::NotFound => oci_error(StatusCode::NOT_FOUND, unknown, "unknown to the cluster"),
+        other => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, other),
+    }
+}
+
+async fn v2(req: HttpRequest, state: State) -> HttpResponse {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return oci_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "this registry is read-only",
+        );
+    }
+    let tail = req.match_info().get("tail").unwrap_or("");
+    // `?ns=<registry>` (containerd mirror requests) is accepted; every image comes from the
+    // cluster's origins.
+    match parse_v2_path(tail) {
+        Ok(V2Path::Base) => HttpResponse::Ok().json(serde_json::json!({})),
+        Ok(V2Path::Blob { digest, .. }) => blob(&req, digest, &state).await,
+        Ok(V2Path::Manifest { name, reference }) => manifest(&req, name, reference, &state).await,
+        Ok(_) | Err(V2PathError::NotFound) => {
+            oci_error(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "no such endpoint")
+        }
+        Err(V2PathError::Name) => {
+            oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, "invalid repository name")
+        }
+    }
+}
+
+async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse {
+    let digest: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, e),
+    };
+    let downloads = &state.downloads;
+    if req.method() == Method::HEAD && downloads.store.size(&digest).await.is_none() {
+        // Answer from the metainfo; no need to download to say how large a blob is.
+        return match downloads.tracker().metainfo(digest).await {
+            Ok(m) => HttpResponse::Ok()
+                .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
+                .insert_header((header::CONTENT_LENGTH, m.length()))
+                .insert_header((header::ACCEPT_RANGES, "bytes"))
+                .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
+                .finish(),
+            Err(LookupError::NotFound) => {
+                oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown")
+            }
+            Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
+        };
+    }
+    if let Err(e) = downloads.ensure(digest).await {
+        return download_error(&e, ErrorCode::BlobUnknown);
+    }
+    match downloads.store.open_blob(&digest).await {
+        Some((file, len)) => serve_file(req, file, len, &digest, "application/octet-stream"),
+        None => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "blob evicted, retry"),
+    }
+}
+
+async fn manifest(req: &HttpRequest, name: &str, reference: &str, state: &AppState) -> HttpResponse {
+    let downloads = &state.downloads;
+    let digest = match reference.parse::<Reference>() {
+        Ok(Reference::Digest(d)) => d,
+        Ok(Reference::Tag(tag)) => match downloads.tracker().tag(name, &tag).await {
+            Ok(d) => d,
+            Err(LookupError::NotFound) => {
+                return oci_error(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::ManifestUnknown,
+                    format!("{name}:{tag} unknown"),
+                )
+            }
+            Err(e) => return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
+        },
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
+    };
+    if let Err(e) = downloads.ensure(digest).await {
+        return download_error(&e, ErrorCode::ManifestUnknown);
+    }
+    let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "not a manifest");
+    let size = match downloads.store.size(&digest).await {
+        Some(s) if s <= MAX_MANIFEST as u64 => s as usize,
+        _ => return unknown(),
+    };
+    let Ok(Some(bytes)) = downloads.store.read_range(&digest, 0, size).await else { return unknown() };
+    let Some(media_type) = manifest_media_type(&bytes) else { return unknown() };
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header((header::CONTENT_TYPE, media_type))
+        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
+    if req.method() == Method::HEAD {
+        resp.insert_header((header::CONTENT_LENGTH, bytes.len()));
+        return resp.finish();
+    }
+    resp.body(bytes)
+}

@@ -1,0 +1,394 @@
+//! The origin's HTTP API: the OCI distribution spec (pull and push) plus Shoal's own
+//! endpoints (`/shoal/v1/metainfo/<digest>`, `/shoal/v1/info`) and `/metrics`.
+//!
+//! Every handler validates names, references and digests before touching the store and
+//! answers bad input with OCI error JSON; uploads are streamed to a temp file and become
+//! visible only once their digest matches.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use shoal_shared::digest::Digest;
+use shoal_shared::http::{oci_error, serve_file, DOCKER_CONTENT_DIGEST};
+use shoal_shared::oci::{
+    manifest_media_type, manifest_references, parse_v2_path, ErrorCode, Reference, V2Path, V2PathError,
+    MAX_MANIFEST,
+};
+use shoal_shared::store::{BlobStore, Staged, StoreError};
+
+use crate::seeder::Seeder;
+use crate::tags::TagStore;
+use crate::uploads::Uploads;
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub store: BlobStore,
+    pub tags: TagStore,
+    pub uploads: Uploads,
+    pub seeder: Arc<Seeder>,
+    pub piece_length: u32,
+    pub peer_addr: SocketAddr,
+    pub registry: Registry,
+}
+
+/// Mounts the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v2", web::route().to(v2_base))
+        .route("/v2/{tail:.*}", web::route().to(v2))
+        .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
+        .route("/shoal/v1/info", web::get().to(info))
+        .route("/metrics", web::get().to(metrics))
+        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+}
+
+type State = web::Data<AppState>;
+
+fn bad_digest(e: impl std::fmt::Display) -> HttpResponse {
+    oci_error(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, e)
+}
+
+fn store_failure(e: &StoreError) -> HttpResponse {
+    tracing::error!(cause = %e, "store failure");
+    oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "storage unavailable")
+}
+
+async fn v2_base() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({}))
+}
+
+#[derive(Deserialize)]
+struct DigestQuery {
+    digest: Option<String>,
+}
+
+async fn v2(
+    req: HttpRequest,
+    tail: web::Path<String>,
+    query: web::Query<DigestQuery>,
+    payload: web::Payload,
+    state: State,
+) -> HttpResponse {
+    let path = match parse_v2_path(&tail) {
+        Ok(p) => p,
+        Err(V2PathError::Name) => {
+            return oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, "invalid repository name")
+        }
+        Err(V2PathError::NotFound) => {
+            return oci_error(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "no such endpoint")
+        }
+    };
+    let method = req.method().clone();
+    let query = query.into_inner().digest;
+    match (path, method) {
+        (V2Path::Base, _) => v2_base().await,
+        (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => get_blob(&req, digest, &state).await,
+        (V2Path::Manifest { name, reference }, Method::GET | Method::HEAD) => {
+            get_manifest(&req, name, reference, &state).await
+        }
+        (V2Path::Manifest { name, reference }, Method::PUT) => {
+            put_manifest(name, reference, payload, &state).await
+        }
+        (V2Path::UploadStart { name }, Method::POST) => start_upload(name, query, payload, &state).await,
+        (V2Path::Upload { name, id }, Method::PATCH) => patch_upload(&req, name, id, payload, &state).await,
+        (V2Path::Upload { name, id }, Method::PUT) => finish_upload(name, id, query, payload, &state).await,
+        (V2Path::Upload { name, id }, Method::GET) => upload_status(name, id, &state).await,
+        (V2Path::Upload { id, .. }, Method::DELETE) => cancel_upload(id, &state).await,
+        _ => oci_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, "method not allowed"),
+    }
+}
+
+async fn get_blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse {
+    let digest: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return bad_digest(e),
+    };
+    match state.store.open_blob(&digest).await {
+        Some((file, len)) => serve_file(req, file, len, &digest, "application/octet-stream"),
+        None => oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown"),
+    }
+}
+
+async fn resolve(name: &str, reference: &str, state: &AppState) -> Result<Digest, HttpResponse> {
+    match reference.parse::<Reference>() {
+        Ok(Reference::Digest(d)) => Ok(d),
+        Ok(Reference::Tag(tag)) => state.tags.get(name, &tag).await.ok_or_else(|| {
+            oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, format!("{name}:{tag} unknown"))
+        }),
+        Err(e) => Err(oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e)),
+    }
+}
+
+async fn get_manifest(req: &HttpRequest, name: &str, reference: &str, state: &AppState) -> HttpResponse {
+    let digest = match resolve(name, reference, state).await {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "manifest unknown");
+    match state.store.size(&digest).await {
+        Some(len) if len <= MAX_MANIFEST as u64 => {}
+        _ => return unknown(),
+    }
+    let Ok(Some(bytes)) =
+        state.store.read_range(&digest, 0, state.store.size(&digest).await.unwrap_or(0) as usize).await
+    else {
+        return unknown();
+    };
+    let Some(media_type) = manifest_media_type(&bytes) else { return unknown() };
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header((header::CONTENT_TYPE, media_type))
+        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
+    if req.method() == Method::HEAD {
+        resp.insert_header((header::CONTENT_LENGTH, bytes.len()));
+        return resp.finish();
+    }
+    resp.body(bytes)
+}
+
+/// Reads a body of at most `limit` bytes.
+async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, HttpResponse> {
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, format!("body: {e}"))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(oci_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::SizeInvalid,
+                format!("manifest larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn put_manifest(name: &str, reference: &str, payload: web::Payload, state: &AppState) -> HttpResponse {
+    let reference: Reference = match reference.parse() {
+        Ok(r) => r,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
+    };
+    let body = match read_limited(payload, MAX_MANIFEST).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    if manifest_media_type(&body).is_none() {
+        return oci_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::ManifestInvalid,
+            "not a schema 2 / OCI manifest or index (schema 1 is not supported)",
+        );
+    }
+    let refs = match manifest_references(&body) {
+        Ok(r) => r,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
+    };
+    for r in refs {
+        if state.store.size(&r).await.is_none() {
+            return oci_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::ManifestBlobUnknown,
+                format!("{r} unknown"),
+            );
+        }
+    }
+    let digest = Digest::of(&body);
+    if let Reference::Digest(claimed) = &reference {
+        if *claimed != digest {
+            return bad_digest(format!("manifest has digest {digest}, not {claimed}"));
+        }
+    }
+    let result = async {
+        let mut staged = state.store.stage(state.piece_length).await?;
+        staged.write(&body).await?;
+        staged.commit(&digest).await
+    }
+    .await;
+    if let Err(e) = result {
+        return store_failure(&e);
+    }
+    if let Reference::Tag(tag) = &reference {
+        if let Err(e) = state.tags.put(name, tag, &digest).await {
+            tracing::error!(cause = %e, "cannot write tag");
+            return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "cannot write tag");
+        }
+    }
+    tracing::info!(%name, %reference, %digest, "manifest stored");
+    HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/v2/{name}/manifests/{digest}")))
+        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
+        .finish()
+}
+
+/// Streams a request body into a staged blob.
+async fn drain(payload: &mut web::Payload, staged: &mut Staged) -> Result<(), HttpResponse> {
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            oci_error(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, format!("body: {e}"))
+        })?;
+        staged.write(&chunk).await.map_err(|e| store_failure(&e))?;
+    }
+    Ok(())
+}
+
+fn parse_query_digest(query: Option<String>) -> Result<Option<Digest>, HttpResponse> {
+    query.map(|q| q.parse::<Digest>().map_err(bad_digest)).transpose()
+}
+
+async fn commit(staged: Staged, digest: &Digest, name: &str) -> HttpResponse {
+    match staged.commit(digest).await {
+        Ok(_) => HttpResponse::Created()
+            .insert_header((header::LOCATION, format!("/v2/{name}/blobs/{digest}")))
+            .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
+            .finish(),
+        Err(StoreError::DigestMismatch { expected, actual }) => {
+            bad_digest(format!("content has digest {actual}, expected {expected}; nothing stored"))
+        }
+        Err(e) => store_failure(&e),
+    }
+}
+
+fn upload_accepted(name: &str, id: &str, len: u64) -> HttpResponse {
+    let mut resp = HttpResponse::Accepted();
+    resp.insert_header((header::LOCATION, format!("/v2/{name}/blobs/uploads/{id}")))
+        .insert_header(("Docker-Upload-UUID", id.to_owned()))
+        .insert_header((header::RANGE, format!("0-{}", len.saturating_sub(1))))
+        .insert_header((header::CONTENT_LENGTH, 0));
+    resp.finish()
+}
+
+async fn start_upload(
+    name: &str,
+    query: Option<String>,
+    mut payload: web::Payload,
+    state: &AppState,
+) -> HttpResponse {
+    let digest = match parse_query_digest(query) {
+        Ok(d) => d,
+        Err(resp) => return resp,
+    };
+    let mut staged = match state.store.stage(state.piece_length).await {
+        Ok(s) => s,
+        Err(e) => return store_failure(&e),
+    };
+    if let Some(digest) = digest {
+        // Monolithic upload in one request.
+        if let Err(resp) = drain(&mut payload, &mut staged).await {
+            staged.abort().await;
+            return resp;
+        }
+        return commit(staged, &digest, name).await;
+    }
+    match state.uploads.open(staged) {
+        Some(id) => upload_accepted(name, &id, 0),
+        None => oci_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyRequests,
+            "too many uploads in progress",
+        ),
+    }
+}
+
+fn upload_unknown() -> HttpResponse {
+    oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown, "upload unknown")
+}
+
+async fn patch_upload(
+    req: &HttpRequest,
+    name: &str,
+    id: &str,
+    mut payload: web::Payload,
+    state: &AppState,
+) -> HttpResponse {
+    let Some(session) = state.uploads.get(id) else { return upload_unknown() };
+    let mut guard = session.lock().await;
+    let Some(staged) = guard.as_mut() else { return upload_unknown() };
+    // Chunks must arrive in order: a Content-Range, if given, must start where we are.
+    if let Some(start) = req
+        .headers()
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_start_matches("bytes ").split('-').next()?.trim().parse::<u64>().ok())
+    {
+        if start != staged.len() {
+            return oci_error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorCode::BlobUploadInvalid,
+                format!("chunk starts at {start}, upload has {} bytes", staged.len()),
+            );
+        }
+    }
+    if let Err(resp) = drain(&mut payload, staged).await {
+        return resp;
+    }
+    upload_accepted(name, id, staged.len())
+}
+
+async fn finish_upload(
+    name: &str,
+    id: &str,
+    query: Option<String>,
+    mut payload: web::Payload,
+    state: &AppState,
+) -> HttpResponse {
+    let digest = match parse_query_digest(query) {
+        Ok(Some(d)) => d,
+        Ok(None) => return bad_digest("digest query parameter required"),
+        Err(resp) => return resp,
+    };
+    let Some(session) = state.uploads.get(id) else { return upload_unknown() };
+    let mut guard = session.lock().await;
+    let Some(mut staged) = guard.take() else { return upload_unknown() };
+    state.uploads.remove(id);
+    if let Err(resp) = drain(&mut payload, &mut staged).await {
+        staged.abort().await;
+        return resp;
+    }
+    commit(staged, &digest, name).await
+}
+
+async fn upload_status(name: &str, id: &str, state: &AppState) -> HttpResponse {
+    let Some(session) = state.uploads.get(id) else { return upload_unknown() };
+    let guard = session.lock().await;
+    let Some(staged) = guard.as_ref() else { return upload_unknown() };
+    let mut resp = upload_accepted(name, id, staged.len());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp
+}
+
+async fn cancel_upload(id: &str, state: &AppState) -> HttpResponse {
+    let Some(session) = state.uploads.get(id) else { return upload_unknown() };
+    state.uploads.remove(id);
+    if let Some(staged) = session.lock().await.take() {
+        staged.abort().await;
+    }
+    HttpResponse::NoContent().finish()
+}
+
+async fn metainfo(digest: web::Path<String>, state: State) -> HttpResponse {
+    let digest: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return bad_digest(e),
+    };
+    match state.seeder.metainfo(digest).await {
+        Some(m) => HttpResponse::Ok().json(&*m),
+        None => oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown"),
+    }
+}
+
+async fn info(state: State) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "peer": state.peer_addr,
+        "piece_length": state.piece_length,
+    }))
+}
+
+async fn metrics(state: State) -> HttpResponse {
+    shoal_shared::telemetry::metrics_response(&state.registry)
+}

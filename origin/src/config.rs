@@ -1,0 +1,97 @@
+//! The origin's configuration: flags, environment and TOML file, merged by
+//! [`shoal_shared::config::layered`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use shoal_shared::metainfo::DEFAULT_PIECE_LENGTH;
+
+/// `shoal-origin serve` flags. Every flag is optional here; defaults live in [`Config`].
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct ServeFlags {
+    /// HTTP address of the registry and seeding API.
+    #[arg(long, env = "SHOAL_HTTP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// UDP address of the QUIC peer endpoint.
+    #[arg(long, env = "SHOAL_PEER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    /// Address other peers should dial (defaults to --peer).
+    #[arg(long, env = "SHOAL_ADVERTISE_PEER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_peer: Option<SocketAddr>,
+    /// Data directory (blobs, metainfo, tags).
+    #[arg(long, env = "SHOAL_DATA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Directory with ca.pem, cert.pem, key.pem (from `shoal-origin ca issue`).
+    #[arg(long, env = "SHOAL_TLS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PathBuf>,
+    /// Piece length in bytes for new metainfo (64 KiB to 64 MiB).
+    #[arg(long, env = "SHOAL_PIECE_LENGTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub piece_length: Option<u32>,
+    /// Most pieces sent to peers at once.
+    #[arg(long, env = "SHOAL_MAX_UPLOADS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_uploads: Option<usize>,
+    /// HTTP worker threads.
+    #[arg(long, env = "SHOAL_HTTP_WORKERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_workers: Option<usize>,
+}
+
+/// The origin's validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    #[serde(default = "default_peer")]
+    pub peer: SocketAddr,
+    #[serde(default)]
+    pub advertise_peer: Option<SocketAddr>,
+    pub data: PathBuf,
+    pub tls: PathBuf,
+    #[serde(default = "default_piece_length")]
+    pub piece_length: u32,
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+    #[serde(default = "default_workers")]
+    pub http_workers: usize,
+}
+
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+fn default_peer() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5001))
+}
+fn default_piece_length() -> u32 {
+    DEFAULT_PIECE_LENGTH
+}
+fn default_max_uploads() -> usize {
+    32
+}
+fn default_workers() -> usize {
+    2
+}
+
+impl Config {
+    /// A configuration with defaults for everything but the directories (for tests).
+    pub fn new(data: PathBuf, tls: PathBuf) -> Self {
+        Self {
+            http: default_http(),
+            peer: default_peer(),
+            advertise_peer: None,
+            data,
+            tls,
+            piece_length: default_piece_length(),
+            max_uploads: default_max_uploads(),
+            http_workers: default_workers(),
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The Shoal origin: the authoritative, content-addressed copy of every blob.
+//!
+//! It speaks the OCI distribution API for pushes and pulls, hands out metainfo, and seeds
+//! every blob it holds to peers over mutually authenticated QUIC. [`run`] takes listeners
+//! that are already bound and a shutdown token, so tests run whole clusters in one process.
+
+pub mod api;
+pub mod config;
+pub mod push;
+pub mod seeder;
+pub mod tags;
+pub mod uploads;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::Arc;
+
+use actix_web::{web, App, HttpServer};
+use prometheus_client::registry::Registry;
+use shoal_shared::peer::{self, PeerStats};
+use shoal_shared::store::{BlobStore, StoreError};
+use shoal_shared::tls::{self, TlsError, TlsIdentity};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Most upload sessions open at once.
+const MAX_UPLOAD_SESSIONS: usize = 1024;
+
+/// Why the origin could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// The bound sockets the origin serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    pub http: TcpListener,
+    pub peer: UdpSocket,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self { http: TcpListener::bind(config.http)?, peer: UdpSocket::bind(config.peer)? })
+    }
+}
+
+/// Runs the origin until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), OriginError> {
+    let store = BlobStore::open(&config.data)?;
+    let identity = TlsIdentity::load(&config.tls)?;
+    let peer_addr: SocketAddr = match config.advertise_peer {
+        Some(a) => a,
+        None => listeners.peer.local_addr()?,
+    };
+    let endpoint = tls::endpoint(listeners.peer, &identity)?;
+    shoal_shared::metainfo::piece_count(0, config.piece_length)
+        .map_err(|e| OriginError::Http(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+
+    let seeder = Arc::new(seeder::Seeder::new(store.clone(), config.piece_length));
+    let stats = PeerStats::default();
+    let mut registry = Registry::default();
+    stats.register(&mut registry);
+    let state = web::Data::new(api::AppState {
+        tags: tags::TagStore::new(&store),
+        store,
+        uploads: uploads::Uploads::new(MAX_UPLOAD_SESSIONS),
+        seeder: seeder.clone(),
+        piece_length: config.piece_length,
+        peer_addr,
+        registry,
+    });
+
+    let peer_task =
+        tokio::spawn(peer::serve(endpoint, seeder, Arc::new(stats), config.max_uploads, shutdown.clone()));
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
+        .workers(config.http_workers.max(1))
+        .disable_signals()
+        .shutdown_timeout(2)
+        .listen(listeners.http)?
+        .run();
+    let handle = server.handle();
+    tracing::info!(peer = %peer_addr, "origin serving");
+    let stopper = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            handle.stop(true).await;
+        }
+    });
+    let result = server.await;
+    shutdown.cancel();
+    let _ = stopper.await;
+    let _ = peer_task.await;
+    result.map_err(OriginError::from)
+}

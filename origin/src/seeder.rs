@@ -1,0 +1,69 @@
+//! The origin as a peer: every whole blob it holds is served piece by piece over QUIC.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use shoal_shared::bitfield::Bitfield;
+use shoal_shared::digest::Digest;
+use shoal_shared::metainfo::Metainfo;
+use shoal_shared::peer::PieceSource;
+use shoal_shared::store::BlobStore;
+
+/// Most metainfos kept in memory before the cache is dropped and refilled from disk.
+const METAINFO_CACHE: usize = 4096;
+
+/// Serves pieces of committed blobs at the origin's piece length.
+#[derive(Debug)]
+pub struct Seeder {
+    store: BlobStore,
+    piece_length: u32,
+    cache: DashMap<Digest, Arc<Metainfo>>,
+}
+
+impl Seeder {
+    pub fn new(store: BlobStore, piece_length: u32) -> Self {
+        Self { store, piece_length, cache: DashMap::new() }
+    }
+
+    /// The metainfo of a held blob (cached).
+    pub async fn metainfo(&self, digest: Digest) -> Option<Arc<Metainfo>> {
+        if let Some(m) = self.cache.get(&digest) {
+            return Some(m.clone());
+        }
+        match self.store.metainfo(&digest, self.piece_length).await {
+            Ok(Some(m)) => {
+                if self.cache.len() >= METAINFO_CACHE {
+                    self.cache.clear();
+                }
+                let m = Arc::new(m);
+                self.cache.insert(digest, m.clone());
+                Some(m)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(%digest, cause = %e, "cannot compute metainfo");
+                None
+            }
+        }
+    }
+}
+
+impl PieceSource for Seeder {
+    async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
+        let m = self.metainfo(digest).await?;
+        Some(Bitfield::full(m.piece_count()))
+    }
+
+    async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
+        let m = self.metainfo(digest).await?;
+        let size = m.piece_size(index).ok()?;
+        match self.store.read_range(&digest, m.piece_offset(index), size as usize).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(%digest, index, cause = %e, "cannot read piece");
+                None
+            }
+        }
+    }
+}

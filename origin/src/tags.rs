@@ -1,0 +1,45 @@
+//! Tags: `name:tag -> manifest digest`, one small file each under `<data>/tags/`.
+//!
+//! Names and tags are validated by the caller ([`shoal_shared::oci::valid_name`],
+//! [`shoal_shared::oci::valid_tag`]), so they are safe path components: names cannot contain
+//! `..` or empty segments and tags cannot contain `/`.
+
+use std::io;
+use std::path::PathBuf;
+
+use shoal_shared::digest::Digest;
+use shoal_shared::store::BlobStore;
+
+/// The tag store, written atomically (temp file + rename).
+#[derive(Debug, Clone)]
+pub struct TagStore {
+    root: PathBuf,
+    store: BlobStore,
+}
+
+impl TagStore {
+    pub fn new(store: &BlobStore) -> Self {
+        Self { root: store.root().join("tags"), store: store.clone() }
+    }
+
+    fn path(&self, name: &str, tag: &str) -> PathBuf {
+        self.root.join(name).join(format!("{tag}.tag"))
+    }
+
+    /// The digest `name:tag` points at, if any.
+    pub async fn get(&self, name: &str, tag: &str) -> Option<Digest> {
+        let text = tokio::fs::read_to_string(self.path(name, tag)).await.ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// Points `name:tag` at `digest`.
+    pub async fn put(&self, name: &str, tag: &str, digest: &Digest) -> io::Result<()> {
+        let path = self.path(name, tag);
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        let tmp = self.store.temp_path("tag");
+        tokio::fs::write(&tmp, digest.to_string()).await?;
+        tokio::fs::rename(&tmp, &path).await
+    }
+}

@@ -1,0 +1,121 @@
+//! Bounded HTTP client calls between Shoal components (agent -> tracker -> origin).
+//!
+//! Responses from other nodes are still untrusted input: bodies are read with a size cap,
+//! and every call has a timeout.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+/// Why a call to another component failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url}: {cause}")]
+    Transport { url: String, cause: String },
+    #[error("{url}: not found")]
+    NotFound { url: String },
+    #[error("{url}: status {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("{url}: response larger than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
+    #[error("{url}: malformed response: {cause}")]
+    Malformed { url: String, cause: String },
+}
+
+/// A client with the timeouts Shoal uses between its components.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(60))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Reads a response body of at most `limit` bytes.
+pub async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, ClientError> {
+    let url = resp.url().to_string();
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ClientError::TooLarge { url, limit });
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ClientError::Transport { url: url.clone(), cause: e.to_string() })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ClientError::TooLarge { url, limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Checks the status of `resp`, turning 404 and other failures into errors.
+pub async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let url = resp.url().to_string();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(ClientError::NotFound { url });
+    }
+    let body = read_limited(resp, 4096).await.unwrap_or_default();
+    let body = String::from_utf8_lossy(&body).chars().take(1024).collect();
+    Err(ClientError::Status { url, status: status.as_u16(), body })
+}
+
+/// GET `url` and decode a JSON body of at most `limit` bytes.
+pub async fn get_json<T: DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+    limit: usize,
+) -> Result<T, ClientError> {
+    let transport = |e: reqwest::Error| ClientError::Transport { url: url.to_owned(), cause: e.to_string() };
+    let resp = check(client.get(url).send().await.map_err(transport)?).await?;
+    let body = read_limited(resp, limit).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ClientError::Malformed { url: url.to_owned(), cause: e.to_string() })
+}
+
+/// Largest metainfo document accepted (JSON of `MAX_PIECES` hashes).
+pub const MAX_METAINFO_JSON: usize = 96 << 20;
+/// Largest announce request or response accepted.
+pub const MAX_ANNOUNCE_JSON: usize = 256 << 10;
+
+/// What a peer tells the tracker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Announce {
+    pub digest: Digest,
+    /// Where the peer accepts QUIC connections.
+    pub peer: std::net::SocketAddr,
+    /// True when the peer holds the whole blob.
+    pub complete: bool,
+}
+
+/// One peer in the tracker's answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub addr: std::net::SocketAddr,
+    pub complete: bool,
+    pub origin: bool,
+}
+
+/// The tracker's answer to an announce.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AnnounceResponse {
+    /// Seconds until the peer should announce again.
+    pub interval: u64,
+    /// Origins first, then seeders, then other downloaders; never the announcer.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// The tracker's answer to a tag lookup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagResponse {
+    pub digest: Digest,
+}

@@ -1,0 +1,21 @@
+//! Shoal's protocol core and common building blocks.
+//!
+//! Pure modules (no I/O, no clock): [`digest`], [`metainfo`], [`bitfield`], [`codec`],
+//! [`wire`], [`picker`], [`oci`]. I/O modules built on them: [`store`], [`tls`], [`peer`],
+//! [`http`], [`config`], [`telemetry`].
+
+pub mod bitfield;
+pub mod codec;
+pub mod digest;
+pub mod metainfo;
+pub mod picker;
+pub mod wire;
+
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod oci;
+pub mod peer;
+pub mod store;
+pub mod telemetry;
+pub mod tls;

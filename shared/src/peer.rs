@@ -1,0 +1,352 @@
+//! The peer protocol over QUIC: serving pieces and fetching them.
+//!
+//! One bidirectional stream per request (see [`crate::wire`]). The server side is generic
+//! over a [`PieceSource`], so the origin (whole blobs on disk) and the agent (its cache plus
+//! downloads in progress) share the same code. The client side keeps one connection per
+//! peer address, shared by every download, and returns pieces only as [`VerifiedPiece`]s.
+//!
+//! Bounds: request frames are at most [`wire::MAX_FRAME`] bytes and must arrive within
+//! [`REQUEST_TIMEOUT`]; a malformed frame closes the whole connection; piece bodies are
+//! allocated only after their length has been checked against the metainfo; concurrent piece
+//! reads on the server are capped by a semaphore.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::{OnceCell, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bitfield::{Bitfield, BitfieldError};
+use crate::digest::Digest;
+use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
+use crate::tls::PEER_SERVER_NAME;
+use crate::wire::{self, FrameError, Refusal, Request, Response, PROTOCOL_VERSION};
+
+/// How long a peer may take to send its request frame.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Application error code for a protocol violation.
+const PROTOCOL_VIOLATION: u32 = 1;
+/// Application error code for a peer we no longer want (bad piece).
+const BANNED: u32 = 2;
+
+/// What a peer server can serve.
+pub trait PieceSource: Send + Sync + 'static {
+    /// The pieces held of `digest`, or `None` if the blob is unknown here.
+    fn bitfield(&self, digest: Digest) -> impl Future<Output = Option<Bitfield>> + Send;
+    /// The bytes of a held piece, or `None`. Must only return verified bytes.
+    fn piece(&self, digest: Digest, index: u32) -> impl Future<Output = Option<Bytes>> + Send;
+}
+
+/// Counters kept by a peer server, exported as metrics.
+#[derive(Debug, Default, Clone)]
+pub struct PeerStats {
+    pub pieces_served: Counter,
+    pub bytes_served: Counter,
+    pub protocol_errors: Counter,
+    pub connections: Counter,
+}
+
+impl PeerStats {
+    /// Registers the counters under `shoal_peer_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("shoal_peer");
+        r.register("pieces_served", "Pieces sent to peers", self.pieces_served.clone());
+        r.register("bytes_served", "Piece bytes sent to peers", self.bytes_served.clone());
+        r.register(
+            "protocol_errors",
+            "Connections closed for protocol violations",
+            self.protocol_errors.clone(),
+        );
+        r.register("connections", "Peer connections accepted", self.connections.clone());
+    }
+}
+
+/// Serves `source` on `endpoint` until `shutdown` fires. At most `max_uploads` pieces are
+/// read and sent at once.
+pub async fn serve<S: PieceSource>(
+    endpoint: Endpoint,
+    source: Arc<S>,
+    stats: Arc<PeerStats>,
+    max_uploads: usize,
+    shutdown: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    let uploads = Arc::new(Semaphore::new(max_uploads.max(1)));
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let (source, stats, uploads, shutdown) =
+            (source.clone(), stats.clone(), uploads.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            // The handshake (and its client-certificate check) runs inside the task.
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(peer = %remote, cause = %e, "peer handshake refused");
+                    return;
+                }
+            };
+            stats.connections.inc();
+            tracing::debug!(peer = %remote, "peer connected");
+            serve_connection(conn, source, stats, uploads, shutdown).await;
+        });
+    }
+    endpoint.close(VarInt::from_u32(0), b"shutdown");
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn serve_connection<S: PieceSource>(
+    conn: Connection,
+    source: Arc<S>,
+    stats: Arc<PeerStats>,
+    uploads: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let streams = TaskTracker::new();
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(peer = %conn.remote_address(), cause = %e, "peer connection ended");
+                    break;
+                }
+            },
+        };
+        let (conn, source, stats, uploads) = (conn.clone(), source.clone(), stats.clone(), uploads.clone());
+        streams.spawn(async move {
+            if let Err(e) = serve_stream(send, recv, &*source, &stats, &uploads).await {
+                match e {
+                    StreamError::Protocol(e) => {
+                        stats.protocol_errors.inc();
+                        tracing::warn!(peer = %conn.remote_address(), cause = %e, "closing connection: protocol violation");
+                        conn.close(VarInt::from_u32(PROTOCOL_VIOLATION), b"protocol violation");
+                    }
+                    StreamError::Io(e) => {
+                        tracing::debug!(peer = %conn.remote_address(), cause = %e, "stream ended early");
+                    }
+                }
+            }
+        });
+    }
+    streams.close();
+    streams.wait().await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Protocol(#[from] FrameError),
+    #[error("{0}")]
+    Io(String),
+}
+
+async fn serve_stream<S: PieceSource>(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    source: &S,
+    stats: &PeerStats,
+    uploads: &Semaphore,
+) -> Result<(), StreamError> {
+    let request: Request = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv))
+        .await
+        .map_err(|_| StreamError::Io("request timed out".into()))??;
+    let io = |e: quinn::WriteError| StreamError::Io(e.to_string());
+    match request {
+        Request::Bitfield { version, .. } | Request::Piece { version, .. } if version != PROTOCOL_VERSION => {
+            write_frame(&mut send, &Response::Refused(Refusal::Version)).await?;
+        }
+        Request::Bitfield { digest, .. } => {
+            let response = match source.bitfield(digest).await {
+                Some(bits) => Response::Bitfield(bits),
+                None => Response::Refused(Refusal::NotFound),
+            };
+            write_frame(&mut send, &response).await?;
+        }
+        Request::Piece { digest, index, .. } => {
+            let Ok(_permit) = uploads.acquire().await else {
+                return write_frame(&mut send, &Response::Refused(Refusal::Busy)).await;
+            };
+            match source.piece(digest, index).await {
+                Some(data) => {
+                    let length = data.len() as u32;
+                    write_frame(&mut send, &Response::Piece { index, length }).await?;
+                    send.write_chunk(data).await.map_err(io)?;
+                    stats.pieces_served.inc();
+                    stats.bytes_served.inc_by(u64::from(length));
+                }
+                None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
+            }
+        }
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+impl From<quinn::WriteError> for StreamError {
+    fn from(e: quinn::WriteError) -> Self {
+        StreamError::Io(e.to_string())
+    }
+}
+
+async fn write_frame<T: serde::Serialize>(send: &mut SendStream, msg: &T) -> Result<(), StreamError> {
+    let frame = wire::encode_frame(msg)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame; garbage or oversized frames are protocol errors, a closed stream is I/O.
+async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut RecvStream) -> Result<T, StreamError> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await.map_err(|e| StreamError::Io(e.to_string()))?;
+    let len = wire::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| StreamError::Io(e.to_string()))?;
+    Ok(wire::decode_body(&body)?)
+}
+
+/// Why fetching from a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot connect to {addr}: {cause}")]
+    Connect { addr: SocketAddr, cause: String },
+    #[error("peer {addr}: {cause}")]
+    Transport { addr: SocketAddr, cause: String },
+    #[error("peer {addr} broke the protocol: {cause}")]
+    Protocol { addr: SocketAddr, cause: String },
+    #[error("peer {addr} refused: {refusal:?}")]
+    Refused { addr: SocketAddr, refusal: Refusal },
+    #[error("peer {addr} sent a bad piece: {cause}")]
+    BadPiece { addr: SocketAddr, cause: MetainfoError },
+    #[error("peer {addr} sent a bad bitfield: {cause}")]
+    BadBitfield { addr: SocketAddr, cause: BitfieldError },
+}
+
+impl PeerError {
+    /// True when the peer misbehaved (as opposed to being unreachable or not having data).
+    pub fn is_misbehaviour(&self) -> bool {
+        matches!(self, Self::Protocol { .. } | Self::BadPiece { .. } | Self::BadBitfield { .. })
+    }
+}
+
+type ConnCell = Arc<OnceCell<Connection>>;
+
+/// Fetches from peers, one QUIC connection per peer address shared by all downloads.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    endpoint: Endpoint,
+    conns: Arc<Mutex<HashMap<SocketAddr, ConnCell>>>,
+}
+
+impl PeerClient {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint, conns: Arc::default() }
+    }
+
+    fn cell(&self, addr: SocketAddr) -> ConnCell {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let cell = conns.entry(addr).or_default();
+        if cell.get().is_some_and(|c| c.close_reason().is_some()) {
+            *cell = ConnCell::default();
+        }
+        cell.clone()
+    }
+
+    /// The live connection to `addr`, connecting (once, for all callers) if needed.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, PeerError> {
+        let cell = self.cell(addr);
+        let conn = cell
+            .get_or_try_init(|| async {
+                let connecting = self
+                    .endpoint
+                    .connect(addr, PEER_SERVER_NAME)
+                    .map_err(|e| PeerError::Connect { addr, cause: e.to_string() })?;
+                connecting.await.map_err(|e| PeerError::Connect { addr, cause: e.to_string() })
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Closes the connection to a peer that misbehaved.
+    pub fn ban(&self, addr: SocketAddr) {
+        let cell = self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        if let Some(conn) = cell.as_ref().and_then(|c| c.get()) {
+            conn.close(VarInt::from_u32(BANNED), b"bad piece");
+        }
+    }
+
+    async fn request(
+        &self,
+        addr: SocketAddr,
+        request: &Request,
+    ) -> Result<(Response, RecvStream), PeerError> {
+        let conn = self.connection(addr).await?;
+        let transport = |cause: String| PeerError::Transport { addr, cause };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(e.to_string()))?;
+        let frame =
+            wire::encode_frame(request).map_err(|e| PeerError::Protocol { addr, cause: e.to_string() })?;
+        send.write_all(&frame).await.map_err(|e| transport(e.to_string()))?;
+        let _ = send.finish();
+        match read_frame::<Response>(&mut recv).await {
+            Ok(Response::Refused(refusal)) => Err(PeerError::Refused { addr, refusal }),
+            Ok(response) => Ok((response, recv)),
+            Err(StreamError::Io(cause)) => Err(transport(cause)),
+            Err(StreamError::Protocol(e)) => {
+                conn.close(VarInt::from_u32(PROTOCOL_VIOLATION), b"protocol violation");
+                Err(PeerError::Protocol { addr, cause: e.to_string() })
+            }
+        }
+    }
+
+    /// Which pieces of `metainfo`'s blob `addr` holds.
+    pub async fn bitfield(&self, addr: SocketAddr, metainfo: &Metainfo) -> Result<Bitfield, PeerError> {
+        let request = Request::Bitfield { version: PROTOCOL_VERSION, digest: metainfo.digest() };
+        match self.request(addr, &request).await? {
+            (Response::Bitfield(bits), _) => {
+                bits.validate(metainfo.piece_count()).map_err(|cause| PeerError::BadBitfield { addr, cause })
+            }
+            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+        }
+    }
+
+    /// Fetches piece `index` and checks it against the metainfo.
+    pub async fn piece(
+        &self,
+        addr: SocketAddr,
+        metainfo: &Metainfo,
+        index: u32,
+    ) -> Result<VerifiedPiece, PeerError> {
+        let expected = metainfo.piece_size(index).map_err(|cause| PeerError::BadPiece { addr, cause })?;
+        let request = Request::Piece { version: PROTOCOL_VERSION, digest: metainfo.digest(), index };
+        let (response, mut recv) = self.request(addr, &request).await?;
+        match response {
+            Response::Piece { index: got, length } if got == index && length == expected => {
+                // Allocation bounded by the metainfo's piece length, not by the peer.
+                let mut buf = BytesMut::zeroed(length as usize);
+                recv.read_exact(&mut buf)
+                    .await
+                    .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?;
+                metainfo
+                    .verify_piece(index, buf.freeze())
+                    .map_err(|cause| PeerError::BadPiece { addr, cause })
+            }
+            other => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The content-addressed blob store on disk.
+//!
+//! Layout under the data directory:
+//! - `blobs/<hex>`: whole blobs, each verified against its sha256 before it appears here;
+//! - `meta/<hex>`: the blob's metainfo (JSON);
+//! - `tmp/`: uploads and downloads in progress, emptied when the store opens.
+//!
+//! A blob becomes visible only through [`Staged::commit`]: bytes are written to a temp file,
+//! the digest is checked, the file is fsynced and atomically renamed into `blobs/`. File names
+//! come from [`Digest::hex`], so no input can name a path outside the store.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::digest::{Digest, DigestHasher};
+use crate::metainfo::{Metainfo, MetainfoBuilder, MetainfoError, VerifiedPiece};
+
+/// Read size used when streaming blobs from disk.
+pub const READ_CHUNK: usize = 1 << 20;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("content has digest {actual}, expected {expected}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("content has {actual} bytes, expected {expected}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error(transparent)]
+    Metainfo(#[from] MetainfoError),
+    #[error("stored metainfo for {0} is unreadable")]
+    BadMetainfo(Digest),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// Runs blocking file work off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|join| Err(StoreError::Io { path: PathBuf::new(), source: io::Error::other(join) }))
+}
+
+/// The content-addressed store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) a store under `root`, discarding unfinished temp files.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        for sub in ["blobs", "meta"] {
+            let p = root.join(sub);
+            std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        Ok(Self { inner: Arc::new(Inner { root: root.to_path_buf(), next_tmp: AtomicU64::new(0) }) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Where the whole blob `digest` lives once committed.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("blobs").join(digest.hex())
+    }
+
+    fn meta_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("meta").join(digest.hex())
+    }
+
+    /// The metainfo saved with a committed blob, whatever its piece length.
+    pub async fn stored_metainfo(&self, digest: &Digest) -> Option<Metainfo> {
+        let bytes = tokio::fs::read(self.meta_path(digest)).await.ok()?;
+        let m = serde_json::from_slice::<Metainfo>(&bytes).ok()?;
+        (m.digest() == *digest).then_some(m)
+    }
+
+    /// A fresh temp path inside the store (same filesystem, so rename is atomic).
+    pub fn temp_path(&self, label: &str) -> PathBuf {
+        let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.inner.root.join("tmp").join(format!("{label}-{}-{n}", std::process::id()))
+    }
+
+    /// Size of the committed blob, or `None` if absent.
+    pub async fn size(&self, digest: &Digest) -> Option<u64> {
+        tokio::fs::metadata(self.blob_path(digest)).await.ok().map(|m| m.len())
+    }
+
+    /// Opens the committed blob for reading.
+    pub async fn open_blob(&self, digest: &Digest) -> Option<(File, u64)> {
+        let path = self.blob_path(digest);
+        blocking(move || {
+            let f = File::open(&path).map_err(io_err(&path))?;
+            let len = f.metadata().map_err(io_err(&path))?.len();
+            Ok((f, len))
+        })
+        .await
+        .ok()
+    }
+
+    /// Starts writing a new blob.
+    pub async fn stage(&self, piece_length: u32) -> Result<Staged, StoreError> {
+        let builder = MetainfoBuilder::new(piece_length)?;
+        let path = self.temp_path("upload");
+        let file = tokio::fs::File::create(&path).await.map_err(io_err(&path))?;
+        Ok(Staged { store: self.clone(), path, file, builder })
+    }
+
+    /// The metainfo of a committed blob at `piece_length`: read from `meta/`, or computed by
+    /// streaming the blob once and saved.
+    pub async fn metainfo(&self, digest: &Digest, piece_length: u32) -> Result<Option<Metainfo>, StoreError> {
+        if let Some(m) = self.stored_metainfo(digest).await {
+            if m.piece_length() == piece_length {
+                return Ok(Some(m));
+            }
+        }
+        let Some((file, _)) = self.open_blob(digest).await else { return Ok(None) };
+        let path = self.blob_path(digest);
+        let m = blocking(move || {
+            let mut builder = MetainfoBuilder::new(piece_length)?;
+            let mut buf = vec![0u8; READ_CHUNK];
+            let mut file = file;
+            loop {
+                let n = file.read(&mut buf).map_err(io_err(&path))?;
+                if n == 0 {
+                    break;
+                }
+                builder.update(&buf[..n]);
+            }
+            Ok(builder.finish()?)
+        })
+        .await?;
+        if m.digest() != *digest {
+            return Err(StoreError::DigestMismatch { expected: *digest, actual: m.digest() });
+        }
+        self.put_metainfo(&m).await?;
+        Ok(Some(m))
+    }
+
+    /// Saves a metainfo (atomically) next to its blob.
+    pub async fn put_metainfo(&self, m: &Metainfo) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(m)
+            .map_err(|e| StoreError::Io { path: PathBuf::new(), source: io::Error::other(e) })?;
+        let tmp = self.temp_path("meta");
+        tokio::fs::write(&tmp, json).await.map_err(io_err(&tmp))?;
+        let dest = self.meta_path(&m.digest());
+        tokio::fs::rename(&tmp, &dest).await.map_err(io_err(&dest))
+    }
+
+    /// Reads `len` bytes at `offset` of a committed blob.
+    pub async fn read_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let Some((file, size)) = self.open_blob(digest).await else { return Ok(None) };
+        if offset.saturating_add(len as u64) > size {
+            return Ok(None);
+        }
+        let path = self.blob_path(digest);
+        let bytes = blocking(move || read_at(&file, &path, offset, len)).await?;
+        Ok(Some(bytes))
+    }
+
+    /// Removes a committed blob (used when a cached copy turns out to be damaged).
+    pub async fn remove(&self, digest: &Digest) {
+        let _ = tokio::fs::remove_file(self.blob_path(digest)).await;
+    }
+}
+
+/// Reads exactly `len` bytes at `offset`.
+pub fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+    let mut buf = BytesMut::zeroed(len);
+    file.read_exact_at(&mut buf, offset).map_err(io_err(path))?;
+    Ok(buf.freeze())
+}
+
+/// A blob being written; visible in the store only after [`Staged::commit`].
+#[derive(Debug)]
+pub struct Staged {
+    store: BlobStore,
+    path: PathBuf,
+    file: tokio::fs::File,
+    builder: MetainfoBuilder,
+}
+
+impl Staged {
+    /// Appends bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        use tokio::io::AsyncWriteExt;
+        self.builder.update(bytes);
+        self.file.write_all(bytes).await.map_err(io_err(&self.path))
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.builder.length()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Verifies the content against `expected`, fsyncs and publishes it. On mismatch the
+    /// temp file is removed and nothing is stored.
+    pub async fn commit(self, expected: &Digest) -> Result<Metainfo, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let Staged { store, path, mut file, builder } = self;
+        let result = async {
+            let m = builder.finish()?;
+            if m.digest() != *expected {
+                return Err(StoreError::DigestMismatch { expected: *expected, actual: m.digest() });
+            }
+            file.flush().await.map_err(io_err(&path))?;
+            file.sync_all().await.map_err(io_err(&path))?;
+            drop(file);
+            let dest = store.blob_path(expected);
+            tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
+            store.put_metainfo(&m).await?;
+            Ok(m)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        result
+    }
+
+    /// Drops the upload and its temp file.
+    pub async fn abort(self) {
+        drop(self.file);
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
+/// A download in progress: a sparse temp file filled piece by piece.
+///
+/// Only [`VerifiedPiece`]s can be written, so every byte in it matched the metainfo.
+#[derive(Debug)]
+pub struct PartialBlob {
+    store: BlobStore,
+    path: PathBuf,
+    file: Arc<File>,
+    metainfo: Metainfo,
+}
+
+impl PartialBlob {
+    /// Creates the temp file for `metainfo`'s blob.
+    pub async fn create(store: &BlobStore, metainfo: Metainfo) -> Result<Self, StoreError> {
+        let path = store.temp_path("partial");
+        let p = path.clone();
+        let len = metainfo.length();
+        let file = blocking(move || {
+            let f = File::options().read(true).write(true).create_new(true).open(&p).map_err(io_err(&p))?;
+            f.set_len(len).map_err(io_err(&p))?;
+            Ok(f)
+        })
+        .await?;
+        Ok(Self { store: store.clone(), path, file: Arc::new(file), metainfo })
+    }
+
+    pub fn metainfo(&self) -> &Metainfo {
+        &self.metainfo
+    }
+
+    /// Writes a verified piece at its offset.
+    pub async fn write_piece(&self, piece: VerifiedPiece) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let path = self.path.clone();
+        let offset = self.metainfo.piece_offset(piece.index());
+        blocking(move || file.write_all_at(piece.data(), offset).map_err(io_err(&path))).await
+    }
+
+    /// Reads back a piece previously written (the caller tracks which are).
+    pub async fn read_piece(&self, index: u32) -> Result<Bytes, StoreError> {
+        let len = self.metainfo.piece_size(index)? as usize;
+        let offset = self.metainfo.piece_offset(index);
+        let (file, path) = (self.file.clone(), self.path.clone());
+        blocking(move || read_at(&file, &path, offset, len)).await
+    }
+
+    /// Checks the whole file against the blob digest, fsyncs and publishes it.
+    /// Readers holding pieces keep working: the open file is the published one.
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let (store, path, file, metainfo) =
+            (&self.store, self.path.clone(), self.file.clone(), self.metainfo.clone());
+        let p = path.clone();
+        let expected = metainfo.digest();
+        let result = blocking(move || {
+            let mut hasher = DigestHasher::new();
+            let mut buf = vec![0u8; READ_CHUNK];
+            let mut offset = 0u64;
+            while offset < metainfo.length() {
+                let n = (metainfo.length() - offset).min(READ_CHUNK as u64) as usize;
+                file.read_exact_at(&mut buf[..n], offset).map_err(io_err(&p))?;
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+            }
+            let actual = hasher.finish();
+            if actual != expected {
+                return Err(StoreError::DigestMismatch { expected, actual });
+            }
+            file.sync_all().map_err(io_err(&p))?;
+            Ok(metainfo)
+        })
+        .await;
+        match result {
+            Ok(metainfo) => {
+                let dest = store.blob_path(&expected);
+                tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
+                store.put_metainfo(&metainfo).await
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Abandons the download and deletes its file.
+    pub async fn discard(&self) {
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metainfo::MIN_PIECE_LENGTH;
+
+    #[tokio::test]
+    async fn stage_commit_and_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data = vec![42u8; MIN_PIECE_LENGTH as usize + 10];
+        let digest = Digest::of(&data);
+        let mut staged = store.stage(MIN_PIECE_LENGTH).await.expect("stage");
+        staged.write(&data[..100]).await.expect("write");
+        staged.write(&data[100..]).await.expect("write");
+        let m = staged.commit(&digest).await.expect("commit");
+        assert_eq!(m.piece_count(), 2);
+        assert_eq!(store.size(&digest).await, Some(data.len() as u64));
+        let again = store.metainfo(&digest, MIN_PIECE_LENGTH).await.expect("meta");
+        assert_eq!(again, Some(m));
+        let piece = store.read_range(&digest, 5, 10).await.expect("read");
+        assert_eq!(piece.as_deref(), Some(&data[5..15]));
+        assert_eq!(store.read_range(&digest, data.len() as u64, 1).await.expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn wrong_digest_stores_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let claimed = Digest::of(b"something else");
+        let mut staged = store.stage(MIN_PIECE_LENGTH).await.expect("stage");
+        staged.write(b"actual bytes").await.expect("write");
+        assert!(matches!(staged.commit(&claimed).await, Err(StoreError::DigestMismatch { .. })));
+        assert_eq!(store.size(&claimed).await, None);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn partial_blob_assembles_verified_pieces() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let data: Vec<u8> = (0..MIN_PIECE_LENGTH * 2 + 3).map(|i| (i % 251) as u8).collect();
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(&data);
+        let m = b.finish().expect("meta");
+        let partial = PartialBlob::create(&store, m.clone()).await.expect("create");
+        for i in (0..m.piece_count()).rev() {
+            let off = m.piece_offset(i) as usize;
+            let len = m.piece_size(i).expect("size") as usize;
+            let piece = m.verify_piece(i, Bytes::copy_from_slice(&data[off..off + len]));
+            partial.write_piece(piece.expect("verified")).await.expect("write");
+        }
+        assert_eq!(partial.read_piece(2).await.expect("read").len(), 3);
+        partial.commit().await.expect("commit");
+        let on_disk = std::fs::read(store.blob_path(&m.digest())).expect("read");
+        assert_eq!(on_disk, data);
+    }
+}

@@ -1,0 +1,103 @@
+//! The tracker's HTTP API: announce, metainfo and tag lookups, metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use shoal_shared::client::{Announce, AnnounceResponse, PeerInfo, TagResponse};
+use shoal_shared::digest::Digest;
+use shoal_shared::oci::{valid_name, valid_tag};
+
+use crate::origins::{LookupError, Origins};
+use crate::swarms::Swarms;
+
+/// Shared handler state.
+#[derive(Debug)]
+pub struct AppState {
+    pub swarms: Arc<Swarms>,
+    pub origins: Origins,
+    pub interval: Duration,
+    pub max_peers: usize,
+    pub announces: Counter,
+    pub registry: Registry,
+}
+
+type State = web::Data<AppState>;
+
+/// Mounts the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::JsonConfig::default().limit(shoal_shared::client::MAX_ANNOUNCE_JSON).error_handler(
+        |err, _| {
+            let resp = error(StatusCode::BAD_REQUEST, &err.to_string());
+            actix_web::error::InternalError::from_response(err, resp).into()
+        },
+    ))
+    .route("/shoal/v1/announce", web::post().to(announce))
+    .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
+    .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
+    .route(
+        "/metrics",
+        web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
+    )
+    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+}
+
+fn error(status: StatusCode, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({ "error": message }))
+}
+
+fn lookup_error(e: &LookupError) -> HttpResponse {
+    match e {
+        LookupError::NotFound => error(StatusCode::NOT_FOUND, "unknown"),
+        LookupError::Unavailable(cause) => {
+            tracing::warn!(%cause, "origins unavailable");
+            error(StatusCode::SERVICE_UNAVAILABLE, "origins unavailable")
+        }
+    }
+}
+
+async fn announce(body: web::Json<Announce>, state: State) -> HttpResponse {
+    let a = body.into_inner();
+    state.announces.inc();
+    let origins = state.origins.holders(a.digest).await;
+    let others = state.swarms.announce(
+        a.digest,
+        a.peer,
+        a.complete,
+        state.interval * 3,
+        state.max_peers,
+        Instant::now(),
+    );
+    let peers: Vec<PeerInfo> = origins
+        .into_iter()
+        .filter(|addr| *addr != a.peer)
+        .map(|addr| PeerInfo { addr, complete: true, origin: true })
+        .chain(others)
+        .take(state.max_peers)
+        .collect();
+    HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
+}
+
+async fn metainfo(digest: web::Path<String>, state: State) -> HttpResponse {
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return error(StatusCode::BAD_REQUEST, "invalid digest");
+    };
+    match state.origins.metainfo(digest).await {
+        Ok(m) => HttpResponse::Ok().json(&*m),
+        Err(e) => lookup_error(&e),
+    }
+}
+
+async fn tag(path: web::Path<(String, String)>, state: State) -> HttpResponse {
+    let (name, tag) = path.into_inner();
+    if !valid_name(&name) || !valid_tag(&tag) {
+        return error(StatusCode::BAD_REQUEST, "invalid name or tag");
+    }
+    match state.origins.tag(&name, &tag).await {
+        Ok(digest) => HttpResponse::Ok().json(TagResponse { digest }),
+        Err(e) => lookup_error(&e),
+    }
+}

@@ -1,0 +1,62 @@
+//! The tracker's configuration: flags, environment and TOML file.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// `shoal-tracker serve` flags.
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub struct ServeFlags {
+    /// HTTP address for announces and lookups.
+    #[arg(long, env = "SHOAL_HTTP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// Base URL of an origin (repeatable; asked in order).
+    #[arg(long = "origin", env = "SHOAL_ORIGIN", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub origin: Vec<String>,
+    /// Seconds between a peer's announces; a peer is forgotten after three missed.
+    #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_interval: Option<u64>,
+    /// Most peers returned by one announce.
+    #[arg(long, env = "SHOAL_MAX_PEERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_peers: Option<usize>,
+}
+
+/// The tracker's validated configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    #[serde(default)]
+    pub origin: Vec<String>,
+    #[serde(default = "default_interval")]
+    pub announce_interval: u64,
+    #[serde(default = "default_max_peers")]
+    pub max_peers: usize,
+}
+
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5100))
+}
+fn default_interval() -> u64 {
+    10
+}
+fn default_max_peers() -> usize {
+    50
+}
+
+impl Config {
+    /// Defaults with the given origins (for tests).
+    pub fn new(origin: Vec<String>) -> Self {
+        Self {
+            http: default_http(),
+            origin,
+            announce_interval: default_interval(),
+            max_peers: default_max_peers(),
+        }
+    }
+}

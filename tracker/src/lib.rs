@@ -1,0 +1,61 @@
+//! The Shoal tracker: tells peers who has which blob, and resolves metainfo and tags by
+//! asking the origins. It holds no blob data and its state is soft: peers re-announce, so
+//! a restarted tracker is whole again within one announce interval.
+
+pub mod api;
+pub mod config;
+pub mod origins;
+pub mod swarms;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpServer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Runs the tracker on `listener` until `shutdown` is cancelled.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    let interval = Duration::from_secs(config.announce_interval.max(1));
+    let swarms = Arc::new(swarms::Swarms::default());
+    let announces = Counter::default();
+    let mut registry = Registry::default();
+    registry.register("shoal_tracker_announces", "Announces received", announces.clone());
+    let state = web::Data::new(api::AppState {
+        swarms: swarms.clone(),
+        origins: origins::Origins::new(config.origin.clone()),
+        interval,
+        max_peers: config.max_peers.max(1),
+        announces,
+        registry,
+    });
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(2)
+        .listen(listener)?
+        .run();
+    let handle = server.handle();
+    let sweeper = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => swarms.sweep(Instant::now()),
+                }
+            }
+            handle.stop(true).await;
+        }
+    });
+    tracing::info!(origins = ?config.origin, "tracker serving");
+    let result = server.await;
+    shutdown.cancel();
+    let _ = sweeper.await;
+    result
+}

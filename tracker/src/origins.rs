@@ -1,0 +1,135 @@
+//! The tracker's view of the origins: which one holds a blob, its metainfo, tag lookups.
+//!
+//! Origins are asked in the configured order. Metainfo is immutable for a digest, so it is
+//! cached (bounded); tags are mutable and always asked afresh.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use shoal_shared::client::{self, ClientError, MAX_METAINFO_JSON};
+use shoal_shared::digest::Digest;
+use shoal_shared::metainfo::Metainfo;
+use shoal_shared::oci::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+
+/// Most metainfos cached before the cache is dropped.
+const METAINFO_CACHE: usize = 10_000;
+
+/// A lookup that no origin could answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("no origin has it")]
+    NotFound,
+    #[error("no origin answered: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug)]
+struct Known {
+    metainfo: Arc<Metainfo>,
+    origin: usize,
+}
+
+/// The configured origins.
+#[derive(Debug)]
+pub struct Origins {
+    urls: Vec<String>,
+    http: reqwest::Client,
+    peer_addrs: DashMap<usize, SocketAddr>,
+    known: DashMap<Digest, Known>,
+}
+
+#[derive(serde::Deserialize)]
+struct Info {
+    peer: SocketAddr,
+}
+
+impl Origins {
+    pub fn new(urls: Vec<String>) -> Self {
+        let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
+        Self { urls, http: client::http_client(), peer_addrs: DashMap::new(), known: DashMap::new() }
+    }
+
+    /// The metainfo of `digest` from the first origin that has it.
+    pub async fn metainfo(&self, digest: Digest) -> Result<Arc<Metainfo>, LookupError> {
+        if let Some(k) = self.known.get(&digest) {
+            return Ok(k.metainfo.clone());
+        }
+        let mut last_error = None;
+        for (i, base) in self.urls.iter().enumerate() {
+            let url = format!("{base}/shoal/v1/metainfo/{digest}");
+            match client::get_json::<Metainfo>(&self.http, &url, MAX_METAINFO_JSON).await {
+                Ok(m) if m.digest() == digest => {
+                    let m = Arc::new(m);
+                    if self.known.len() >= METAINFO_CACHE {
+                        self.known.clear();
+                    }
+                    self.known.insert(digest, Known { metainfo: m.clone(), origin: i });
+                    return Ok(m);
+                }
+                Ok(_) => last_error = Some(format!("{url}: metainfo for another digest")),
+                Err(ClientError::NotFound { .. }) => {}
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        Err(last_error.map_or(LookupError::NotFound, LookupError::Unavailable))
+    }
+
+    /// Peer addresses of the origins known to hold `digest` (after a metainfo lookup).
+    pub async fn holders(&self, digest: Digest) -> Vec<SocketAddr> {
+        if self.metainfo(digest).await.is_err() {
+            return Vec::new();
+        }
+        let Some(origin) = self.known.get(&digest).map(|k| k.origin) else { return Vec::new() };
+        self.peer_addr(origin).await.into_iter().collect()
+    }
+
+    async fn peer_addr(&self, origin: usize) -> Option<SocketAddr> {
+        if let Some(a) = self.peer_addrs.get(&origin) {
+            return Some(*a);
+        }
+        let url = format!("{}/shoal/v1/info", self.urls.get(origin)?);
+        match client::get_json::<Info>(&self.http, &url, 64 << 10).await {
+            Ok(info) => {
+                self.peer_addrs.insert(origin, info.peer);
+                Some(info.peer)
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "origin info unavailable");
+                None
+            }
+        }
+    }
+
+    /// Resolves `name:tag` with a HEAD to each origin in turn.
+    pub async fn tag(&self, name: &str, tag: &str) -> Result<Digest, LookupError> {
+        let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
+        let mut last_error = None;
+        for base in &self.urls {
+            let url = format!("{base}/v2/{name}/manifests/{tag}");
+            let resp = match self.http.head(&url).header("Accept", &accept).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = Some(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            match client::check(resp).await {
+                Ok(resp) => {
+                    let digest = resp
+                        .headers()
+                        .get("Docker-Content-Digest")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<Digest>().ok());
+                    match digest {
+                        Some(d) => return Ok(d),
+                        None => last_error = Some(format!("{url}: no valid Docker-Content-Digest")),
+                    }
+                }
+                Err(ClientError::NotFound { .. }) => {}
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        Err(last_error.map_or(LookupError::NotFound, LookupError::Unavailable))
+    }
+}
