@@ -8,7 +8,7 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::registry::Registry;
 use shoal_shared::digest::Digest;
-use shoal_shared::http::{oci_error, serve_file, DOCKER_CONTENT_DIGEST};
+use shoal_shared::http::{head_body, oci_error, serve_file, DOCKER_CONTENT_DIGEST};
 use shoal_shared::oci::{
     manifest_media_type, parse_v2_path, ErrorCode, Reference, V2Path, V2PathError, MAX_MANIFEST,
 };
@@ -57,7 +57,7 @@ async fn v2(req: HttpRequest, state: State) -> HttpResponse {
     match parse_v2_path(tail) {
         Ok(V2Path::Base) => HttpResponse::Ok().json(serde_json::json!({})),
         Ok(V2Path::Blob { digest, .. }) => blob(&req, digest, &state).await,
-        Ok(V2Path::Manifest { name, reference }) => manifest(&req, name, reference, &state).await,
+        Ok(V2Path::Manifest { name, reference }) => manifest(name, reference, &state).await,
         Ok(_) | Err(V2PathError::NotFound) => {
             oci_error(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "no such endpoint")
         }
@@ -76,12 +76,13 @@ async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse
     if req.method() == Method::HEAD && downloads.store.size(&digest).await.is_none() {
         // Answer from the metainfo; no need to download to say how large a blob is.
         return match downloads.tracker().metainfo(digest).await {
-            Ok(m) => HttpResponse::Ok()
-                .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
-                .insert_header((header::CONTENT_LENGTH, m.length()))
-                .insert_header((header::ACCEPT_RANGES, "bytes"))
-                .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
-                .finish(),
+            Ok(m) => head_body(
+                HttpResponse::Ok()
+                    .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
+                    .insert_header((header::ACCEPT_RANGES, "bytes"))
+                    .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string())),
+                m.length(),
+            ),
             Err(LookupError::NotFound) => {
                 oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown")
             }
@@ -97,7 +98,7 @@ async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse
     }
 }
 
-async fn manifest(req: &HttpRequest, name: &str, reference: &str, state: &AppState) -> HttpResponse {
+async fn manifest(name: &str, reference: &str, state: &AppState) -> HttpResponse {
     let downloads = &state.downloads;
     let digest = match reference.parse::<Reference>() {
         Ok(Reference::Digest(d)) => d,
@@ -127,9 +128,6 @@ async fn manifest(req: &HttpRequest, name: &str, reference: &str, state: &AppSta
     let mut resp = HttpResponse::Ok();
     resp.insert_header((header::CONTENT_TYPE, media_type))
         .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
-    if req.method() == Method::HEAD {
-        resp.insert_header((header::CONTENT_LENGTH, bytes.len()));
-        return resp.finish();
-    }
+    // On HEAD actix sends the headers of this body (its length) without the body.
     resp.body(bytes)
 }

@@ -89,7 +89,7 @@ async fn v2(
         (V2Path::Base, _) => v2_base().await,
         (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => get_blob(&req, digest, &state).await,
         (V2Path::Manifest { name, reference }, Method::GET | Method::HEAD) => {
-            get_manifest(&req, name, reference, &state).await
+            get_manifest(name, reference, &state).await
         }
         (V2Path::Manifest { name, reference }, Method::PUT) => {
             put_manifest(name, reference, payload, &state).await
@@ -124,7 +124,7 @@ async fn resolve(name: &str, reference: &str, state: &AppState) -> Result<Digest
     }
 }
 
-async fn get_manifest(req: &HttpRequest, name: &str, reference: &str, state: &AppState) -> HttpResponse {
+async fn get_manifest(name: &str, reference: &str, state: &AppState) -> HttpResponse {
     let digest = match resolve(name, reference, state).await {
         Ok(d) => d,
         Err(resp) => return resp,
@@ -143,10 +143,7 @@ async fn get_manifest(req: &HttpRequest, name: &str, reference: &str, state: &Ap
     let mut resp = HttpResponse::Ok();
     resp.insert_header((header::CONTENT_TYPE, media_type))
         .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
-    if req.method() == Method::HEAD {
-        resp.insert_header((header::CONTENT_LENGTH, bytes.len()));
-        return resp.finish();
-    }
+    // On HEAD actix sends the headers of this body (its length) without the body.
     resp.body(bytes)
 }
 

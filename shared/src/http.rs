@@ -62,10 +62,16 @@ pub fn serve_file(
         builder.insert_header((header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1)));
     }
     if req.method() == actix_web::http::Method::HEAD {
-        builder.insert_header((header::CONTENT_LENGTH, end - start));
-        return builder.finish();
+        return head_body(&mut builder, end - start);
     }
     builder.body(SizedStream::new(end - start, file_stream(file, start, end)))
+}
+
+/// Finishes a HEAD response that announces `len` bytes. (Setting `Content-Length` by hand
+/// does not work: actix recomputes it from the body, and omits the body itself on HEAD.)
+pub fn head_body(builder: &mut actix_web::HttpResponseBuilder, len: u64) -> HttpResponse {
+    let empty = futures_util::stream::empty::<Result<Bytes, std::io::Error>>();
+    builder.body(SizedStream::new(len, empty))
 }
 
 /// Streams `[start, end)` of `file`, read by one blocking thread a chunk ahead of the socket.
