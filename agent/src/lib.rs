@@ -84,7 +84,7 @@ pub async fn run(
 
     let peer_task = tokio::spawn(peer::serve(
         endpoint,
-        Arc::new(seeding::AgentSource(downloads.clone())),
+        Arc::new(seeding::AgentSource::new(downloads.clone())),
         Arc::new(stats),
         config.max_uploads,
         shutdown.clone(),

@@ -3,34 +3,61 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::digest::Digest;
+use shoal_shared::metainfo::Metainfo;
 use shoal_shared::peer::PieceSource;
 
 use crate::download::Downloads;
 
+/// Most metainfos of cached blobs kept in memory before the cache is refilled from disk.
+const METAINFO_CACHE: usize = 4096;
+
 /// Serves pieces out of an agent's downloads and cache.
 #[derive(Debug)]
-pub struct AgentSource(pub Arc<Downloads>);
+pub struct AgentSource {
+    downloads: Arc<Downloads>,
+    metainfo: DashMap<Digest, Arc<Metainfo>>,
+}
+
+impl AgentSource {
+    pub fn new(downloads: Arc<Downloads>) -> Self {
+        Self { downloads, metainfo: DashMap::new() }
+    }
+
+    /// Metainfo of a whole cached blob.
+    async fn cached(&self, digest: Digest) -> Option<Arc<Metainfo>> {
+        if let Some(m) = self.metainfo.get(&digest) {
+            return Some(m.clone());
+        }
+        let store = &self.downloads.store;
+        let m = Arc::new(store.stored_metainfo(&digest).await?);
+        store.size(&digest).await?;
+        if self.metainfo.len() >= METAINFO_CACHE {
+            self.metainfo.clear();
+        }
+        self.metainfo.insert(digest, m.clone());
+        Some(m)
+    }
+}
 
 impl PieceSource for AgentSource {
     async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
-        if let Some(active) = self.0.active.get(&digest).map(|a| a.clone()) {
+        if let Some(active) = self.downloads.active.get(&digest).map(|a| a.clone()) {
             return Some(active.have.lock().unwrap_or_else(|p| p.into_inner()).clone());
         }
-        let m = self.0.store.stored_metainfo(&digest).await?;
-        self.0.store.size(&digest).await?;
-        Some(Bitfield::full(m.piece_count()))
+        Some(Bitfield::full(self.cached(digest).await?.piece_count()))
     }
 
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
-        if let Some(active) = self.0.active.get(&digest).map(|a| a.clone()) {
+        if let Some(active) = self.downloads.active.get(&digest).map(|a| a.clone()) {
             // Only pieces already verified and written are served.
             let held = active.have.lock().unwrap_or_else(|p| p.into_inner()).get(index);
             return if held { active.partial.read_piece(index).await.ok() } else { None };
         }
-        let m = self.0.store.stored_metainfo(&digest).await?;
+        let m = self.cached(digest).await?;
         let size = m.piece_size(index).ok()? as usize;
-        self.0.store.read_range(&digest, m.piece_offset(index), size).await.ok().flatten()
+        self.downloads.store.read_range(&digest, m.piece_offset(index), size).await.ok().flatten()
     }
 }

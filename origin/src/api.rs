@@ -35,6 +35,20 @@ pub struct AppState {
     pub piece_length: u32,
     pub peer_addr: SocketAddr,
     pub registry: Registry,
+    pub upload_token: Option<String>,
+}
+
+/// True when the request carries the upload token (or none is configured).
+fn authorized(req: &HttpRequest, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time in the token's length: do not leak how much of a guess was right.
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// Mounts the routes.
@@ -84,6 +98,13 @@ async fn v2(
         }
     };
     let method = req.method().clone();
+    let writes = matches!(method, Method::PUT | Method::POST | Method::PATCH | Method::DELETE);
+    if writes && !authorized(&req, state.upload_token.as_deref()) {
+        let mut resp = oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "upload token required");
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"shoal\""));
+        return resp;
+    }
     let query = query.into_inner().digest;
     match (path, method) {
         (V2Path::Base, _) => v2_base().await,
@@ -283,12 +304,15 @@ async fn start_upload(
         return commit(staged, &digest, name).await;
     }
     match state.uploads.open(staged) {
-        Some(id) => upload_accepted(name, &id, 0),
-        None => oci_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::TooManyRequests,
-            "too many uploads in progress",
-        ),
+        Ok(id) => upload_accepted(name, &id, 0),
+        Err(staged) => {
+            staged.abort().await;
+            oci_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
+                "too many uploads in progress",
+            )
+        }
     }
 }
 

@@ -38,6 +38,10 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_MAX_UPLOADS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_uploads: Option<usize>,
+    /// Bearer token required for uploads (pushes); unset means uploads are open.
+    #[arg(long, env = "SHOAL_UPLOAD_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_token: Option<String>,
     /// HTTP worker threads.
     #[arg(long, env = "SHOAL_HTTP_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,7 +49,7 @@ pub struct ServeFlags {
 }
 
 /// The origin's validated configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_http")]
@@ -62,6 +66,8 @@ pub struct Config {
     pub max_uploads: usize,
     #[serde(default = "default_workers")]
     pub http_workers: usize,
+    #[serde(default)]
+    pub upload_token: Option<String>,
 }
 
 fn default_http() -> SocketAddr {
@@ -92,6 +98,22 @@ impl Config {
             piece_length: default_piece_length(),
             max_uploads: default_max_uploads(),
             http_workers: default_workers(),
+            upload_token: None,
         }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Config")
+            .field("http", &self.http)
+            .field("peer", &self.peer)
+            .field("advertise_peer", &self.advertise_peer)
+            .field("data", &self.data)
+            .field("tls", &self.tls)
+            .field("piece_length", &self.piece_length)
+            .field("upload_token", &self.upload_token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
     }
 }

@@ -25,6 +25,8 @@ pub use config::Config;
 
 /// Most upload sessions open at once.
 const MAX_UPLOAD_SESSIONS: usize = 1024;
+/// An upload session unused for this long is cancelled and its temp file deleted.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Why the origin could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -79,22 +81,32 @@ pub async fn run(
         piece_length: config.piece_length,
         peer_addr,
         registry,
+        upload_token: config.upload_token.clone(),
     });
 
     let peer_task =
         tokio::spawn(peer::serve(endpoint, seeder, Arc::new(stats), config.max_uploads, shutdown.clone()));
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
-        .workers(config.http_workers.max(1))
-        .disable_signals()
-        .shutdown_timeout(2)
-        .listen(listeners.http)?
-        .run();
+    let server = HttpServer::new({
+        let state = state.clone();
+        move || App::new().app_data(state.clone()).configure(api::configure)
+    })
+    .workers(config.http_workers.max(1))
+    .disable_signals()
+    .shutdown_timeout(2)
+    .listen(listeners.http)?
+    .run();
     let handle = server.handle();
     tracing::info!(peer = %peer_addr, "origin serving");
     let stopper = tokio::spawn({
-        let shutdown = shutdown.clone();
+        let (shutdown, state) = (shutdown.clone(), state.clone());
         async move {
-            shutdown.cancelled().await;
+            let mut sweep = tokio::time::interval(UPLOAD_IDLE / 4);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = sweep.tick() => state.uploads.expire(UPLOAD_IDLE).await,
+                }
+            }
             handle.stop(true).await;
         }
     });

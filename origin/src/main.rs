@@ -30,6 +30,9 @@ enum Command {
         /// Base URL of the origin, e.g. http://127.0.0.1:5000
         #[arg(long, env = "SHOAL_ORIGIN")]
         origin: String,
+        /// Bearer token, when the origin requires one for uploads.
+        #[arg(long, env = "SHOAL_UPLOAD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         source: Source,
         /// NAME:TAG to publish the image as.
         target: String,
@@ -67,9 +70,9 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(shoal_shared::telemetry::cancel_on_signal(shutdown.clone()));
             shoal_origin::run(config, listeners, shutdown).await?;
         }
-        Command::Push { origin, source, target } => {
+        Command::Push { origin, token, source, target } => {
             let progress = if std::io::stderr().is_terminal() { Progress::Bar } else { Progress::Lines };
-            let report = push::push(&origin, &source, &target, progress).await?;
+            let report = push::push_with_token(&origin, token.as_deref(), &source, &target, progress).await?;
             println!(
                 "pushed {target} ({}): {} blobs uploaded, {} already present, {} bytes",
                 report.root, report.uploaded, report.skipped, report.bytes

@@ -127,7 +127,7 @@ impl BlobStore {
         let builder = MetainfoBuilder::new(piece_length)?;
         let path = self.temp_path("upload");
         let file = tokio::fs::File::create(&path).await.map_err(io_err(&path))?;
-        Ok(Staged { store: self.clone(), path, file, builder })
+        Ok(Staged { store: self.clone(), guard: TempGuard(Some(path.clone())), path, file, builder })
     }
 
     /// The metainfo of a committed blob at `piece_length`: read from `meta/`, or computed by
@@ -200,13 +200,34 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Byte
     Ok(buf.freeze())
 }
 
-/// A blob being written; visible in the store only after [`Staged::commit`].
+/// Deletes a temp file when dropped, unless disarmed (the file was published).
+#[derive(Debug)]
+struct TempGuard(Option<PathBuf>);
+
+impl TempGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            // A single unlink; a request cancelled mid-upload must not leave its bytes behind.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A blob being written; visible in the store only after [`Staged::commit`]. Dropping it
+/// (say, when the client goes away mid-upload) deletes the temp file.
 #[derive(Debug)]
 pub struct Staged {
     store: BlobStore,
     path: PathBuf,
     file: tokio::fs::File,
     builder: MetainfoBuilder,
+    guard: TempGuard,
 }
 
 impl Staged {
@@ -230,7 +251,7 @@ impl Staged {
     /// temp file is removed and nothing is stored.
     pub async fn commit(self, expected: &Digest) -> Result<Metainfo, StoreError> {
         use tokio::io::AsyncWriteExt;
-        let Staged { store, path, mut file, builder } = self;
+        let Staged { store, path, mut file, builder, mut guard } = self;
         let result = async {
             let m = builder.finish()?;
             if m.digest() != *expected {
@@ -241,20 +262,18 @@ impl Staged {
             drop(file);
             let dest = store.blob_path(expected);
             tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
+            guard.disarm();
             store.put_metainfo(&m).await?;
             Ok(m)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
+        drop(guard);
         result
     }
 
     /// Drops the upload and its temp file.
     pub async fn abort(self) {
-        drop(self.file);
-        let _ = tokio::fs::remove_file(&self.path).await;
+        drop(self);
     }
 }
 

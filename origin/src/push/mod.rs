@@ -8,4 +8,4 @@ pub mod source;
 pub mod upload;
 
 pub use source::{load, BlobLocation, BlobRef, Image, ManifestDoc, Source, SourceError};
-pub use upload::{parse_target, push, Progress, PushReport};
+pub use upload::{parse_target, push, push_with_token, Progress, PushReport};

@@ -13,6 +13,7 @@ use futures_util::{stream, StreamExt as _, TryStreamExt as _};
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::{header, Client, StatusCode, Url};
 use shoal_shared::digest::{Digest, DigestHasher};
+use shoal_shared::oci::{valid_name, valid_tag};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::source::{self, BlobLocation, BlobRef, Image, ManifestDoc, Source};
@@ -63,55 +64,20 @@ pub fn parse_target(target: &str) -> anyhow::Result<(String, String)> {
     Ok((name.to_owned(), tag.to_owned()))
 }
 
-/// One path component: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
-fn valid_component(component: &str) -> bool {
-    let is_alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let bytes = component.as_bytes();
-    let mut i = 0;
-    loop {
-        // An alphanumeric run.
-        let start = i;
-        while i < bytes.len() && is_alnum(bytes[i]) {
-            i += 1;
-        }
-        if i == start {
-            return false;
-        }
-        if i == bytes.len() {
-            return true;
-        }
-        // A separator run.
-        let start = i;
-        while i < bytes.len() && !is_alnum(bytes[i]) {
-            i += 1;
-        }
-        let sep = &component[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-');
-        if !ok {
-            return false;
-        }
-    }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 255 && name.split('/').all(valid_component)
-}
-
-fn valid_tag(tag: &str) -> bool {
-    let bytes = tag.as_bytes();
-    match bytes.split_first() {
-        Some((first, rest)) => {
-            (first.is_ascii_alphanumeric() || *first == b'_')
-                && rest.len() <= 127
-                && rest.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        }
-        None => false,
-    }
-}
-
 /// Pushes `source` to `origin` (e.g. `http://127.0.0.1:5000`) as `target` (`NAME:TAG`).
 pub async fn push(
     origin: &str,
+    source: &Source,
+    target: &str,
+    progress: Progress,
+) -> anyhow::Result<PushReport> {
+    push_with_token(origin, None, source, target, progress).await
+}
+
+/// [`push`] to an origin that requires a bearer token for uploads.
+pub async fn push_with_token(
+    origin: &str,
+    token: Option<&str>,
     source: &Source,
     target: &str,
     progress: Progress,
@@ -126,7 +92,15 @@ pub async fn push(
             .context("image loader task failed")?
     };
     let image = loaded.with_context(|| format!("reading {source}"))?;
-    push_image(&Client::new(), &base, &name, &tag, &image, progress).await
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the upload token must be printable ASCII")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let client = Client::builder().default_headers(headers).build().context("HTTP client")?;
+    push_image(&client, &base, &name, &tag, &image, progress).await
 }
 
 /// Reporting shared by the concurrent blob uploads.
