@@ -1,1 +1,578 @@
-fn main() {}
+//! `shoal-bench`: hand-run tools around a real Shoal cluster.
+//!
+//! * `gen-image` writes a test OCI image layout (see [`shoal_tests::image`]).
+//! * `pull` is the loopback benchmark: it starts the real `shoal-tracker`, `shoal-origin` and
+//!   `shoal-agent` binaries on 127.0.0.1, uploads one large pseudo-random blob to the origin and
+//!   compares a direct HTTP download from the origin with a cold (over QUIC from the origin)
+//!   and a hot (from the agent's cache) download through the agent.
+//!
+//! Not a test: run it by hand on a release build:
+//! `cargo build --release --workspace && target/release/shoal-bench pull --size-mib 1024`.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufWriter, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use rand::rngs::StdRng;
+use rand::{RngCore as _, SeedableRng as _};
+use sha2::{Digest as _, Sha256};
+use std::process::{Child, Command};
+use tokio::io::AsyncReadExt as _;
+
+/// Size of the chunks the blob is generated, uploaded and hashed in.
+const CHUNK: usize = 1 << 20;
+const MIB: u64 = 1 << 20;
+/// MB as used in every figure: 10^6 bytes.
+const MB: f64 = 1e6;
+
+/// Shoal benchmark and test-image tools.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Write a test OCI image layout and print its manifest digest.
+    GenImage {
+        /// Directory of the OCI layout (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Tag recorded as the manifest's `org.opencontainers.image.ref.name`.
+        #[arg(long)]
+        tag: String,
+        /// Layer sizes in bytes, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1048576,2097152")]
+        layers: Vec<usize>,
+        /// Seed of the pseudo-random layer contents.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Loopback benchmark: direct origin download vs cold and hot downloads through an agent.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PullArgs {
+    /// Size of the benchmark blob in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Directory with shoal-origin, shoal-tracker and shoal-agent (default: this binary's).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Piece length the origin uses for the blob's metainfo, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    piece_length: u32,
+    /// Keep the temp dir (data, certificates, logs) and print its path.
+    #[arg(long)]
+    keep: bool,
+    /// Seed of the blob's pseudo-random contents.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::GenImage { dir, tag, layers, seed } => {
+            let image = shoal_tests::image::generate_oci_layout(&dir, &tag, &layers, seed)
+                .with_context(|| format!("generating an OCI layout in {}", dir.display()))?;
+            println!("{}", image.manifest);
+            Ok(())
+        }
+        Cmd::Pull(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(pull(args)),
+    }
+}
+
+/// One spawned server process and where its output goes; killed when dropped (tokio's
+/// `kill_on_drop` needs its `process` feature, which this crate does not enable).
+#[derive(Debug)]
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn pid(&mut self) -> anyhow::Result<u32> {
+        self.check_alive()?;
+        Ok(self.child.id())
+    }
+
+    /// SIGKILLs the process (if still running) and reaps it.
+    fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // It may exit between the check and the kill; either way it is gone after wait.
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Fails if the process has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait().context("try_wait")? {
+            bail!("{} exited early: {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+/// The processes of one cluster; killed when dropped.
+#[derive(Debug, Default)]
+struct Cluster {
+    procs: Vec<Proc>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Cluster {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> anyhow::Result<usize> {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let stdout = stderr.try_clone().context("dup log file")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .env("SHOAL_LOG", std::env::var("SHOAL_LOG").unwrap_or_else(|_| "info".into()));
+        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        self.procs.push(Proc { name, child, log });
+        Ok(self.procs.len() - 1)
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.procs.iter_mut().try_for_each(Proc::check_alive)
+    }
+
+    fn kill_all(&mut self) {
+        self.procs.iter_mut().for_each(Proc::kill);
+    }
+
+    fn print_log_tails(&self, lines: usize) {
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            eprintln!("---- last {} lines of {} ({}) ----", tail.len(), p.name, p.log.display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn free_tcp_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0").context("bind tcp :0")?.local_addr()?)
+}
+
+fn free_udp_port() -> anyhow::Result<SocketAddr> {
+    Ok(UdpSocket::bind("127.0.0.1:0").context("bind udp :0")?.local_addr()?)
+}
+
+/// Runs a short-lived command (the CA tool) to completion.
+fn run_tool(bin: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    ensure!(
+        out.status.success(),
+        "{} {} failed ({}): {}",
+        bin.display(),
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    ensure!(args.size_mib > 0, "--size-mib must be positive");
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .context("current exe")?
+            .parent()
+            .context("current exe has no directory")?
+            .to_path_buf(),
+    };
+    let bin = |name: &str| -> anyhow::Result<PathBuf> {
+        let path = bin_dir.join(name);
+        ensure!(path.is_file(), "{} not found (build the workspace, or pass --bin-dir)", path.display());
+        Ok(path)
+    };
+    let (origin_bin, tracker_bin, agent_bin) =
+        (bin("shoal-origin")?, bin("shoal-tracker")?, bin("shoal-agent")?);
+
+    let tmp = tempfile::Builder::new().prefix("shoal-bench-").tempdir().context("temp dir")?;
+    let dir = tmp.path().to_path_buf();
+    let mut cluster = Cluster::default();
+    let result = run_bench(&args, &dir, &origin_bin, &tracker_bin, &agent_bin, &mut cluster).await;
+    if let Err(e) = &result {
+        eprintln!("benchmark failed: {e:#}");
+        cluster.print_log_tails(30);
+    }
+    cluster.kill_all();
+    drop(cluster);
+    if args.keep {
+        let kept = tmp.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    result
+}
+
+async fn run_bench(
+    args: &PullArgs,
+    dir: &Path,
+    origin_bin: &Path,
+    tracker_bin: &Path,
+    agent_bin: &Path,
+    cluster: &mut Cluster,
+) -> anyhow::Result<()> {
+    let size = args.size_mib * MIB;
+    eprintln!("working in {}", dir.display());
+
+    // Certificates.
+    let ca = dir.join("ca");
+    let path = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 temp path");
+    run_tool(origin_bin, &["ca", "init", &path(&ca)?])?;
+    for node in ["origin", "agent"] {
+        run_tool(
+            origin_bin,
+            &["ca", "issue", "--ca", &path(&ca)?, "--name", node, &path(&dir.join(node).join("tls"))?],
+        )?;
+    }
+
+    // Ports: bind :0 to find free ones, release them, hand them to the servers.
+    let tracker_http = free_tcp_port()?;
+    let origin_http = free_tcp_port()?;
+    let origin_peer = free_udp_port()?;
+    let agent_http = free_tcp_port()?;
+    let agent_peer = free_udp_port()?;
+    let tracker_url = format!("http://{tracker_http}");
+    let origin_url = format!("http://{origin_http}");
+    let agent_url = format!("http://{agent_http}");
+
+    cluster.spawn(
+        "tracker",
+        tracker_bin,
+        &[s("serve"), s("--http"), s(tracker_http), s("--origin"), origin_url.clone()],
+        dir,
+    )?;
+    cluster.spawn(
+        "origin",
+        origin_bin,
+        &[
+            s("serve"),
+            s("--http"),
+            s(origin_http),
+            s("--peer"),
+            s(origin_peer),
+            s("--data"),
+            path(&dir.join("origin").join("data"))?,
+            s("--tls"),
+            path(&dir.join("origin").join("tls"))?,
+            s("--piece-length"),
+            s(args.piece_length),
+        ],
+        dir,
+    )?;
+    let agent = cluster.spawn(
+        "agent",
+        agent_bin,
+        &[
+            s("serve"),
+            s("--registry"),
+            s(agent_http),
+            s("--peer"),
+            s(agent_peer),
+            s("--data"),
+            path(&dir.join("agent").join("data"))?,
+            s("--tls"),
+            path(&dir.join("agent").join("tls"))?,
+            s("--tracker"),
+            tracker_url.clone(),
+        ],
+        dir,
+    )?;
+
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("http client")?;
+    for url in [format!("{tracker_url}/healthz"), format!("{origin_url}/healthz"), format!("{agent_url}/v2/")]
+    {
+        wait_healthy(&http, &url, cluster).await?;
+    }
+
+    // The blob: pseudo-random, streamed to a file.
+    let blob_path = dir.join("blob.bin");
+    let started = Instant::now();
+    let digest = {
+        let blob_path = blob_path.clone();
+        let seed = args.seed;
+        tokio::task::spawn_blocking(move || write_random_blob(&blob_path, size, seed)).await??
+    };
+    eprintln!("generated {} MiB blob {digest} in {:.1?}", args.size_mib, started.elapsed());
+
+    // Monolithic upload with a streaming body.
+    let started = Instant::now();
+    let file = tokio::fs::File::open(&blob_path).await.context("open blob")?;
+    let body = futures_util::stream::unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; CHUNK];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    let resp = http
+        .post(format!("{origin_url}/v2/bench/blob/blobs/uploads/?digest={digest}"))
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .context("uploading the blob to the origin")?;
+    let status = resp.status();
+    ensure!(status.as_u16() == 201, "upload answered {status}: {}", resp.text().await.unwrap_or_default());
+    eprintln!("uploaded to the origin in {:.1?}", started.elapsed());
+    // The local file is no longer needed; free the disk space.
+    let _ = std::fs::remove_file(&blob_path);
+
+    let origin_blob = format!("{origin_url}/v2/bench/blob/blobs/{digest}");
+    let agent_blob = format!("{agent_url}/v2/bench/blob/blobs/{digest}");
+    let served_before = peer_bytes_served(&http, &origin_url).await;
+
+    eprintln!("(a) direct GET from the origin...");
+    let direct = fetch(&http, &origin_blob, size, Some(&digest)).await.context("direct download")?;
+    cluster.check_alive()?;
+    eprintln!("(b) cold GET through the agent...");
+    let cold = fetch(&http, &agent_blob, size, Some(&digest)).await.context("cold download")?;
+    cluster.check_alive()?;
+    let served_after = peer_bytes_served(&http, &origin_url).await;
+    let mut hot = Vec::new();
+    for i in 1..=3 {
+        eprintln!("(c) hot GET through the agent, run {i}/3...");
+        // Only the first hot run is verified: sha256 would otherwise cap the figure.
+        let verify = (i == 1).then_some(digest.as_str());
+        hot.push(fetch(&http, &agent_blob, size, verify).await.context("hot download")?);
+    }
+    cluster.check_alive()?;
+    let pid = cluster.procs[agent].pid()?;
+    let hwm_kib = vm_hwm_kib(pid)?;
+
+    let sha_rate = sha256_rate();
+
+    // Report.
+    let rate = |d: Duration| size as f64 / MB / d.as_secs_f64();
+    let direct_rate = rate(direct);
+    let cold_rate = rate(cold);
+    let hot_first = rate(hot[0]);
+    let hot_best = hot.iter().copied().map(rate).fold(0.0, f64::max);
+    let rss_mib = hwm_kib as f64 / 1024.0;
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let mut out = String::new();
+    writeln!(
+        out,
+        "\nshoal loopback pull benchmark: blob {} MiB ({} bytes), piece length {} bytes",
+        args.size_mib, size, args.piece_length
+    )?;
+    writeln!(
+        out,
+        "MB = 10^6 bytes. Bodies are streamed and discarded; (a), (b) and the 1st hot run are sha256-verified\n\
+         on a separate thread while receiving (this machine's sha256: {sha_rate:.0} MB/s), hot runs 2-3 length-checked."
+    )?;
+    let mut row = |label: &str, figure: String, ratio: String, target: &str, result: &str| {
+        writeln!(out, "{label:<34} {figure:>12} {ratio:>9}   {target:<18} {result}")
+    };
+    let mbs = |r: f64| format!("{r:.0} MB/s");
+    let x = |r: f64| format!("{:.2}x", r / direct_rate);
+    row("measure", "figure".into(), "ratio".into(), "target", "result")?;
+    row(&"-".repeat(34), "-".repeat(12), "-".repeat(9), &"-".repeat(18), "------")?;
+    row("(a) direct HTTP from origin", mbs(direct_rate), x(direct_rate), "(baseline)", "")?;
+    let cold_ok = cold_rate >= 0.8 * direct_rate;
+    row("(b) cold via agent (QUIC)", mbs(cold_rate), x(cold_rate), ">= 0.80x direct", verdict(cold_ok))?;
+    row("(c) hot via agent, 1st (verified)", mbs(hot_first), x(hot_first), "(sha256-bound)", "info")?;
+    let hot_ok = hot_best >= 2000.0;
+    row("(c) hot via agent, best of 3", mbs(hot_best), x(hot_best), ">= 2000 MB/s", verdict(hot_ok))?;
+    let rss = format!("{rss_mib:.1} MiB");
+    row("(d) agent peak RSS (VmHWM)", rss, String::new(), "<= 64 MiB", verdict(rss_mib <= 64.0))?;
+    match (served_before, served_after) {
+        (Some(before), Some(after)) => writeln!(
+            out,
+            "origin shoal_peer_bytes_served_total grew by {} bytes during the cold run ({:.2}x the blob)",
+            after - before,
+            (after - before) / size as f64
+        )?,
+        _ => writeln!(out, "origin shoal_peer_bytes_served_total: not found in /metrics")?,
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// Polls `url` until it answers 2xx, failing fast if a server died.
+async fn wait_healthy(http: &reqwest::Client, url: &str, cluster: &mut Cluster) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        cluster.check_alive()?;
+        if let Ok(resp) = http.get(url).timeout(Duration::from_secs(2)).send().await {
+            if resp.status().is_success() {
+                return Ok(());
+            }
+        }
+        ensure!(Instant::now() < deadline, "{url} not healthy after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes `size` pseudo-random bytes to `path` chunk by chunk; returns `sha256:<hex>`.
+fn write_random_blob(path: &Path, size: u64, seed: u64) -> anyhow::Result<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = BufWriter::with_capacity(CHUNK, File::create(path).context("create blob file")?);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        out.write_all(&buf[..n]).context("write blob file")?;
+        left -= n as u64;
+    }
+    out.into_inner().map_err(|e| e.into_error()).context("flush blob file")?.sync_all()?;
+    Ok(format!("sha256:{}", hex::encode(hash.finalize())))
+}
+
+/// GETs `url` and discards the body; returns the time from sending the request until the
+/// last byte arrived and, with `digest`, was sha256-verified by a separate thread (hashing
+/// overlaps the transfer, but a verified run cannot be faster than this machine's sha256).
+/// Without `digest` only the length is checked.
+async fn fetch(
+    http: &reqwest::Client,
+    url: &str,
+    size: u64,
+    digest: Option<&str>,
+) -> anyhow::Result<Duration> {
+    let (tx, hasher) = match digest {
+        Some(_) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(64);
+            let hasher = std::thread::spawn(move || {
+                let mut hash = Sha256::new();
+                for chunk in rx {
+                    hash.update(&chunk);
+                }
+                format!("sha256:{}", hex::encode(hash.finalize()))
+            });
+            (Some(tx), Some(hasher))
+        }
+        None => (None, None),
+    };
+    let started = Instant::now();
+    let received = async {
+        let mut resp = http.get(url).send().await.with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {}", resp.text().await.unwrap_or_default());
+        }
+        let mut len = 0u64;
+        while let Some(chunk) = resp.chunk().await.with_context(|| format!("reading {url}"))? {
+            len += chunk.len() as u64;
+            if let Some(tx) = &tx {
+                tx.send(chunk).map_err(|_| anyhow::anyhow!("hasher thread gone"))?;
+            }
+        }
+        Ok(len)
+    }
+    .await;
+    drop(tx);
+    let actual = match hasher {
+        Some(h) => Some(h.join().map_err(|_| anyhow::anyhow!("hasher thread panicked"))?),
+        None => None,
+    };
+    let elapsed = started.elapsed();
+    let len = received?;
+    ensure!(len == size, "GET {url}: got {len} bytes, expected {size}");
+    if let (Some(expected), Some(actual)) = (digest, actual) {
+        ensure!(actual == expected, "GET {url}: body has digest {actual}, expected {expected}");
+    }
+    eprintln!(
+        "    {:.0} MB/s ({:.2?}){}",
+        size as f64 / MB / elapsed.as_secs_f64(),
+        elapsed,
+        if digest.is_some() { ", sha256 OK" } else { ", length OK" }
+    );
+    Ok(elapsed)
+}
+
+/// This machine's single-thread sha256 speed in MB/s (over 64 MiB).
+fn sha256_rate() -> f64 {
+    let buf = vec![0x5au8; CHUNK];
+    let mut hash = Sha256::new();
+    let started = Instant::now();
+    for _ in 0..64 {
+        hash.update(&buf);
+    }
+    std::hint::black_box(hash.finalize());
+    (64 * CHUNK) as f64 / MB / started.elapsed().as_secs_f64()
+}
+
+/// The agent's peak resident set size (`VmHWM`) in KiB.
+fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let mut text = String::new();
+    File::open(format!("/proc/{pid}/status"))
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/<pid>/status")?;
+    let kib = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .with_context(|| format!("parsing {line:?}"))?;
+    Ok(kib)
+}
+
+/// `shoal_peer_bytes_served_total` from the origin's `/metrics` (summed over label sets).
+async fn peer_bytes_served(http: &reqwest::Client, origin_url: &str) -> Option<f64> {
+    let text = http.get(format!("{origin_url}/metrics")).send().await.ok()?.text().await.ok()?;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("shoal_peer_bytes_served_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
