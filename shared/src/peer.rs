@@ -164,9 +164,19 @@ async fn serve_stream<S: PieceSource>(
     stats: &PeerStats,
     uploads: &Semaphore,
 ) -> Result<(), StreamError> {
-    let request: Request = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv))
-        .await
-        .map_err(|_| StreamError::Io("request timed out".into()))??;
+    let request: Request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            // Reset rather than drop: dropping would end the stream cleanly before the
+            // connection close reaches the peer.
+            let _ = send.reset(VarInt::from_u32(PROTOCOL_VIOLATION));
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = send.reset(VarInt::from_u32(PROTOCOL_VIOLATION));
+            return Err(StreamError::Io("request timed out".into()));
+        }
+    };
     let io = |e: quinn::WriteError| StreamError::Io(e.to_string());
     match request {
         Request::Bitfield { version, .. } | Request::Piece { version, .. } if version != PROTOCOL_VERSION => {

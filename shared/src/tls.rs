@@ -295,8 +295,10 @@ fn provider() -> Arc<CryptoProvider> {
 /// QUIC transport parameters tuned for bulk transfer on a LAN.
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.stream_receive_window(VarInt::from_u32(16 << 20))
-        .receive_window(VarInt::from_u32(64 << 20))
+    // A stream carries one piece (at most 4 MiB by default); the connection window bounds
+    // what a fast sender can make us buffer.
+    t.stream_receive_window(VarInt::from_u32(8 << 20))
+        .receive_window(VarInt::from_u32(32 << 20))
         .send_window(64 << 20)
         .max_concurrent_bidi_streams(VarInt::from_u32(256))
         .keep_alive_interval(Some(Duration::from_secs(5)))
@@ -390,6 +392,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 ///
 /// Must be called inside a tokio runtime.
 pub fn endpoint(socket: UdpSocket, identity: &TlsIdentity) -> Result<quinn::Endpoint, TlsError> {
+    grow_socket_buffers(&socket);
     let server = identity.server_config()?;
     let client = identity.client_config()?;
     let runtime = quinn::default_runtime().ok_or(TlsError::NoRuntime)?;
@@ -397,6 +400,32 @@ pub fn endpoint(socket: UdpSocket, identity: &TlsIdentity) -> Result<quinn::Endp
         .map_err(TlsError::Endpoint)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// Socket buffer size asked for on the peer socket.
+const SOCKET_BUFFER: usize = 16 << 20;
+
+/// Asks for large UDP socket buffers. With the kernel's ~200 KiB default, a burst of
+/// datagrams that arrives while the receiving task is busy overflows the buffer; QUIC reads
+/// the drops as congestion and halves its window, which caps throughput far below the link.
+/// The kernel caps the request at `net.core.rmem_max` / `wmem_max`; the result is logged so
+/// an operator can see when raising those sysctls would help.
+fn grow_socket_buffers(socket: &UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let recv = sock.recv_buffer_size().unwrap_or(0);
+    let send = sock.send_buffer_size().unwrap_or(0);
+    if recv < SOCKET_BUFFER {
+        tracing::info!(
+            recv,
+            send,
+            wanted = SOCKET_BUFFER,
+            "UDP buffers capped by net.core.rmem_max/wmem_max"
+        );
+    } else {
+        tracing::debug!(recv, send, "UDP buffers");
+    }
 }
 
 #[cfg(test)]

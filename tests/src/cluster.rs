@@ -1,0 +1,433 @@
+//! In-process cluster harness: one origin, one tracker and N agents, each on its own
+//! loopback listeners, sharing a private CA in a temporary directory.
+//!
+//! [`Cluster::start`] returns once every HTTP endpoint answers; dropping the [`Cluster`]
+//! cancels every node. [`pull_image`] is an independent registry client that pulls an image
+//! the way containerd would and verifies every digest.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context as _};
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::image::{generate_oci_layout, GeneratedImage};
+
+/// Media types a pulling client accepts for manifests.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// How long a node may take to answer its first HTTP request.
+const STARTUP: Duration = Duration::from_secs(15);
+
+/// Initialises tracing for tests (once; `RUST_LOG` picks the filter, default `warn`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of agents started with the cluster.
+    pub agents: usize,
+    /// The origin's piece length (64 KiB to 64 MiB).
+    pub piece_length: u32,
+    /// The agents' progress timeout, in seconds.
+    pub progress_timeout: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { agents: 1, piece_length: 1 << 20, progress_timeout: 20 }
+    }
+}
+
+/// One running agent.
+#[derive(Debug)]
+pub struct AgentNode {
+    /// Base URL of its local registry, e.g. `http://127.0.0.1:34567`.
+    pub registry_url: String,
+    /// Its QUIC peer address.
+    pub peer_addr: SocketAddr,
+    /// Cancel to stop it.
+    pub shutdown: CancellationToken,
+    /// Its blob cache.
+    pub data_dir: PathBuf,
+    task: Option<JoinHandle<()>>,
+}
+
+impl AgentNode {
+    /// `127.0.0.1:PORT` of the registry endpoint (what containerd and skopeo want).
+    pub fn registry_host(&self) -> &str {
+        self.registry_url.trim_start_matches("http://")
+    }
+
+    /// Stops the agent and waits for it to finish.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// A whole cluster running inside the test process.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Base URL of the origin's HTTP API.
+    pub origin_url: String,
+    /// The origin's QUIC peer address.
+    pub origin_peer: SocketAddr,
+    /// Base URL of the tracker.
+    pub tracker_url: String,
+    /// The agents, in start order.
+    pub agents: Vec<AgentNode>,
+    /// The cluster CA directory (`ca.pem`, `ca.key`).
+    pub ca_dir: PathBuf,
+    /// A plain HTTP client.
+    pub client: reqwest::Client,
+    /// The options the cluster was started with.
+    pub options: ClusterOptions,
+    origin_shutdown: CancellationToken,
+    origin_task: Option<JoinHandle<()>>,
+    tracker_shutdown: CancellationToken,
+    // Dropped last: the nodes' files live here.
+    dir: TempDir,
+}
+
+fn bind() -> anyhow::Result<(TcpListener, UdpSocket)> {
+    let tcp = TcpListener::bind("127.0.0.1:0").context("binding TCP")?;
+    let udp = UdpSocket::bind("127.0.0.1:0").context("binding UDP")?;
+    Ok((tcp, udp))
+}
+
+/// Polls `url` until it answers 2xx.
+async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        match client.get(url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if tokio::time::Instant::now() >= deadline => bail!("{url} answered {}", r.status()),
+            Err(e) if tokio::time::Instant::now() >= deadline => bail!("{url} not ready: {e}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts an origin, a tracker and `opts.agents` agents.
+    pub async fn start(opts: ClusterOptions) -> anyhow::Result<Cluster> {
+        init_tracing();
+        let dir = tempfile::tempdir().context("creating cluster temp dir")?;
+        let ca_dir = dir.path().join("ca");
+        shoal_shared::tls::init_ca(&ca_dir)?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("building HTTP client")?;
+
+        // Origin.
+        let origin_tls = dir.path().join("origin/tls");
+        shoal_shared::tls::issue(&ca_dir, "origin", &origin_tls)?;
+        let mut config = shoal_origin::Config::new(dir.path().join("origin/data"), origin_tls);
+        config.piece_length = opts.piece_length;
+        let (http, peer) = bind()?;
+        let origin_url = format!("http://{}", http.local_addr()?);
+        let origin_peer = peer.local_addr()?;
+        let origin_shutdown = CancellationToken::new();
+        let origin_task = tokio::spawn({
+            let shutdown = origin_shutdown.clone();
+            async move {
+                if let Err(e) =
+                    shoal_origin::run(config, shoal_origin::Listeners { http, peer }, shutdown).await
+                {
+                    tracing::error!(cause = %e, "origin failed");
+                }
+            }
+        });
+
+        // Tracker.
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding tracker")?;
+        let tracker_url = format!("http://{}", listener.local_addr()?);
+        let mut tconfig = shoal_tracker::Config::new(vec![origin_url.clone()]);
+        tconfig.announce_interval = 2;
+        let tracker_shutdown = CancellationToken::new();
+        tokio::spawn({
+            let shutdown = tracker_shutdown.clone();
+            async move {
+                if let Err(e) = shoal_tracker::run(tconfig, listener, shutdown).await {
+                    tracing::error!(cause = %e, "tracker failed");
+                }
+            }
+        });
+
+        let mut cluster = Cluster {
+            origin_url,
+            origin_peer,
+            tracker_url,
+            agents: Vec::new(),
+            ca_dir,
+            client,
+            options: opts.clone(),
+            origin_shutdown,
+            origin_task: Some(origin_task),
+            tracker_shutdown,
+            dir,
+        };
+        wait_ready(&cluster.client, &format!("{}/healthz", cluster.origin_url)).await?;
+        wait_ready(&cluster.client, &format!("{}/healthz", cluster.tracker_url)).await?;
+        for _ in 0..opts.agents {
+            cluster.start_extra_agent(None).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// The cluster's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts one more agent and returns its index in [`Cluster::agents`]. With
+    /// `tls_dir_override`, the agent uses that TLS directory instead of a certificate from
+    /// the cluster CA.
+    pub async fn start_extra_agent(&mut self, tls_dir_override: Option<PathBuf>) -> anyhow::Result<usize> {
+        let index = self.agents.len();
+        let base = self.dir.path().join(format!("agent-{index}"));
+        let tls = match tls_dir_override {
+            Some(t) => t,
+            None => {
+                let tls = base.join("tls");
+                shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), &tls)?;
+                tls
+            }
+        };
+        let data_dir = base.join("data");
+        let mut config = shoal_agent::Config::new(data_dir.clone(), tls, vec![self.tracker_url.clone()]);
+        config.progress_timeout = self.options.progress_timeout;
+        let (registry, peer) = bind()?;
+        let registry_url = format!("http://{}", registry.local_addr()?);
+        let peer_addr = peer.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                if let Err(e) =
+                    shoal_agent::run(config, shoal_agent::Listeners { registry, peer }, shutdown).await
+                {
+                    tracing::error!(agent = index, cause = %e, "agent failed");
+                }
+            }
+        });
+        wait_ready(&self.client, &format!("{registry_url}/v2/")).await?;
+        self.agents.push(AgentNode { registry_url, peer_addr, shutdown, data_dir, task: Some(task) });
+        Ok(index)
+    }
+
+    /// Generates an OCI layout (see [`generate_oci_layout`]) and pushes it to the origin as
+    /// `tag` (`name:tag`).
+    pub async fn push_image(
+        &self,
+        tag: &str,
+        layer_sizes: &[usize],
+        seed: u64,
+    ) -> anyhow::Result<GeneratedImage> {
+        let (_, short) = tag.rsplit_once(':').ok_or_else(|| anyhow!("{tag:?} must be NAME:TAG"))?;
+        let layout = tempfile::tempdir_in(self.dir.path()).context("layout dir")?;
+        let (dir, short, sizes) = (layout.path().to_path_buf(), short.to_owned(), layer_sizes.to_vec());
+        let image = tokio::task::spawn_blocking(move || generate_oci_layout(&dir, &short, &sizes, seed))
+            .await
+            .context("generator task")??;
+        let source = shoal_origin::push::Source::Oci {
+            dir: layout.path().to_path_buf(),
+            reference: Some(tag.rsplit_once(':').map(|(_, t)| t.to_owned()).unwrap_or_default()),
+        };
+        let report =
+            shoal_origin::push::push(&self.origin_url, &source, tag, shoal_origin::push::Progress::Quiet)
+                .await?;
+        ensure!(
+            report.root.to_string() == image.manifest,
+            "push reported root {} but the manifest is {}",
+            report.root,
+            image.manifest
+        );
+        Ok(image)
+    }
+
+    /// The value of counter `name` (e.g. `shoal_peer_pieces_served_total`) on the origin.
+    pub async fn origin_counter(&self, name: &str) -> anyhow::Result<u64> {
+        scrape_counter(&self.client, &format!("{}/metrics", self.origin_url), name).await
+    }
+
+    /// Stops the origin and waits until its sockets are closed.
+    pub async fn stop_origin(&mut self) {
+        self.origin_shutdown.cancel();
+        if let Some(task) = self.origin_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for agent in &self.agents {
+            agent.shutdown.cancel();
+        }
+        self.tracker_shutdown.cancel();
+        self.origin_shutdown.cancel();
+    }
+}
+
+/// Scrapes a Prometheus text endpoint and returns the sum of the samples of `name` (0 when
+/// absent).
+pub async fn scrape_counter(client: &reqwest::Client, url: &str, name: &str) -> anyhow::Result<u64> {
+    let resp = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+    let text = resp.text().await?;
+    Ok(parse_counter(&text, name))
+}
+
+/// Sums the samples of metric `name` in Prometheus text format.
+pub fn parse_counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') { rest.rsplit_once('}')?.1 } else { rest };
+            if !value.starts_with(' ') {
+                return None;
+            }
+            let value = value.split_whitespace().next()?;
+            value.parse::<f64>().ok().map(|v| v as u64)
+        })
+        .sum()
+}
+
+/// What [`pull_image`] fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledImage {
+    /// Digest of the manifest bytes (checked against `Docker-Content-Digest`).
+    pub manifest_digest: String,
+    /// The manifest's `Content-Type`.
+    pub media_type: String,
+    /// `(digest, size)` of the config, then of every layer.
+    pub blobs: Vec<(String, u64)>,
+    /// Manifest bytes plus every blob's bytes.
+    pub total_bytes: u64,
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// GETs a blob, streaming it through sha256, and checks digest and size.
+pub async fn fetch_blob(
+    client: &reqwest::Client,
+    registry_url: &str,
+    name: &str,
+    digest: &str,
+    size: Option<u64>,
+) -> anyhow::Result<u64> {
+    let url = format!("{registry_url}/v2/{name}/blobs/{digest}");
+    let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        bail!("GET {url}: {status}: {body}");
+    }
+    let length = resp.content_length();
+    let mut hash = Sha256::new();
+    let mut got = 0u64;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("reading {url}"))?;
+        hash.update(&chunk);
+        got += chunk.len() as u64;
+    }
+    let actual = format!("sha256:{}", hex::encode(hash.finalize()));
+    ensure!(actual == digest, "{url}: content hashes to {actual}");
+    if let Some(len) = length {
+        ensure!(len == got, "{url}: Content-Length {len} but {got} bytes");
+    }
+    if let Some(size) = size {
+        ensure!(size == got, "{url}: descriptor says {size} bytes, got {got}");
+    }
+    Ok(got)
+}
+
+/// Pulls `name:tag` from a registry like a container runtime would: the manifest, then the
+/// config and every layer, verifying each digest (and size against its descriptor).
+pub async fn pull_image(
+    client: &reqwest::Client,
+    registry_url: &str,
+    name: &str,
+    tag: &str,
+) -> anyhow::Result<PulledImage> {
+    let url = format!("{registry_url}/v2/{name}/manifests/{tag}");
+    let resp = client
+        .get(&url)
+        .header("Accept", MANIFEST_ACCEPT)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        bail!("GET {url}: {status}: {body}");
+    }
+    let header = |h: &str| resp.headers().get(h).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let media_type = header("content-type").unwrap_or_default();
+    let claimed = header("docker-content-digest");
+    let bytes = resp.bytes().await.with_context(|| format!("reading {url}"))?;
+    let manifest_digest = sha256_digest(&bytes);
+    ensure!(
+        claimed.as_deref() == Some(manifest_digest.as_str()),
+        "{url}: Docker-Content-Digest {claimed:?} but the manifest hashes to {manifest_digest}"
+    );
+    if let Ok(reference) = tag.parse::<shoal_shared::digest::Digest>() {
+        ensure!(reference.to_string() == manifest_digest, "{url}: manifest does not match its digest");
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).context("manifest is not JSON")?;
+    ensure!(manifest["schemaVersion"] == 2, "{url}: not a schema 2 manifest");
+    let mut descriptors = Vec::new();
+    descriptors.push(&manifest["config"]);
+    if let Some(layers) = manifest["layers"].as_array() {
+        descriptors.extend(layers);
+    } else {
+        bail!("{url}: manifest has no layers (an index is not supported here)");
+    }
+    let mut blobs = Vec::new();
+    let mut total = bytes.len() as u64;
+    for d in descriptors {
+        let digest = d["digest"].as_str().ok_or_else(|| anyhow!("descriptor without digest"))?;
+        let size = d["size"].as_u64();
+        let got = fetch_blob(client, registry_url, name, digest, size).await?;
+        blobs.push((digest.to_owned(), got));
+        total += got;
+    }
+    Ok(PulledImage { manifest_digest, media_type, blobs, total_bytes: total })
+}
+
+/// Pieces of a blob of `size` bytes at `piece_length`.
+pub fn pieces(size: u64, piece_length: u32) -> u64 {
+    size.div_ceil(u64::from(piece_length))
+}
+
+/// Total pieces of every blob of `image` (manifest, config, layers) at `piece_length`;
+/// sizes come from the manifest's descriptors.
+pub fn image_pieces(image: &GeneratedImage, piece_length: u32) -> anyhow::Result<u64> {
+    let manifest: serde_json::Value = serde_json::from_slice(&image.manifest_bytes)?;
+    let config_len = manifest["config"]["size"].as_u64().ok_or_else(|| anyhow!("config without size"))?;
+    let mut total =
+        pieces(image.manifest_bytes.len() as u64, piece_length) + pieces(config_len, piece_length);
+    total += image.layers.iter().map(|(_, size)| pieces(*size, piece_length)).sum::<u64>();
+    Ok(total)
+}
