@@ -220,11 +220,9 @@ main() {
     pull_via agent1 "$AGENT1_PORT"
     pull_via agent2 "$AGENT2_PORT"
 
-    # --no-tags: the agent (like the origin) has no /v2/<name>/tags/list endpoint, and plain
-    # `skopeo inspect` fails with a 404 on it.
     if command -v skopeo >/dev/null; then
         log "skopeo inspect through agent1"
-        skopeo inspect --no-tags --tls-verify=false "docker://$HOST:$AGENT1_PORT/$IMAGE:$TAG" >"$DIR/skopeo-inspect.json" ||
+        skopeo inspect --tls-verify=false "docker://$HOST:$AGENT1_PORT/$IMAGE:$TAG" >"$DIR/skopeo-inspect.json" ||
             die "skopeo inspect failed"
         grep -q "$MANIFEST_DIGEST" "$DIR/skopeo-inspect.json" ||
             die "skopeo reports another digest: $(cat "$DIR/skopeo-inspect.json")"
@@ -248,7 +246,7 @@ Push more images:
 
 Pull directly from an agent:
   ctr images pull --plain-http $HOST:$AGENT1_PORT/$IMAGE:$TAG
-  skopeo inspect --no-tags --tls-verify=false docker://$HOST:$AGENT1_PORT/$IMAGE:$TAG
+  skopeo inspect --tls-verify=false docker://$HOST:$AGENT1_PORT/$IMAGE:$TAG
 
 Use agent1 as a containerd mirror for a registry, e.g. docker.io: in
 /etc/containerd/certs.d/docker.io/hosts.toml (config_path = "/etc/containerd/certs.d"

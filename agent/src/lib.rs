@@ -108,18 +108,8 @@ pub async fn run(
         .shutdown_timeout(2)
         .listen(listeners.registry)?
         .run();
-    let handle = server.handle();
     tracing::info!(peer = %me, trackers = ?config.tracker, "agent serving");
-    let stopper = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            handle.stop(true).await;
-        }
-    });
-    let result = server.await;
-    shutdown.cancel();
-    let _ = stopper.await;
+    let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = announcer.await;
     let _ = peer_task.await;
     result.map_err(AgentError::from)

@@ -10,7 +10,8 @@ use prometheus_client::registry::Registry;
 use shoal_shared::digest::Digest;
 use shoal_shared::http::{head_body, oci_error, serve_file, DOCKER_CONTENT_DIGEST};
 use shoal_shared::oci::{
-    manifest_media_type, parse_v2_path, ErrorCode, Reference, V2Path, V2PathError, MAX_MANIFEST,
+    manifest_media_type, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path, V2PathError,
+    MAX_MANIFEST,
 };
 
 use crate::download::{DownloadError, Downloads};
@@ -58,6 +59,7 @@ async fn v2(req: HttpRequest, state: State) -> HttpResponse {
         Ok(V2Path::Base) => HttpResponse::Ok().json(serde_json::json!({})),
         Ok(V2Path::Blob { digest, .. }) => blob(&req, digest, &state).await,
         Ok(V2Path::Manifest { name, reference }) => manifest(name, reference, &state).await,
+        Ok(V2Path::TagsList { name }) => tag_list(&req, name, &state).await,
         Ok(_) | Err(V2PathError::NotFound) => {
             oci_error(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "no such endpoint")
         }
@@ -130,4 +132,26 @@ async fn manifest(name: &str, reference: &str, state: &AppState) -> HttpResponse
         .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
     // On HEAD actix sends the headers of this body (its length) without the body.
     resp.body(bytes)
+}
+
+#[derive(serde::Deserialize)]
+struct Page {
+    n: Option<usize>,
+    last: Option<String>,
+}
+
+async fn tag_list(req: &HttpRequest, name: &str, state: &AppState) -> HttpResponse {
+    let Ok(page) = web::Query::<Page>::from_query(req.query_string()) else {
+        return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "bad n or last parameter");
+    };
+    match state.downloads.tracker().tag_list(name).await {
+        Ok(tags) => {
+            let tags = paginate(&tags, page.last.as_deref(), page.n);
+            HttpResponse::Ok().json(TagList { name: name.to_owned(), tags })
+        }
+        Err(LookupError::NotFound) => {
+            oci_error(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, "repository unknown")
+        }
+        Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
+    }
 }

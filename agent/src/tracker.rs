@@ -6,6 +6,7 @@ use shoal_shared::client::{
 };
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
+use shoal_shared::oci::TagList;
 
 /// A lookup answered by no tracker.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -71,6 +72,17 @@ impl TrackerClient {
             })
             .await?;
         Ok(r.digest)
+    }
+
+    /// The tags of `name` known to the cluster, sorted.
+    pub async fn tag_list(&self, name: &str) -> Result<Vec<String>, LookupError> {
+        let list: TagList = self
+            .first(|base| {
+                let url = format!("{base}/shoal/v1/taglist/{name}");
+                async move { client::get_json(&self.http, &url, 4 << 20).await }
+            })
+            .await?;
+        Ok(list.tags)
     }
 
     /// Announces and returns the peers to fetch from.

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use shoal_shared::digest::Digest;
 use shoal_shared::http::{oci_error, serve_file, DOCKER_CONTENT_DIGEST};
 use shoal_shared::oci::{
-    manifest_media_type, manifest_references, parse_v2_path, ErrorCode, Reference, V2Path, V2PathError,
-    MAX_MANIFEST,
+    manifest_media_type, manifest_references, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path,
+    V2PathError, MAX_MANIFEST,
 };
 use shoal_shared::store::{BlobStore, Staged, StoreError};
 
@@ -53,12 +53,16 @@ fn authorized(req: &HttpRequest, token: Option<&str>) -> bool {
 
 /// Mounts the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v2", web::route().to(v2_base))
-        .route("/v2/{tail:.*}", web::route().to(v2))
-        .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
-        .route("/shoal/v1/info", web::get().to(info))
-        .route("/metrics", web::get().to(metrics))
-        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+    cfg.app_data(web::QueryConfig::default().error_handler(|err, _| {
+        let resp = oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, format!("query: {err}"));
+        actix_web::error::InternalError::from_response(err, resp).into()
+    }))
+    .route("/v2", web::route().to(v2_base))
+    .route("/v2/{tail:.*}", web::route().to(v2))
+    .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
+    .route("/shoal/v1/info", web::get().to(info))
+    .route("/metrics", web::get().to(metrics))
+    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
 }
 
 type State = web::Data<AppState>;
@@ -79,6 +83,8 @@ async fn v2_base() -> HttpResponse {
 #[derive(Deserialize)]
 struct DigestQuery {
     digest: Option<String>,
+    n: Option<usize>,
+    last: Option<String>,
 }
 
 async fn v2(
@@ -105,7 +111,7 @@ async fn v2(
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"shoal\""));
         return resp;
     }
-    let query = query.into_inner().digest;
+    let DigestQuery { digest: query, n, last } = query.into_inner();
     match (path, method) {
         (V2Path::Base, _) => v2_base().await,
         (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => get_blob(&req, digest, &state).await,
@@ -120,6 +126,13 @@ async fn v2(
         (V2Path::Upload { name, id }, Method::PUT) => finish_upload(name, id, query, payload, &state).await,
         (V2Path::Upload { name, id }, Method::GET) => upload_status(name, id, &state).await,
         (V2Path::Upload { id, .. }, Method::DELETE) => cancel_upload(id, &state).await,
+        (V2Path::TagsList { name }, Method::GET) => match state.tags.list(name).await {
+            Some(tags) => {
+                let tags = paginate(&tags, last.as_deref(), n);
+                HttpResponse::Ok().json(TagList { name: name.to_owned(), tags })
+            }
+            None => oci_error(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, format!("{name} has no tags")),
+        },
         _ => oci_error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, "method not allowed"),
     }
 }

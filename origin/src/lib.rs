@@ -95,24 +95,13 @@ pub async fn run(
     .shutdown_timeout(2)
     .listen(listeners.http)?
     .run();
-    let handle = server.handle();
     tracing::info!(peer = %peer_addr, "origin serving");
-    let stopper = tokio::spawn({
-        let (shutdown, state) = (shutdown.clone(), state.clone());
-        async move {
-            let mut sweep = tokio::time::interval(UPLOAD_IDLE / 4);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = sweep.tick() => state.uploads.expire(UPLOAD_IDLE).await,
-                }
-            }
-            handle.stop(true).await;
-        }
-    });
-    let result = server.await;
-    shutdown.cancel();
-    let _ = stopper.await;
+    let sweeper = tokio::spawn(shoal_shared::http::every(UPLOAD_IDLE / 4, shutdown.clone(), move || {
+        let state = state.clone();
+        async move { state.uploads.expire(UPLOAD_IDLE).await }
+    }));
+    let result = shoal_shared::http::run_server(server, shutdown).await;
+    let _ = sweeper.await;
     let _ = peer_task.await;
     result.map_err(OriginError::from)
 }

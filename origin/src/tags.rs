@@ -32,6 +32,19 @@ impl TagStore {
         text.trim().parse().ok()
     }
 
+    /// The tags of `name`, sorted; `None` when the repository has none.
+    pub async fn list(&self, name: &str) -> Option<Vec<String>> {
+        let mut dir = tokio::fs::read_dir(self.root.join(name)).await.ok()?;
+        let mut tags = Vec::new();
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            if let Some(tag) = entry.file_name().to_str().and_then(|f| f.strip_suffix(".tag")) {
+                tags.push(tag.to_owned());
+            }
+        }
+        tags.sort();
+        (!tags.is_empty()).then_some(tags)
+    }
+
     /// Points `name:tag` at `digest`.
     pub async fn put(&self, name: &str, tag: &str, digest: &Digest) -> io::Result<()> {
         let path = self.path(name, tag);

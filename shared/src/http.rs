@@ -96,3 +96,41 @@ pub fn file_stream(
     });
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
+
+/// Runs an actix server until `shutdown` fires, then stops it gracefully. If the server
+/// stops on its own, `shutdown` is fired so the node's other tasks stop too.
+pub async fn run_server(
+    server: actix_web::dev::Server,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let handle = server.handle();
+    let stopper = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            handle.stop(true).await;
+        }
+    });
+    let result = server.await;
+    shutdown.cancel();
+    let _ = stopper.await;
+    result
+}
+
+/// Calls `tick` every `period` until `shutdown` fires.
+pub async fn every<F, Fut>(
+    period: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut tick: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = interval.tick() => tick().await,
+        }
+    }
+}

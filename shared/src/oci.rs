@@ -189,6 +189,23 @@ pub fn manifest_references(bytes: &[u8]) -> Result<Vec<Digest>, serde_json::Erro
     Ok(refs.config.into_iter().chain(refs.layers).chain(refs.manifests).map(|d| d.digest).collect())
 }
 
+/// The body of `GET /v2/<name>/tags/list`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TagList {
+    pub name: String,
+    pub tags: Vec<String>,
+}
+
+/// Applies the spec's pagination (`last`: tags after this one; `n`: at most this many) to a
+/// sorted tag list.
+pub fn paginate(tags: &[String], last: Option<&str>, n: Option<usize>) -> Vec<String> {
+    tags.iter()
+        .filter(|t| last.is_none_or(|l| t.as_str() > l))
+        .take(n.unwrap_or(usize::MAX))
+        .cloned()
+        .collect()
+}
+
 /// A byte range of a blob, inclusive start, exclusive end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteRange {
@@ -237,6 +254,10 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<ByteRange>, 
 pub enum V2Path<'a> {
     /// `/v2/` itself.
     Base,
+    /// `/v2/<name>/tags/list`
+    TagsList {
+        name: &'a str,
+    },
     Blob {
         name: &'a str,
         digest: &'a str,
@@ -277,6 +298,9 @@ pub fn parse_v2_path<'a>(tail: &'a str) -> Result<V2Path<'a>, V2PathError> {
             Err(V2PathError::Name)
         }
     }
+    if let Some(name) = tail.strip_suffix("/tags/list") {
+        return Ok(V2Path::TagsList { name: checked(name)? });
+    }
     if let Some(name) = tail.strip_suffix("/blobs/uploads/").or_else(|| tail.strip_suffix("/blobs/uploads")) {
         return Ok(V2Path::UploadStart { name: checked(name)? });
     }
@@ -307,7 +331,8 @@ mod tests {
         assert_eq!(parse_v2_path("a/blobs/uploads/"), Ok(V2Path::UploadStart { name: "a" }));
         assert_eq!(parse_v2_path("a/blobs/uploads/u1"), Ok(V2Path::Upload { name: "a", id: "u1" }));
         assert_eq!(parse_v2_path("../x/blobs/sha256:x"), Err(V2PathError::Name));
-        assert_eq!(parse_v2_path("a/tags/list"), Err(V2PathError::NotFound));
+        assert_eq!(parse_v2_path("a/b/tags/list"), Ok(V2Path::TagsList { name: "a/b" }));
+        assert_eq!(parse_v2_path("a/tags/other"), Err(V2PathError::NotFound));
     }
 
     #[test]
@@ -338,6 +363,14 @@ mod tests {
         assert_eq!(manifest_media_type(list.as_bytes()).as_deref(), Some(DOCKER_LIST));
         assert_eq!(manifest_media_type(br#"{"schemaVersion":1}"#), None);
         assert_eq!(manifest_media_type(b"not json"), None);
+    }
+
+    #[test]
+    fn tag_pagination() {
+        let tags: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(paginate(&tags, None, None), tags);
+        assert_eq!(paginate(&tags, Some("a"), Some(1)), vec!["b".to_string()]);
+        assert!(paginate(&tags, Some("c"), None).is_empty());
     }
 
     #[test]

@@ -27,8 +27,10 @@ async fn push_then_pull_through_agent() {
     want.extend(image.layers.iter().cloned());
     assert_eq!(pulled.blobs, want);
 
-    // Headers of the manifest, by tag and by digest, GET and HEAD.
-    for reference in ["v1", image.manifest.as_str()] {
+    // Headers of the manifest, by tag and by digest, GET and HEAD; containerd's mirror
+    // requests add `?ns=<upstream registry>`.
+    let by_tag_with_ns = "v1?ns=registry.example.com".to_string();
+    for reference in ["v1", image.manifest.as_str(), by_tag_with_ns.as_str()] {
         for head in [false, true] {
             let url = format!("{}/v2/app/web/manifests/{reference}", agent.registry_url);
             let req = if head { cluster.client.head(&url) } else { cluster.client.get(&url) };
@@ -42,6 +44,35 @@ async fn push_then_pull_through_agent() {
                 assert_eq!(resp.bytes().await.expect("body").as_ref(), image.manifest_bytes.as_slice());
             }
         }
+    }
+
+    // Tag listing, on the origin and through the agent (tracker -> origins), with pagination.
+    cluster.push_image("app/web:v2", &[1000], 9).await.expect("push v2");
+    for base in [&cluster.origin_url, &agent.registry_url] {
+        let list: serde_json::Value = cluster
+            .client
+            .get(format!("{base}/v2/app/web/tags/list"))
+            .send()
+            .await
+            .expect("tags")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(list, serde_json::json!({"name": "app/web", "tags": ["v1", "v2"]}), "{base}");
+        let page: serde_json::Value = cluster
+            .client
+            .get(format!("{base}/v2/app/web/tags/list?n=1&last=v1"))
+            .send()
+            .await
+            .expect("tags")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(page["tags"], serde_json::json!(["v2"]), "{base}");
+        let missing = cluster.client.get(format!("{base}/v2/app/none/tags/list")).send().await.expect("tags");
+        assert_eq!(missing.status(), 404, "{base}");
+        let bad = cluster.client.get(format!("{base}/v2/app/web/tags/list?n=x")).send().await.expect("tags");
+        assert_eq!(bad.status(), 400, "{base}");
     }
 
     // Blob headers, GET and HEAD.

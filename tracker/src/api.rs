@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use shoal_shared::client::{Announce, AnnounceResponse, PeerInfo, TagResponse};
 use shoal_shared::digest::Digest;
-use shoal_shared::oci::{valid_name, valid_tag};
+use shoal_shared::oci::{valid_name, valid_tag, TagList};
 
 use crate::origins::{LookupError, Origins};
 use crate::swarms::Swarms;
@@ -38,6 +38,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/shoal/v1/announce", web::post().to(announce))
     .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
     .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
+    .route("/shoal/v1/taglist/{name:.*}", web::get().to(tag_list))
     .route(
         "/metrics",
         web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
@@ -98,6 +99,17 @@ async fn tag(path: web::Path<(String, String)>, state: State) -> HttpResponse {
     }
     match state.origins.tag(&name, &tag).await {
         Ok(digest) => HttpResponse::Ok().json(TagResponse { digest }),
+        Err(e) => lookup_error(&e),
+    }
+}
+
+async fn tag_list(name: web::Path<String>, state: State) -> HttpResponse {
+    let name = name.into_inner();
+    if !valid_name(&name) {
+        return error(StatusCode::BAD_REQUEST, "invalid name");
+    }
+    match state.origins.tag_list(&name).await {
+        Ok(tags) => HttpResponse::Ok().json(TagList { name, tags }),
         Err(e) => lookup_error(&e),
     }
 }

@@ -39,23 +39,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .shutdown_timeout(2)
         .listen(listener)?
         .run();
-    let handle = server.handle();
-    let sweeper = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => swarms.sweep(Instant::now()),
-                }
-            }
-            handle.stop(true).await;
-        }
-    });
+    let sweeper = tokio::spawn(shoal_shared::http::every(interval, shutdown.clone(), move || {
+        swarms.sweep(Instant::now());
+        std::future::ready(())
+    }));
     tracing::info!(origins = ?config.origin, "tracker serving");
-    let result = server.await;
-    shutdown.cancel();
+    let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = sweeper.await;
     result
 }

@@ -10,8 +10,10 @@ use dashmap::DashMap;
 use shoal_shared::client::{self, ClientError, MAX_METAINFO_JSON};
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
-use shoal_shared::oci::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use shoal_shared::oci::{valid_tag, TagList, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
+/// Largest tag list accepted from an origin.
+pub const MAX_TAG_LIST: usize = 4 << 20;
 /// Most metainfos cached before the cache is dropped.
 const METAINFO_CACHE: usize = 10_000;
 
@@ -98,6 +100,28 @@ impl Origins {
                 tracing::warn!(cause = %e, "origin info unavailable");
                 None
             }
+        }
+    }
+
+    /// The union of the tags every reachable origin holds for `name`, sorted.
+    pub async fn tag_list(&self, name: &str) -> Result<Vec<String>, LookupError> {
+        let mut tags = std::collections::BTreeSet::new();
+        let (mut found, mut last_error) = (false, None);
+        for base in &self.urls {
+            let url = format!("{base}/v2/{name}/tags/list");
+            match client::get_json::<TagList>(&self.http, &url, MAX_TAG_LIST).await {
+                Ok(list) => {
+                    found = true;
+                    tags.extend(list.tags.into_iter().filter(|t| valid_tag(t)));
+                }
+                Err(ClientError::NotFound { .. }) => {}
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        match (found, last_error) {
+            (true, _) => Ok(tags.into_iter().collect()),
+            (false, Some(e)) => Err(LookupError::Unavailable(e)),
+            (false, None) => Err(LookupError::NotFound),
         }
     }
 
