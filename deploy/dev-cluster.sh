@@ -250,7 +250,9 @@ Pull directly from an agent:
 
 Use agent1 as a containerd mirror for a registry, e.g. docker.io: in
 /etc/containerd/certs.d/docker.io/hosts.toml (config_path = "/etc/containerd/certs.d"
-in the CRI registry section of containerd's config):
+in the CRI registry section of containerd's config). The agent serves the images pushed
+to the origin under the same name; for anything else it answers 404 and containerd falls
+back to the upstream server:
 
   server = "https://registry-1.docker.io"
 
