@@ -1,2 +1,3 @@
 pub mod cluster;
 pub mod image;
+pub mod quic_ceiling;

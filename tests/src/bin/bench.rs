@@ -395,6 +395,8 @@ async fn run_bench(
     let hwm_kib = vm_hwm_kib(pid)?;
 
     let sha_rate = sha256_rate();
+    eprintln!("(e) raw QUIC between two endpoints, same TLS and transport config...");
+    let quic_rate = shoal_tests::quic_ceiling::measure(size).await? / MB;
 
     // Report.
     let rate = |d: Duration| size as f64 / MB / d.as_secs_f64();
@@ -430,6 +432,7 @@ async fn run_bench(
     row("(c) hot via agent, best of 3", mbs(hot_best), x(hot_best), ">= 2000 MB/s", verdict(hot_ok))?;
     let rss = format!("{rss_mib:.1} MiB");
     row("(d) agent peak RSS (VmHWM)", rss, String::new(), "<= 64 MiB", verdict(rss_mib <= 64.0))?;
+    row("(e) raw QUIC ceiling, in-process", mbs(quic_rate), x(quic_rate), "(transport only)", "info")?;
     match (served_before, served_after) {
         (Some(before), Some(after)) => writeln!(
             out,
