@@ -3,8 +3,14 @@
 //!
 //! [`Downloads`] owns the map of downloads in flight; each download's state (its picker,
 //! peers, in-flight requests) is owned by the one task that runs it. Requests that arrive
-//! while a download runs subscribe to its outcome. The task runs on the agent's main runtime,
-//! so a client that disconnects does not cancel a download other clients are waiting for.
+//! while a download runs subscribe to its [`Phase`]: once the metainfo is known they can
+//! stream the verified prefix as it grows ([`Active::subscribe`]); once it is done they read
+//! the cache. The task runs on the agent's main runtime, so a client that disconnects does
+//! not cancel a download other clients are waiting for.
+//!
+//! Verification: every piece is checked against its blake3 hash before it is written; a
+//! second task hashes the blob with sha256 along the verified prefix while the download runs,
+//! and the blob enters the cache only if that digest is the one asked for.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -40,6 +46,9 @@ const BACKOFF: Duration = Duration::from_secs(5);
 const BITFIELD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Re-announce at least this often while downloading, to find new peers and pieces.
 const REANNOUNCE: Duration = Duration::from_secs(3);
+/// Pieces at the front of the missing range fetched in order, so the prefix streamed to
+/// waiting clients keeps growing.
+const IN_ORDER_WINDOW: u32 = 8;
 
 /// Why a download failed. Cloned to every waiting request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -67,13 +76,52 @@ fn store_err(e: impl std::fmt::Display) -> DownloadError {
     DownloadError::Store(e.to_string())
 }
 
-type Outcome = Option<Result<(), DownloadError>>;
+/// What a waiting request sees of a download.
+#[derive(Debug, Clone)]
+pub enum Phase {
+    /// Looking up the metainfo.
+    Starting,
+    /// Pieces are arriving; the verified prefix can be streamed.
+    Streaming(Arc<Active>),
+    /// Finished: the blob is in the cache, or the download failed.
+    Done(Result<(), DownloadError>),
+}
 
-/// A download in progress, visible to the peer server so its verified pieces are served.
+/// How far a download's verified, written, contiguous prefix reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Prefix {
+    pub bytes: u64,
+    /// Set when the download fails: no more bytes will come.
+    pub failed: bool,
+}
+
+/// A download in progress, visible to the peer server (its verified pieces are served) and
+/// to registry requests streaming it.
 #[derive(Debug)]
 pub struct Active {
     pub partial: PartialBlob,
     pub have: Mutex<Bitfield>,
+    prefix: watch::Sender<Prefix>,
+}
+
+impl Active {
+    /// Follows the verified prefix.
+    pub fn subscribe(&self) -> watch::Receiver<Prefix> {
+        self.prefix.subscribe()
+    }
+
+    pub fn length(&self) -> u64 {
+        self.partial.metainfo().length()
+    }
+}
+
+/// Where a requested blob can be read from.
+#[derive(Debug)]
+pub enum Fetched {
+    /// Whole and verified in the cache.
+    Cached,
+    /// Still downloading: stream its verified prefix.
+    Streaming(Arc<Active>),
 }
 
 /// Agent counters.
@@ -114,7 +162,7 @@ pub struct Downloads {
     peers: PeerClient,
     settings: Settings,
     runtime: tokio::runtime::Handle,
-    inflight: DashMap<Digest, watch::Receiver<Outcome>>,
+    inflight: DashMap<Digest, watch::Receiver<Phase>>,
     pub active: DashMap<Digest, Arc<Active>>,
     seeding: DashMap<Digest, Instant>,
     pub metrics: DownloadMetrics,
@@ -139,26 +187,23 @@ impl Downloads {
         &self.tracker
     }
 
-    /// Returns once `digest` is in the local cache, downloading it if needed. Concurrent
-    /// callers share one download.
-    pub async fn ensure(self: &Arc<Self>, digest: Digest) -> Result<(), DownloadError> {
-        if self.store.size(&digest).await.is_some() {
-            return Ok(());
-        }
-        let mut rx = match self.inflight.entry(digest) {
-            Entry::Occupied(e) => e.get().clone(),
+    /// Joins the download of `digest`, starting it if none runs. `None` when the blob is
+    /// already cached.
+    fn join(self: &Arc<Self>, digest: Digest) -> Option<watch::Receiver<Phase>> {
+        match self.inflight.entry(digest) {
+            Entry::Occupied(e) => Some(e.get().clone()),
             Entry::Vacant(v) => {
-                // A download may have finished between the check above and here.
+                // A download may have finished since the caller looked at the cache.
                 if self.store.blob_path(&digest).exists() {
-                    return Ok(());
+                    return None;
                 }
-                let (tx, rx) = watch::channel(None);
+                let (tx, rx) = watch::channel(Phase::Starting);
                 v.insert(rx.clone());
                 let this = self.clone();
                 self.runtime.spawn(async move {
                     this.metrics.started.inc();
                     let span = tracing::info_span!("download", %digest);
-                    let result = this.download(digest).instrument(span).await;
+                    let result = this.download(digest, &tx).instrument(span).await;
                     match &result {
                         Ok(()) => {
                             this.metrics.completed.inc();
@@ -170,14 +215,60 @@ impl Downloads {
                         }
                     }
                     this.inflight.remove(&digest);
-                    let _ = tx.send(Some(result));
+                    tx.send_replace(Phase::Done(result));
                 });
-                rx
+                Some(rx)
             }
+        }
+    }
+
+    /// Waits for a phase that satisfies `ready`.
+    async fn wait(mut rx: watch::Receiver<Phase>, ready: fn(&Phase) -> bool) -> Phase {
+        match rx.wait_for(ready).await {
+            Ok(phase) => phase.clone(),
+            Err(_) => Phase::Done(Err(DownloadError::Unavailable("download task ended".into()))),
+        }
+    }
+
+    /// Returns once `digest` is in the local cache, downloading it if needed. Concurrent
+    /// callers share one download.
+    pub async fn ensure(self: &Arc<Self>, digest: Digest) -> Result<(), DownloadError> {
+        if self.store.size(&digest).await.is_some() {
+            return Ok(());
+        }
+        let Some(rx) = self.join(digest) else { return Ok(()) };
+        match Self::wait(rx, |p| matches!(p, Phase::Done(_))).await {
+            Phase::Done(result) => result,
+            _ => Err(DownloadError::Unavailable("download task ended".into())),
+        }
+    }
+
+    /// Like [`ensure`](Self::ensure), but returns as soon as the blob can be streamed.
+    pub async fn fetch(self: &Arc<Self>, digest: Digest) -> Result<Fetched, DownloadError> {
+        if self.store.size(&digest).await.is_some() {
+            return Ok(Fetched::Cached);
+        }
+        let Some(rx) = self.join(digest) else { return Ok(Fetched::Cached) };
+        let active = match Self::wait(rx.clone(), |p| !matches!(p, Phase::Starting)).await {
+            Phase::Streaming(active) => active,
+            Phase::Done(Ok(())) => return Ok(Fetched::Cached),
+            Phase::Done(Err(e)) => return Err(e),
+            Phase::Starting => return Err(DownloadError::Unavailable("download task ended".into())),
         };
-        let outcome = rx.wait_for(Option::is_some).await;
-        match outcome.as_deref() {
-            Ok(Some(result)) => result.clone(),
+        // Answer only once bytes are verified, so that a download that cannot start is a
+        // clear error rather than a response cut short.
+        let length = active.length();
+        let verified = active
+            .subscribe()
+            .wait_for(|p| p.bytes > 0 || p.failed || length == 0)
+            .await
+            .is_ok_and(|p| !p.failed);
+        if verified {
+            return Ok(Fetched::Streaming(active));
+        }
+        match Self::wait(rx, |p| matches!(p, Phase::Done(_))).await {
+            Phase::Done(Ok(())) => Ok(Fetched::Cached),
+            Phase::Done(Err(e)) => Err(e),
             _ => Err(DownloadError::Unavailable("download task ended".into())),
         }
     }
@@ -197,19 +288,27 @@ impl Downloads {
         interval
     }
 
-    async fn download(&self, digest: Digest) -> Result<(), DownloadError> {
+    async fn download(&self, digest: Digest, phase: &watch::Sender<Phase>) -> Result<(), DownloadError> {
         let metainfo = self.tracker.metainfo(digest).await?;
         let started = Instant::now();
         let partial = PartialBlob::create(&self.store, metainfo.clone()).await.map_err(store_err)?;
-        let active = Arc::new(Active { partial, have: Mutex::new(Bitfield::new(metainfo.piece_count())) });
+        let active = Arc::new(Active {
+            partial,
+            have: Mutex::new(Bitfield::new(metainfo.piece_count())),
+            prefix: watch::Sender::new(Prefix::default()),
+        });
         self.active.insert(digest, active.clone());
+        phase.send_replace(Phase::Streaming(active.clone()));
+        let hasher = tokio::spawn(hash_along(active.clone()));
         let result = async {
             self.swarm(&metainfo, &active).await?;
-            active.partial.commit().await.map_err(store_err)
+            let actual = hasher.await.map_err(store_err)??;
+            active.partial.commit_hashed(actual).await.map_err(store_err)
         }
         .await;
         self.active.remove(&digest);
         if result.is_err() {
+            active.prefix.send_modify(|p| p.failed = true);
             active.partial.discard().await;
         } else {
             let secs = started.elapsed().as_secs_f64();
@@ -225,7 +324,8 @@ impl Downloads {
     /// Fetches every piece of the blob into `active`.
     async fn swarm(&self, metainfo: &Metainfo, active: &Active) -> Result<(), DownloadError> {
         let digest = metainfo.digest();
-        let mut picker = Picker::new(&Bitfield::new(metainfo.piece_count()), rand::random());
+        let mut picker = Picker::new(&Bitfield::new(metainfo.piece_count()), rand::random(), IN_ORDER_WINDOW);
+        let mut prefix_pieces = 0u32;
         let mut peers: HashMap<SocketAddr, PeerInfo> = HashMap::new();
         let mut banned: HashSet<SocketAddr> = HashSet::new();
         let mut backoff: HashMap<SocketAddr, Instant> = HashMap::new();
@@ -278,7 +378,19 @@ impl Downloads {
             match result {
                 Ok(piece) => {
                     active.partial.write_piece(piece).await.map_err(store_err)?;
-                    active.have.lock().unwrap_or_else(|p| p.into_inner()).set(index);
+                    {
+                        let mut have = active.have.lock().unwrap_or_else(|p| p.into_inner());
+                        have.set(index);
+                        while have.get(prefix_pieces) {
+                            prefix_pieces += 1;
+                        }
+                    }
+                    let bytes = metainfo.piece_offset(prefix_pieces).min(metainfo.length());
+                    active.prefix.send_if_modified(|p| {
+                        let grew = bytes > p.bytes;
+                        p.bytes = p.bytes.max(bytes);
+                        grew
+                    });
                     picker.on_piece(index, addr);
                     self.metrics.pieces.inc();
                     last_progress = Instant::now();
@@ -357,6 +469,27 @@ impl Downloads {
                     backoff.insert(p.addr, now + BACKOFF);
                 }
             }
+        }
+    }
+}
+
+/// Hashes the blob with sha256 along its verified prefix; returns the digest once the
+/// prefix covers the whole blob.
+async fn hash_along(active: Arc<Active>) -> Result<Digest, DownloadError> {
+    let mut rx = active.subscribe();
+    let mut hasher = active.partial.prefix_hasher();
+    let length = active.length();
+    loop {
+        let prefix = *rx.borrow_and_update();
+        if prefix.failed {
+            return Err(DownloadError::Unavailable("download failed".into()));
+        }
+        hasher.advance(prefix.bytes).await.map_err(store_err)?;
+        if hasher.offset() >= length {
+            return Ok(hasher.finish());
+        }
+        if rx.changed().await.is_err() {
+            return Err(DownloadError::Unavailable("download ended".into()));
         }
     }
 }

@@ -4,17 +4,19 @@
 
 use std::sync::Arc;
 
+use actix_web::body::SizedStream;
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::registry::Registry;
 use shoal_shared::digest::Digest;
-use shoal_shared::http::{head_body, oci_error, serve_file, DOCKER_CONTENT_DIGEST};
+use shoal_shared::http::{blob_response, head_body, oci_error, serve_file, DOCKER_CONTENT_DIGEST};
 use shoal_shared::oci::{
     manifest_media_type, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path, V2PathError,
     MAX_MANIFEST,
 };
+use shoal_shared::store::READ_CHUNK;
 
-use crate::download::{DownloadError, Downloads};
+use crate::download::{Active, DownloadError, Downloads, Fetched};
 use crate::tracker::LookupError;
 
 /// Handler state.
@@ -91,8 +93,22 @@ async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse
             Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
         };
     }
-    if let Err(e) = downloads.ensure(digest).await {
-        return download_error(&e, ErrorCode::BlobUnknown);
+    // A plain GET streams the verified prefix of a download as it grows; a Range request
+    // waits for the whole blob.
+    if req.headers().contains_key(header::RANGE) {
+        if let Err(e) = downloads.ensure(digest).await {
+            return download_error(&e, ErrorCode::BlobUnknown);
+        }
+    } else {
+        match downloads.fetch(digest).await {
+            Ok(Fetched::Cached) => {}
+            Ok(Fetched::Streaming(active)) => {
+                let len = active.length();
+                return blob_response(StatusCode::OK, &digest, "application/octet-stream")
+                    .body(SizedStream::new(len, prefix_stream(active)));
+            }
+            Err(e) => return download_error(&e, ErrorCode::BlobUnknown),
+        }
     }
     match downloads.store.open_blob(&digest).await {
         Some((file, len)) => serve_file(req, file, len, &digest, "application/octet-stream"),
@@ -154,4 +170,32 @@ async fn tag_list(req: &HttpRequest, name: &str, state: &AppState) -> HttpRespon
         }
         Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
     }
+}
+
+/// The bytes of a download in progress, in order, each chunk sent as soon as the verified
+/// prefix covers it. Ends with an error (the client sees a short body) if the download fails.
+fn prefix_stream(
+    active: Arc<Active>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    let rx = active.subscribe();
+    futures_util::stream::unfold(Some((active, rx, 0u64)), |state| async move {
+        let (active, mut rx, offset) = state?;
+        let length = active.length();
+        loop {
+            if offset >= length {
+                return None;
+            }
+            let prefix = *rx.borrow_and_update();
+            if prefix.bytes > offset {
+                let n = (prefix.bytes - offset).min(READ_CHUNK as u64) as usize;
+                return Some(match active.partial.read_at(offset, n).await {
+                    Ok(bytes) => (Ok(bytes), Some((active, rx, offset + n as u64))),
+                    Err(e) => (Err(std::io::Error::other(e)), None),
+                });
+            }
+            if prefix.failed || rx.changed().await.is_err() {
+                return Some((Err(std::io::Error::other("download failed")), None));
+            }
+        }
+    })
 }

@@ -25,6 +25,21 @@ pub fn oci_error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Di
 /// Header name clients read the content digest from.
 pub const DOCKER_CONTENT_DIGEST: &str = "Docker-Content-Digest";
 
+/// A response builder with the headers every blob answer carries.
+pub fn blob_response(
+    status: StatusCode,
+    digest: &Digest,
+    content_type: &str,
+) -> actix_web::HttpResponseBuilder {
+    let mut builder = HttpResponse::build(status);
+    builder
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((header::ACCEPT_RANGES, "bytes"))
+        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
+        .insert_header((header::ETAG, format!("\"{digest}\"")));
+    builder
+}
+
 /// Answers a blob GET or HEAD from an open file of `len` bytes, honouring a single `Range`.
 pub fn serve_file(
     req: &HttpRequest,
@@ -52,12 +67,7 @@ pub fn serve_file(
         Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end),
         None => (StatusCode::OK, 0, len),
     };
-    let mut builder = HttpResponse::build(status);
-    builder
-        .insert_header((header::CONTENT_TYPE, content_type))
-        .insert_header((header::ACCEPT_RANGES, "bytes"))
-        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
-        .insert_header((header::ETAG, format!("\"{digest}\"")));
+    let mut builder = blob_response(status, digest, content_type);
     if range.is_some() {
         builder.insert_header((header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1)));
     }

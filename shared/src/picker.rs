@@ -2,9 +2,11 @@
 //!
 //! A pure state machine (no I/O, no clock): the driver tells it which pieces each peer holds
 //! and what happened to each request, and asks it for the next request to send to a peer.
-//! Policy: rarest first among the pieces the peer holds that are neither held nor in flight,
-//! ties broken by a per-download random rotation so that peers starting together spread
-//! over different pieces; at most `pipeline` requests in flight per peer.
+//! Policy: first, the lowest missing piece within a small window at the front of the blob
+//! (the pieces a client streaming the blob waits for next, so the verified prefix keeps
+//! growing); otherwise rarest first among the pieces the peer holds that are neither held
+//! nor in flight, ties broken by a per-download random rotation so that peers starting
+//! together spread over different pieces. At most `pipeline` requests in flight per peer.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -26,6 +28,9 @@ pub struct Picker<P> {
     peers: HashMap<P, PeerState>,
     rotation: u32,
     have: u32,
+    /// Lowest index not held: the end of the held prefix.
+    first_missing: u32,
+    window: u32,
 }
 
 #[derive(Debug)]
@@ -36,8 +41,10 @@ struct PeerState {
 
 impl<P: Copy + Eq + Hash> Picker<P> {
     /// A picker over `pieces` pieces, of which those set in `have` are already held.
-    /// `rotation` picks the tie-break order (pass a random number).
-    pub fn new(have: &Bitfield, rotation: u32) -> Self {
+    /// `rotation` picks the tie-break order (pass a random number); `window` is how many
+    /// pieces at the front of the missing range are fetched in order first (0: pure
+    /// rarest first).
+    pub fn new(have: &Bitfield, rotation: u32, window: u32) -> Self {
         let n = have.len();
         let pieces = (0..n).map(|i| if have.get(i) { State::Have } else { State::Missing }).collect();
         Self {
@@ -46,6 +53,8 @@ impl<P: Copy + Eq + Hash> Picker<P> {
             peers: HashMap::new(),
             rotation: if n == 0 { 0 } else { rotation % n },
             have: have.count(),
+            first_missing: (0..n).find(|&i| !have.get(i)).unwrap_or(n),
+            window,
         }
     }
 
@@ -108,8 +117,11 @@ impl<P: Copy + Eq + Hash> Picker<P> {
             return None;
         }
         let n = self.len();
-        let mut best: Option<(u32, u32)> = None;
-        for k in 0..n {
+        let front = self.first_missing..self.first_missing.saturating_add(self.window).min(n);
+        let in_order =
+            front.into_iter().find(|&i| self.pieces[i as usize] == State::Missing && state.bits.get(i));
+        let mut best: Option<(u32, u32)> = in_order.map(|i| (i, 0));
+        for k in 0..if best.is_some() { 0 } else { n } {
             let i = (k + self.rotation) % n;
             if self.pieces[i as usize] != State::Missing || !state.bits.get(i) {
                 continue;
@@ -143,6 +155,9 @@ impl<P: Copy + Eq + Hash> Picker<P> {
         if self.settle(index, peer) || self.pieces.get(index as usize) == Some(&State::Missing) {
             self.pieces[index as usize] = State::Have;
             self.have += 1;
+            while self.pieces.get(self.first_missing as usize) == Some(&State::Have) {
+                self.first_missing += 1;
+            }
         }
     }
 
@@ -168,7 +183,7 @@ mod tests {
 
     #[test]
     fn rarest_first_and_pipeline() {
-        let mut p = Picker::new(&Bitfield::new(4), 0);
+        let mut p = Picker::new(&Bitfield::new(4), 0, 0);
         p.add_peer(1u8, bits(4, &[0, 1, 2, 3]));
         p.add_peer(2u8, bits(4, &[0, 1, 2]));
         // Piece 3 is held by one peer only: asked first.
@@ -184,7 +199,7 @@ mod tests {
 
     #[test]
     fn lost_peer_releases_its_pieces() {
-        let mut p = Picker::new(&Bitfield::new(2), 1);
+        let mut p = Picker::new(&Bitfield::new(2), 1, 0);
         p.add_peer(1u8, Bitfield::full(2));
         let a = p.next_request(1, 4).expect("piece");
         p.remove_peer(1);
@@ -200,8 +215,25 @@ mod tests {
     }
 
     #[test]
+    fn the_front_window_goes_in_order_then_rarest_first() {
+        let mut p = Picker::new(&Bitfield::new(10), 7, 3);
+        p.add_peer(1u8, Bitfield::full(10));
+        p.add_peer(2u8, bits(10, &[0, 1, 2, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(p.next_request(1, 8), Some(0));
+        assert_eq!(p.next_request(1, 8), Some(1));
+        assert_eq!(p.next_request(1, 8), Some(2));
+        // The window [0, 3) is all in flight: rarest next (9 is held by one peer only).
+        assert_eq!(p.next_request(1, 8), Some(9));
+        p.on_piece(0, 1);
+        p.on_piece(1, 1);
+        // The window slid to [2, 5): 3 is next in order.
+        assert_eq!(p.next_request(2, 8), Some(3));
+        assert_eq!(p.next_request(2, 8), Some(4));
+    }
+
+    #[test]
     fn already_held_pieces_are_never_requested() {
-        let mut p = Picker::new(&bits(3, &[0, 2]), 0);
+        let mut p = Picker::new(&bits(3, &[0, 2]), 0, 2);
         p.add_peer(7u8, Bitfield::full(3));
         assert_eq!(p.next_request(7, 8), Some(1));
         assert_eq!(p.next_request(7, 8), None);

@@ -315,6 +315,12 @@ impl PartialBlob {
         blocking(move || file.write_all_at(piece.data(), offset).map_err(io_err(&path))).await
     }
 
+    /// Reads `len` bytes at `offset`, which the caller knows to be written and verified.
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        let (file, path) = (self.file.clone(), self.path.clone());
+        blocking(move || read_at(&file, &path, offset, len)).await
+    }
+
     /// Reads back a piece previously written (the caller tracks which are).
     pub async fn read_piece(&self, index: u32) -> Result<Bytes, StoreError> {
         let len = self.metainfo.piece_size(index)? as usize;
@@ -323,47 +329,90 @@ impl PartialBlob {
         blocking(move || read_at(&file, &path, offset, len)).await
     }
 
-    /// Checks the whole file against the blob digest, fsyncs and publishes it.
-    /// Readers holding pieces keep working: the open file is the published one.
-    pub async fn commit(&self) -> Result<(), StoreError> {
-        let (store, path, file, metainfo) =
-            (&self.store, self.path.clone(), self.file.clone(), self.metainfo.clone());
-        let p = path.clone();
-        let expected = metainfo.digest();
-        let result = blocking(move || {
-            let mut hasher = DigestHasher::new();
-            let mut buf = vec![0u8; READ_CHUNK];
-            let mut offset = 0u64;
-            while offset < metainfo.length() {
-                let n = (metainfo.length() - offset).min(READ_CHUNK as u64) as usize;
-                file.read_exact_at(&mut buf[..n], offset).map_err(io_err(&p))?;
-                hasher.update(&buf[..n]);
-                offset += n as u64;
-            }
-            let actual = hasher.finish();
-            if actual != expected {
-                return Err(StoreError::DigestMismatch { expected, actual });
-            }
-            file.sync_all().map_err(io_err(&p))?;
-            Ok(metainfo)
-        })
-        .await;
-        match result {
-            Ok(metainfo) => {
-                let dest = store.blob_path(&expected);
-                tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
-                store.put_metainfo(&metainfo).await
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&path).await;
-                Err(e)
-            }
+    /// A sha256 hasher over this file's prefix, advanced as the prefix grows.
+    pub fn prefix_hasher(&self) -> PrefixHasher {
+        PrefixHasher {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            state: Some((DigestHasher::new(), vec![0u8; READ_CHUNK])),
+            offset: 0,
         }
+    }
+
+    /// Publishes the blob given the sha256 of its whole content (from a [`PrefixHasher`]
+    /// that reached the end): checked against the metainfo's digest, fsynced, renamed into
+    /// `blobs/`. On mismatch the file is deleted. Readers holding pieces keep working: the
+    /// open file is the published one.
+    pub async fn commit_hashed(&self, actual: Digest) -> Result<(), StoreError> {
+        let expected = self.metainfo.digest();
+        if actual != expected {
+            self.discard().await;
+            return Err(StoreError::DigestMismatch { expected, actual });
+        }
+        let (file, p) = (self.file.clone(), self.path.clone());
+        blocking(move || file.sync_all().map_err(io_err(&p))).await?;
+        let dest = self.store.blob_path(&expected);
+        tokio::fs::rename(&self.path, &dest).await.map_err(io_err(&dest))?;
+        self.store.put_metainfo(&self.metainfo).await
+    }
+
+    /// Hashes the whole file, then [`commit_hashed`](Self::commit_hashed).
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let mut hasher = self.prefix_hasher();
+        hasher.advance(self.metainfo.length()).await?;
+        self.commit_hashed(hasher.finish()).await
     }
 
     /// Abandons the download and deletes its file.
     pub async fn discard(&self) {
         let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
+/// Streams sha256 over a growing prefix of a file, so a download's whole-blob digest is
+/// ready when its last piece lands instead of costing a second pass over the blob.
+#[derive(Debug)]
+pub struct PrefixHasher {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The hasher and its read buffer; out only while a blocking read runs.
+    state: Option<(DigestHasher, Vec<u8>)>,
+    offset: u64,
+}
+
+impl PrefixHasher {
+    /// Bytes hashed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Hashes the file up to `to` (bytes before it must be written and final).
+    pub async fn advance(&mut self, to: u64) -> Result<(), StoreError> {
+        if to <= self.offset {
+            return Ok(());
+        }
+        let Some((mut hasher, mut buf)) = self.state.take() else {
+            return Err(StoreError::Io { path: self.path.clone(), source: io::Error::other("hasher lost") });
+        };
+        let (file, path, mut offset) = (self.file.clone(), self.path.clone(), self.offset);
+        let (hasher, buf, offset) = blocking(move || {
+            while offset < to {
+                let n = (to - offset).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], offset).map_err(io_err(&path))?;
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+            }
+            Ok((hasher, buf, offset))
+        })
+        .await?;
+        self.state = Some((hasher, buf));
+        self.offset = offset;
+        Ok(())
+    }
+
+    /// The digest of everything hashed.
+    pub fn finish(self) -> Digest {
+        self.state.map(|(h, _)| h.finish()).unwrap_or_else(|| DigestHasher::new().finish())
     }
 }
 

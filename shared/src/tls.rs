@@ -297,8 +297,8 @@ fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     // A stream carries one piece (at most 4 MiB by default); the connection window bounds
     // what a fast sender can make us buffer.
-    t.stream_receive_window(VarInt::from_u32(8 << 20))
-        .receive_window(VarInt::from_u32(32 << 20))
+    t.stream_receive_window(VarInt::from_u32(6 << 20))
+        .receive_window(VarInt::from_u32(16 << 20))
         .send_window(64 << 20)
         .max_concurrent_bidi_streams(VarInt::from_u32(256))
         .keep_alive_interval(Some(Duration::from_secs(5)))

@@ -89,7 +89,7 @@ async fn bad_paths_on_agent_and_origin() {
         let (got, _) = send(c.client.get(&url).header("Range", "bytes=0-0")).await;
         assert_eq!(got, 206);
         // Writes to the agent are refused; unknown endpoints are 404.
-        let (got, _) = send(c.client.get(format!("{base}/v2/app/bad/tags/list"))).await;
+        let (got, _) = send(c.client.get(format!("{base}/v2/app/bad/referrers/{layer}"))).await;
         assert_eq!(got, 404);
     }
     let (got, body) =
