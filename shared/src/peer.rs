@@ -347,11 +347,18 @@ impl PeerClient {
         let (response, mut recv) = self.request(addr, &request).await?;
         match response {
             Response::Piece { index: got, length } if got == index && length == expected => {
-                // Allocation bounded by the metainfo's piece length, not by the peer.
-                let mut buf = BytesMut::zeroed(length as usize);
-                recv.read_exact(&mut buf)
-                    .await
-                    .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?;
+                // Allocation bounded by the metainfo's piece length, not by the peer; filled
+                // from quinn's chunks without zeroing it first.
+                let length = length as usize;
+                let mut buf = BytesMut::with_capacity(length);
+                while buf.len() < length {
+                    let chunk = recv
+                        .read_chunk(length - buf.len(), true)
+                        .await
+                        .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?
+                        .ok_or_else(|| PeerError::Transport { addr, cause: "piece cut short".into() })?;
+                    buf.extend_from_slice(&chunk.bytes);
+                }
                 metainfo
                     .verify_piece(index, buf.freeze())
                     .map_err(|cause| PeerError::BadPiece { addr, cause })

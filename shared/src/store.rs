@@ -193,7 +193,8 @@ impl BlobStore {
     }
 }
 
-/// Reads exactly `len` bytes at `offset`.
+/// Reads exactly `len` bytes at `offset`. Positional (`pread`), so any number of readers
+/// can share one open file.
 pub fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Bytes, StoreError> {
     let mut buf = BytesMut::zeroed(len);
     file.read_exact_at(&mut buf, offset).map_err(io_err(path))?;
