@@ -35,11 +35,11 @@ use tracing::Instrument;
 use crate::tracker::{LookupError, TrackerClient};
 
 /// Requests in flight to an origin at once, per download.
-const ORIGIN_PIPELINE: u32 = 4;
+const ORIGIN_PIPELINE: u32 = 3;
 /// Requests in flight to another agent at once, per download.
 const PEER_PIPELINE: u32 = 3;
 /// Requests in flight per download, all peers together (bounds piece buffers in memory).
-const MAX_IN_FLIGHT: usize = 10;
+const MAX_IN_FLIGHT: usize = 8;
 /// How long a peer that failed is left alone.
 const BACKOFF: Duration = Duration::from_secs(5);
 /// How long to wait for a peer's bitfield.

@@ -25,8 +25,28 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Piece buffers (4 MiB by default) at or above this size are mmapped by glibc and
+/// returned to the OS when freed. Without a fixed threshold glibc raises it dynamically
+/// after the first free, the buffers then come from per-thread arenas that keep their
+/// memory, and the agent's resident size grows with every blob it downloads.
+const MMAP_THRESHOLD: libc::c_int = 2 << 20;
+
+#[allow(unsafe_code)]
+fn fix_mmap_threshold() {
+    // SAFETY: mallopt only changes allocator parameters; it is called before any other
+    // thread exists, and a failure (return 0) just leaves glibc's default in place.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+    if ok == 0 {
+        eprintln!("warning: mallopt(M_MMAP_THRESHOLD) failed; memory use may grow with blob count");
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    fix_mmap_threshold();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     shoal_shared::telemetry::init_tracing();
     let Command::Serve { flags, config } = Cli::parse().command;
     let config: Config = shoal_shared::config::layered(&flags, config.as_deref())?;
