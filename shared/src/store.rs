@@ -454,6 +454,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dropped_upload_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let mut staged = store.stage(MIN_PIECE_LENGTH).await.expect("stage");
+        staged.write(b"half an upload").await.expect("write");
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 1);
+        drop(staged);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn partial_blob_with_the_wrong_content_is_not_published() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(b"some bytes");
+        let m = b.finish().expect("meta");
+        let partial = PartialBlob::create(&store, m.clone()).await.expect("create");
+        let piece = m.verify_piece(0, Bytes::from_static(b"some bytes")).expect("verified");
+        partial.write_piece(piece).await.expect("write");
+        let wrong = Digest::of(b"other bytes");
+        assert!(matches!(partial.commit_hashed(wrong).await, Err(StoreError::DigestMismatch { .. })));
+        assert_eq!(store.size(&m.digest()).await, None);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0);
+    }
+
+    #[tokio::test]
     async fn partial_blob_assembles_verified_pieces() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = BlobStore::open(dir.path()).expect("open");

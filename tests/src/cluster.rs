@@ -43,11 +43,13 @@ pub struct ClusterOptions {
     pub piece_length: u32,
     /// The agents' progress timeout, in seconds.
     pub progress_timeout: u64,
+    /// Bearer token the origin requires for uploads (`push_image` sends it).
+    pub upload_token: Option<String>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { agents: 1, piece_length: 1 << 20, progress_timeout: 20 }
+        Self { agents: 1, piece_length: 1 << 20, progress_timeout: 20, upload_token: None }
     }
 }
 
@@ -140,6 +142,7 @@ impl Cluster {
         shoal_shared::tls::issue(&ca_dir, "origin", &origin_tls)?;
         let mut config = shoal_origin::Config::new(dir.path().join("origin/data"), origin_tls);
         config.piece_length = opts.piece_length;
+        config.upload_token = opts.upload_token.clone();
         let (http, peer) = bind()?;
         let origin_url = format!("http://{}", http.local_addr()?);
         let origin_peer = peer.local_addr()?;
@@ -250,9 +253,14 @@ impl Cluster {
             dir: layout.path().to_path_buf(),
             reference: Some(tag.rsplit_once(':').map(|(_, t)| t.to_owned()).unwrap_or_default()),
         };
-        let report =
-            shoal_origin::push::push(&self.origin_url, &source, tag, shoal_origin::push::Progress::Quiet)
-                .await?;
+        let report = shoal_origin::push::push_with_token(
+            &self.origin_url,
+            self.options.upload_token.as_deref(),
+            &source,
+            tag,
+            shoal_origin::push::Progress::Quiet,
+        )
+        .await?;
         ensure!(
             report.root.to_string() == image.manifest,
             "push reported root {} but the manifest is {}",
