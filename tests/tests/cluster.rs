@@ -178,9 +178,14 @@ async fn range_get_from_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_from_foreign_ca_gets_nothing() {
     let progress_timeout = 5;
-    let mut cluster = Cluster::start(ClusterOptions { agents: 1, piece_length: 64 << 10, progress_timeout })
-        .await
-        .expect("cluster");
+    let mut cluster = Cluster::start(ClusterOptions {
+        agents: 1,
+        piece_length: 64 << 10,
+        progress_timeout,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
     let image = cluster.push_image("app/secret:v1", &[300_000], 5).await.expect("push");
     // Agent 0 holds the image too, so both the origin and a peer are offered to the intruder.
     pull_image(&cluster.client, &cluster.agents[0].registry_url, "app/secret", "v1").await.expect("pull");
