@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::tracker::{LookupError, TrackerClient};
+use shoal_shared::tracker::{LookupError, TrackerClient};
 
 /// Requests in flight to an origin at once, per download.
 const ORIGIN_PIPELINE: u32 = 3;

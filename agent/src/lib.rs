@@ -7,7 +7,6 @@ pub mod config;
 pub mod download;
 pub mod registry;
 pub mod seeding;
-pub mod tracker;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -68,7 +67,7 @@ pub async fn run(
     let endpoint = tls::endpoint(listeners.peer, &identity)?;
     let downloads = Arc::new(download::Downloads::new(
         store,
-        tracker::TrackerClient::new(&config.tracker),
+        shoal_shared::tracker::TrackerClient::new(&config.tracker),
         PeerClient::new(endpoint.clone()),
         download::Settings {
             me,

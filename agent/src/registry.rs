@@ -17,7 +17,7 @@ use shoal_shared::oci::{
 use shoal_shared::store::READ_CHUNK;
 
 use crate::download::{Active, DownloadError, Downloads, Fetched};
-use crate::tracker::LookupError;
+use shoal_shared::tracker::LookupError;
 
 /// Handler state.
 #[derive(Debug)]

@@ -38,6 +38,11 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_MAX_UPLOADS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_uploads: Option<usize>,
+    /// Tracker base URL (repeatable): the origin announces the blobs peers are fetching
+    /// from it as a seeder there.
+    #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tracker: Vec<String>,
     /// Bearer token required for uploads (pushes); unset means uploads are open.
     #[arg(long, env = "SHOAL_UPLOAD_TOKEN", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +73,8 @@ pub struct Config {
     pub http_workers: usize,
     #[serde(default)]
     pub upload_token: Option<String>,
+    #[serde(default)]
+    pub tracker: Vec<String>,
 }
 
 fn default_http() -> SocketAddr {
@@ -99,6 +106,7 @@ impl Config {
             max_uploads: default_max_uploads(),
             http_workers: default_workers(),
             upload_token: None,
+            tracker: Vec::new(),
         }
     }
 }
@@ -113,6 +121,7 @@ impl std::fmt::Debug for Config {
             .field("data", &self.data)
             .field("tls", &self.tls)
             .field("piece_length", &self.piece_length)
+            .field("tracker", &self.tracker)
             .field("upload_token", &self.upload_token.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }

@@ -70,6 +70,7 @@ pub async fn run(
         .map_err(|e| OriginError::Http(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
 
     let seeder = Arc::new(seeder::Seeder::new(store.clone(), config.piece_length));
+    let seeder_for_announce = seeder.clone();
     let stats = PeerStats::default();
     let mut registry = Registry::default();
     stats.register(&mut registry);
@@ -100,8 +101,46 @@ pub async fn run(
         let state = state.clone();
         async move { state.uploads.expire(UPLOAD_IDLE).await }
     }));
+    let announcer = tokio::spawn(announce_hot_blobs(
+        config.tracker.clone(),
+        seeder_for_announce,
+        peer_addr,
+        shutdown.clone(),
+    ));
     let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = sweeper.await;
+    let _ = announcer.await;
     let _ = peer_task.await;
     result.map_err(OriginError::from)
+}
+
+/// How long after its last fetch a blob is still announced.
+const HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// With `--tracker`: announces, as a seeder, every blob peers fetched from this origin
+/// recently, so trackers list this origin even when it is not among their `--origin`s.
+async fn announce_hot_blobs(
+    trackers: Vec<String>,
+    seeder: Arc<seeder::Seeder>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    if trackers.is_empty() {
+        return;
+    }
+    let client = shoal_shared::tracker::TrackerClient::new(&trackers);
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        for digest in seeder.hot_set(HOT_WINDOW) {
+            let a = shoal_shared::client::Announce { digest, peer, complete: true };
+            match client.announce(&a).await {
+                Ok(resp) => wait = std::time::Duration::from_secs(resp.interval.clamp(1, 300)),
+                Err(e) => tracing::warn!(%digest, cause = %e, "announce to tracker failed"),
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The origin as a peer: every whole blob it holds is served piece by piece over QUIC.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -12,6 +13,8 @@ use shoal_shared::store::BlobStore;
 
 /// Most metainfos kept in memory before the cache is dropped and refilled from disk.
 const METAINFO_CACHE: usize = 4096;
+/// Most blobs remembered as recently fetched.
+const HOT_SET: usize = 100_000;
 
 /// Serves pieces of committed blobs at the origin's piece length.
 #[derive(Debug)]
@@ -19,15 +22,33 @@ pub struct Seeder {
     store: BlobStore,
     piece_length: u32,
     cache: DashMap<Digest, Arc<Metainfo>>,
+    /// Blobs whose metainfo or pieces were asked for, and when last.
+    hot: DashMap<Digest, Instant>,
 }
 
 impl Seeder {
     pub fn new(store: BlobStore, piece_length: u32) -> Self {
-        Self { store, piece_length, cache: DashMap::new() }
+        Self { store, piece_length, cache: DashMap::new(), hot: DashMap::new() }
+    }
+
+    /// Blobs fetched within `window`: the ones worth announcing as seeded.
+    pub fn hot_set(&self, window: Duration) -> Vec<Digest> {
+        let now = Instant::now();
+        self.hot.retain(|_, last| now.duration_since(*last) < window);
+        self.hot.iter().map(|e| *e.key()).collect()
     }
 
     /// The metainfo of a held blob (cached).
     pub async fn metainfo(&self, digest: Digest) -> Option<Arc<Metainfo>> {
+        let m = self.lookup(digest).await?;
+        if self.hot.len() >= HOT_SET {
+            self.hot.clear();
+        }
+        self.hot.insert(digest, Instant::now());
+        Some(m)
+    }
+
+    async fn lookup(&self, digest: Digest) -> Option<Arc<Metainfo>> {
         if let Some(m) = self.cache.get(&digest) {
             return Some(m.clone());
         }

@@ -137,12 +137,17 @@ impl Cluster {
             .build()
             .context("building HTTP client")?;
 
+        // The tracker's socket first: the origin announces to it.
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding tracker")?;
+        let tracker_url = format!("http://{}", listener.local_addr()?);
+
         // Origin.
         let origin_tls = dir.path().join("origin/tls");
         shoal_shared::tls::issue(&ca_dir, "origin", &origin_tls)?;
         let mut config = shoal_origin::Config::new(dir.path().join("origin/data"), origin_tls);
         config.piece_length = opts.piece_length;
         config.upload_token = opts.upload_token.clone();
+        config.tracker = vec![tracker_url.clone()];
         let (http, peer) = bind()?;
         let origin_url = format!("http://{}", http.local_addr()?);
         let origin_peer = peer.local_addr()?;
@@ -159,8 +164,6 @@ impl Cluster {
         });
 
         // Tracker.
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding tracker")?;
-        let tracker_url = format!("http://{}", listener.local_addr()?);
         let mut tconfig = shoal_tracker::Config::new(vec![origin_url.clone()]);
         tconfig.announce_interval = 2;
         let tracker_shutdown = CancellationToken::new();

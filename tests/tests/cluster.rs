@@ -219,3 +219,36 @@ async fn agent_from_foreign_ca_gets_nothing() {
         .await
         .expect("agent 0 still serves");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_announces_the_blobs_it_serves_and_the_tracker_lists_them() {
+    let cluster = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let image = cluster.push_image("app/seen:v1", &[100_000], 5).await.expect("push");
+    let (layer, _) = &image.layers[0];
+    let peers_url = format!("{}/shoal/v1/peers/{layer}", cluster.tracker_url);
+    let listed = |body: &serde_json::Value, addr: &str| {
+        body["peers"]
+            .as_array()
+            .is_some_and(|peers| peers.iter().any(|p| p["addr"] == addr && p["complete"] == true))
+    };
+    let origin_peer = cluster.origin_peer.to_string();
+    let before: serde_json::Value =
+        cluster.client.get(&peers_url).send().await.expect("peers").json().await.expect("json");
+    assert!(!listed(&before, &origin_peer), "nothing fetched yet: {before}");
+    assert_eq!(before["origins"], serde_json::json!([origin_peer]), "{before}");
+
+    pull_image(&cluster.client, &cluster.agents[0].registry_url, "app/seen", "v1").await.expect("pull");
+    let agent_peer = cluster.agents[0].peer_addr.to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body: serde_json::Value =
+            cluster.client.get(&peers_url).send().await.expect("peers").json().await.expect("json");
+        if listed(&body, &origin_peer) && listed(&body, &agent_peer) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "origin or agent never announced: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bad = cluster.client.get(format!("{}/shoal/v1/peers/sha256:zz", cluster.tracker_url)).send().await;
+    assert_eq!(bad.expect("bad").status(), 400);
+}

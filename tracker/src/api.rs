@@ -37,6 +37,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .route("/shoal/v1/announce", web::post().to(announce))
     .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
+    .route("/shoal/v1/peers/{digest}", web::get().to(peers))
     .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
     .route("/shoal/v1/taglist/{name:.*}", web::get().to(tag_list))
     .route(
@@ -72,11 +73,12 @@ async fn announce(body: web::Json<Announce>, state: State) -> HttpResponse {
         state.max_peers,
         Instant::now(),
     );
+    // Origins that also announce themselves (`shoal-origin serve --tracker`) are listed once.
     let peers: Vec<PeerInfo> = origins
-        .into_iter()
-        .filter(|addr| *addr != a.peer)
-        .map(|addr| PeerInfo { addr, complete: true, origin: true })
-        .chain(others)
+        .iter()
+        .filter(|addr| **addr != a.peer)
+        .map(|&addr| PeerInfo { addr, complete: true, origin: true })
+        .chain(others.into_iter().filter(|p| !origins.contains(&p.addr)))
         .take(state.max_peers)
         .collect();
     HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
@@ -112,4 +114,15 @@ async fn tag_list(name: web::Path<String>, state: State) -> HttpResponse {
         Ok(tags) => HttpResponse::Ok().json(TagList { name, tags }),
         Err(e) => lookup_error(&e),
     }
+}
+
+/// Who has a blob: the origins known (from lookups) to hold it, and the live peers that
+/// announced it. For operators ("which hosts have this layer?"); records nothing.
+async fn peers(digest: web::Path<String>, state: State) -> HttpResponse {
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return error(StatusCode::BAD_REQUEST, "invalid digest");
+    };
+    let origins = state.origins.holders(digest).await;
+    let announced = state.swarms.peers(&digest, 1000, Instant::now());
+    HttpResponse::Ok().json(serde_json::json!({ "digest": digest, "origins": origins, "peers": announced }))
 }

@@ -55,6 +55,19 @@ impl Swarms {
         out
     }
 
+    /// The live peers of `digest` (at most `max`), seeders first, without recording anything.
+    pub fn peers(&self, digest: &Digest, max: usize, now: Instant) -> Vec<PeerInfo> {
+        let Some(peers) = self.blobs.get(digest) else { return Vec::new() };
+        let mut out: Vec<PeerInfo> = peers
+            .iter()
+            .filter(|(_, e)| e.expires > now)
+            .map(|(addr, e)| PeerInfo { addr: *addr, complete: e.complete, origin: false })
+            .collect();
+        out.sort_by_key(|p| (!p.complete, p.addr));
+        out.truncate(max);
+        out
+    }
+
     /// Drops expired peers and empty blobs.
     pub fn sweep(&self, now: Instant) {
         self.blobs.retain(|_, peers| {

@@ -1,12 +1,12 @@
-//! The agent's client for the tracker(s): metainfo, tags and announces, trying each
-//! configured tracker in turn when one is unreachable.
+//! The client for the tracker(s), used by agents and origins: metainfo, tags and announces,
+//! trying each configured tracker in turn when one is unreachable.
 
-use shoal_shared::client::{
+use crate::client::{
     self, Announce, AnnounceResponse, ClientError, TagResponse, MAX_ANNOUNCE_JSON, MAX_METAINFO_JSON,
 };
-use shoal_shared::digest::Digest;
-use shoal_shared::metainfo::Metainfo;
-use shoal_shared::oci::TagList;
+use crate::digest::Digest;
+use crate::metainfo::Metainfo;
+use crate::oci::TagList;
 
 /// A lookup answered by no tracker.
 #[derive(Debug, Clone, thiserror::Error)]
