@@ -109,3 +109,68 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: ServeFlags,
+    }
+
+    #[test]
+    fn flags_env_and_file_layer_in_that_order() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            r#"
+registry = "127.0.0.1:6000"
+peer = "0.0.0.0:6001"
+advertise_peer = "10.0.0.17:6001"
+data = "/var/lib/shoal/agent"
+tls = "/etc/shoal/tls"
+tracker = ["http://t1:5100", "http://t2:5100"]
+progress_timeout = 120
+seed_time = 60
+max_uploads = 4
+max_peers = 3
+"#,
+        )
+        .expect("write");
+        // The environment (read by clap) beats the file; a flag beats both.
+        std::env::set_var("SHOAL_PROGRESS_TIMEOUT", "30");
+        std::env::set_var("SHOAL_MAX_PEERS", "7");
+        let cli = Cli::try_parse_from(["agent", "--max-peers", "9", "--tracker", "http://a,http://b"])
+            .expect("flags");
+        std::env::remove_var("SHOAL_PROGRESS_TIMEOUT");
+        std::env::remove_var("SHOAL_MAX_PEERS");
+        let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
+        assert_eq!(c.registry, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(c.advertise_peer, Some("10.0.0.17:6001".parse().expect("addr")));
+        assert_eq!(c.progress_timeout, 30, "env beats file");
+        assert_eq!(c.max_peers, 9, "flag beats env");
+        assert_eq!(c.tracker, vec!["http://a".to_string(), "http://b".to_string()]);
+        assert_eq!((c.seed_time, c.max_uploads), (60, 4));
+
+        // Defaults fill what nobody set; the registry stays on localhost.
+        let cli = Cli::try_parse_from(["agent", "--data", "/d", "--tls", "/t", "--tracker", "http://t"])
+            .expect("flags");
+        let c: Config = shoal_shared::config::layered(&cli.flags, None).expect("config");
+        assert!(c.registry.ip().is_loopback());
+        assert_eq!(c.progress_timeout, 60);
+
+        // Missing required keys and bad values are refused with the key's name.
+        let cli = Cli::try_parse_from(["agent"]).expect("flags");
+        let err = shoal_shared::config::layered::<Config>(&cli.flags, None).expect_err("no data dir");
+        assert!(err.to_string().contains("data"), "{err}");
+        std::fs::write(&file, "data = \"/d\"\ntls = \"/t\"\ntracker = []\nmax_peers = \"many\"\n")
+            .expect("write");
+        let err = shoal_shared::config::layered::<Config>(&cli.flags, Some(&file)).expect_err("bad value");
+        assert!(err.to_string().contains("max_peers"), "{err}");
+        assert!(Cli::try_parse_from(["agent", "--registry", "not-an-address"]).is_err());
+    }
+}

@@ -126,3 +126,44 @@ impl std::fmt::Debug for Config {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: ServeFlags,
+    }
+
+    #[test]
+    fn every_key_loads_and_the_token_is_never_printed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("origin.toml");
+        std::fs::write(
+            &file,
+            r#"
+http = "0.0.0.0:5000"
+peer = "0.0.0.0:5001"
+advertise_peer = "10.0.0.5:5001"
+data = "/var/lib/shoal/origin"
+tls = "/etc/shoal/tls"
+piece_length = 1048576
+max_uploads = 8
+http_workers = 4
+upload_token = "hunter2"
+tracker = ["http://tracker:5100"]
+"#,
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from(["origin", "--piece-length", "65536"]).expect("flags");
+        let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
+        assert_eq!(c.piece_length, 65536);
+        assert_eq!(c.http_workers, 4);
+        assert_eq!(c.tracker, vec!["http://tracker:5100".to_string()]);
+        assert_eq!(c.upload_token.as_deref(), Some("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -60,3 +60,35 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: ServeFlags,
+    }
+
+    #[test]
+    fn repeated_origins_and_file_keys() {
+        let cli =
+            Cli::try_parse_from(["tracker", "--origin", "http://o1:5000", "--origin", "http://o2:5000"])
+                .expect("flags");
+        let c: Config = shoal_shared::config::layered(&cli.flags, None).expect("config");
+        assert_eq!(c.origin, vec!["http://o1:5000".to_string(), "http://o2:5000".to_string()]);
+        assert_eq!(c.announce_interval, 10);
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("tracker.toml");
+        std::fs::write(
+            &file,
+            "http = \"0.0.0.0:5100\"\norigin = [\"http://o\"]\nannounce_interval = 5\nmax_peers = 20\n",
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from(["tracker"]).expect("flags");
+        let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
+        assert_eq!((c.announce_interval, c.max_peers), (5, 20));
+    }
+}
