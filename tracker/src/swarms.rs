@@ -13,6 +13,8 @@ use shoal_shared::digest::Digest;
 
 /// Most peers remembered for one blob.
 const MAX_PEERS_PER_BLOB: usize = 10_000;
+/// Most blobs tracked at once; announces for new blobs beyond it are answered, not recorded.
+const MAX_BLOBS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -37,6 +39,9 @@ impl Swarms {
         max: usize,
         now: Instant,
     ) -> Vec<PeerInfo> {
+        if self.blobs.len() >= MAX_BLOBS && !self.blobs.contains_key(&digest) {
+            return self.peers(&digest, max, now);
+        }
         let mut peers = self.blobs.entry(digest).or_default();
         peers.retain(|_, e| e.expires > now);
         if peers.len() < MAX_PEERS_PER_BLOB || peers.contains_key(&peer) {
