@@ -8,6 +8,10 @@ use shoal_tests::cluster::{fetch_blob, image_pieces, pull_image, Cluster, Cluste
 const MIB: usize = 1 << 20;
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
+async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.expect(url).json().await.expect("json body")
+}
+
 fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
@@ -49,25 +53,9 @@ async fn push_then_pull_through_agent() {
     // Tag listing, on the origin and through the agent (tracker -> origins), with pagination.
     cluster.push_image("app/web:v2", &[1000], 9).await.expect("push v2");
     for base in [&cluster.origin_url, &agent.registry_url] {
-        let list: serde_json::Value = cluster
-            .client
-            .get(format!("{base}/v2/app/web/tags/list"))
-            .send()
-            .await
-            .expect("tags")
-            .json()
-            .await
-            .expect("json");
+        let list = get_json(&cluster.client, &format!("{base}/v2/app/web/tags/list")).await;
         assert_eq!(list, serde_json::json!({"name": "app/web", "tags": ["v1", "v2"]}), "{base}");
-        let page: serde_json::Value = cluster
-            .client
-            .get(format!("{base}/v2/app/web/tags/list?n=1&last=v1"))
-            .send()
-            .await
-            .expect("tags")
-            .json()
-            .await
-            .expect("json");
+        let page = get_json(&cluster.client, &format!("{base}/v2/app/web/tags/list?n=1&last=v1")).await;
         assert_eq!(page["tags"], serde_json::json!(["v2"]), "{base}");
         let missing = cluster.client.get(format!("{base}/v2/app/none/tags/list")).send().await.expect("tags");
         assert_eq!(missing.status(), 404, "{base}");
