@@ -4,7 +4,9 @@
 //! and seeds what it holds to other agents.
 
 pub mod config;
+pub mod containerd;
 pub mod download;
+pub mod preload;
 pub mod registry;
 pub mod seeding;
 
@@ -100,7 +102,11 @@ pub async fn run(
             }
         }
     });
-    let state = web::Data::new(registry::AppState { downloads, registry });
+    let state = web::Data::new(registry::AppState {
+        downloads,
+        registry,
+        preloads: Arc::new(tokio::sync::Semaphore::new(preload::MAX_BACKGROUND)),
+    });
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(registry::configure))
         .workers(2)
         .disable_signals()

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -23,6 +23,37 @@ enum Command {
         #[arg(long, env = "SHOAL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Write containerd `hosts.toml` files that pull through this agent, with the
+    /// registry itself as fallback.
+    ContainerdConfig {
+        /// containerd's `config_path` (hosts directory).
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        dir: PathBuf,
+        /// The agent's registry endpoint as containerd reaches it.
+        #[arg(long, default_value = "http://127.0.0.1:5050")]
+        endpoint: String,
+        /// Registries to mirror (repeatable, comma-separated); `_default` covers every
+        /// registry without its own file.
+        #[arg(long = "registry", value_delimiter = ',', default_value = "_default")]
+        registries: Vec<String>,
+        /// Print the files instead of writing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Ask an agent to pull an image into its cache ahead of a rollout.
+    Preload {
+        /// `[registry/]name:tag` or `[registry/]name@sha256:...`.
+        image: String,
+        /// The agent's registry endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:5050")]
+        agent: String,
+        /// `os/arch[/variant]` or `all` (default: the agent's own platform).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Return at once; the agent downloads in the background.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// Piece buffers (4 MiB by default) at or above this size are mmapped by glibc and
@@ -43,12 +74,57 @@ fn fix_mmap_threshold() {
 
 fn main() -> anyhow::Result<()> {
     fix_mmap_threshold();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve())
+    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    match Cli::parse().command {
+        Command::Serve { flags, config } => runtime()?.block_on(serve(flags, config)),
+        Command::ContainerdConfig { dir, endpoint, registries, dry_run } => {
+            containerd_config(&dir, &endpoint, &registries, dry_run)
+        }
+        Command::Preload { image, agent, platform, no_wait } => {
+            runtime()?.block_on(preload(&agent, image, platform, !no_wait))
+        }
+    }
 }
 
-async fn serve() -> anyhow::Result<()> {
+fn containerd_config(dir: &Path, endpoint: &str, registries: &[String], dry_run: bool) -> anyhow::Result<()> {
+    use shoal_agent::containerd;
+    if dry_run {
+        for r in registries {
+            println!(
+                "# {}\n{}",
+                dir.join(r).join("hosts.toml").display(),
+                containerd::hosts_toml(r, endpoint)?
+            );
+        }
+    } else {
+        for path in containerd::write(dir, registries, endpoint)? {
+            println!("wrote {}", path.display());
+        }
+    }
+    println!("\n{}", containerd::containerd_snippet(dir));
+    Ok(())
+}
+
+async fn preload(agent: &str, image: String, platform: Option<String>, wait: bool) -> anyhow::Result<()> {
+    use shoal_agent::preload::PreloadRequest;
+    let url = format!("{}/shoal/v1/preload", agent.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&PreloadRequest { image, platform, wait })
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{url}: {status}: {body}");
+    }
+    println!("{body}");
+    Ok(())
+}
+
+async fn serve(flags: ServeFlags, config: Option<PathBuf>) -> anyhow::Result<()> {
     shoal_shared::telemetry::init_tracing();
-    let Command::Serve { flags, config } = Cli::parse().command;
     let config: Config = shoal_shared::config::layered(&flags, config.as_deref())?;
     let listeners = shoal_agent::Listeners::bind(&config)
         .with_context(|| format!("bind {} / {}", config.registry, config.peer))?;

@@ -24,6 +24,8 @@ use shoal_shared::tracker::LookupError;
 pub struct AppState {
     pub downloads: Arc<Downloads>,
     pub registry: Registry,
+    /// Permits for background preloads.
+    pub preloads: Arc<tokio::sync::Semaphore>,
 }
 
 type State = web::Data<AppState>;
@@ -36,6 +38,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/metrics",
             web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
         )
+        .route("/shoal/v1/preload", web::post().to(crate::preload::handle))
         .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
 }
 

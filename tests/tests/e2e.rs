@@ -180,6 +180,42 @@ async fn containerd_pulls_through_agent() {
     drop(containerd);
 }
 
+/// containerd reads the `hosts.toml` that `shoal-agent containerd-config` writes and pulls an
+/// image named after another registry through the agent (the mirror), never touching that
+/// registry (it does not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_hosts_toml_from_containerd_config() {
+    if !require("containerd") || !require("ctr") {
+        return;
+    }
+    let cluster = Cluster::start(ClusterOptions { agents: 1, piece_length: 256 << 10, ..Default::default() })
+        .await
+        .expect("cluster");
+    let image = cluster.push_image("team/web:v2", &[MIB + 5, 40_000], 33).await.expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts_dir = dir.path().join("certs.d");
+    let upstream = "registry.shoal.invalid:5000";
+    let written =
+        shoal_agent::containerd::write(&hosts_dir, &[upstream.to_owned()], &cluster.agents[0].registry_url)
+            .expect("containerd-config");
+    assert_eq!(written, vec![hosts_dir.join(upstream).join("hosts.toml")]);
+    let containerd = Containerd::start(dir.path()).await;
+
+    let reference = format!("{upstream}/team/web:v2");
+    let hosts_arg = hosts_dir.display().to_string();
+    let out = run(
+        containerd.ctr(&["images", "pull", "--hosts-dir", &hosts_arg, "--snapshotter", "native", &reference]),
+        Duration::from_secs(40),
+    )
+    .await;
+    check(&out, "ctr images pull --hosts-dir");
+    let out = run(containerd.ctr(&["images", "ls"]), Duration::from_secs(10)).await;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let line = listing.lines().find(|l| l.starts_with(&reference)).unwrap_or_else(|| panic!("{listing}"));
+    assert!(line.contains(&image.manifest), "{line}");
+    drop(containerd);
+}
+
 fn skopeo_copy(registry_host: &str, out: &Path) -> Command {
     let mut cmd = Command::new("skopeo");
     cmd.arg("--insecure-policy")
