@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use shoal_shared::ratelimit::ByteRate;
 
 /// `shoal-agent serve` flags.
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
@@ -48,6 +49,19 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_MAX_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_peers: Option<usize>,
+    /// Most bytes per second sent to peers, all together (e.g. `100MiB`, `800Mbit`; 0 = no limit).
+    #[arg(long, env = "SHOAL_EGRESS_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_limit: Option<ByteRate>,
+    /// Most bytes per second received from peers, all together (0 = no limit).
+    #[arg(long, env = "SHOAL_INGRESS_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress_limit: Option<ByteRate>,
+    /// Seconds an unfinished download is kept on disk for resuming; older ones are deleted
+    /// at startup.
+    #[arg(long, env = "SHOAL_PARTIAL_MAX_AGE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial_max_age: Option<u64>,
 }
 
 /// The agent's validated configuration.
@@ -71,6 +85,12 @@ pub struct Config {
     pub max_uploads: usize,
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
+    #[serde(default)]
+    pub egress_limit: ByteRate,
+    #[serde(default)]
+    pub ingress_limit: ByteRate,
+    #[serde(default = "default_partial_max_age")]
+    pub partial_max_age: u64,
 }
 
 fn default_registry() -> SocketAddr {
@@ -91,6 +111,9 @@ fn default_max_uploads() -> usize {
 fn default_max_peers() -> usize {
     10
 }
+fn default_partial_max_age() -> u64 {
+    24 * 3600
+}
 
 impl Config {
     /// Defaults with the given directories and trackers (for tests).
@@ -106,6 +129,9 @@ impl Config {
             seed_time: default_seed_time(),
             max_uploads: default_max_uploads(),
             max_peers: default_max_peers(),
+            egress_limit: ByteRate::default(),
+            ingress_limit: ByteRate::default(),
+            partial_max_age: default_partial_max_age(),
         }
     }
 }
@@ -138,14 +164,25 @@ progress_timeout = 120
 seed_time = 60
 max_uploads = 4
 max_peers = 3
+egress_limit = "100MiB"
+ingress_limit = 1000
+partial_max_age = 600
 "#,
         )
         .expect("write");
         // The environment (read by clap) beats the file; a flag beats both.
         std::env::set_var("SHOAL_PROGRESS_TIMEOUT", "30");
         std::env::set_var("SHOAL_MAX_PEERS", "7");
-        let cli = Cli::try_parse_from(["agent", "--max-peers", "9", "--tracker", "http://a,http://b"])
-            .expect("flags");
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--max-peers",
+            "9",
+            "--tracker",
+            "http://a,http://b",
+            "--ingress-limit",
+            "800Mbit",
+        ])
+        .expect("flags");
         std::env::remove_var("SHOAL_PROGRESS_TIMEOUT");
         std::env::remove_var("SHOAL_MAX_PEERS");
         let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
@@ -155,6 +192,9 @@ max_peers = 3
         assert_eq!(c.max_peers, 9, "flag beats env");
         assert_eq!(c.tracker, vec!["http://a".to_string(), "http://b".to_string()]);
         assert_eq!((c.seed_time, c.max_uploads), (60, 4));
+        assert_eq!(c.egress_limit, ByteRate(100 << 20), "units in the file");
+        assert_eq!(c.ingress_limit, ByteRate(100_000_000), "flag beats file");
+        assert_eq!(c.partial_max_age, 600);
 
         // Defaults fill what nobody set; the registry stays on localhost.
         let cli = Cli::try_parse_from(["agent", "--data", "/d", "--tls", "/t", "--tracker", "http://t"])
@@ -162,6 +202,7 @@ max_peers = 3
         let c: Config = shoal_shared::config::layered(&cli.flags, None).expect("config");
         assert!(c.registry.ip().is_loopback());
         assert_eq!(c.progress_timeout, 60);
+        assert_eq!((c.egress_limit.limit(), c.ingress_limit.limit()), (None, None), "unlimited by default");
 
         // Missing required keys and bad values are refused with the key's name.
         let cli = Cli::try_parse_from(["agent"]).expect("flags");
@@ -172,5 +213,10 @@ max_peers = 3
         let err = shoal_shared::config::layered::<Config>(&cli.flags, Some(&file)).expect_err("bad value");
         assert!(err.to_string().contains("max_peers"), "{err}");
         assert!(Cli::try_parse_from(["agent", "--registry", "not-an-address"]).is_err());
+        assert!(Cli::try_parse_from(["agent", "--egress-limit", "fast"]).is_err());
+        std::fs::write(&file, "data = \"/d\"\ntls = \"/t\"\ntracker = []\negress_limit = \"-1MiB\"\n")
+            .expect("write");
+        let err = shoal_shared::config::layered::<Config>(&cli.flags, Some(&file)).expect_err("bad rate");
+        assert!(err.to_string().contains("egress_limit"), "{err}");
     }
 }

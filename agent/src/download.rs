@@ -291,11 +291,15 @@ impl Downloads {
     async fn download(&self, digest: Digest, phase: &watch::Sender<Phase>) -> Result<(), DownloadError> {
         let metainfo = self.tracker.metainfo(digest).await?;
         let started = Instant::now();
-        let partial = PartialBlob::create(&self.store, metainfo.clone()).await.map_err(store_err)?;
+        // Resumes what an earlier run left on disk; only pieces that verify count as held.
+        let (partial, held) =
+            PartialBlob::open_or_create(&self.store, metainfo.clone()).await.map_err(store_err)?;
+        let first_missing = (0..metainfo.piece_count()).find(|&i| !held.get(i));
+        let bytes = first_missing.map_or(metainfo.length(), |i| metainfo.piece_offset(i));
         let active = Arc::new(Active {
             partial,
-            have: Mutex::new(Bitfield::new(metainfo.piece_count())),
-            prefix: watch::Sender::new(Prefix::default()),
+            have: Mutex::new(held),
+            prefix: watch::Sender::new(Prefix { bytes, failed: false }),
         });
         self.active.insert(digest, active.clone());
         phase.send_replace(Phase::Streaming(active.clone()));
@@ -324,7 +328,8 @@ impl Downloads {
     /// Fetches every piece of the blob into `active`.
     async fn swarm(&self, metainfo: &Metainfo, active: &Active) -> Result<(), DownloadError> {
         let digest = metainfo.digest();
-        let mut picker = Picker::new(&Bitfield::new(metainfo.piece_count()), rand::random(), IN_ORDER_WINDOW);
+        let held = active.have.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut picker = Picker::new(&held, rand::random(), IN_ORDER_WINDOW);
         let mut prefix_pieces = 0u32;
         let mut peers: HashMap<SocketAddr, PeerInfo> = HashMap::new();
         let mut banned: HashSet<SocketAddr> = HashSet::new();

@@ -17,6 +17,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 use prometheus_client::registry::Registry;
 use shoal_shared::peer::{self, PeerClient, PeerStats};
+use shoal_shared::ratelimit::{EgressLimited, RateLimiter};
 use shoal_shared::store::{BlobStore, StoreError};
 use shoal_shared::tls::{self, TlsError, TlsIdentity};
 use tokio_util::sync::CancellationToken;
@@ -59,8 +60,16 @@ pub async fn run(
     if config.tracker.is_empty() {
         return Err(AgentError::NoTracker);
     }
-    // Opening the store discards unfinished downloads: a half-written piece is never served.
+    // Unfinished downloads stay on disk and resume when their blob is next asked for; their
+    // pieces are checked again then, so a half-written piece is never served.
     let store = BlobStore::open(&config.data)?;
+    let stale = {
+        let (store, age) = (store.clone(), Duration::from_secs(config.partial_max_age));
+        tokio::task::spawn_blocking(move || store.remove_stale_partials(age)).await.unwrap_or(Ok(0))?
+    };
+    if stale > 0 {
+        tracing::info!(removed = stale, "removed stale partial downloads");
+    }
     let identity = TlsIdentity::load(&config.tls)?;
     let me: SocketAddr = match config.advertise_peer {
         Some(a) => a,
@@ -70,7 +79,7 @@ pub async fn run(
     let downloads = Arc::new(download::Downloads::new(
         store,
         shoal_shared::tracker::TrackerClient::new(&config.tracker),
-        PeerClient::new(endpoint.clone()),
+        PeerClient::new(endpoint.clone()).with_ingress_limit(RateLimiter::for_rate(config.ingress_limit)),
         download::Settings {
             me,
             progress_timeout: Duration::from_secs(config.progress_timeout.max(1)),
@@ -85,7 +94,10 @@ pub async fn run(
 
     let peer_task = tokio::spawn(peer::serve(
         endpoint,
-        Arc::new(seeding::AgentSource::new(downloads.clone())),
+        Arc::new(EgressLimited::new(
+            seeding::AgentSource::new(downloads.clone()),
+            RateLimiter::for_rate(config.egress_limit),
+        )),
         Arc::new(stats),
         config.max_uploads,
         shutdown.clone(),

@@ -2,7 +2,7 @@
 //!
 //! Pure modules (no I/O, no clock): [`digest`], [`metainfo`], [`bitfield`], [`codec`],
 //! [`wire`], [`picker`], [`oci`]. I/O modules built on them: [`store`], [`tls`], [`peer`],
-//! [`http`], [`config`], [`telemetry`].
+//! [`http`], [`config`], [`telemetry`], [`ratelimit`].
 
 pub mod bitfield;
 pub mod codec;
@@ -16,6 +16,7 @@ pub mod config;
 pub mod http;
 pub mod oci;
 pub mod peer;
+pub mod ratelimit;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::bitfield::{Bitfield, BitfieldError};
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
+use crate::ratelimit::RateLimiter;
 use crate::tls::PEER_SERVER_NAME;
 use crate::wire::{self, FrameError, Refusal, Request, Response, PROTOCOL_VERSION};
 
@@ -262,11 +263,19 @@ type ConnCell = Arc<OnceCell<Connection>>;
 pub struct PeerClient {
     endpoint: Endpoint,
     conns: Arc<Mutex<HashMap<SocketAddr, ConnCell>>>,
+    /// Piece bytes received pass this limiter (QUIC flow control then slows the sender).
+    ingress: Option<Arc<RateLimiter>>,
 }
 
 impl PeerClient {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, conns: Arc::default() }
+        Self { endpoint, conns: Arc::default(), ingress: None }
+    }
+
+    /// Limits the rate at which piece bytes are read, all peers together.
+    pub fn with_ingress_limit(mut self, limiter: Option<Arc<RateLimiter>>) -> Self {
+        self.ingress = limiter;
+        self
     }
 
     fn cell(&self, addr: SocketAddr) -> ConnCell {
@@ -357,6 +366,9 @@ impl PeerClient {
                         .await
                         .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?
                         .ok_or_else(|| PeerError::Transport { addr, cause: "piece cut short".into() })?;
+                    if let Some(limiter) = &self.ingress {
+                        limiter.acquire(chunk.bytes.len() as u64).await;
+                    }
                     buf.extend_from_slice(&chunk.bytes);
                 }
                 metainfo

@@ -3,7 +3,8 @@
 //! Layout under the data directory:
 //! - `blobs/<hex>`: whole blobs, each verified against its sha256 before it appears here;
 //! - `meta/<hex>`: the blob's metainfo (JSON);
-//! - `tmp/`: uploads and downloads in progress, emptied when the store opens.
+//! - `partial/<hex>`: downloads in progress, kept across restarts so a download resumes;
+//! - `tmp/`: uploads in progress, emptied when the store opens.
 //!
 //! A blob becomes visible only through [`Staged::commit`]: bytes are written to a temp file,
 //! the digest is checked, the file is fsynced and atomically renamed into `blobs/`. File names
@@ -15,9 +16,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::bitfield::Bitfield;
 use crate::digest::{Digest, DigestHasher};
 use crate::metainfo::{Metainfo, MetainfoBuilder, MetainfoError, VerifiedPiece};
 
@@ -65,9 +68,10 @@ struct Inner {
 }
 
 impl BlobStore {
-    /// Opens (creating if needed) a store under `root`, discarding unfinished temp files.
+    /// Opens (creating if needed) a store under `root`, discarding unfinished uploads.
+    /// Partial downloads are kept; they are checked when next opened.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        for sub in ["blobs", "meta"] {
+        for sub in ["blobs", "meta", "partial"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -86,6 +90,29 @@ impl BlobStore {
     /// Where the whole blob `digest` lives once committed.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.inner.root.join("blobs").join(digest.hex())
+    }
+
+    /// Where the download of `digest` keeps its pieces until it is whole.
+    fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("partial").join(digest.hex())
+    }
+
+    /// Deletes partial downloads not written to for `max_age`: nobody asked for them since,
+    /// so their bytes are unlikely to be worth the disk. Returns how many were removed.
+    /// Blocking (one directory listing); call it before downloads start.
+    pub fn remove_stale_partials(&self, max_age: Duration) -> Result<usize, StoreError> {
+        let dir = self.inner.root.join("partial");
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let Ok(meta) = entry.metadata() else { continue };
+            let age = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).unwrap_or_default();
+            if age >= max_age && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn meta_path(&self, digest: &Digest) -> PathBuf {
@@ -290,18 +317,73 @@ pub struct PartialBlob {
 }
 
 impl PartialBlob {
-    /// Creates the temp file for `metainfo`'s blob.
+    /// Creates the temp file for `metainfo`'s blob, discarding any earlier partial download.
     pub async fn create(store: &BlobStore, metainfo: Metainfo) -> Result<Self, StoreError> {
-        let path = store.temp_path("partial");
+        let path = store.partial_path(&metainfo.digest());
         let p = path.clone();
         let len = metainfo.length();
         let file = blocking(move || {
-            let f = File::options().read(true).write(true).create_new(true).open(&p).map_err(io_err(&p))?;
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(io_err(&p))?;
             f.set_len(len).map_err(io_err(&p))?;
             Ok(f)
         })
         .await?;
         Ok(Self { store: store.clone(), path, file: Arc::new(file), metainfo })
+    }
+
+    /// Opens the partial download of `metainfo`'s blob left by an earlier run (or creates
+    /// it) and returns the pieces it already holds.
+    ///
+    /// Every piece on disk is checked against its blake3 hash, so no bookkeeping has to
+    /// survive a crash: a piece cut short by a crash, or damaged on disk, fails its hash and
+    /// is fetched again. Costs one read of what is on disk, once per resumed download.
+    pub async fn open_or_create(
+        store: &BlobStore,
+        metainfo: Metainfo,
+    ) -> Result<(Self, Bitfield), StoreError> {
+        let path = store.partial_path(&metainfo.digest());
+        let (p, m) = (path.clone(), metainfo.clone());
+        let (file, held) = blocking(move || {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(io_err(&p))?;
+            let on_disk = f.metadata().map_err(io_err(&p))?.len();
+            if on_disk != m.length() {
+                f.set_len(m.length()).map_err(io_err(&p))?;
+            }
+            // Marks the file as in use for `remove_stale_partials`.
+            let _ = f.set_modified(SystemTime::now());
+            let mut held = Bitfield::new(m.piece_count());
+            // Pieces beyond what an earlier run wrote read as zeros: skip the hashing.
+            let written = on_disk.min(m.length());
+            for index in 0..m.piece_count() {
+                let offset = m.piece_offset(index);
+                let size = m.piece_size(index)?;
+                if offset + u64::from(size) > written {
+                    break;
+                }
+                let data = read_at(&f, &p, offset, size as usize)?;
+                if m.verify_piece(index, data).is_ok() {
+                    held.set(index);
+                }
+            }
+            Ok((f, held))
+        })
+        .await?;
+        if held.count() > 0 {
+            tracing::info!(digest = %metainfo.digest(), held = held.count(), of = metainfo.piece_count(), "resuming download");
+        }
+        Ok((Self { store: store.clone(), path, file: Arc::new(file), metainfo }, held))
     }
 
     pub fn metainfo(&self) -> &Metainfo {
@@ -477,7 +559,7 @@ mod tests {
         let wrong = Digest::of(b"other bytes");
         assert!(matches!(partial.commit_hashed(wrong).await, Err(StoreError::DigestMismatch { .. })));
         assert_eq!(store.size(&m.digest()).await, None);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0);
+        assert_eq!(std::fs::read_dir(dir.path().join("partial")).expect("partial").count(), 0);
     }
 
     #[tokio::test]
@@ -499,5 +581,86 @@ mod tests {
         partial.commit().await.expect("commit");
         let on_disk = std::fs::read(store.blob_path(&m.digest())).expect("read");
         assert_eq!(on_disk, data);
+    }
+
+    fn blob_of(len: u32) -> (Vec<u8>, Metainfo) {
+        let data: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(7) % 253) as u8).collect();
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(&data);
+        (data, b.finish().expect("meta"))
+    }
+
+    fn piece_of(data: &[u8], m: &Metainfo, i: u32) -> VerifiedPiece {
+        let off = m.piece_offset(i) as usize;
+        let len = m.piece_size(i).expect("size") as usize;
+        m.verify_piece(i, Bytes::copy_from_slice(&data[off..off + len])).expect("verified")
+    }
+
+    #[tokio::test]
+    async fn a_partial_download_resumes_with_only_its_intact_pieces() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (data, m) = blob_of(MIN_PIECE_LENGTH * 5 + 17);
+        {
+            let store = BlobStore::open(dir.path()).expect("open");
+            let (partial, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
+            assert_eq!(held.count(), 0);
+            for i in [0, 2, 3, 5] {
+                partial.write_piece(piece_of(&data, &m, i)).await.expect("write");
+            }
+        }
+        // Piece 3 is damaged on disk (a torn write, a bad sector) while the agent is down.
+        let path = dir.path().join("partial").join(m.digest().hex());
+        let f = File::options().write(true).open(&path).expect("open partial");
+        f.write_all_at(b"\xff\xff", m.piece_offset(3) + 100).expect("corrupt");
+        drop(f);
+
+        let store = BlobStore::open(dir.path()).expect("reopen");
+        let (partial, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("resume");
+        assert_eq!(held.iter().collect::<Vec<_>>(), vec![0, 2, 5]);
+        assert_eq!(
+            partial.read_piece(2).await.expect("read").as_ref(),
+            piece_of(&data, &m, 2).data().as_ref()
+        );
+        for i in [1, 3, 4] {
+            partial.write_piece(piece_of(&data, &m, i)).await.expect("write");
+        }
+        partial.commit().await.expect("commit");
+        assert_eq!(std::fs::read(store.blob_path(&m.digest())).expect("blob"), data);
+        assert!(!path.exists(), "the partial file became the blob");
+
+        // `create` starts over whatever is on disk.
+        let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("again");
+        partial.write_piece(piece_of(&data, &m, 0)).await.expect("write");
+        drop(partial);
+        let fresh = PartialBlob::create(&store, m.clone()).await.expect("create");
+        drop(fresh);
+        let (_, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("reopen");
+        assert_eq!(held.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_partial_file_counts_only_whole_pieces() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let (data, m) = blob_of(MIN_PIECE_LENGTH * 3);
+        let path = dir.path().join("partial").join(m.digest().hex());
+        // A file cut inside piece 1, as if the disk filled up.
+        std::fs::write(&path, &data[..MIN_PIECE_LENGTH as usize + 10]).expect("write");
+        let (partial, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("resume");
+        assert_eq!(held.iter().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), m.length());
+        partial.discard().await;
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn stale_partials_are_removed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let (_, m) = blob_of(MIN_PIECE_LENGTH);
+        drop(PartialBlob::open_or_create(&store, m).await.expect("create"));
+        assert_eq!(store.remove_stale_partials(Duration::from_secs(3600)).expect("clean"), 0);
+        assert_eq!(store.remove_stale_partials(Duration::ZERO).expect("clean"), 1);
+        assert_eq!(std::fs::read_dir(dir.path().join("partial")).expect("dir").count(), 0);
     }
 }

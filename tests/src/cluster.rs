@@ -2,16 +2,25 @@
 //! loopback listeners, sharing a private CA in a temporary directory.
 //!
 //! [`Cluster::start`] returns once every HTTP endpoint answers; dropping the [`Cluster`]
-//! cancels every node. [`pull_image`] is an independent registry client that pulls an image
+//! cancels every node. Each agent runs on its own runtime (its own thread), so stopping one
+//! ends its downloads as a killed process would, and it can be restarted on the same data.
+//! Fault injection: [`Cluster::restart_agent`], [`Cluster::restart_tracker`],
+//! [`Cluster::stop_origin`], and [`Cluster::start_rogue_peer`] for a peer that misbehaves. [`pull_image`] is an independent registry client that pulls an image
 //! the way containerd would and verifies every digest.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use futures_util::StreamExt as _;
 use sha2::{Digest as _, Sha256};
+use shoal_shared::client::Announce;
+use shoal_shared::digest::Digest;
+use shoal_shared::peer::{PeerStats, PieceSource};
+use shoal_shared::ratelimit::ByteRate;
+use shoal_shared::tracker::TrackerClient;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +62,15 @@ impl Default for ClusterOptions {
     }
 }
 
+/// Per-agent settings for [`Cluster::start_agent`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Bytes per second sent to peers (0: unlimited).
+    pub egress_limit: u64,
+    /// Bytes per second received from peers (0: unlimited).
+    pub ingress_limit: u64,
+}
+
 /// One running agent.
 #[derive(Debug)]
 pub struct AgentNode {
@@ -64,7 +82,10 @@ pub struct AgentNode {
     pub shutdown: CancellationToken,
     /// Its blob cache.
     pub data_dir: PathBuf,
-    task: Option<JoinHandle<()>>,
+    /// Its TLS directory.
+    pub tls_dir: PathBuf,
+    /// The thread running the agent's own runtime.
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AgentNode {
@@ -73,11 +94,13 @@ impl AgentNode {
         self.registry_url.trim_start_matches("http://")
     }
 
-    /// Stops the agent and waits for it to finish.
+    /// Stops the agent and waits until its runtime is gone: every task it ran, downloads
+    /// included, has ended (as when the process exits).
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        if let Some(thread) = self.thread.take() {
+            let join = tokio::task::spawn_blocking(move || thread.join());
+            let _ = tokio::time::timeout(Duration::from_secs(20), join).await;
         }
     }
 }
@@ -102,6 +125,7 @@ pub struct Cluster {
     origin_shutdown: CancellationToken,
     origin_task: Option<JoinHandle<()>>,
     tracker_shutdown: CancellationToken,
+    tracker_task: Option<JoinHandle<()>>,
     // Dropped last: the nodes' files live here.
     dir: TempDir,
 }
@@ -164,17 +188,8 @@ impl Cluster {
         });
 
         // Tracker.
-        let mut tconfig = shoal_tracker::Config::new(vec![origin_url.clone()]);
-        tconfig.announce_interval = 2;
         let tracker_shutdown = CancellationToken::new();
-        tokio::spawn({
-            let shutdown = tracker_shutdown.clone();
-            async move {
-                if let Err(e) = shoal_tracker::run(tconfig, listener, shutdown).await {
-                    tracing::error!(cause = %e, "tracker failed");
-                }
-            }
-        });
+        let tracker_task = spawn_tracker(&origin_url, listener, tracker_shutdown.clone());
 
         let mut cluster = Cluster {
             origin_url,
@@ -187,6 +202,7 @@ impl Cluster {
             origin_shutdown,
             origin_task: Some(origin_task),
             tracker_shutdown,
+            tracker_task: Some(tracker_task),
             dir,
         };
         wait_ready(&cluster.client, &format!("{}/healthz", cluster.origin_url)).await?;
@@ -216,26 +232,136 @@ impl Cluster {
                 tls
             }
         };
-        let data_dir = base.join("data");
-        let mut config = shoal_agent::Config::new(data_dir.clone(), tls, vec![self.tracker_url.clone()]);
+        let node = self.launch_agent(index, base.join("data"), tls, &AgentOptions::default()).await?;
+        self.agents.push(node);
+        Ok(index)
+    }
+
+    /// Starts one more agent with `opts` and returns its index in [`Cluster::agents`].
+    pub async fn start_agent(&mut self, opts: AgentOptions) -> anyhow::Result<usize> {
+        let index = self.agents.len();
+        let base = self.dir.path().join(format!("agent-{index}"));
+        let tls = base.join("tls");
+        shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), &tls)?;
+        let node = self.launch_agent(index, base.join("data"), tls, &opts).await?;
+        self.agents.push(node);
+        Ok(index)
+    }
+
+    /// Stops agent `index` and starts it again on the same data and certificate (new
+    /// ports), with `opts`.
+    pub async fn restart_agent(&mut self, index: usize, opts: AgentOptions) -> anyhow::Result<()> {
+        let node = self.agents.get_mut(index).ok_or_else(|| anyhow!("no agent {index}"))?;
+        node.stop().await;
+        let (data, tls) = (node.data_dir.clone(), node.tls_dir.clone());
+        self.agents[index] = self.launch_agent(index, data, tls, &opts).await?;
+        Ok(())
+    }
+
+    async fn launch_agent(
+        &self,
+        index: usize,
+        data_dir: PathBuf,
+        tls: PathBuf,
+        opts: &AgentOptions,
+    ) -> anyhow::Result<AgentNode> {
+        let mut config =
+            shoal_agent::Config::new(data_dir.clone(), tls.clone(), vec![self.tracker_url.clone()]);
         config.progress_timeout = self.options.progress_timeout;
+        config.egress_limit = ByteRate(opts.egress_limit);
+        config.ingress_limit = ByteRate(opts.ingress_limit);
         let (registry, peer) = bind()?;
         let registry_url = format!("http://{}", registry.local_addr()?);
         let peer_addr = peer.local_addr()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
+        let thread = std::thread::Builder::new().name(format!("agent-{index}")).spawn({
+            let shutdown = shutdown.clone();
+            move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => return tracing::error!(agent = index, cause = %e, "agent runtime"),
+                };
+                let run = shoal_agent::run(config, shoal_agent::Listeners { registry, peer }, shutdown);
+                if let Err(e) = runtime.block_on(run) {
+                    tracing::error!(agent = index, cause = %e, "agent failed");
+                }
+                // Ends the tasks still running (downloads), as a process exit would.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            }
+        })?;
+        wait_ready(&self.client, &format!("{registry_url}/v2/")).await?;
+        Ok(AgentNode { registry_url, peer_addr, shutdown, data_dir, tls_dir: tls, thread: Some(thread) })
+    }
+
+    /// Stops the tracker (losing everything it learnt) and starts a fresh one on the same
+    /// address.
+    pub async fn restart_tracker(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        self.tracker_shutdown.cancel();
+        if let Some(task) = self.tracker_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        tokio::time::sleep(down_for).await;
+        let addr = self.tracker_url.trim_start_matches("http://").to_owned();
+        let deadline = tokio::time::Instant::now() + STARTUP;
+        let listener = loop {
+            match TcpListener::bind(&addr) {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() >= deadline => bail!("rebinding tracker {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        self.tracker_shutdown = CancellationToken::new();
+        self.tracker_task = Some(spawn_tracker(&self.origin_url, listener, self.tracker_shutdown.clone()));
+        wait_ready(&self.client, &format!("{}/healthz", self.tracker_url)).await
+    }
+
+    /// Starts a peer serving `source` with a certificate from the cluster CA, and keeps
+    /// announcing it to the tracker as a seeder of `digests` until it is stopped.
+    pub async fn start_rogue_peer<S: PieceSource>(
+        &self,
+        name: &str,
+        source: S,
+        digests: Vec<Digest>,
+    ) -> anyhow::Result<RoguePeer> {
+        let tls = self.dir.path().join(format!("rogue-{name}"));
+        shoal_shared::tls::issue(&self.ca_dir, name, &tls)?;
+        let identity = shoal_shared::tls::TlsIdentity::load(&tls)?;
+        let socket = UdpSocket::bind("127.0.0.1:0").context("binding UDP")?;
+        let addr = socket.local_addr()?;
+        let endpoint = shoal_shared::tls::endpoint(socket, &identity)?;
+        let shutdown = CancellationToken::new();
+        let stats = Arc::new(PeerStats::default());
+        let server = tokio::spawn(shoal_shared::peer::serve(
+            endpoint,
+            Arc::new(source),
+            stats.clone(),
+            16,
+            shutdown.clone(),
+        ));
+        let tracker = TrackerClient::new(std::slice::from_ref(&self.tracker_url));
+        for digest in &digests {
+            tracker.announce(&Announce { digest: *digest, peer: addr, complete: true }).await?;
+        }
+        let announcer = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
-                if let Err(e) =
-                    shoal_agent::run(config, shoal_agent::Listeners { registry, peer }, shutdown).await
-                {
-                    tracing::error!(agent = index, cause = %e, "agent failed");
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    for digest in &digests {
+                        let _ =
+                            tracker.announce(&Announce { digest: *digest, peer: addr, complete: true }).await;
+                    }
                 }
             }
         });
-        wait_ready(&self.client, &format!("{registry_url}/v2/")).await?;
-        self.agents.push(AgentNode { registry_url, peer_addr, shutdown, data_dir, task: Some(task) });
-        Ok(index)
+        Ok(RoguePeer { addr, stats, shutdown, tasks: vec![server, announcer] })
     }
 
     /// Generates an OCI layout (see [`generate_oci_layout`]) and pushes it to the origin as
@@ -285,6 +411,36 @@ impl Cluster {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     }
+}
+
+/// A peer started by [`Cluster::start_rogue_peer`]; stopped when dropped.
+#[derive(Debug)]
+pub struct RoguePeer {
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// What its server counted.
+    pub stats: Arc<PeerStats>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RoguePeer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn spawn_tracker(origin_url: &str, listener: TcpListener, shutdown: CancellationToken) -> JoinHandle<()> {
+    let mut config = shoal_tracker::Config::new(vec![origin_url.to_owned()]);
+    config.announce_interval = 2;
+    tokio::spawn(async move {
+        if let Err(e) = shoal_tracker::run(config, listener, shutdown).await {
+            tracing::error!(cause = %e, "tracker failed");
+        }
+    })
 }
 
 impl Drop for Cluster {
