@@ -349,3 +349,6 @@ pub fn child_manifests(body: &[u8]) -> Vec<Digest> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests;
