@@ -61,6 +61,8 @@ pub struct UpstreamOptions {
     pub urls: Vec<String>,
     /// Docker `config.json` with the upstreams' credentials.
     pub auth_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstreams.
+    pub ca_file: Option<PathBuf>,
     pub tag_ttl: u64,
     pub stall: u64,
     pub prefetch_sync: bool,
@@ -73,6 +75,7 @@ impl UpstreamOptions {
         Self {
             urls: vec![url.to_owned()],
             auth_file: None,
+            ca_file: None,
             tag_ttl: 300,
             stall: 30,
             prefetch_sync: false,
@@ -179,6 +182,7 @@ impl Cluster {
         if let Some(up) = &opts.upstream {
             config.upstream = up.urls.clone();
             config.upstream_auth = up.auth_file.clone();
+            config.upstream_ca = up.ca_file.clone();
             config.tag_ttl = up.tag_ttl;
             config.upstream_stall = up.stall;
             config.prefetch_sync = up.prefetch_sync;

@@ -41,6 +41,8 @@ pub struct Registry {
     pub host: String,
     /// `user:password` when basic auth is on.
     pub credentials: Option<(String, String)>,
+    /// With TLS: the directory holding `ca.pem`, `cert.pem`, `key.pem`.
+    pub tls: Option<PathBuf>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
     dir: TempDir,
@@ -50,6 +52,15 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry; with `credentials`, every request needs HTTP basic auth.
     pub async fn start(credentials: Option<(&str, &str)>) -> anyhow::Result<Registry> {
+        Self::start_with(credentials, None).await
+    }
+
+    /// Like [`start`](Self::start); with `tls`, serves HTTPS with `cert.pem` and `key.pem`
+    /// from that directory (e.g. from `shoal_shared::tls::issue(ca, "127.0.0.1", dir)`).
+    pub async fn start_with(
+        credentials: Option<(&str, &str)>,
+        tls: Option<&Path>,
+    ) -> anyhow::Result<Registry> {
         let dir = tempfile::tempdir().context("registry temp dir")?;
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").context("free port")?;
@@ -69,17 +80,26 @@ impl Registry {
             std::fs::write(&file, &out.stdout)?;
             auth = format!("auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n", file.display());
         }
+        let tls_config = match tls {
+            Some(t) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.join("cert.pem").display(),
+                t.join("key.pem").display()
+            ),
+            None => String::new(),
+        };
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{auth}",
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{tls_config}{auth}",
                 dir.path().join("data").display()
             ),
         )?;
         let mut registry = Registry {
             host,
             credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            tls: tls.map(Path::to_path_buf),
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             dir,
@@ -113,11 +133,9 @@ impl Registry {
             });
         }
         self.child = Some(child);
-        let url = format!("http://{}/v2/", self.host);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
-            // 401 means up, with auth on.
-            if reqwest::get(&url).await.is_ok() {
+            if tokio::net::TcpStream::connect(&self.host).await.is_ok() {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
@@ -127,9 +145,10 @@ impl Registry {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.host)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.host)
     }
 
     /// Stops the registry (the upstream "has a bad day").
@@ -186,7 +205,12 @@ impl Registry {
     /// Reads `name:reference` back from the registry.
     pub async fn image(&self, name: &str, reference: &str) -> anyhow::Result<Pushed> {
         let url = format!("{}/v2/{name}/manifests/{reference}", self.url());
-        let mut req = reqwest::Client::new().get(&url).header("Accept", MANIFEST_ACCEPT);
+        let mut client = reqwest::Client::builder();
+        if let Some(t) = &self.tls {
+            client = client
+                .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(t.join("ca.pem"))?)?);
+        }
+        let mut req = client.build()?.get(&url).header("Accept", MANIFEST_ACCEPT);
         if let Some((u, p)) = &self.credentials {
             req = req.basic_auth(u, Some(p));
         }

@@ -361,3 +361,35 @@ async fn a_stalled_upstream_is_a_clear_error_not_a_hang() {
     assert!(body.contains("made no progress"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(40), "took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_upstream_with_a_custom_ca() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, certs) = (dir.path().join("ca"), dir.path().join("registry-tls"));
+    shoal_shared::tls::init_ca(&ca).expect("ca");
+    shoal_shared::tls::issue(&ca, "127.0.0.1", &certs).expect("cert");
+    let registry = Registry::start_with(None, Some(&certs)).await.expect("registry");
+    let image = registry.push_image("secure/app:v1", &[50 << 10], 51).await.expect("push");
+    let ns = registry.host.clone();
+
+    let mut up = UpstreamOptions::new(&registry.url());
+    up.ca_file = Some(ca.join("ca.pem"));
+    let cluster = Cluster::start(options(1, up)).await.expect("cluster");
+    let digest = pull_ns(&cluster.client, &cluster.agents[0].registry_url, "secure/app", "v1", &ns)
+        .await
+        .expect("pull");
+    assert_eq!(digest, image.manifest);
+    drop(cluster);
+
+    // Without the CA the upstream is not trusted: an error, not a pull.
+    let cluster = Cluster::start(options(1, UpstreamOptions::new(&registry.url()))).await.expect("cluster");
+    let agent = &cluster.agents[0].registry_url;
+    let resp =
+        cluster.client.get(format!("{agent}/v2/secure/app/manifests/v1?ns={ns}")).send().await.expect("get");
+    let (status, body) = status_and_body(resp).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("certificate") || body.contains("Certificate") || body.contains("UnknownIssuer"),
+        "{body}"
+    );
+}
