@@ -120,6 +120,9 @@ pub struct Upstreams {
     tag_ttl: Duration,
     attempts: u32,
     flights: Arc<DashMap<Digest, Flight>>,
+    /// One resolution per tag at a time, so a burst of cold pulls costs the upstream one
+    /// HEAD and one manifest GET (Docker Hub counts manifest GETs against its rate limit).
+    resolving: DashMap<(usize, String, String), Arc<tokio::sync::Mutex<()>>>,
     failures: Arc<DashMap<Digest, (Arc<UpstreamError>, Instant)>>,
 }
 
@@ -161,6 +164,7 @@ impl Upstreams {
             tag_ttl: settings.tag_ttl,
             attempts: settings.attempts.max(1),
             flights: Arc::new(DashMap::new()),
+            resolving: DashMap::new(),
             failures: Arc::new(DashMap::new()),
         })
     }
@@ -190,6 +194,18 @@ impl Upstreams {
     /// the TTL, else with a HEAD (and a GET when it changed); when the upstream is down or
     /// busy (unreachable, 5xx, 429, stalled), the cached answer however old.
     pub async fn resolve_tag(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
+        let key = (index, name.to_owned(), tag.to_owned());
+        let lock = self.resolving.entry(key.clone()).or_default().clone();
+        let result = {
+            let _turn = lock.lock().await;
+            self.resolve_tag_now(index, name, tag).await
+        };
+        // The last one out removes the lock (the map holds one reference, `lock` another).
+        self.resolving.remove_if(&key, |_, l| Arc::strong_count(l) <= 2);
+        result
+    }
+
+    async fn resolve_tag_now(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
         let (up, tags) = (&self.list[index], &self.tags[index]);
         let cached = tags.get_with_age(name, tag).await.filter(|(d, _)| self.held(d));
         if let Some((digest, age)) = cached {

@@ -22,6 +22,7 @@ struct Fake {
     realm: std::sync::Mutex<String>,
     token_calls: AtomicUsize,
     blob_gets: AtomicUsize,
+    manifest_gets: AtomicUsize,
     throttled: AtomicBool,
 }
 
@@ -57,6 +58,9 @@ async fn v2(req: HttpRequest, fake: web::Data<Fake>) -> HttpResponse {
     let path = req.path();
     let lie = format!("sha256:{}", "0".repeat(64));
     if path == "/v2/r/manifests/v1" {
+        if req.method() == actix_web::http::Method::GET {
+            fake.manifest_gets.fetch_add(1, Ordering::SeqCst);
+        }
         return HttpResponse::Ok()
             .insert_header(("Content-Type", "application/vnd.oci.image.manifest.v1+json"))
             .insert_header(("Docker-Content-Digest", lie))
@@ -141,6 +145,31 @@ async fn bearer_tokens_are_cached_digests_computed_schema1_refused_and_429_serve
     // A blob not held cannot be fetched while throttled: reported, not hung.
     let other = Digest::of(b"not there");
     assert!(ups.wait_blob(other, &hint).await.is_err());
+}
+
+#[tokio::test]
+async fn a_burst_of_cold_resolutions_of_one_tag_costs_one_manifest_get() {
+    let (addr, fake) = start_fake().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = BlobStore::open(dir.path()).expect("store");
+    let settings = Settings {
+        urls: vec![format!("http://{addr}")],
+        auth_file: None,
+        ca_file: None,
+        tag_ttl: Duration::from_secs(60),
+        stall: Duration::from_secs(5),
+        attempts: 1,
+    };
+    let ups = Arc::new(Upstreams::new(&settings, &store, 1 << 16).expect("upstreams"));
+    let burst = (0..8).map(|_| {
+        let ups = ups.clone();
+        async move { ups.resolve_tag(0, "r", "v1").await }
+    });
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.expect("resolve"), Digest::of(manifest().as_bytes()));
+    }
+    assert_eq!(fake.manifest_gets.load(Ordering::SeqCst), 1);
+    assert!(ups.resolving.is_empty(), "per-tag locks are dropped");
 }
 
 #[test]
