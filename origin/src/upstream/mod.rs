@@ -28,6 +28,11 @@ pub use client::Upstream;
 
 /// How long a failed fetch is reported to pollers before a new request retries it.
 const FAILURE_MEMORY: Duration = Duration::from_secs(10);
+/// Most blob fetches running at once: a peer asking for many made-up digests must not turn
+/// the origin into a request amplifier against the upstream.
+const MAX_FLIGHTS: usize = 512;
+/// Most failures remembered before the memory is dropped.
+const MAX_FAILURES: usize = 10_000;
 /// Most platform manifests fetched for one index.
 const MAX_CHILDREN: usize = 256;
 
@@ -56,6 +61,8 @@ pub enum UpstreamError {
     TooLarge { limit: usize },
     #[error("storage: {0}")]
     Store(StoreError),
+    #[error("too many upstream fetches in progress, retry later")]
+    Busy,
 }
 
 impl UpstreamError {
@@ -77,9 +84,11 @@ impl UpstreamError {
             Self::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             Self::Schema1(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
             Self::Invalid(_) | Self::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
-            Self::Status { .. } | Self::Unreachable(_) | Self::Stalled { .. } | Self::Store(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
-            }
+            Self::Status { .. }
+            | Self::Unreachable(_)
+            | Self::Stalled { .. }
+            | Self::Store(_)
+            | Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
         }
     }
 }
@@ -296,12 +305,17 @@ impl Upstreams {
             Ok(i) => i,
             Err(e) => return BlobState::Failed(Arc::new(e)),
         };
+        // Counted before taking the entry: `len` locks every shard, the entry holds one.
+        let busy = self.flights.len() >= MAX_FLIGHTS;
         match self.flights.entry(digest) {
             dashmap::mapref::entry::Entry::Occupied(e) => BlobState::Pending(e.get().clone()),
             dashmap::mapref::entry::Entry::Vacant(v) => {
                 // The flight may have ended since the first look.
                 if self.held(&digest) {
                     return BlobState::Held;
+                }
+                if busy {
+                    return BlobState::Failed(Arc::new(UpstreamError::Busy));
                 }
                 let (tx, rx): (_, Flight) = watch::channel(None);
                 v.insert(rx.clone());
@@ -331,6 +345,9 @@ impl Upstreams {
                         }
                         Err(e) => {
                             tracing::warn!(upstream = %up.host, %name, %digest, cause = %e, "blob pull-through failed");
+                            if failures.len() >= MAX_FAILURES {
+                                failures.clear();
+                            }
                             failures.insert(digest, (e.clone(), Instant::now()));
                             Err(e)
                         }
