@@ -468,12 +468,28 @@ async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state
             Some(m) => HttpResponse::Ok().json(&*m),
             None => unknown(),
         },
-        BlobState::Pending(_) => HttpResponse::Accepted()
-            .insert_header((header::RETRY_AFTER, "1"))
-            .json(serde_json::json!({ "status": "pulling from upstream" })),
+        BlobState::Pending(mut flight) => {
+            // Long poll: answer as soon as the blob is stored, rather than after the next
+            // `Retry-After`; well within the 60 s timeout of the tracker's client.
+            match tokio::time::timeout(LONG_POLL, flight.wait_for(Option::is_some)).await {
+                Ok(Ok(done)) => match done.clone() {
+                    Some(Err(e)) => upstream_error(&e, ErrorCode::BlobUnknown),
+                    _ => match state.seeder.metainfo(digest).await {
+                        Some(m) => HttpResponse::Ok().json(&*m),
+                        None => unknown(),
+                    },
+                },
+                _ => HttpResponse::Accepted()
+                    .insert_header((header::RETRY_AFTER, "1"))
+                    .json(serde_json::json!({ "status": "pulling from upstream" })),
+            }
+        }
         BlobState::Failed(e) => upstream_error(&e, ErrorCode::BlobUnknown),
     }
 }
+
+/// How long a metainfo request for a blob being pulled through waits before answering 202.
+const LONG_POLL: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn info(state: State) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({
