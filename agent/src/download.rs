@@ -24,6 +24,7 @@ use prometheus_client::registry::Registry;
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, PeerInfo};
 use shoal_shared::digest::Digest;
+use shoal_shared::hint::Hint;
 use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::{PeerClient, PeerError};
 use shoal_shared::picker::Picker;
@@ -189,7 +190,7 @@ impl Downloads {
 
     /// Joins the download of `digest`, starting it if none runs. `None` when the blob is
     /// already cached.
-    fn join(self: &Arc<Self>, digest: Digest) -> Option<watch::Receiver<Phase>> {
+    fn join(self: &Arc<Self>, digest: Digest, hint: Option<&Hint>) -> Option<watch::Receiver<Phase>> {
         match self.inflight.entry(digest) {
             Entry::Occupied(e) => Some(e.get().clone()),
             Entry::Vacant(v) => {
@@ -200,10 +201,11 @@ impl Downloads {
                 let (tx, rx) = watch::channel(Phase::Starting);
                 v.insert(rx.clone());
                 let this = self.clone();
+                let hint = hint.cloned();
                 self.runtime.spawn(async move {
                     this.metrics.started.inc();
                     let span = tracing::info_span!("download", %digest);
-                    let result = this.download(digest, &tx).instrument(span).await;
+                    let result = this.download(digest, hint.as_ref(), &tx).instrument(span).await;
                     match &result {
                         Ok(()) => {
                             this.metrics.completed.inc();
@@ -232,11 +234,11 @@ impl Downloads {
 
     /// Returns once `digest` is in the local cache, downloading it if needed. Concurrent
     /// callers share one download.
-    pub async fn ensure(self: &Arc<Self>, digest: Digest) -> Result<(), DownloadError> {
+    pub async fn ensure(self: &Arc<Self>, digest: Digest, hint: Option<&Hint>) -> Result<(), DownloadError> {
         if self.store.size(&digest).await.is_some() {
             return Ok(());
         }
-        let Some(rx) = self.join(digest) else { return Ok(()) };
+        let Some(rx) = self.join(digest, hint) else { return Ok(()) };
         match Self::wait(rx, |p| matches!(p, Phase::Done(_))).await {
             Phase::Done(result) => result,
             _ => Err(DownloadError::Unavailable("download task ended".into())),
@@ -244,11 +246,15 @@ impl Downloads {
     }
 
     /// Like [`ensure`](Self::ensure), but returns as soon as the blob can be streamed.
-    pub async fn fetch(self: &Arc<Self>, digest: Digest) -> Result<Fetched, DownloadError> {
+    pub async fn fetch(
+        self: &Arc<Self>,
+        digest: Digest,
+        hint: Option<&Hint>,
+    ) -> Result<Fetched, DownloadError> {
         if self.store.size(&digest).await.is_some() {
             return Ok(Fetched::Cached);
         }
-        let Some(rx) = self.join(digest) else { return Ok(Fetched::Cached) };
+        let Some(rx) = self.join(digest, hint) else { return Ok(Fetched::Cached) };
         let active = match Self::wait(rx.clone(), |p| !matches!(p, Phase::Starting)).await {
             Phase::Streaming(active) => active,
             Phase::Done(Ok(())) => return Ok(Fetched::Cached),
@@ -288,8 +294,13 @@ impl Downloads {
         interval
     }
 
-    async fn download(&self, digest: Digest, phase: &watch::Sender<Phase>) -> Result<(), DownloadError> {
-        let metainfo = self.tracker.metainfo(digest).await?;
+    async fn download(
+        &self,
+        digest: Digest,
+        hint: Option<&Hint>,
+        phase: &watch::Sender<Phase>,
+    ) -> Result<(), DownloadError> {
+        let metainfo = self.tracker.metainfo_for(digest, hint).await?;
         let started = Instant::now();
         // Resumes what an earlier run left on disk; only pieces that verify count as held.
         let (partial, held) =

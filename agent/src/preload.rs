@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
+use shoal_shared::hint::{valid_ns, Hint};
 use shoal_shared::oci::{
     manifest_media_type, manifest_references, valid_name, Reference, DOCKER_LIST, MAX_MANIFEST, OCI_INDEX,
 };
@@ -102,7 +103,7 @@ impl ImageRef {
         };
         let (registry, name) = match path.split_once('/') {
             Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-                if !crate::containerd::valid_registry(first) || first == crate::containerd::DEFAULT_HOST {
+                if !valid_ns(first) {
                     return Err(bad());
                 }
                 (Some(first.to_owned()), rest)
@@ -113,6 +114,11 @@ impl ImageRef {
             return Err(bad());
         }
         Ok(Self { registry, name: name.to_owned(), reference })
+    }
+
+    /// Where the cluster should pull the image from if it does not hold it.
+    pub fn hint(&self) -> Hint {
+        Hint { name: self.name.clone(), ns: self.registry.clone() }
     }
 }
 
@@ -224,8 +230,12 @@ pub async fn resolve(downloads: &Downloads, image: &ImageRef) -> Result<Digest, 
 }
 
 /// Downloads a manifest into the cache and returns its bytes and media type.
-async fn manifest(downloads: &Arc<Downloads>, digest: Digest) -> Result<(Vec<u8>, String), PreloadError> {
-    downloads.ensure(digest).await.map_err(|e| download_error(e, &digest.to_string()))?;
+async fn manifest(
+    downloads: &Arc<Downloads>,
+    digest: Digest,
+    hint: &Hint,
+) -> Result<(Vec<u8>, String), PreloadError> {
+    downloads.ensure(digest, Some(hint)).await.map_err(|e| download_error(e, &digest.to_string()))?;
     let size = match downloads.store.size(&digest).await {
         Some(s) if s <= MAX_MANIFEST as u64 => s as usize,
         _ => return Err(PreloadError::NotManifest(digest)),
@@ -245,9 +255,10 @@ async fn manifest(downloads: &Arc<Downloads>, digest: Digest) -> Result<(Vec<u8>
 pub async fn preload(
     downloads: &Arc<Downloads>,
     digest: Digest,
+    hint: &Hint,
     platform: &Platform,
 ) -> Result<(usize, u64), PreloadError> {
-    let (bytes, media_type) = manifest(downloads, digest).await?;
+    let (bytes, media_type) = manifest(downloads, digest, hint).await?;
     let mut manifests = Vec::new();
     let mut count = 1;
     if media_type == OCI_INDEX || media_type == DOCKER_LIST {
@@ -262,7 +273,7 @@ pub async fn preload(
             return Err(PreloadError::NoPlatform(digest, platform.to_string()));
         }
         for child in chosen {
-            let (bytes, media_type) = manifest(downloads, child).await?;
+            let (bytes, media_type) = manifest(downloads, child, hint).await?;
             // Nested indexes are not followed: one level is what registries produce.
             if media_type == OCI_INDEX || media_type == DOCKER_LIST {
                 return Err(PreloadError::NotManifest(child));
@@ -281,7 +292,7 @@ pub async fn preload(
     blobs.dedup();
     let sizes: Vec<u64> = futures_util::stream::iter(blobs)
         .map(|blob| async move {
-            downloads.ensure(blob).await.map_err(|e| download_error(e, &blob.to_string()))?;
+            downloads.ensure(blob, Some(hint)).await.map_err(|e| download_error(e, &blob.to_string()))?;
             Ok::<_, PreloadError>(downloads.store.size(&blob).await.unwrap_or(0))
         })
         .buffer_unordered(PARALLEL_BLOBS)
@@ -338,8 +349,9 @@ pub async fn handle(body: web::Bytes, state: web::Data<AppState>) -> HttpRespons
             return error_response(StatusCode::TOO_MANY_REQUESTS, "too many background preloads");
         };
         let name = req.image.clone();
+        let hint = image.hint();
         tokio::spawn(async move {
-            match preload(&downloads, digest, &platform).await {
+            match preload(&downloads, digest, &hint, &platform).await {
                 Ok((blobs, bytes)) => tracing::info!(image = %name, blobs, bytes, "preloaded"),
                 Err(e) => tracing::warn!(image = %name, cause = %e, "preload failed"),
             }
@@ -354,7 +366,7 @@ pub async fn handle(body: web::Bytes, state: web::Data<AppState>) -> HttpRespons
         };
         return HttpResponse::Accepted().json(started);
     }
-    match preload(&downloads, digest, &platform).await {
+    match preload(&downloads, digest, &image.hint(), &platform).await {
         Ok((blobs, bytes)) => HttpResponse::Ok().json(PreloadResponse {
             image: req.image,
             status: "done".into(),

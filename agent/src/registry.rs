@@ -9,6 +9,7 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::registry::Registry;
 use shoal_shared::digest::Digest;
+use shoal_shared::hint::{Hint, HintQuery};
 use shoal_shared::http::{blob_response, head_body, oci_error, serve_file, DOCKER_CONTENT_DIGEST};
 use shoal_shared::oci::{
     manifest_media_type, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path, V2PathError,
@@ -58,12 +59,26 @@ async fn v2(req: HttpRequest, state: State) -> HttpResponse {
         );
     }
     let tail = req.match_info().get("tail").unwrap_or("");
-    // `?ns=<registry>` (containerd mirror requests) is accepted; every image comes from the
-    // cluster's origins.
+    // `?ns=<registry>` (containerd mirror requests) travels with the repository name to the
+    // origins, which pull images they do not hold from that upstream registry.
+    let ns = match web::Query::<HintQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner().ns,
+        Err(_) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "bad query"),
+    };
+    let hint = |name: &str| {
+        Hint::new(name, ns.as_deref())
+            .map_err(|e| oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, e))
+    };
     match parse_v2_path(tail) {
         Ok(V2Path::Base) => HttpResponse::Ok().json(serde_json::json!({})),
-        Ok(V2Path::Blob { digest, .. }) => blob(&req, digest, &state).await,
-        Ok(V2Path::Manifest { name, reference }) => manifest(name, reference, &state).await,
+        Ok(V2Path::Blob { name, digest }) => match hint(name) {
+            Ok(h) => blob(&req, digest, &h, &state).await,
+            Err(resp) => resp,
+        },
+        Ok(V2Path::Manifest { name, reference }) => match hint(name) {
+            Ok(h) => manifest(reference, &h, &state).await,
+            Err(resp) => resp,
+        },
         Ok(V2Path::TagsList { name }) => tag_list(&req, name, &state).await,
         Ok(_) | Err(V2PathError::NotFound) => {
             oci_error(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "no such endpoint")
@@ -74,7 +89,7 @@ async fn v2(req: HttpRequest, state: State) -> HttpResponse {
     }
 }
 
-async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse {
+async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) -> HttpResponse {
     let digest: Digest = match digest.parse() {
         Ok(d) => d,
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, e),
@@ -82,7 +97,7 @@ async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse
     let downloads = &state.downloads;
     if req.method() == Method::HEAD && downloads.store.size(&digest).await.is_none() {
         // Answer from the metainfo; no need to download to say how large a blob is.
-        return match downloads.tracker().metainfo(digest).await {
+        return match downloads.tracker().metainfo_for(digest, Some(hint)).await {
             Ok(m) => head_body(
                 HttpResponse::Ok()
                     .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
@@ -99,11 +114,11 @@ async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse
     // A plain GET streams the verified prefix of a download as it grows; a Range request
     // waits for the whole blob.
     if req.headers().contains_key(header::RANGE) {
-        if let Err(e) = downloads.ensure(digest).await {
+        if let Err(e) = downloads.ensure(digest, Some(hint)).await {
             return download_error(&e, ErrorCode::BlobUnknown);
         }
     } else {
-        match downloads.fetch(digest).await {
+        match downloads.fetch(digest, Some(hint)).await {
             Ok(Fetched::Cached) => {}
             Ok(Fetched::Streaming(active)) => {
                 let len = active.length();
@@ -119,11 +134,12 @@ async fn blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse
     }
 }
 
-async fn manifest(name: &str, reference: &str, state: &AppState) -> HttpResponse {
+async fn manifest(reference: &str, hint: &Hint, state: &AppState) -> HttpResponse {
+    let name = hint.name.as_str();
     let downloads = &state.downloads;
     let digest = match reference.parse::<Reference>() {
         Ok(Reference::Digest(d)) => d,
-        Ok(Reference::Tag(tag)) => match downloads.tracker().tag(name, &tag).await {
+        Ok(Reference::Tag(tag)) => match downloads.tracker().tag_in(name, &tag, hint.ns.as_deref()).await {
             Ok(d) => d,
             Err(LookupError::NotFound) => {
                 return oci_error(
@@ -136,7 +152,7 @@ async fn manifest(name: &str, reference: &str, state: &AppState) -> HttpResponse
         },
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
     };
-    if let Err(e) = downloads.ensure(digest).await {
+    if let Err(e) = downloads.ensure(digest, Some(hint)).await {
         return download_error(&e, ErrorCode::ManifestUnknown);
     }
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "not a manifest");

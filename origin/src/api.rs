@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use shoal_shared::digest::Digest;
+use shoal_shared::hint::{valid_ns, HintQuery};
 use shoal_shared::http::{oci_error, serve_file, DOCKER_CONTENT_DIGEST};
 use shoal_shared::oci::{
     manifest_media_type, manifest_references, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path,
@@ -24,6 +25,7 @@ use shoal_shared::store::{BlobStore, Staged, StoreError};
 use crate::seeder::Seeder;
 use crate::tags::TagStore;
 use crate::uploads::Uploads;
+use crate::upstream::{BlobState, UpstreamError, Upstreams};
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -36,6 +38,9 @@ pub struct AppState {
     pub peer_addr: SocketAddr,
     pub registry: Registry,
     pub upload_token: Option<String>,
+    pub upstreams: Arc<Upstreams>,
+    pub prefetch_sync: bool,
+    pub prefetch_sizes: crate::prefetch::SizeFilter,
 }
 
 /// True when the request carries the upload token (or none is configured).
@@ -85,6 +90,8 @@ struct DigestQuery {
     digest: Option<String>,
     n: Option<usize>,
     last: Option<String>,
+    /// The upstream registry of a pull-through request (containerd's mirror `?ns=`).
+    ns: Option<String>,
 }
 
 async fn v2(
@@ -111,12 +118,15 @@ async fn v2(
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"shoal\""));
         return resp;
     }
-    let DigestQuery { digest: query, n, last } = query.into_inner();
+    let DigestQuery { digest: query, n, last, ns } = query.into_inner();
+    if ns.as_deref().is_some_and(|ns| !valid_ns(ns)) {
+        return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "invalid ns");
+    }
     match (path, method) {
         (V2Path::Base, _) => v2_base().await,
         (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => get_blob(&req, digest, &state).await,
         (V2Path::Manifest { name, reference }, Method::GET | Method::HEAD) => {
-            get_manifest(name, reference, &state).await
+            get_manifest(name, reference, ns.as_deref(), &state).await
         }
         (V2Path::Manifest { name, reference }, Method::PUT) => {
             put_manifest(name, reference, payload, &state).await
@@ -148,18 +158,49 @@ async fn get_blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResp
     }
 }
 
-async fn resolve(name: &str, reference: &str, state: &AppState) -> Result<Digest, HttpResponse> {
-    match reference.parse::<Reference>() {
-        Ok(Reference::Digest(d)) => Ok(d),
-        Ok(Reference::Tag(tag)) => state.tags.get(name, &tag).await.ok_or_else(|| {
+fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> HttpResponse {
+    let (status, code) = e.http(unknown);
+    oci_error(status, code, e)
+}
+
+/// Resolves a reference to a manifest digest. Pull-through applies when `ns` names an
+/// upstream, or without `ns` when no pushed tag matches and upstreams are configured; a
+/// digest is fetched from the upstream when not held.
+async fn resolve(
+    name: &str,
+    reference: &str,
+    ns: Option<&str>,
+    state: &AppState,
+) -> Result<Digest, HttpResponse> {
+    let reference = reference
+        .parse::<Reference>()
+        .map_err(|e| oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e))?;
+    let ups = &state.upstreams;
+    let upstream = match ns {
+        Some(ns) => ups.select(Some(ns)).ok(),
+        None => match &reference {
+            Reference::Tag(tag) if state.tags.get(name, tag).await.is_some() => None,
+            Reference::Digest(d) if state.store.size(d).await.is_some() => None,
+            _ => ups.select(None).ok(),
+        },
+    };
+    match (reference, upstream) {
+        (Reference::Digest(d), None) => Ok(d),
+        (Reference::Digest(d), Some(_)) if state.store.size(&d).await.is_some() => Ok(d),
+        (r @ Reference::Digest(_), Some(i)) => {
+            ups.pull_manifest(i, name, &r).await.map_err(|e| upstream_error(&e, ErrorCode::ManifestUnknown))
+        }
+        (Reference::Tag(tag), Some(i)) => {
+            ups.resolve_tag(i, name, &tag).await.map_err(|e| upstream_error(&e, ErrorCode::ManifestUnknown))
+        }
+        (Reference::Tag(tag), None) => state.tags.get(name, &tag).await.ok_or_else(|| {
             oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, format!("{name}:{tag} unknown"))
         }),
-        Err(e) => Err(oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e)),
     }
 }
 
-async fn get_manifest(name: &str, reference: &str, state: &AppState) -> HttpResponse {
-    let digest = match resolve(name, reference, state).await {
+async fn get_manifest(name: &str, reference: &str, ns: Option<&str>, state: &AppState) -> HttpResponse {
+    let digest = match resolve(name, reference, ns, state).await {
         Ok(d) => d,
         Err(resp) => return resp,
     };
@@ -405,16 +446,50 @@ async fn cancel_upload(id: &str, state: &AppState) -> HttpResponse {
     HttpResponse::NoContent().finish()
 }
 
-async fn metainfo(digest: web::Path<String>, state: State) -> HttpResponse {
+/// The metainfo of a held blob. With a hint (`?name=&ns=`) and upstreams configured, a blob
+/// not held is fetched from the upstream (one flight per digest) and the answer is 202 with
+/// `Retry-After` until it is stored.
+async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state: State) -> HttpResponse {
     let digest: Digest = match digest.parse() {
         Ok(d) => d,
         Err(e) => return bad_digest(e),
     };
-    match state.seeder.metainfo(digest).await {
-        Some(m) => HttpResponse::Ok().json(&*m),
-        None => oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown"),
+    let hint = match query.hint() {
+        Ok(h) => h,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, e),
+    };
+    if let Some(m) = state.seeder.metainfo(digest).await {
+        return HttpResponse::Ok().json(&*m);
+    }
+    let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown");
+    let Some(hint) = hint.filter(|_| !state.upstreams.is_empty()) else { return unknown() };
+    match state.upstreams.blob(digest, &hint) {
+        BlobState::Held => match state.seeder.metainfo(digest).await {
+            Some(m) => HttpResponse::Ok().json(&*m),
+            None => unknown(),
+        },
+        BlobState::Pending(mut flight) => {
+            // Long poll: answer as soon as the blob is stored, rather than after the next
+            // `Retry-After`; well within the 60 s timeout of the tracker's client.
+            match tokio::time::timeout(LONG_POLL, flight.wait_for(Option::is_some)).await {
+                Ok(Ok(done)) => match done.clone() {
+                    Some(Err(e)) => upstream_error(&e, ErrorCode::BlobUnknown),
+                    _ => match state.seeder.metainfo(digest).await {
+                        Some(m) => HttpResponse::Ok().json(&*m),
+                        None => unknown(),
+                    },
+                },
+                _ => HttpResponse::Accepted()
+                    .insert_header((header::RETRY_AFTER, "1"))
+                    .json(serde_json::json!({ "status": "pulling from upstream" })),
+            }
+        }
+        BlobState::Failed(e) => upstream_error(&e, ErrorCode::BlobUnknown),
     }
 }
+
+/// How long a metainfo request for a blob being pulled through waits before answering 202.
+const LONG_POLL: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn info(state: State) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({

@@ -51,6 +51,44 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_HTTP_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_workers: Option<usize>,
+    /// Upstream registry to pull images through from (repeatable), e.g.
+    /// https://registry-1.docker.io; plain http only for localhost. Requests without `?ns=`
+    /// go to the first.
+    #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<String>,
+    /// Docker config.json whose `auths` section holds the upstreams' credentials.
+    #[arg(long, env = "SHOAL_UPSTREAM_AUTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_auth: Option<PathBuf>,
+    /// PEM file of extra CA certificates trusted for upstream registries.
+    #[arg(long, env = "SHOAL_UPSTREAM_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Seconds a pulled-through tag is served without asking the upstream.
+    #[arg(long, env = "SHOAL_TAG_TTL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_ttl: Option<u64>,
+    /// Seconds without progress after which an upstream fetch is cancelled and retried.
+    #[arg(long, env = "SHOAL_UPSTREAM_STALL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_stall: Option<u64>,
+    /// Attempts per upstream blob fetch.
+    #[arg(long, env = "SHOAL_UPSTREAM_ATTEMPTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_attempts: Option<u32>,
+    /// `/proxy/v1/registry/prefetch` waits until the blobs are stored.
+    #[arg(long, env = "SHOAL_PREFETCH_SYNC", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_sync: Option<bool>,
+    /// Blobs smaller than this many bytes are not prefetched.
+    #[arg(long, env = "SHOAL_PREFETCH_MIN_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_min_size: Option<u64>,
+    /// Blobs larger than this many bytes are not prefetched.
+    #[arg(long, env = "SHOAL_PREFETCH_MAX_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch_max_size: Option<u64>,
 }
 
 /// The origin's validated configuration.
@@ -75,6 +113,24 @@ pub struct Config {
     pub upload_token: Option<String>,
     #[serde(default)]
     pub tracker: Vec<String>,
+    #[serde(default)]
+    pub upstream: Vec<String>,
+    #[serde(default)]
+    pub upstream_auth: Option<PathBuf>,
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: u64,
+    #[serde(default = "default_upstream_stall")]
+    pub upstream_stall: u64,
+    #[serde(default = "default_upstream_attempts")]
+    pub upstream_attempts: u32,
+    #[serde(default)]
+    pub prefetch_sync: bool,
+    #[serde(default)]
+    pub prefetch_min_size: u64,
+    #[serde(default = "default_prefetch_max_size")]
+    pub prefetch_max_size: u64,
 }
 
 fn default_http() -> SocketAddr {
@@ -92,6 +148,18 @@ fn default_max_uploads() -> usize {
 fn default_workers() -> usize {
     2
 }
+fn default_tag_ttl() -> u64 {
+    300
+}
+fn default_upstream_stall() -> u64 {
+    30
+}
+fn default_upstream_attempts() -> u32 {
+    3
+}
+fn default_prefetch_max_size() -> u64 {
+    u64::MAX
+}
 
 impl Config {
     /// A configuration with defaults for everything but the directories (for tests).
@@ -107,6 +175,15 @@ impl Config {
             http_workers: default_workers(),
             upload_token: None,
             tracker: Vec::new(),
+            upstream: Vec::new(),
+            upstream_auth: None,
+            upstream_ca: None,
+            tag_ttl: default_tag_ttl(),
+            upstream_stall: default_upstream_stall(),
+            upstream_attempts: default_upstream_attempts(),
+            prefetch_sync: false,
+            prefetch_min_size: 0,
+            prefetch_max_size: default_prefetch_max_size(),
         }
     }
 }
@@ -123,6 +200,9 @@ impl std::fmt::Debug for Config {
             .field("piece_length", &self.piece_length)
             .field("tracker", &self.tracker)
             .field("upload_token", &self.upload_token.as_ref().map(|_| "<redacted>"))
+            .field("upstream", &self.upstream)
+            .field("upstream_auth", &self.upstream_auth)
+            .field("tag_ttl", &self.tag_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -155,11 +235,25 @@ max_uploads = 8
 http_workers = 4
 upload_token = "hunter2"
 tracker = ["http://tracker:5100"]
+upstream = ["https://registry-1.docker.io"]
+upstream_auth = "/etc/shoal/docker.json"
+upstream_ca = "/etc/shoal/ca.pem"
+tag_ttl = 60
+upstream_stall = 10
+upstream_attempts = 2
+prefetch_sync = true
+prefetch_min_size = 1
+prefetch_max_size = 1000
 "#,
         )
         .expect("write");
-        let cli = Cli::try_parse_from(["origin", "--piece-length", "65536"]).expect("flags");
+        let cli =
+            Cli::try_parse_from(["origin", "--piece-length", "65536", "--tag-ttl", "5"]).expect("flags");
         let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
+        assert_eq!((c.tag_ttl, c.upstream_stall, c.upstream_attempts), (5, 10, 2));
+        assert_eq!(c.upstream, vec!["https://registry-1.docker.io".to_string()]);
+        assert!(c.prefetch_sync);
+        assert_eq!((c.prefetch_min_size, c.prefetch_max_size), (1, 1000));
         assert_eq!(c.piece_length, 65536);
         assert_eq!(c.http_workers, 4);
         assert_eq!(c.tracker, vec!["http://tracker:5100".to_string()]);

@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod config;
+pub mod prefetch;
 pub mod push;
 pub mod seeder;
 pub mod tags;
 pub mod uploads;
+pub mod upstream;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -37,6 +39,8 @@ pub enum OriginError {
     Tls(#[from] TlsError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("upstream: {0}")]
+    Upstream(String),
 }
 
 /// The bound sockets the origin serves on.
@@ -69,6 +73,19 @@ pub async fn run(
     shoal_shared::metainfo::piece_count(0, config.piece_length)
         .map_err(|e| OriginError::Http(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
 
+    let upstreams = upstream::Upstreams::new(
+        &upstream::Settings {
+            urls: config.upstream.clone(),
+            auth_file: config.upstream_auth.clone(),
+            ca_file: config.upstream_ca.clone(),
+            tag_ttl: std::time::Duration::from_secs(config.tag_ttl),
+            stall: std::time::Duration::from_secs(config.upstream_stall.max(1)),
+            attempts: config.upstream_attempts,
+        },
+        &store,
+        config.piece_length,
+    )
+    .map_err(OriginError::Upstream)?;
     let seeder = Arc::new(seeder::Seeder::new(store.clone(), config.piece_length));
     let seeder_for_announce = seeder.clone();
     let stats = PeerStats::default();
@@ -83,13 +100,16 @@ pub async fn run(
         peer_addr,
         registry,
         upload_token: config.upload_token.clone(),
+        upstreams: Arc::new(upstreams),
+        prefetch_sync: config.prefetch_sync,
+        prefetch_sizes: prefetch::SizeFilter { min: config.prefetch_min_size, max: config.prefetch_max_size },
     });
 
     let peer_task =
         tokio::spawn(peer::serve(endpoint, seeder, Arc::new(stats), config.max_uploads, shutdown.clone()));
     let server = HttpServer::new({
         let state = state.clone();
-        move || App::new().app_data(state.clone()).configure(api::configure)
+        move || App::new().app_data(state.clone()).configure(api::configure).configure(prefetch::configure)
     })
     .workers(config.http_workers.max(1))
     .disable_signals()

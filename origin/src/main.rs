@@ -20,7 +20,7 @@ enum Command {
     /// Serve the registry API and seed blobs to peers over QUIC.
     Serve {
         #[command(flatten)]
-        flags: ServeFlags,
+        flags: Box<ServeFlags>,
         /// TOML file with the same keys as the flags.
         #[arg(long, env = "SHOAL_CONFIG")]
         config: Option<PathBuf>,

@@ -22,6 +22,21 @@ impl TagStore {
         Self { root: store.root().join("tags"), store: store.clone() }
     }
 
+    /// Tags kept under `<data>/<dir>` (pulled-through tags live apart from pushed ones, one
+    /// directory per upstream). `dir` must be a safe relative path.
+    pub fn in_dir(store: &BlobStore, dir: &str) -> Self {
+        Self { root: store.root().join(dir), store: store.clone() }
+    }
+
+    /// The digest `name:tag` points at and how long ago it was written (its fetched-at
+    /// time, for pulled-through tags).
+    pub async fn get_with_age(&self, name: &str, tag: &str) -> Option<(Digest, std::time::Duration)> {
+        let path = self.path(name, tag);
+        let modified = tokio::fs::metadata(&path).await.ok()?.modified().ok()?;
+        let digest = self.get(name, tag).await?;
+        Some((digest, modified.elapsed().unwrap_or_default()))
+    }
+
     fn path(&self, name: &str, tag: &str) -> PathBuf {
         self.root.join(name).join(format!("{tag}.tag"))
     }

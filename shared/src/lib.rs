@@ -13,6 +13,7 @@ pub mod wire;
 
 pub mod client;
 pub mod config;
+pub mod hint;
 pub mod http;
 pub mod oci;
 pub mod peer;

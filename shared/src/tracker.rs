@@ -5,8 +5,39 @@ use crate::client::{
     self, Announce, AnnounceResponse, ClientError, TagResponse, MAX_ANNOUNCE_JSON, MAX_METAINFO_JSON,
 };
 use crate::digest::Digest;
+use crate::hint::Hint;
 use crate::metainfo::Metainfo;
 use crate::oci::TagList;
+
+/// Longest wait for an origin to pull a blob through from an upstream registry.
+pub const PULL_THROUGH_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
+/// Longest pause between two polls of a blob being pulled through, whatever `Retry-After` says.
+const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A metainfo answer: ready, or come back after a while (202).
+enum Pending {
+    Ready(Metainfo),
+    Wait(std::time::Duration),
+}
+
+/// GET a metainfo that may be pending (202 + `Retry-After` seconds) at an origin.
+async fn get_metainfo(http: &reqwest::Client, url: &str) -> Result<Pending, ClientError> {
+    let transport = |e: reqwest::Error| ClientError::Transport { url: url.to_owned(), cause: e.to_string() };
+    let resp = client::check(http.get(url).send().await.map_err(transport)?).await?;
+    if resp.status() == reqwest::StatusCode::ACCEPTED {
+        let secs = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(1);
+        return Ok(Pending::Wait(std::time::Duration::from_secs(secs.max(1)).min(MAX_RETRY_AFTER)));
+    }
+    let body = client::read_limited(resp, MAX_METAINFO_JSON).await?;
+    serde_json::from_slice(&body)
+        .map(Pending::Ready)
+        .map_err(|e| ClientError::Malformed { url: url.to_owned(), cause: e.to_string() })
+}
 
 /// A lookup answered by no tracker.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,12 +82,36 @@ impl TrackerClient {
 
     /// The metainfo of `digest`, checked to be about that digest.
     pub async fn metainfo(&self, digest: Digest) -> Result<Metainfo, LookupError> {
-        let m: Metainfo = self
-            .first(|base| {
-                let url = format!("{base}/shoal/v1/metainfo/{digest}");
-                async move { client::get_json(&self.http, &url, MAX_METAINFO_JSON).await }
-            })
-            .await?;
+        self.metainfo_for(digest, None).await
+    }
+
+    /// Like [`metainfo`](Self::metainfo), with where the blob can be pulled from when the
+    /// cluster does not hold it yet. While an origin pulls it through, trackers answer 202
+    /// with `Retry-After`; this waits (up to [`PULL_THROUGH_WAIT`]) so callers see only the
+    /// final answer.
+    pub async fn metainfo_for(&self, digest: Digest, hint: Option<&Hint>) -> Result<Metainfo, LookupError> {
+        let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + PULL_THROUGH_WAIT;
+        let m = loop {
+            let answer = self
+                .first(|base| {
+                    let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
+                    async move { get_metainfo(&self.http, &url).await }
+                })
+                .await?;
+            match answer {
+                Pending::Ready(m) => break m,
+                Pending::Wait(after) if tokio::time::Instant::now() + after < deadline => {
+                    tokio::time::sleep(after).await
+                }
+                Pending::Wait(_) => {
+                    return Err(LookupError::Unavailable(format!(
+                        "{digest} still being pulled from upstream after {}s",
+                        PULL_THROUGH_WAIT.as_secs()
+                    )))
+                }
+            }
+        };
         if m.digest() != digest {
             return Err(LookupError::Unavailable("tracker sent metainfo for another blob".into()));
         }
@@ -65,9 +120,16 @@ impl TrackerClient {
 
     /// The digest `name:tag` points at.
     pub async fn tag(&self, name: &str, tag: &str) -> Result<Digest, LookupError> {
+        self.tag_in(name, tag, None).await
+    }
+
+    /// The digest `name:tag` points at in registry `ns` (a containerd mirror request's
+    /// `?ns=`, validated by the caller with [`crate::hint::valid_ns`]).
+    pub async fn tag_in(&self, name: &str, tag: &str, ns: Option<&str>) -> Result<Digest, LookupError> {
+        let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let r: TagResponse = self
             .first(|base| {
-                let url = format!("{base}/shoal/v1/tags/{name}/{tag}");
+                let url = format!("{base}/shoal/v1/tags/{name}/{tag}{query}");
                 async move { client::get_json(&self.http, &url, 4096).await }
             })
             .await?;

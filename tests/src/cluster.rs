@@ -54,11 +54,42 @@ pub struct ClusterOptions {
     pub progress_timeout: u64,
     /// Bearer token the origin requires for uploads (`push_image` sends it).
     pub upload_token: Option<String>,
+    /// Pull-through settings of the origin (none: no upstream).
+    pub upstream: Option<UpstreamOptions>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { agents: 1, piece_length: 1 << 20, progress_timeout: 20, upload_token: None }
+        Self { agents: 1, piece_length: 1 << 20, progress_timeout: 20, upload_token: None, upstream: None }
+    }
+}
+
+/// The origin's pull-through settings (`shoal-origin serve --upstream ...`).
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    pub urls: Vec<String>,
+    /// Docker `config.json` with the upstreams' credentials.
+    pub auth_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstreams.
+    pub ca_file: Option<PathBuf>,
+    pub tag_ttl: u64,
+    pub stall: u64,
+    pub prefetch_sync: bool,
+    pub prefetch_max_size: u64,
+}
+
+impl UpstreamOptions {
+    /// One upstream, defaults otherwise.
+    pub fn new(url: &str) -> Self {
+        Self {
+            urls: vec![url.to_owned()],
+            auth_file: None,
+            ca_file: None,
+            tag_ttl: 300,
+            stall: 30,
+            prefetch_sync: false,
+            prefetch_max_size: u64::MAX,
+        }
     }
 }
 
@@ -172,6 +203,15 @@ impl Cluster {
         config.piece_length = opts.piece_length;
         config.upload_token = opts.upload_token.clone();
         config.tracker = vec![tracker_url.clone()];
+        if let Some(up) = &opts.upstream {
+            config.upstream = up.urls.clone();
+            config.upstream_auth = up.auth_file.clone();
+            config.upstream_ca = up.ca_file.clone();
+            config.tag_ttl = up.tag_ttl;
+            config.upstream_stall = up.stall;
+            config.prefetch_sync = up.prefetch_sync;
+            config.prefetch_max_size = up.prefetch_max_size;
+        }
         let (http, peer) = bind()?;
         let origin_url = format!("http://{}", http.local_addr()?);
         let origin_peer = peer.local_addr()?;

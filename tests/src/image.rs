@@ -184,6 +184,47 @@ pub fn generate_oci_layout(
     Ok(GeneratedImage { manifest: manifest_digest, manifest_bytes, config: config_digest, layers })
 }
 
+/// Writes a two-platform (linux/amd64, linux/arm64) OCI image layout at `dir` whose
+/// `index.json` tags an image index `tag`; returns the index digest and bytes and the two
+/// images, amd64 first. The images differ (seeds `seed` and `seed + 1`).
+pub fn generate_multiarch_layout(
+    dir: &Path,
+    tag: &str,
+    layer_sizes: &[usize],
+    seed: u64,
+) -> anyhow::Result<(String, Vec<u8>, Vec<GeneratedImage>)> {
+    let amd64 = generate_oci_layout(dir, tag, layer_sizes, seed)?;
+    let arm64 = generate_oci_layout(dir, tag, layer_sizes, seed + 1)?;
+    let entry = |image: &GeneratedImage, arch: &str| {
+        json!({
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "digest": image.manifest,
+            "size": image.manifest_bytes.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        })
+    };
+    let image_index = json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": [entry(&amd64, "amd64"), entry(&arm64, "arm64")],
+    });
+    let index_bytes = serde_json::to_vec(&image_index)?;
+    let index_digest = write_blob(&dir.join("blobs").join("sha256"), &index_bytes)?;
+    let layout_index = json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": [{
+            "mediaType": INDEX_MEDIA_TYPE,
+            "digest": index_digest,
+            "size": index_bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&layout_index)?)
+        .with_context(|| format!("writing {}/index.json", dir.display()))?;
+    Ok((index_digest, index_bytes, vec![amd64, arm64]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

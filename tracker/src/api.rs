@@ -9,6 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use shoal_shared::client::{Announce, AnnounceResponse, PeerInfo, TagResponse};
 use shoal_shared::digest::Digest;
+use shoal_shared::hint::{valid_ns, HintQuery};
 use shoal_shared::oci::{valid_name, valid_tag, TagList};
 
 use crate::origins::{LookupError, Origins};
@@ -56,8 +57,13 @@ fn lookup_error(e: &LookupError) -> HttpResponse {
         LookupError::NotFound => error(StatusCode::NOT_FOUND, "unknown"),
         LookupError::Unavailable(cause) => {
             tracing::warn!(%cause, "origins unavailable");
-            error(StatusCode::SERVICE_UNAVAILABLE, "origins unavailable")
+            // The cause carries an origin's registry error (e.g. an upstream refusing the
+            // credentials) to the agent, so the client pulling sees why.
+            error(StatusCode::SERVICE_UNAVAILABLE, &format!("origins unavailable: {cause}"))
         }
+        LookupError::Pending => HttpResponse::Accepted()
+            .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
+            .json(serde_json::json!({ "status": "pulling from upstream" })),
     }
 }
 
@@ -84,22 +90,29 @@ async fn announce(body: web::Json<Announce>, state: State) -> HttpResponse {
     HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
 }
 
-async fn metainfo(digest: web::Path<String>, state: State) -> HttpResponse {
+async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state: State) -> HttpResponse {
     let Ok(digest) = digest.parse::<Digest>() else {
         return error(StatusCode::BAD_REQUEST, "invalid digest");
     };
-    match state.origins.metainfo(digest).await {
+    let hint = match query.hint() {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    match state.origins.metainfo_for(digest, hint.as_ref()).await {
         Ok(m) => HttpResponse::Ok().json(&*m),
         Err(e) => lookup_error(&e),
     }
 }
 
-async fn tag(path: web::Path<(String, String)>, state: State) -> HttpResponse {
+async fn tag(path: web::Path<(String, String)>, query: web::Query<HintQuery>, state: State) -> HttpResponse {
     let (name, tag) = path.into_inner();
     if !valid_name(&name) || !valid_tag(&tag) {
         return error(StatusCode::BAD_REQUEST, "invalid name or tag");
     }
-    match state.origins.tag(&name, &tag).await {
+    if query.ns.as_deref().is_some_and(|ns| !valid_ns(ns)) {
+        return error(StatusCode::BAD_REQUEST, "invalid ns");
+    }
+    match state.origins.tag(&name, &tag, query.ns.as_deref()).await {
         Ok(digest) => HttpResponse::Ok().json(TagResponse { digest }),
         Err(e) => lookup_error(&e),
     }

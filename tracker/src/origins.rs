@@ -9,6 +9,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use shoal_shared::client::{self, ClientError, MAX_METAINFO_JSON};
 use shoal_shared::digest::Digest;
+use shoal_shared::hint::Hint;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::oci::{valid_tag, TagList, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
@@ -24,6 +25,9 @@ pub enum LookupError {
     NotFound,
     #[error("no origin answered: {0}")]
     Unavailable(String),
+    /// An origin is pulling the blob through from an upstream registry: ask again later.
+    #[error("being pulled from upstream")]
+    Pending,
 }
 
 #[derive(Debug)]
@@ -54,13 +58,42 @@ impl Origins {
 
     /// The metainfo of `digest` from the first origin that has it.
     pub async fn metainfo(&self, digest: Digest) -> Result<Arc<Metainfo>, LookupError> {
+        self.metainfo_for(digest, None).await
+    }
+
+    /// Like [`metainfo`](Self::metainfo); with a hint, an origin that pulls through from
+    /// upstream registries may answer that it is fetching the blob ([`LookupError::Pending`]).
+    /// Only complete answers are cached.
+    pub async fn metainfo_for(
+        &self,
+        digest: Digest,
+        hint: Option<&Hint>,
+    ) -> Result<Arc<Metainfo>, LookupError> {
         if let Some(k) = self.known.get(&digest) {
             return Ok(k.metainfo.clone());
         }
+        let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
         let mut last_error = None;
         for (i, base) in self.urls.iter().enumerate() {
-            let url = format!("{base}/shoal/v1/metainfo/{digest}");
-            match client::get_json::<Metainfo>(&self.http, &url, MAX_METAINFO_JSON).await {
+            let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
+            let resp = match self.http.get(&url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = Some(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            if resp.status() == reqwest::StatusCode::ACCEPTED {
+                return Err(LookupError::Pending);
+            }
+            let body = match client::check(resp).await {
+                Ok(resp) => client::read_limited(resp, MAX_METAINFO_JSON).await,
+                Err(e) => Err(e),
+            };
+            match body.and_then(|b| {
+                serde_json::from_slice::<Metainfo>(&b)
+                    .map_err(|e| ClientError::Malformed { url: url.clone(), cause: e.to_string() })
+            }) {
                 Ok(m) if m.digest() == digest => {
                     let m = Arc::new(m);
                     if self.known.len() >= METAINFO_CACHE {
@@ -125,13 +158,15 @@ impl Origins {
         }
     }
 
-    /// Resolves `name:tag` with a HEAD to each origin in turn.
-    pub async fn tag(&self, name: &str, tag: &str) -> Result<Digest, LookupError> {
+    /// Resolves `name:tag` (in registry `ns`, for origins that pull through) with a GET to
+    /// each origin in turn. Not a HEAD: an origin's error body says why an upstream failed.
+    pub async fn tag(&self, name: &str, tag: &str, ns: Option<&str>) -> Result<Digest, LookupError> {
+        let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
         let mut last_error = None;
         for base in &self.urls {
-            let url = format!("{base}/v2/{name}/manifests/{tag}");
-            let resp = match self.http.head(&url).header("Accept", &accept).send().await {
+            let url = format!("{base}/v2/{name}/manifests/{tag}{query}");
+            let resp = match self.http.get(&url).header("Accept", &accept).send().await {
                 Ok(r) => r,
                 Err(e) => {
                     last_error = Some(format!("{url}: {e}"));

@@ -1,0 +1,243 @@
+//! Kraken-compatible prefetch: `POST /proxy/v1/registry/prefetch` and
+//! `POST /proxy/v2/registry/prefetch`, body `{"tag": "<registry>/<repository>:<tag>",
+//! "trace_id": "..."}`.
+//!
+//! v1 downloads the image's blobs into the origin (waiting for them when `prefetch_sync` is
+//! set, else in the background); v2 starts what is missing and returns at once. Both are
+//! idempotent: blob fetches join the single flight of their digest.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use shoal_shared::digest::Digest;
+use shoal_shared::hint::{valid_ns, Hint};
+use shoal_shared::oci::{valid_name, valid_tag, ErrorCode, Reference};
+
+use crate::api::AppState;
+use crate::upstream::{child_manifests, UpstreamError};
+
+/// Largest request body.
+const MAX_BODY: usize = 16 << 10;
+/// Most blobs one prefetch starts.
+const MAX_BLOBS: usize = 4096;
+
+/// Which blobs are worth prefetching, by size.
+#[derive(Debug, Clone, Copy)]
+pub struct SizeFilter {
+    pub min: u64,
+    pub max: u64,
+}
+
+#[derive(Deserialize)]
+struct Request {
+    tag: String,
+    #[serde(default)]
+    trace_id: Option<String>,
+}
+
+/// The answer, in Kraken's shape.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub tag: String,
+    pub prefetched: bool,
+    pub status: String,
+    pub message: String,
+    pub trace_id: String,
+}
+
+fn answer(status: StatusCode, tag: &str, trace_id: &str, prefetched: bool, message: String) -> HttpResponse {
+    let outcome = if status.is_success() { "success" } else { "failure" };
+    HttpResponse::build(status).json(Response {
+        tag: tag.to_owned(),
+        prefetched,
+        status: outcome.to_owned(),
+        message,
+        trace_id: trace_id.to_owned(),
+    })
+}
+
+/// An image reference split into registry, repository and tag or digest.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    pub registry: String,
+    pub name: String,
+    pub reference: Reference,
+}
+
+/// Parses `<registry>/<repository>:<tag>` or `<registry>/<repository>@<digest>`;
+/// repositories may have any depth.
+pub fn parse_image(s: &str) -> Result<ImageRef, String> {
+    let (registry, rest) = s.split_once('/').ok_or("expected <registry>/<repository>:<tag>")?;
+    if !valid_ns(registry) {
+        return Err(format!("invalid registry {registry:?}"));
+    }
+    let (name, reference) = if let Some((name, digest)) = rest.split_once('@') {
+        (name, Reference::Digest(digest.parse::<Digest>().map_err(|e| format!("invalid digest: {e}"))?))
+    } else {
+        let (name, tag) = rest.rsplit_once(':').filter(|(_, t)| !t.contains('/')).ok_or("missing :<tag>")?;
+        if !valid_tag(tag) {
+            return Err(format!("invalid tag {tag:?}"));
+        }
+        (name, Reference::Tag(tag.to_owned()))
+    };
+    if !valid_name(name) {
+        return Err(format!("invalid repository {name:?}"));
+    }
+    Ok(ImageRef { registry: registry.to_owned(), name: name.to_owned(), reference })
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: Digest,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+struct Blobs {
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// Mounts the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/proxy/v1/registry/prefetch", web::post().to(v1))
+        .route("/proxy/v2/registry/prefetch", web::post().to(v2));
+}
+
+async fn v1(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    prefetch(&body, &state, state.prefetch_sync).await
+}
+
+async fn v2(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    prefetch(&body, &state, false).await
+}
+
+async fn prefetch(body: &[u8], state: &AppState, wait: bool) -> HttpResponse {
+    if body.len() > MAX_BODY {
+        return answer(StatusCode::BAD_REQUEST, "", "", false, format!("body larger than {MAX_BODY} bytes"));
+    }
+    let req: Request = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, "", "", false, format!("invalid body: {e}")),
+    };
+    let trace_id = req.trace_id.unwrap_or_default();
+    let trace_id: String = trace_id.chars().filter(|c| !c.is_control()).take(256).collect();
+    let tag = req.tag;
+    let image = match parse_image(&tag) {
+        Ok(i) => i,
+        Err(e) => {
+            return answer(StatusCode::BAD_REQUEST, &tag, &trace_id, false, format!("invalid tag: {e}"))
+        }
+    };
+    let fail = |e: &UpstreamError| {
+        let (status, _) = e.http(ErrorCode::ManifestUnknown);
+        answer(status, &tag, &trace_id, false, format!("cannot resolve {tag}: {e}"))
+    };
+    let ups = &state.upstreams;
+    let index = match ups.select(Some(image.registry.as_str())) {
+        Ok(i) => i,
+        Err(e) => return fail(&e),
+    };
+    let root = match &image.reference {
+        Reference::Tag(t) => ups.resolve_tag(index, &image.name, t).await,
+        Reference::Digest(d) if state.store.size(d).await.is_some() => Ok(*d),
+        Reference::Digest(_) => ups.pull_manifest(index, &image.name, &image.reference).await,
+    };
+    let root = match root {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let blobs = match image_blobs(state, root).await {
+        Ok(b) => b,
+        Err(e) => return answer(StatusCode::BAD_GATEWAY, &tag, &trace_id, false, e),
+    };
+    let filter = state.prefetch_sizes;
+    let (wanted, skipped): (Vec<_>, Vec<_>) =
+        blobs.into_iter().partition(|d| (filter.min..=filter.max).contains(&d.size));
+    let hint = match Hint::new(&image.name, Some(image.registry.as_str())) {
+        Ok(h) => h,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, &tag, &trace_id, false, e.to_string()),
+    };
+    let held = wanted.iter().filter(|d| state.store.blob_path(&d.digest).exists()).count();
+    tracing::info!(%tag, %trace_id, blobs = wanted.len(), held, skipped = skipped.len(), wait, "prefetch");
+    if !wait {
+        for d in &wanted {
+            // Starting the flight is all v2 (and background v1) does; its outcome is logged.
+            let _ = ups.blob(d.digest, &hint);
+        }
+        let message = format!(
+            "{} blobs: {held} held, {} being fetched; {} skipped by size",
+            wanted.len(),
+            wanted.len() - held,
+            skipped.len()
+        );
+        return answer(StatusCode::OK, &tag, &trace_id, held == wanted.len(), message);
+    }
+    let results = futures_util::future::join_all(wanted.iter().map(|d| ups.wait_blob(d.digest, &hint))).await;
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        let (status, _) = e.http(ErrorCode::BlobUnknown);
+        return answer(status, &tag, &trace_id, false, format!("prefetch of {tag} failed: {e}"));
+    }
+    let message = format!("{} blobs prefetched; {} skipped by size", wanted.len(), skipped.len());
+    answer(StatusCode::OK, &tag, &trace_id, true, message)
+}
+
+/// The config and layers of the image `root` names, across every platform of an index.
+async fn image_blobs(state: &AppState, root: Digest) -> Result<Vec<Descriptor>, String> {
+    let read = |d: Digest| async move {
+        let size = state.store.size(&d).await.ok_or_else(|| format!("manifest {d} not stored"))?;
+        let bytes = state
+            .store
+            .read_range(&d, 0, size.min(shoal_shared::oci::MAX_MANIFEST as u64) as usize)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("manifest {d} unreadable"))?;
+        Ok::<_, String>(bytes)
+    };
+    let root_bytes = read(root).await?;
+    let children = child_manifests(&root_bytes);
+    let manifests = if children.is_empty() { vec![root] } else { children };
+    let mut out: Vec<Descriptor> = Vec::new();
+    for m in manifests {
+        let blobs: Blobs =
+            serde_json::from_slice(&read(m).await?).map_err(|e| format!("manifest {m}: {e}"))?;
+        for d in blobs.config.into_iter().chain(blobs.layers) {
+            if !out.iter().any(|o| o.digest == d.digest) {
+                out.push(d);
+            }
+        }
+        if out.len() > MAX_BLOBS {
+            return Err(format!("image has more than {MAX_BLOBS} blobs"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_refs() {
+        let r = parse_image("127.0.0.1:5000/a/b/c:v1").expect("ref");
+        assert_eq!(r.registry, "127.0.0.1:5000");
+        assert_eq!(r.name, "a/b/c");
+        assert_eq!(r.reference, Reference::Tag("v1".into()));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = parse_image(&format!("ghcr.io/x@{d}")).expect("digest ref");
+        assert_eq!(r.reference, Reference::Digest(d.parse().expect("digest")));
+        for bad in [
+            "",
+            "alpine",
+            "docker.io/alpine",
+            "docker.io/Alpine:1",
+            "bad host/x:1",
+            "docker.io/x:",
+            "docker.io/x@sha256:zz",
+        ] {
+            assert!(parse_image(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! One upstream registry: authenticated requests, manifest and blob fetches with stall
+//! detection. Whatever comes back is hostile: sizes are bounded and content is addressed by
+//! the digest computed here, never by a `Docker-Content-Digest` header.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use shoal_shared::digest::Digest;
+use shoal_shared::oci::{
+    manifest_media_type, DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+};
+use shoal_shared::store::{BlobStore, StoreError};
+
+use super::auth::{self, Challenge, Credentials, TokenCache};
+use super::UpstreamError;
+
+/// What a manifest request accepts: schema 2 and OCI only (schema 1 is refused).
+fn manifest_accept() -> String {
+    [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ")
+}
+
+/// One configured upstream registry.
+#[derive(Debug)]
+pub struct Upstream {
+    /// `scheme://host[:port]`, no trailing slash.
+    base: String,
+    /// `host[:port]`, what containerd's `?ns=` names.
+    pub host: String,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    tokens: Arc<TokenCache>,
+    stall: Duration,
+}
+
+/// Hosts that may be reached over plain HTTP.
+fn loopback(host: &str) -> bool {
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    name == "localhost" || name.starts_with("127.") || name == "[::1]"
+}
+
+impl Upstream {
+    /// `url` is `https://host[:port]` (or `http://` for a registry on localhost); a bare
+    /// `host[:port]` means https.
+    pub fn new(
+        url: &str,
+        http: reqwest::Client,
+        credentials: Option<Credentials>,
+        stall: Duration,
+    ) -> Result<Self, String> {
+        let url = url.trim_end_matches('/');
+        let (scheme, host) = match url.split_once("://") {
+            Some((s, h)) => (s, h),
+            None => ("https", url),
+        };
+        if !shoal_shared::hint::valid_ns(host) {
+            return Err(format!("upstream {url}: expected scheme://host[:port]"));
+        }
+        match scheme {
+            "https" => {}
+            "http" if loopback(host) => {}
+            "http" => return Err(format!("upstream {url}: plain HTTP is only allowed for localhost")),
+            other => return Err(format!("upstream {url}: unsupported scheme {other}")),
+        }
+        Ok(Self {
+            base: format!("{scheme}://{host}"),
+            host: host.to_ascii_lowercase(),
+            http,
+            credentials,
+            tokens: Arc::new(TokenCache::default()),
+            stall,
+        })
+    }
+
+    /// True when containerd's `ns` names this registry.
+    pub fn serves(&self, ns: &str) -> bool {
+        auth::normalize_host(ns) == auth::normalize_host(&self.host)
+    }
+
+    fn scope_key(name: &str) -> String {
+        format!("repository:{name}:pull")
+    }
+
+    /// Sends a request, answering an auth challenge once. `Unauthorized` when the registry
+    /// refuses what we have.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        name: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let key = Self::scope_key(name);
+        let build = |auth: Option<&str>| {
+            let mut req = self.http.request(method.clone(), url);
+            if let Some(a) = accept {
+                req = req.header(ACCEPT, a);
+            }
+            if let Some(a) = auth.and_then(|a| HeaderValue::from_str(a).ok()) {
+                let mut a = a;
+                a.set_sensitive(true);
+                req = req.header(AUTHORIZATION, a);
+            }
+            req
+        };
+        let cached = self.tokens.get(&key);
+        let resp = self.timed(build(cached.as_deref()).send()).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        self.tokens.remove(&key);
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::parse_challenge)
+            .ok_or_else(|| {
+                UpstreamError::Unauthorized(format!("{}: 401 without a usable challenge", self.host))
+            })?;
+        let (header, lifetime) = match challenge {
+            Challenge::Basic => {
+                let creds = self.credentials.as_ref().ok_or_else(|| {
+                    UpstreamError::Unauthorized(format!(
+                        "{} asks for credentials and none are configured",
+                        self.host
+                    ))
+                })?;
+                (auth::basic_header(creds), Duration::from_secs(3600))
+            }
+            Challenge::Bearer { realm, service, scope } => {
+                self.token(&realm, service.as_deref(), scope.as_deref().unwrap_or(&key)).await?
+            }
+        };
+        let resp = self.timed(build(Some(&header)).send()).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(UpstreamError::Unauthorized(format!("{} refused the credentials", self.host)));
+        }
+        self.tokens.put(key, header, lifetime);
+        Ok(resp)
+    }
+
+    /// A bearer token from the challenge's realm (with basic credentials if configured).
+    async fn token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration), UpstreamError> {
+        let mut req = self.http.get(realm).query(&[("scope", scope)]);
+        if let Some(service) = service {
+            req = req.query(&[("service", service)]);
+        }
+        if let Some(c) = &self.credentials {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let resp = self.timed(req.send()).await?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(UpstreamError::Unauthorized(format!(
+                    "{}: token service refused the credentials",
+                    self.host
+                )))
+            }
+            s => return Err(UpstreamError::Status { host: self.host.clone(), status: s.as_u16() }),
+        }
+        let body = self.read_limited(resp, auth::MAX_TOKEN_JSON).await?;
+        auth::bearer_from_response(&body).map_err(|e| UpstreamError::Invalid(format!("{}: {e}", self.host)))
+    }
+
+    /// Awaits a request's response headers, at most the stall timeout.
+    async fn timed(
+        &self,
+        fut: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        match tokio::time::timeout(self.stall, fut).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(format!("{}: {}", self.host, without_url(&e)))),
+            Err(_) => Err(UpstreamError::Stalled { host: self.host.clone(), secs: self.stall.as_secs() }),
+        }
+    }
+
+    /// Turns error statuses into typed errors.
+    fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+        match resp.status() {
+            s if s.is_success() => Ok(resp),
+            StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+            StatusCode::UNAUTHORIZED => {
+                Err(UpstreamError::Unauthorized(format!("{} refused the credentials", self.host)))
+            }
+            StatusCode::FORBIDDEN => Err(UpstreamError::Denied(self.host.clone())),
+            s => Err(UpstreamError::Status { host: self.host.clone(), status: s.as_u16() }),
+        }
+    }
+
+    /// Reads a body of at most `limit` bytes, each chunk within the stall timeout.
+    async fn read_limited(&self, resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, UpstreamError> {
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(UpstreamError::TooLarge { limit });
+        }
+        let mut body = Vec::new();
+        let mut stream = std::pin::pin!(resp.bytes_stream());
+        while let Some(chunk) = self.next_chunk(&mut stream).await? {
+            if body.len() + chunk.len() > limit {
+                return Err(UpstreamError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    async fn next_chunk(
+        &self,
+        stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    ) -> Result<Option<bytes::Bytes>, UpstreamError> {
+        match tokio::time::timeout(self.stall, stream.next()).await {
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(c))) => Ok(Some(c)),
+            Ok(Some(Err(e))) => {
+                Err(UpstreamError::Unreachable(format!("{}: {}", self.host, without_url(&e))))
+            }
+            Err(_) => Err(UpstreamError::Stalled { host: self.host.clone(), secs: self.stall.as_secs() }),
+        }
+    }
+
+    /// The digest the registry says `name:reference` has (HEAD), used only to tell whether a
+    /// cached tag is still current.
+    pub async fn head_manifest(&self, name: &str, reference: &str) -> Result<Option<Digest>, UpstreamError> {
+        let url = format!("{}/v2/{name}/manifests/{reference}", self.base);
+        let resp = self.check(self.send(Method::HEAD, &url, name, Some(&manifest_accept())).await?)?;
+        Ok(resp
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+
+    /// Fetches a manifest and returns its bytes and computed digest. Schema 1 is refused.
+    pub async fn get_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+    ) -> Result<(Vec<u8>, Digest), UpstreamError> {
+        let url = format!("{}/v2/{name}/manifests/{reference}", self.base);
+        let resp = self.check(self.send(Method::GET, &url, name, Some(&manifest_accept())).await?)?;
+        let body = self.read_limited(resp, MAX_MANIFEST).await?;
+        if manifest_media_type(&body).is_none() {
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Version {
+                schema_version: Option<u32>,
+            }
+            let v = serde_json::from_slice::<Version>(&body).ok().and_then(|v| v.schema_version);
+            return Err(if v == Some(1) {
+                UpstreamError::Schema1(format!("{}/{name}:{reference}", self.host))
+            } else {
+                UpstreamError::Invalid(format!("{}/{name}:{reference} is not a manifest", self.host))
+            });
+        }
+        let digest = Digest::of(&body);
+        Ok((body, digest))
+    }
+
+    /// Streams blob `digest` of repository `name` into the store; the store verifies the
+    /// content against `digest` before publishing it. Tries the manifests endpoint when the
+    /// blobs endpoint does not know the digest (a platform manifest asked for by digest).
+    pub async fn fetch_blob(
+        &self,
+        store: &BlobStore,
+        piece_length: u32,
+        name: &str,
+        digest: &Digest,
+    ) -> Result<u64, UpstreamError> {
+        let url = format!("{}/v2/{name}/blobs/{digest}", self.base);
+        let resp = match self.check(self.send(Method::GET, &url, name, None).await?) {
+            Err(UpstreamError::NotFound) => {
+                let url = format!("{}/v2/{name}/manifests/{digest}", self.base);
+                self.check(self.send(Method::GET, &url, name, Some(&manifest_accept())).await?)?
+            }
+            other => other?,
+        };
+        let mut staged = store.stage(piece_length).await.map_err(UpstreamError::Store)?;
+        let mut stream = std::pin::pin!(resp.bytes_stream());
+        loop {
+            match self.next_chunk(&mut stream).await {
+                Ok(Some(chunk)) => staged.write(&chunk).await.map_err(UpstreamError::Store)?,
+                Ok(None) => break,
+                Err(e) => {
+                    staged.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+        let len = staged.len();
+        match staged.commit(digest).await {
+            Ok(_) => Ok(len),
+            Err(StoreError::DigestMismatch { actual, .. }) => {
+                Err(UpstreamError::Invalid(format!("{}: {digest} has digest {actual}", self.host)))
+            }
+            Err(e) => Err(UpstreamError::Store(e)),
+        }
+    }
+}
+
+/// A reqwest error's text without its URL (which could carry a token in a query).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), "<url>");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

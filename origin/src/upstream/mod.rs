@@ -1,0 +1,387 @@
+//! Pull-through from upstream registries (`shoal-origin serve --upstream URL`).
+//!
+//! Manifests are fetched when a tag is resolved and stored as if pushed; blobs are fetched
+//! when the cluster first asks for their metainfo. One fetch per blob runs at a time in the
+//! whole cluster: agents ask the tracker, the tracker asks the origin, and the origin keeps
+//! one flight per digest; everyone else is told 202 (come back shortly) until the blob is
+//! stored. The metainfo (every piece's blake3 hash) can only be made once the whole blob is
+//! here, and agents verify every piece against it, so agents wait for the whole blob rather
+//! than receiving unverifiable pieces as they arrive.
+
+pub mod auth;
+pub mod client;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use dashmap::DashMap;
+use shoal_shared::digest::Digest;
+use shoal_shared::hint::Hint;
+use shoal_shared::oci::{ErrorCode, Reference, DOCKER_LIST, OCI_INDEX};
+use shoal_shared::store::{BlobStore, StoreError};
+use tokio::sync::watch;
+
+use crate::tags::TagStore;
+pub use client::Upstream;
+
+/// How long a failed fetch is reported to pollers before a new request retries it.
+const FAILURE_MEMORY: Duration = Duration::from_secs(10);
+/// Most blob fetches running at once: a peer asking for many made-up digests must not turn
+/// the origin into a request amplifier against the upstream.
+const MAX_FLIGHTS: usize = 512;
+/// Most failures remembered before the memory is dropped.
+const MAX_FAILURES: usize = 10_000;
+/// Most platform manifests fetched for one index.
+const MAX_CHILDREN: usize = 256;
+
+/// Why something could not be pulled from an upstream registry.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("registry {0} is not an upstream of this origin")]
+    UnknownRegistry(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("denied by {0}")]
+    Denied(String),
+    #[error("not found upstream")]
+    NotFound,
+    #[error("{0}: schema 1 manifests are not supported (re-push the image with a current client)")]
+    Schema1(String),
+    #[error("invalid upstream content: {0}")]
+    Invalid(String),
+    #[error("upstream {host} answered {status}")]
+    Status { host: String, status: u16 },
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream {host} made no progress for {secs}s")]
+    Stalled { host: String, secs: u64 },
+    #[error("upstream response larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("storage: {0}")]
+    Store(StoreError),
+    #[error("too many upstream fetches in progress, retry later")]
+    Busy,
+}
+
+impl UpstreamError {
+    /// Worth retrying, and a reason to serve a cached tag: the upstream is down or busy.
+    pub fn transient(&self) -> bool {
+        match self {
+            Self::Unreachable(_) | Self::Stalled { .. } => true,
+            Self::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+
+    /// The registry error this becomes for a client.
+    pub fn http(&self, unknown: ErrorCode) -> (StatusCode, ErrorCode) {
+        match self {
+            Self::UnknownRegistry(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
+            Self::NotFound => (StatusCode::NOT_FOUND, unknown),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            Self::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+            Self::Schema1(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
+            Self::Invalid(_) | Self::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+            Self::Status { .. }
+            | Self::Unreachable(_)
+            | Self::Stalled { .. }
+            | Self::Store(_)
+            | Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+        }
+    }
+}
+
+/// Pull-through settings from the origin's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub urls: Vec<String>,
+    pub auth_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    /// How long a pulled-through tag is served without asking the upstream.
+    pub tag_ttl: Duration,
+    /// An upstream request that makes no progress for this long is cancelled.
+    pub stall: Duration,
+    /// Attempts per blob fetch (stalls and transient errors are retried).
+    pub attempts: u32,
+}
+
+/// A blob fetch in flight: turns `Some` when it ends.
+pub type Flight = watch::Receiver<Option<Result<(), Arc<UpstreamError>>>>;
+
+/// Where a blob stands.
+#[derive(Debug)]
+pub enum BlobState {
+    Held,
+    /// Being fetched.
+    Pending(Flight),
+    Failed(Arc<UpstreamError>),
+}
+
+/// The configured upstreams, their tag caches and the blob fetches in flight.
+#[derive(Debug)]
+pub struct Upstreams {
+    list: Vec<Arc<Upstream>>,
+    tags: Vec<TagStore>,
+    store: BlobStore,
+    piece_length: u32,
+    tag_ttl: Duration,
+    attempts: u32,
+    flights: Arc<DashMap<Digest, Flight>>,
+    /// One resolution per tag at a time, so a burst of cold pulls costs the upstream one
+    /// HEAD and one manifest GET (Docker Hub counts manifest GETs against its rate limit).
+    resolving: DashMap<(usize, String, String), Arc<tokio::sync::Mutex<()>>>,
+    failures: Arc<DashMap<Digest, (Arc<UpstreamError>, Instant)>>,
+}
+
+impl Upstreams {
+    /// Builds the HTTP client (custom CA if any) and loads credentials; errors name the
+    /// file, never its content.
+    pub fn new(settings: &Settings, store: &BlobStore, piece_length: u32) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(settings.stall.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("shoal-origin/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &settings.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            for cert in
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", ca.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| format!("upstream HTTP client: {e}"))?;
+        let creds = match &settings.auth_file {
+            Some(path) => auth::DockerConfig::load(path).map_err(|e| e.to_string())?,
+            None => auth::DockerConfig::default(),
+        };
+        let mut list = Vec::new();
+        let mut tags = Vec::new();
+        for url in &settings.urls {
+            let up = Upstream::new(url, http.clone(), None, settings.stall)?;
+            let up = Upstream::new(url, http.clone(), creds.get(&up.host).cloned(), settings.stall)?;
+            // `host[:port]` is a safe path component once ':' is replaced.
+            tags.push(TagStore::in_dir(store, &format!("upstream-tags/{}", up.host.replace(':', "_"))));
+            list.push(Arc::new(up));
+        }
+        Ok(Self {
+            list,
+            tags,
+            store: store.clone(),
+            piece_length,
+            tag_ttl: settings.tag_ttl,
+            attempts: settings.attempts.max(1),
+            flights: Arc::new(DashMap::new()),
+            resolving: DashMap::new(),
+            failures: Arc::new(DashMap::new()),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The upstream `ns` names; without `ns`, the first one.
+    pub fn select(&self, ns: Option<&str>) -> Result<usize, UpstreamError> {
+        match ns {
+            Some(ns) => self
+                .list
+                .iter()
+                .position(|u| u.serves(ns))
+                .ok_or_else(|| UpstreamError::UnknownRegistry(ns.to_owned())),
+            None if self.list.is_empty() => Err(UpstreamError::UnknownRegistry("(none)".into())),
+            None => Ok(0),
+        }
+    }
+
+    fn held(&self, digest: &Digest) -> bool {
+        self.store.blob_path(digest).exists()
+    }
+
+    /// Resolves `name:tag` at upstream `index`: from the tag cache while it is younger than
+    /// the TTL, else with a HEAD (and a GET when it changed); when the upstream is down or
+    /// busy (unreachable, 5xx, 429, stalled), the cached answer however old.
+    pub async fn resolve_tag(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
+        let key = (index, name.to_owned(), tag.to_owned());
+        let lock = self.resolving.entry(key.clone()).or_default().clone();
+        let result = {
+            let _turn = lock.lock().await;
+            self.resolve_tag_now(index, name, tag).await
+        };
+        // The last one out removes the lock (the map holds one reference, `lock` another).
+        self.resolving.remove_if(&key, |_, l| Arc::strong_count(l) <= 2);
+        result
+    }
+
+    async fn resolve_tag_now(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
+        let (up, tags) = (&self.list[index], &self.tags[index]);
+        let cached = tags.get_with_age(name, tag).await.filter(|(d, _)| self.held(d));
+        if let Some((digest, age)) = cached {
+            if age < self.tag_ttl {
+                return Ok(digest);
+            }
+        }
+        let fresh = async {
+            match up.head_manifest(name, tag).await? {
+                Some(d) if cached.is_some_and(|(c, _)| c == d) => Ok(d),
+                _ => self.pull_manifest(index, name, &Reference::Tag(tag.to_owned())).await,
+            }
+        }
+        .await;
+        match (fresh, cached) {
+            (Ok(digest), _) => {
+                if let Err(e) = tags.put(name, tag, &digest).await {
+                    tracing::warn!(cause = %e, "cannot write pulled-through tag");
+                }
+                Ok(digest)
+            }
+            (Err(e), Some((digest, _))) if e.transient() => {
+                tracing::warn!(upstream = %up.host, %name, %tag, cause = %e, "upstream failing: serving the cached tag");
+                Ok(digest)
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Fetches a manifest (by tag or digest) and stores it; for an index, every platform's
+    /// manifest too, so each is reachable by digest.
+    pub async fn pull_manifest(
+        &self,
+        index: usize,
+        name: &str,
+        reference: &Reference,
+    ) -> Result<Digest, UpstreamError> {
+        let up = &self.list[index];
+        let (body, digest) = up.get_manifest(name, &reference.to_string()).await?;
+        if let Reference::Digest(want) = reference {
+            if *want != digest {
+                return Err(UpstreamError::Invalid(format!(
+                    "{}: manifest {want} has digest {digest}",
+                    up.host
+                )));
+            }
+        }
+        let children = child_manifests(&body);
+        for child in children.iter().take(MAX_CHILDREN) {
+            if self.held(child) {
+                continue;
+            }
+            let (child_body, child_digest) = up.get_manifest(name, &child.to_string()).await?;
+            if child_digest != *child {
+                return Err(UpstreamError::Invalid(format!(
+                    "{}: manifest {child} has digest {child_digest}",
+                    up.host
+                )));
+            }
+            self.put(&child_body, &child_digest).await?;
+        }
+        self.put(&body, &digest).await?;
+        tracing::info!(upstream = %up.host, %name, %reference, %digest, "manifest pulled through");
+        Ok(digest)
+    }
+
+    async fn put(&self, body: &[u8], digest: &Digest) -> Result<(), UpstreamError> {
+        if self.held(digest) {
+            return Ok(());
+        }
+        let mut staged = self.store.stage(self.piece_length).await.map_err(UpstreamError::Store)?;
+        staged.write(body).await.map_err(UpstreamError::Store)?;
+        staged.commit(digest).await.map(drop).map_err(UpstreamError::Store)
+    }
+
+    /// Where blob `digest` stands; starts its fetch from the upstream `hint` names unless one
+    /// runs already or one failed within the last [`FAILURE_MEMORY`].
+    pub fn blob(&self, digest: Digest, hint: &Hint) -> BlobState {
+        if self.held(&digest) {
+            return BlobState::Held;
+        }
+        if let Some(f) = self.failures.get(&digest) {
+            if f.1.elapsed() < FAILURE_MEMORY {
+                return BlobState::Failed(f.0.clone());
+            }
+        }
+        let index = match self.select(hint.ns.as_deref()) {
+            Ok(i) => i,
+            Err(e) => return BlobState::Failed(Arc::new(e)),
+        };
+        // Counted before taking the entry: `len` locks every shard, the entry holds one.
+        let busy = self.flights.len() >= MAX_FLIGHTS;
+        match self.flights.entry(digest) {
+            dashmap::mapref::entry::Entry::Occupied(e) => BlobState::Pending(e.get().clone()),
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                // The flight may have ended since the first look.
+                if self.held(&digest) {
+                    return BlobState::Held;
+                }
+                if busy {
+                    return BlobState::Failed(Arc::new(UpstreamError::Busy));
+                }
+                let (tx, rx): (_, Flight) = watch::channel(None);
+                v.insert(rx.clone());
+                self.failures.remove(&digest);
+                let (up, store, name) = (self.list[index].clone(), self.store.clone(), hint.name.clone());
+                let (flights, failures) = (self.flights.clone(), self.failures.clone());
+                let (piece_length, attempts) = (self.piece_length, self.attempts);
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let mut attempt = 1;
+                    let result = loop {
+                        match up.fetch_blob(&store, piece_length, &name, &digest).await {
+                            Ok(bytes) => break Ok(bytes),
+                            Err(e) if e.transient() && attempt < attempts => {
+                                tracing::warn!(upstream = %up.host, %digest, attempt, cause = %e, "upstream fetch failed, retrying");
+                                tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                                attempt += 1;
+                            }
+                            Err(e) => break Err(Arc::new(e)),
+                        }
+                    };
+                    let result = match result {
+                        Ok(bytes) => {
+                            let secs = started.elapsed().as_secs_f64();
+                            tracing::info!(upstream = %up.host, %name, %digest, bytes, secs, "blob pulled through");
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::warn!(upstream = %up.host, %name, %digest, cause = %e, "blob pull-through failed");
+                            if failures.len() >= MAX_FAILURES {
+                                failures.clear();
+                            }
+                            failures.insert(digest, (e.clone(), Instant::now()));
+                            Err(e)
+                        }
+                    };
+                    flights.remove(&digest);
+                    tx.send_replace(Some(result));
+                });
+                BlobState::Pending(rx)
+            }
+        }
+    }
+
+    /// Fetches blob `digest` (or joins its fetch) and waits for the end.
+    pub async fn wait_blob(&self, digest: Digest, hint: &Hint) -> Result<(), Arc<UpstreamError>> {
+        match self.blob(digest, hint) {
+            BlobState::Held => Ok(()),
+            BlobState::Failed(e) => Err(e),
+            BlobState::Pending(mut rx) => match rx.wait_for(Option::is_some).await {
+                Ok(r) => r.clone().unwrap_or(Ok(())),
+                Err(_) => Err(Arc::new(UpstreamError::Unreachable("fetch task ended".into()))),
+            },
+        }
+    }
+}
+
+/// The platform manifests an index lists; nothing for a manifest.
+pub fn child_manifests(body: &[u8]) -> Vec<Digest> {
+    match shoal_shared::oci::manifest_media_type(body).as_deref() {
+        Some(OCI_INDEX) | Some(DOCKER_LIST) => {
+            shoal_shared::oci::manifest_references(body).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
