@@ -18,7 +18,7 @@ enum Command {
     /// Serve the local registry and exchange pieces with peers.
     Serve {
         #[command(flatten)]
-        flags: ServeFlags,
+        flags: Box<ServeFlags>,
         /// TOML file with the same keys as the flags.
         #[arg(long, env = "SHOAL_CONFIG")]
         config: Option<PathBuf>,
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     fix_mmap_threshold();
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match Cli::parse().command {
-        Command::Serve { flags, config } => runtime()?.block_on(serve(flags, config)),
+        Command::Serve { flags, config } => runtime()?.block_on(serve(*flags, config)),
         Command::ContainerdConfig { dir, endpoint, registries, dry_run } => {
             containerd_config(&dir, &endpoint, &registries, dry_run)
         }
