@@ -216,6 +216,56 @@ async fn containerd_pulls_through_hosts_toml_from_containerd_config() {
     drop(containerd);
 }
 
+/// The README's promise: containerd, pointed at an agent by `containerd-config`, pulls an
+/// image that exists only in an upstream registry (the CNCF distribution registry); the
+/// upstream sees one GET per blob and the layers land in the agent's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_an_upstream_image_through_the_agent() {
+    if !require("containerd") || !require("ctr") || !require("docker-registry") || !require("skopeo") {
+        return;
+    }
+    let registry = shoal_tests::registry::Registry::start(None).await.expect("registry");
+    let pushed =
+        registry.push_image("library/busy:1.0", &[MIB + 99, 200_000], 71).await.expect("push upstream");
+    let cluster = Cluster::start(ClusterOptions {
+        agents: 1,
+        piece_length: 256 << 10,
+        upstream: Some(shoal_tests::cluster::UpstreamOptions::new(&registry.url())),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts_dir = dir.path().join("certs.d");
+    shoal_agent::containerd::write(&hosts_dir, &[registry.host.clone()], &cluster.agents[0].registry_url)
+        .expect("containerd-config");
+    let containerd = Containerd::start(dir.path()).await;
+
+    // The fallback `server` is https://<registry>, which this plain-HTTP registry cannot
+    // answer: the pull can only succeed through the agent.
+    let reference = format!("{}/library/busy:1.0", registry.host);
+    let hosts_arg = hosts_dir.display().to_string();
+    let out = run(
+        containerd.ctr(&["images", "pull", "--hosts-dir", &hosts_arg, "--snapshotter", "native", &reference]),
+        Duration::from_secs(60),
+    )
+    .await;
+    check(&out, "ctr images pull (upstream through the agent)");
+    let out = run(containerd.ctr(&["images", "ls"]), Duration::from_secs(10)).await;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let line = listing.lines().find(|l| l.starts_with(&reference)).unwrap_or_else(|| panic!("{listing}"));
+    assert!(line.contains(&pushed.manifest), "{line}");
+    for (layer, _) in &pushed.layers {
+        assert_eq!(registry.blob_gets(layer), 1, "upstream GETs of {layer}");
+        let hex = layer.strip_prefix("sha256:").unwrap();
+        assert!(
+            cluster.agents[0].data_dir.join("blobs").join(hex).is_file(),
+            "{layer} not in the agent's cache"
+        );
+    }
+    drop(containerd);
+}
+
 fn skopeo_copy(registry_host: &str, out: &Path) -> Command {
     let mut cmd = Command::new("skopeo");
     cmd.arg("--insecure-policy")
