@@ -68,7 +68,7 @@ impl From<LookupError> for DownloadError {
     fn from(e: LookupError) -> Self {
         match e {
             LookupError::NotFound => Self::NotFound,
-            LookupError::Unavailable(m) => Self::Unavailable(m),
+            LookupError::Unavailable(m) | LookupError::Denied(m) => Self::Unavailable(m),
         }
     }
 }

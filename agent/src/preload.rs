@@ -80,6 +80,8 @@ pub enum PreloadError {
     NoPlatform(Digest, String),
     #[error("cluster unavailable: {0}")]
     Unavailable(String),
+    #[error("the registry refused the cluster's credentials: {0}")]
+    Denied(String),
 }
 
 impl ImageRef {
@@ -206,6 +208,7 @@ struct Index {
 fn lookup_error(e: LookupError, what: &str) -> PreloadError {
     match e {
         LookupError::NotFound => PreloadError::NotFound(what.to_owned()),
+        LookupError::Denied(m) => PreloadError::Denied(m),
         other => PreloadError::Unavailable(other.to_string()),
     }
 }
@@ -318,6 +321,7 @@ impl PreloadError {
             Self::NotFound(_) | Self::NoPlatform(..) => StatusCode::NOT_FOUND,
             Self::NotManifest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Denied(_) => StatusCode::UNAUTHORIZED,
         }
     }
 }

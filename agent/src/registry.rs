@@ -148,6 +148,11 @@ async fn manifest(reference: &str, hint: &Hint, state: &AppState) -> HttpRespons
                     format!("{name}:{tag} unknown"),
                 )
             }
+            // The upstream refused the cluster's credentials: a 401 (without a challenge, as
+            // the client cannot fix it) tells containerd to fall back to the registry itself.
+            Err(LookupError::Denied(m)) => {
+                return oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m)
+            }
             Err(e) => return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
         },
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),

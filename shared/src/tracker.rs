@@ -46,6 +46,9 @@ pub enum LookupError {
     NotFound,
     #[error("tracker unavailable: {0}")]
     Unavailable(String),
+    /// The registry the image comes from refused the cluster's credentials.
+    #[error("{0}")]
+    Denied(String),
 }
 
 /// Talks to the configured trackers.
@@ -71,6 +74,7 @@ impl TrackerClient {
             match call(base.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(ClientError::NotFound { .. }) => return Err(LookupError::NotFound),
+                Err(ClientError::Status { status: 401, body, .. }) => return Err(LookupError::Denied(body)),
                 Err(e) => {
                     tracing::warn!(tracker = %base, cause = %e, "tracker call failed");
                     last = e.to_string();

@@ -61,6 +61,7 @@ fn lookup_error(e: &LookupError) -> HttpResponse {
             // credentials) to the agent, so the client pulling sees why.
             error(StatusCode::SERVICE_UNAVAILABLE, &format!("origins unavailable: {cause}"))
         }
+        LookupError::Denied(cause) => error(StatusCode::UNAUTHORIZED, &format!("refused: {cause}")),
         LookupError::Pending => HttpResponse::Accepted()
             .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
             .json(serde_json::json!({ "status": "pulling from upstream" })),

@@ -28,6 +28,10 @@ pub enum LookupError {
     /// An origin is pulling the blob through from an upstream registry: ask again later.
     #[error("being pulled from upstream")]
     Pending,
+    /// An origin's upstream refused the credentials (or the origin refused us): retrying
+    /// elsewhere in the cluster will not help, and the client should know.
+    #[error("refused: {0}")]
+    Denied(String),
 }
 
 #[derive(Debug)]
@@ -163,7 +167,7 @@ impl Origins {
     pub async fn tag(&self, name: &str, tag: &str, ns: Option<&str>) -> Result<Digest, LookupError> {
         let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
-        let mut last_error = None;
+        let (mut last_error, mut denied) = (None, None);
         for base in &self.urls {
             let url = format!("{base}/v2/{name}/manifests/{tag}{query}");
             let resp = match self.http.get(&url).header("Accept", &accept).send().await {
@@ -186,8 +190,12 @@ impl Origins {
                     }
                 }
                 Err(ClientError::NotFound { .. }) => {}
+                Err(e @ ClientError::Status { status: 401 | 403, .. }) => denied = Some(e.to_string()),
                 Err(e) => last_error = Some(e.to_string()),
             }
+        }
+        if let Some(denied) = denied {
+            return Err(LookupError::Denied(denied));
         }
         Err(last_error.map_or(LookupError::NotFound, LookupError::Unavailable))
     }
