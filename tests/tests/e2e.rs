@@ -237,8 +237,12 @@ async fn containerd_pulls_an_upstream_image_through_the_agent() {
     .expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
     let hosts_dir = dir.path().join("certs.d");
-    shoal_agent::containerd::write(&hosts_dir, &[registry.host.clone()], &cluster.agents[0].registry_url)
-        .expect("containerd-config");
+    shoal_agent::containerd::write(
+        &hosts_dir,
+        std::slice::from_ref(&registry.host),
+        &cluster.agents[0].registry_url,
+    )
+    .expect("containerd-config");
     let containerd = Containerd::start(dir.path()).await;
 
     // The fallback `server` is https://<registry>, which this plain-HTTP registry cannot
