@@ -1,6 +1,8 @@
 //! `shoal-bench`: hand-run tools around a real Shoal cluster.
 //!
 //! * `gen-image` writes a test OCI image layout (see [`shoal_tests::image`]).
+//! * `pull-through` measures pulls through an origin from a local upstream registry
+//!   (see [`shoal_tests::upstream_bench`]).
 //! * `pull` is the loopback benchmark: it starts the real `shoal-tracker`, `shoal-origin` and
 //!   `shoal-agent` binaries on 127.0.0.1, uploads one large pseudo-random blob to the origin and
 //!   compares a direct HTTP download from the origin with a cold (over QUIC from the origin)
@@ -59,6 +61,18 @@ enum Cmd {
     },
     /// Loopback benchmark: direct origin download vs cold and hot downloads through an agent.
     Pull(PullArgs),
+    /// Pull-through benchmark against a local CNCF distribution registry as the upstream.
+    PullThrough {
+        /// Size of the image's one layer in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Agents (one cold, then the others at once).
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        /// Piece length in bytes.
+        #[arg(long, default_value_t = 4 * 1024 * 1024)]
+        piece_length: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +107,16 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("tokio runtime")?
             .block_on(pull(args)),
+        Cmd::PullThrough { size_mib, agents, piece_length } => {
+            let opts = shoal_tests::upstream_bench::Options { size_mib, agents, piece_length };
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(shoal_tests::upstream_bench::run(opts))?;
+            print!("{report}");
+            Ok(())
+        }
     }
 }
 
