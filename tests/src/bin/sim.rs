@@ -46,6 +46,10 @@ struct Cli {
     /// Pieces an origin serves at once (the origin's max_uploads).
     #[arg(long, default_value_t = 32)]
     origin_uploads: u32,
+    /// Requests a server keeps waiting for an upload slot; more are refused as Busy
+    /// (default: unbounded, as the real servers).
+    #[arg(long)]
+    server_queue: Option<u32>,
     /// Peers the tracker lists per announce, besides the origins.
     #[arg(long, default_value_t = 50)]
     tracker_peers: u32,
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     cfg.agent_uploads = cli.agent_uploads;
     cfg.origin_uploads = cli.origin_uploads;
     cfg.tracker_peers = cli.tracker_peers;
+    cfg.server_queue = cli.server_queue.unwrap_or(u32::MAX);
     cfg.have_batch = parse_duration(&cli.have_batch)?;
     cfg.max_time = parse_duration(&cli.max_time)?;
     cfg.seed = cli.seed;

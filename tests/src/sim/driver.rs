@@ -30,7 +30,8 @@ pub struct Policy {
     pub max_in_flight: u32,
     /// Pieces at the front fetched in order.
     pub window: u32,
-    /// Peers a download talks to at once.
+    /// Peers asked for their bitfields per announce, less the seeders already known (the
+    /// agent's `max_peers`).
     pub max_peers: u32,
     /// How long a piece request may take before it is given up on.
     pub request_timeout: Nanos,
@@ -122,6 +123,11 @@ impl Scheduler {
 
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// Known peers holding the whole blob.
+    pub fn complete_peers(&self) -> usize {
+        self.peers.iter().filter(|p| p.have == self.pieces).count()
     }
 
     pub fn knows(&self, host: u32) -> bool {

@@ -38,6 +38,9 @@ pub struct Config {
     pub agent_uploads: u32,
     /// Pieces served at once by an origin.
     pub origin_uploads: u32,
+    /// Requests a server keeps waiting for an upload slot; more are refused (Busy). The
+    /// real servers queue without bound (`u32::MAX`).
+    pub server_queue: u32,
     /// Peers the tracker returns per announce (origins come on top).
     pub tracker_peers: u32,
     /// How long Have messages are held back to be applied together (0: on arrival).
@@ -64,6 +67,7 @@ impl Config {
             origins: 1,
             agent_uploads: 16,
             origin_uploads: 32,
+            server_queue: u32::MAX,
             tracker_peers: 50,
             have_batch: 0,
             policy: driver::Policy::agent(piece_len),

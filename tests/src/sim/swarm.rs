@@ -34,15 +34,34 @@ const IDLE_RETRY: Nanos = SEC;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
-    Announce { host: u32, version: u32 },
-    AnnounceReply { host: u32 },
-    BitfieldArrive { client: u32, server: u32 },
-    BitfieldReply { client: u32, server: u32 },
-    BitfieldTimeout { client: u32, server: u32 },
+    Announce {
+        host: u32,
+        version: u32,
+    },
+    AnnounceReply {
+        host: u32,
+    },
+    BitfieldArrive {
+        client: u32,
+        server: u32,
+    },
+    BitfieldReply {
+        client: u32,
+        server: u32,
+    },
+    BitfieldTimeout {
+        client: u32,
+        server: u32,
+    },
     RequestArrive(u32),
-    FlowDone { flow: FlowId, version: u32 },
+    FlowDone {
+        flow: FlowId,
+        version: u32,
+    },
     Deliver(u32),
     RequestTimeout(u32),
+    /// The server said Busy: it fails at the requester like a timeout, only sooner.
+    Refused(u32),
     HaveFlush(u32),
     Leave(u32),
 }
@@ -396,7 +415,7 @@ impl World {
             Ev::RequestArrive(r) => self.request_arrive(r),
             Ev::FlowDone { flow, version } => self.flow_done(flow, version),
             Ev::Deliver(r) => self.deliver(r),
-            Ev::RequestTimeout(r) => self.request_timeout(r),
+            Ev::RequestTimeout(r) | Ev::Refused(r) => self.request_timeout(r),
             Ev::HaveFlush(h) => self.flush_haves(h),
             Ev::Leave(h) => self.leave(h),
         }
@@ -426,15 +445,28 @@ impl World {
         }
         let max = self.cfg.tracker_peers as usize;
         let listed = self.tracker.sample(host, &self.hosts, now, max, &mut self.rng);
+        // Like the agent: up to `max_peers` less the seeders already known are asked for
+        // their bitfields per announce. Unlike it (its peer set is unbounded), at most
+        // `tracker_peers` agents are known at once; origins always get in.
+        let cap = self.cfg.tracker_peers as usize;
+        let mut budget = {
+            let Some(s) = self.hosts[host as usize].sched.as_ref() else { return };
+            (s.policy().max_peers as usize).saturating_sub(s.complete_peers())
+        };
         for p in listed {
-            let h = &mut self.hosts[host as usize];
-            let Some(s) = h.sched.as_mut() else { return };
-            if s.peer_count() + h.connecting.len() >= s.policy().max_peers as usize {
+            if budget == 0 {
                 break;
             }
+            let origin = self.hosts[p as usize].origin;
+            let h = &mut self.hosts[host as usize];
+            let Some(s) = h.sched.as_mut() else { return };
             if s.knows(p) || h.connecting.contains(&p) || s.backed_off(p, now) {
                 continue;
             }
+            if !origin && s.peer_count() + h.connecting.len() >= cap {
+                continue;
+            }
+            budget -= 1;
             h.connecting.push(p);
             let delay = self.message_delay();
             self.q.after(delay, Ev::BitfieldArrive { client: host, server: p });
@@ -493,6 +525,9 @@ impl World {
             self.reqs[r as usize].state = ReqState::Lost;
         } else if s.uploading < s.slots {
             self.start_flow(r);
+        } else if s.line.len() >= self.cfg.server_queue as usize {
+            self.reqs[r as usize].state = ReqState::Lost;
+            self.q.after(self.one_way, Ev::Refused(r));
         } else {
             s.line.push_back(r);
             self.reqs[r as usize].state = ReqState::Queued;
