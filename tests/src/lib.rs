@@ -2,4 +2,5 @@ pub mod cluster;
 pub mod image;
 pub mod quic_ceiling;
 pub mod registry;
+pub mod sim;
 pub mod upstream_bench;

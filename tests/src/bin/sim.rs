@@ -1,0 +1,120 @@
+//! `shoal-sim`: simulates one blob spreading through a swarm of thousands of agents on a
+//! virtual clock, with the project's scheduler state machine in every agent, and prints the
+//! netns benchmark's ratios (completion time over the physical limit, origin egress over the
+//! blob). See `shoal_tests::sim` for the model.
+//!
+//! `cargo build --release -p shoal-tests --bin shoal-sim && target/release/shoal-sim --hosts 1000`
+
+use anyhow::Context as _;
+use clap::Parser;
+use shoal_tests::sim::{self, driver::Policy, parse_duration, parse_rate, Config};
+
+/// Swarm simulator: N agents pull one blob at once over modelled links.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Agents pulling the blob.
+    #[arg(long, default_value_t = 1000)]
+    hosts: u32,
+    /// Blob size in MiB.
+    #[arg(long, default_value_t = 128)]
+    size_mib: u64,
+    /// Blob size in bytes (overrides --size-mib), e.g. 3000000000 for Kraken's 3 GB.
+    #[arg(long)]
+    size_bytes: Option<u64>,
+    /// Piece length in KiB.
+    #[arg(long, default_value_t = 4096)]
+    piece_kib: u64,
+    /// Every host's uplink and downlink: 100mbit, 1gbit, 300MB/s, ...
+    #[arg(long, default_value = "100mbit")]
+    rate: String,
+    /// Round-trip time between any two hosts: 1ms, 250us, ...
+    #[arg(long, default_value = "1ms")]
+    latency: String,
+    /// Packet loss probability.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Fraction of agents leaving at a random time during the download.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
+    /// Origin hosts, each holding the whole blob.
+    #[arg(long, default_value_t = 1)]
+    origins: u32,
+    /// Pieces an agent serves at once (the agent's max_uploads).
+    #[arg(long, default_value_t = 16)]
+    agent_uploads: u32,
+    /// Pieces an origin serves at once (the origin's max_uploads).
+    #[arg(long, default_value_t = 32)]
+    origin_uploads: u32,
+    /// Requests a server keeps waiting for an upload slot; more are refused as Busy
+    /// (default: unbounded, as the real servers).
+    #[arg(long)]
+    server_queue: Option<u32>,
+    /// Peers the tracker lists per announce, besides the origins.
+    #[arg(long, default_value_t = 50)]
+    tracker_peers: u32,
+    /// Peers a download talks to at once.
+    #[arg(long)]
+    max_peers: Option<u32>,
+    /// Requests in flight to one agent.
+    #[arg(long)]
+    peer_pipeline: Option<u32>,
+    /// Requests in flight to one origin.
+    #[arg(long)]
+    origin_pipeline: Option<u32>,
+    /// Requests in flight per download.
+    #[arg(long)]
+    max_in_flight: Option<u32>,
+    /// Pieces at the front of the blob fetched in order (the agent's IN_ORDER_WINDOW).
+    #[arg(long)]
+    window: Option<u32>,
+    /// Piece request timeout (default: the agent's, 10 s + 1 s per MiB of piece).
+    #[arg(long)]
+    request_timeout: Option<String>,
+    /// Hold Have messages back this long to apply them together (speeds up huge runs).
+    #[arg(long, default_value = "0")]
+    have_batch: String,
+    /// Stop after this much virtual time, finished or not.
+    #[arg(long, default_value = "3600s")]
+    max_time: String,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let size = match cli.size_bytes {
+        Some(b) => b,
+        None => cli.size_mib.checked_mul(1 << 20).context("--size-mib too large")?,
+    };
+    let piece_len = cli.piece_kib.checked_mul(1024).context("--piece-kib too large")?;
+    let rate = parse_rate(&cli.rate)?;
+    let mut cfg = Config::new(cli.hosts, size, piece_len, rate);
+    cfg.rtt = parse_duration(&cli.latency)?;
+    cfg.loss = cli.loss;
+    cfg.churn = cli.churn;
+    cfg.origins = cli.origins;
+    cfg.agent_uploads = cli.agent_uploads;
+    cfg.origin_uploads = cli.origin_uploads;
+    cfg.tracker_peers = cli.tracker_peers;
+    cfg.server_queue = cli.server_queue.unwrap_or(u32::MAX);
+    cfg.have_batch = parse_duration(&cli.have_batch)?;
+    cfg.max_time = parse_duration(&cli.max_time)?;
+    cfg.seed = cli.seed;
+    let d = Policy::agent(piece_len);
+    cfg.policy = Policy {
+        max_peers: cli.max_peers.unwrap_or(d.max_peers),
+        peer_pipeline: cli.peer_pipeline.unwrap_or(d.peer_pipeline),
+        origin_pipeline: cli.origin_pipeline.unwrap_or(d.origin_pipeline),
+        max_in_flight: cli.max_in_flight.unwrap_or(d.max_in_flight),
+        window: cli.window.unwrap_or(d.window),
+        request_timeout: match &cli.request_timeout {
+            Some(t) => parse_duration(t)?,
+            None => d.request_timeout,
+        },
+        ..d
+    };
+    let report = sim::run(&cfg)?;
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,834 @@
+//! The swarm: agents, origins and the tracker, driven by events on the virtual clock.
+//!
+//! Model, per message: a piece request, a bitfield request and its reply, a Have and a piece's
+//! last byte each take half the round-trip time; a lost request packet (probability `loss`)
+//! costs a QUIC probe timeout more. Piece data is a flow in [`Net`]; with loss, each flow is
+//! also capped at the throughput a loss-based congestion controller sustains (Mathis et al.:
+//! MSS / RTT * sqrt(3/2) / sqrt(loss)). A server serves a bounded number of pieces at once
+//! and queues the rest in arrival order, as the real peer server's upload semaphore does.
+//! Departed hosts answer nothing: requests to them run into the requester's timeout.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+use shoal_shared::bitfield::Bitfield;
+
+use super::driver::Scheduler;
+use super::net::{Finish, FlowId, Net};
+use super::queue::{EventQueue, Nanos, SEC};
+use super::{Config, ConfigError};
+
+/// Bytes of payload per packet (QUIC over a 1500-byte MTU, roughly).
+const MSS: f64 = 1200.0;
+/// How long an agent waits for a peer's bitfield (the agent's `BITFIELD_TIMEOUT`).
+const BITFIELD_TIMEOUT: Nanos = 5 * SEC;
+/// How long the tracker keeps listing a host that stopped announcing.
+const TRACKER_TTL: Nanos = 30 * SEC;
+/// When an agent has nothing in flight it looks again this soon (the agent: 300 ms sleep,
+/// then an announce within 700 ms).
+const IDLE_RETRY: Nanos = SEC;
+
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    Announce {
+        host: u32,
+        version: u32,
+    },
+    AnnounceReply {
+        host: u32,
+    },
+    BitfieldArrive {
+        client: u32,
+        server: u32,
+    },
+    BitfieldReply {
+        client: u32,
+        server: u32,
+    },
+    BitfieldTimeout {
+        client: u32,
+        server: u32,
+    },
+    RequestArrive(u32),
+    FlowDone {
+        flow: FlowId,
+        version: u32,
+    },
+    Deliver(u32),
+    RequestTimeout(u32),
+    /// The server said Busy: it fails at the requester like a timeout, only sooner.
+    Refused(u32),
+    HaveFlush(u32),
+    Leave(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqState {
+    /// On its way to the server.
+    Sent,
+    /// Waiting for an upload slot.
+    Queued,
+    Flowing(FlowId),
+    /// Sent in full; the last byte is on its way.
+    InTransit,
+    /// The server left: the requester will time out.
+    Lost,
+    Done,
+    Cancelled,
+}
+
+#[derive(Debug)]
+struct Req {
+    client: u32,
+    server: u32,
+    piece: u32,
+    state: ReqState,
+}
+
+#[derive(Debug)]
+struct Host {
+    origin: bool,
+    bits: Bitfield,
+    have: u32,
+    sched: Option<Box<Scheduler>>,
+    done_at: Option<Nanos>,
+    left_at: Option<Nanos>,
+    announced: bool,
+    announce_version: u32,
+    next_announce: Nanos,
+    /// Peers waiting for this host's Have messages.
+    subscribers: Vec<u32>,
+    /// Bitfields asked for and not answered yet.
+    connecting: Vec<u32>,
+    /// Have messages received and not yet applied: (arrival, peer, piece).
+    haves: Vec<(Nanos, u32, u32)>,
+    flush_at: Option<Nanos>,
+    // Serving side.
+    slots: u32,
+    uploading: u32,
+    line: VecDeque<u32>,
+    serving: Vec<u32>,
+    // Requesting side: requests sent and not settled.
+    outstanding: Vec<u32>,
+}
+
+impl Host {
+    fn gone(&self) -> bool {
+        self.left_at.is_some()
+    }
+    fn downloading(&self) -> bool {
+        self.sched.is_some()
+    }
+}
+
+/// Who has the blob: origins, finished agents (seeders) and every agent that announced.
+#[derive(Debug, Default)]
+struct Tracker {
+    origins: Vec<u32>,
+    seeders: Vec<u32>,
+    members: Vec<u32>,
+}
+
+impl Tracker {
+    /// Up to `max` peers for `me` besides the origins (listed first, as the real tracker
+    /// does): seeders first, then others, each drawn at random. O(max), never O(hosts).
+    fn sample(&self, me: u32, hosts: &[Host], now: Nanos, max: usize, rng: &mut StdRng) -> Vec<u32> {
+        let mut out = self.origins.clone();
+        let listed = |h: u32| h != me && hosts[h as usize].left_at.is_none_or(|t| now < t + TRACKER_TTL);
+        let limit = out.len() + max;
+        for (pool, downloading) in [(&self.seeders, false), (&self.members, true)] {
+            let fits = |h: u32| listed(h) && (!downloading || hosts[h as usize].done_at.is_none());
+            if pool.len() <= 2 * max {
+                let mut all: Vec<u32> = pool.iter().copied().filter(|&h| fits(h)).collect();
+                all.shuffle(rng);
+                for h in all {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    if !out.contains(&h) {
+                        out.push(h);
+                    }
+                }
+            } else {
+                for _ in 0..4 * max {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let h = pool[rng.random_range(0..pool.len())];
+                    if fits(h) && !out.contains(&h) {
+                        out.push(h);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub config: Config,
+    /// Seconds: blob / link rate + one round trip.
+    pub limit: f64,
+    /// Completion times of the agents that finished, over `limit`, sorted.
+    pub ratios: Vec<f64>,
+    /// Agents that left before finishing.
+    pub departed: u32,
+    /// Agents still downloading when the run stopped (at `max_time`).
+    pub unfinished: u32,
+    /// Bytes the origins sent, over the blob size.
+    pub origin_egress: f64,
+    /// Bytes sent that gave nobody a new piece (cut short or arrived after a timeout), over
+    /// the blob size.
+    pub wasted: f64,
+    /// Virtual seconds until the last agent finished (or the run stopped).
+    pub virtual_secs: f64,
+    pub wall_secs: f64,
+    pub events: u64,
+}
+
+impl Report {
+    /// The `q` quantile (0..=1, nearest rank) of the completion ratios.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.ratios.is_empty() {
+            return None;
+        }
+        let rank = ((q * self.ratios.len() as f64).ceil() as usize).clamp(1, self.ratios.len());
+        Some(self.ratios[rank - 1])
+    }
+
+    pub fn completed(&self) -> usize {
+        self.ratios.len()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        let q = |x: f64| self.quantile(x).map_or("-".to_string(), |r| format!("{r:.3}x"));
+        writeln!(
+            f,
+            "swarm: {} agents + {} origin(s), blob {:.1} MiB in {} pieces of {} KiB, links {:.1} Mbit/s, \
+             RTT {:.3} ms, loss {}, churn {}, seed {}",
+            c.hosts,
+            c.origins,
+            c.size as f64 / (1u64 << 20) as f64,
+            c.pieces(),
+            c.piece_len / 1024,
+            c.rate * 8.0 / 1e6,
+            c.rtt as f64 / 1e6,
+            c.loss,
+            c.churn,
+            c.seed
+        )?;
+        writeln!(f, "physical limit (blob / link rate + RTT): {:.3} s", self.limit)?;
+        writeln!(
+            f,
+            "completed: {} of {} agents ({} left mid-download, {} unfinished)",
+            self.completed(),
+            c.hosts,
+            self.departed,
+            self.unfinished
+        )?;
+        writeln!(f, "completion / limit: p50 {}  p99 {}  max {}", q(0.5), q(0.99), q(1.0))?;
+        writeln!(f, "origin egress / blob: {:.3}x", self.origin_egress)?;
+        writeln!(f, "wasted transfer / blob: {:.3}x", self.wasted)?;
+        write!(
+            f,
+            "simulation: {} events, {:.3} virtual s, {:.2} wall s, {:.0} events/s",
+            self.events,
+            self.virtual_secs,
+            self.wall_secs,
+            self.events as f64 / self.wall_secs.max(1e-9)
+        )
+    }
+}
+
+struct World {
+    cfg: Config,
+    q: EventQueue<Ev>,
+    net: Net,
+    hosts: Vec<Host>,
+    reqs: Vec<Req>,
+    tracker: Tracker,
+    rng: StdRng,
+    one_way: Nanos,
+    pto: Nanos,
+    pieces: u32,
+    finishes: Vec<Finish>,
+    wanted: Vec<(u32, u32)>,
+    origin_egress: f64,
+    wasted: f64,
+    /// Agents neither finished nor gone.
+    active: u32,
+    departed: u32,
+}
+
+/// Runs one simulation to the end (every agent finished or gone) or to `max_time`.
+pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
+    cfg.validate()?;
+    let started = Instant::now();
+    let mut w = World::new(cfg.clone());
+    while w.active > 0 {
+        let Some((now, ev)) = w.q.pop() else { break };
+        if now > cfg.max_time {
+            break;
+        }
+        w.handle(ev);
+    }
+    let mut ratios: Vec<f64> =
+        w.hosts.iter().filter_map(|h| h.done_at).map(|t| t as f64 / SEC as f64 / cfg.limit()).collect();
+    ratios.sort_by(f64::total_cmp);
+    Ok(Report {
+        config: cfg.clone(),
+        limit: cfg.limit(),
+        ratios,
+        departed: w.departed,
+        unfinished: w.active,
+        origin_egress: w.origin_egress / cfg.size as f64,
+        wasted: w.wasted / cfg.size as f64,
+        virtual_secs: w.q.now() as f64 / SEC as f64,
+        wall_secs: started.elapsed().as_secs_f64(),
+        events: w.q.processed(),
+    })
+}
+
+impl World {
+    fn new(cfg: Config) -> Self {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let pieces = cfg.pieces();
+        let total = (cfg.origins + cfg.hosts) as usize;
+        let flow_cap = if cfg.loss > 0.0 && cfg.rtt > 0 {
+            MSS / (cfg.rtt as f64 / SEC as f64) * 1.5f64.sqrt() / cfg.loss.sqrt()
+        } else {
+            f64::INFINITY
+        };
+        let net = Net::new(total, cfg.rate, cfg.rate).with_flow_cap(flow_cap);
+        let mut hosts = Vec::with_capacity(total);
+        let mut tracker = Tracker::default();
+        for i in 0..total as u32 {
+            let origin = i < cfg.origins;
+            let sched = (!origin).then(|| Box::new(Scheduler::new(pieces, rng.random(), cfg.policy)));
+            hosts.push(Host {
+                origin,
+                bits: if origin { Bitfield::full(pieces) } else { Bitfield::new(pieces) },
+                have: if origin { pieces } else { 0 },
+                sched,
+                done_at: None,
+                left_at: None,
+                announced: origin,
+                announce_version: 0,
+                next_announce: 0,
+                subscribers: Vec::new(),
+                connecting: Vec::new(),
+                haves: Vec::new(),
+                flush_at: None,
+                slots: if origin { cfg.origin_uploads } else { cfg.agent_uploads },
+                uploading: 0,
+                line: VecDeque::new(),
+                serving: Vec::new(),
+                outstanding: Vec::new(),
+            });
+            if origin {
+                tracker.origins.push(i);
+            }
+        }
+        let mut q = EventQueue::new();
+        let agents: Vec<u32> = (cfg.origins..total as u32).collect();
+        for &h in &agents {
+            q.schedule(0, Ev::Announce { host: h, version: 0 });
+        }
+        let leaving = ((cfg.churn * f64::from(cfg.hosts)).round() as usize).min(agents.len());
+        let limit_ns = (cfg.limit() * SEC as f64) as Nanos;
+        let mut chosen = agents.clone();
+        let (chosen, _) = chosen.partial_shuffle(&mut rng, leaving);
+        for &h in chosen.iter() {
+            q.schedule(rng.random_range(0..limit_ns.max(1)), Ev::Leave(h));
+        }
+        Self {
+            one_way: cfg.rtt / 2,
+            // A QUIC probe timeout: about an RTT plus variance plus the peer's ack delay.
+            pto: 3 * cfg.rtt + 25 * SEC / 1000,
+            pieces,
+            active: cfg.hosts,
+            cfg,
+            q,
+            net,
+            hosts,
+            reqs: Vec::new(),
+            tracker,
+            rng,
+            finishes: Vec::new(),
+            wanted: Vec::new(),
+            origin_egress: 0.0,
+            wasted: 0.0,
+            departed: 0,
+        }
+    }
+
+    /// Delay of one small message, with the chance it is lost and sent again.
+    fn message_delay(&mut self) -> Nanos {
+        let lost = self.cfg.loss > 0.0 && self.rng.random::<f64>() < self.cfg.loss;
+        self.one_way + if lost { self.pto } else { 0 }
+    }
+
+    fn piece_bytes(&self, piece: u32) -> f64 {
+        let start = u64::from(piece) * self.cfg.piece_len;
+        (self.cfg.size - start).min(self.cfg.piece_len) as f64
+    }
+
+    fn now(&self) -> Nanos {
+        self.q.now()
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Announce { host, version } => self.announce(host, version),
+            Ev::AnnounceReply { host } => self.announce_reply(host),
+            Ev::BitfieldArrive { client, server } => {
+                let s = &mut self.hosts[server as usize];
+                if s.gone() {
+                    return;
+                }
+                if s.downloading() && !s.subscribers.contains(&client) {
+                    s.subscribers.push(client);
+                }
+                self.q.after(self.one_way, Ev::BitfieldReply { client, server });
+            }
+            Ev::BitfieldReply { client, server } => self.bitfield_reply(client, server),
+            Ev::BitfieldTimeout { client, server } => {
+                let now = self.now();
+                let c = &mut self.hosts[client as usize];
+                if let Some(i) = c.connecting.iter().position(|&s| s == server) {
+                    c.connecting.swap_remove(i);
+                    if let Some(s) = c.sched.as_mut() {
+                        s.back_off(server, now);
+                    }
+                    self.dispatch(client);
+                }
+            }
+            Ev::RequestArrive(r) => self.request_arrive(r),
+            Ev::FlowDone { flow, version } => self.flow_done(flow, version),
+            Ev::Deliver(r) => self.deliver(r),
+            Ev::RequestTimeout(r) | Ev::Refused(r) => self.request_timeout(r),
+            Ev::HaveFlush(h) => self.flush_haves(h),
+            Ev::Leave(h) => self.leave(h),
+        }
+    }
+
+    fn announce(&mut self, host: u32, version: u32) {
+        let now = self.now();
+        let reannounce = self.cfg.policy.reannounce;
+        let h = &mut self.hosts[host as usize];
+        if version != h.announce_version || h.gone() || !h.downloading() {
+            return;
+        }
+        if !h.announced {
+            h.announced = true;
+            self.tracker.members.push(host);
+        }
+        h.next_announce = now + reannounce;
+        self.q.schedule(now + reannounce, Ev::Announce { host, version });
+        let delay = self.message_delay() + self.one_way;
+        self.q.after(delay, Ev::AnnounceReply { host });
+    }
+
+    fn announce_reply(&mut self, host: u32) {
+        let now = self.now();
+        if self.hosts[host as usize].gone() || !self.hosts[host as usize].downloading() {
+            return;
+        }
+        let max = self.cfg.tracker_peers as usize;
+        let listed = self.tracker.sample(host, &self.hosts, now, max, &mut self.rng);
+        // Like the agent: up to `max_peers` less the seeders already known are asked for
+        // their bitfields per announce. Unlike it (its peer set is unbounded), at most
+        // `tracker_peers` agents are known at once; origins always get in.
+        let cap = self.cfg.tracker_peers as usize;
+        let mut budget = {
+            let Some(s) = self.hosts[host as usize].sched.as_ref() else { return };
+            (s.policy().max_peers as usize).saturating_sub(s.complete_peers())
+        };
+        for p in listed {
+            if budget == 0 {
+                break;
+            }
+            let origin = self.hosts[p as usize].origin;
+            let h = &mut self.hosts[host as usize];
+            let Some(s) = h.sched.as_mut() else { return };
+            if s.knows(p) || h.connecting.contains(&p) || s.backed_off(p, now) {
+                continue;
+            }
+            if !origin && s.peer_count() + h.connecting.len() >= cap {
+                continue;
+            }
+            budget -= 1;
+            h.connecting.push(p);
+            let delay = self.message_delay();
+            self.q.after(delay, Ev::BitfieldArrive { client: host, server: p });
+            self.q.after(BITFIELD_TIMEOUT, Ev::BitfieldTimeout { client: host, server: p });
+        }
+    }
+
+    fn bitfield_reply(&mut self, client: u32, server: u32) {
+        let (origin, bits) = {
+            let s = &self.hosts[server as usize];
+            (s.origin, s.bits.clone())
+        };
+        let c = &mut self.hosts[client as usize];
+        let Some(i) = c.connecting.iter().position(|&s| s == server) else { return };
+        c.connecting.swap_remove(i);
+        let Some(s) = c.sched.as_mut() else { return };
+        s.add_peer(server, origin, bits);
+        self.dispatch(client);
+    }
+
+    /// Sends every request the scheduler wants now; looks for peers soon if it wants none.
+    fn dispatch(&mut self, client: u32) {
+        let now = self.now();
+        let mut wanted = std::mem::take(&mut self.wanted);
+        wanted.clear();
+        let Some(s) = self.hosts[client as usize].sched.as_mut() else { return };
+        s.next_requests(&mut wanted);
+        let timeout = s.policy().request_timeout;
+        let idle = s.in_flight() == 0;
+        for &(server, piece) in &wanted {
+            let id = self.reqs.len() as u32;
+            self.reqs.push(Req { client, server, piece, state: ReqState::Sent });
+            self.hosts[client as usize].outstanding.push(id);
+            let delay = self.message_delay();
+            self.q.after(delay, Ev::RequestArrive(id));
+            self.q.after(timeout, Ev::RequestTimeout(id));
+        }
+        self.wanted = wanted;
+        let h = &mut self.hosts[client as usize];
+        if idle && h.connecting.is_empty() && h.next_announce > now + IDLE_RETRY {
+            h.announce_version += 1;
+            h.next_announce = now + IDLE_RETRY;
+            let version = h.announce_version;
+            self.q.schedule(now + IDLE_RETRY, Ev::Announce { host: client, version });
+        }
+    }
+
+    fn request_arrive(&mut self, r: u32) {
+        let req = &self.reqs[r as usize];
+        if req.state != ReqState::Sent {
+            return;
+        }
+        let server = req.server;
+        let s = &mut self.hosts[server as usize];
+        if s.gone() {
+            self.reqs[r as usize].state = ReqState::Lost;
+        } else if s.uploading < s.slots {
+            self.start_flow(r);
+        } else if s.line.len() >= self.cfg.server_queue as usize {
+            self.reqs[r as usize].state = ReqState::Lost;
+            self.q.after(self.one_way, Ev::Refused(r));
+        } else {
+            s.line.push_back(r);
+            self.reqs[r as usize].state = ReqState::Queued;
+        }
+    }
+
+    fn start_flow(&mut self, r: u32) {
+        let now = self.now();
+        let (client, server, piece) = {
+            let q = &self.reqs[r as usize];
+            (q.client, q.server, q.piece)
+        };
+        let bytes = self.piece_bytes(piece);
+        let s = &mut self.hosts[server as usize];
+        s.uploading += 1;
+        s.serving.push(r);
+        let flow = self.net.start(now, server, client, bytes, r, &mut self.finishes);
+        self.reqs[r as usize].state = ReqState::Flowing(flow);
+        self.schedule_finishes();
+    }
+
+    fn schedule_finishes(&mut self) {
+        for f in self.finishes.drain(..) {
+            if f.at != Nanos::MAX {
+                self.q.schedule(f.at, Ev::FlowDone { flow: f.flow, version: f.version });
+            }
+        }
+    }
+
+    /// Frees an upload slot on `server` and serves the next request in line.
+    fn release_slot(&mut self, server: u32, r: u32) {
+        let s = &mut self.hosts[server as usize];
+        s.uploading = s.uploading.saturating_sub(1);
+        if let Some(i) = s.serving.iter().position(|&x| x == r) {
+            s.serving.swap_remove(i);
+        }
+        while self.hosts[server as usize].uploading < self.hosts[server as usize].slots {
+            let Some(next) = self.hosts[server as usize].line.pop_front() else { break };
+            if self.reqs[next as usize].state == ReqState::Queued {
+                self.start_flow(next);
+            }
+        }
+    }
+
+    fn account(&mut self, server: u32, sent: f64) {
+        if self.hosts[server as usize].origin {
+            self.origin_egress += sent;
+        }
+    }
+
+    fn flow_done(&mut self, flow: FlowId, version: u32) {
+        let now = self.now();
+        let Some(e) = self.net.finish(now, flow, version, &mut self.finishes) else { return };
+        self.schedule_finishes();
+        self.account(e.src, e.sent);
+        self.reqs[e.tag as usize].state = ReqState::InTransit;
+        let delay = self.message_delay();
+        self.q.after(delay, Ev::Deliver(e.tag));
+        self.release_slot(e.src, e.tag);
+    }
+
+    fn deliver(&mut self, r: u32) {
+        let now = self.now();
+        let (client, server, piece, state) = {
+            let q = &self.reqs[r as usize];
+            (q.client, q.server, q.piece, q.state)
+        };
+        if state != ReqState::InTransit {
+            return;
+        }
+        self.reqs[r as usize].state = ReqState::Done;
+        let bytes = self.piece_bytes(piece);
+        let c = &mut self.hosts[client as usize];
+        if c.gone() || !c.downloading() {
+            self.wasted += bytes;
+            return;
+        }
+        if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
+            c.outstanding.swap_remove(i);
+        }
+        if let Some(s) = c.sched.as_mut() {
+            s.on_piece(server, piece);
+        }
+        if c.bits.get(piece) {
+            self.wasted += bytes;
+            return;
+        }
+        c.bits.set(piece);
+        c.have += 1;
+        let complete = c.have == self.pieces;
+        let subscribers = std::mem::take(&mut c.subscribers);
+        let arrival = now + self.one_way;
+        let batch = self.cfg.have_batch;
+        let mut kept = Vec::with_capacity(subscribers.len());
+        for sub in subscribers {
+            let h = &mut self.hosts[sub as usize];
+            if h.gone() || !h.downloading() {
+                continue;
+            }
+            kept.push(sub);
+            h.haves.push((arrival, client, piece));
+            if h.flush_at.is_none() {
+                h.flush_at = Some(arrival + batch);
+                self.q.schedule(arrival + batch, Ev::HaveFlush(sub));
+            }
+        }
+        let c = &mut self.hosts[client as usize];
+        c.subscribers = if complete { Vec::new() } else { kept };
+        if complete {
+            self.finish(client);
+        } else {
+            self.dispatch(client);
+        }
+    }
+
+    fn finish(&mut self, client: u32) {
+        let now = self.now();
+        let c = &mut self.hosts[client as usize];
+        c.done_at = Some(now);
+        c.sched = None;
+        c.connecting.clear();
+        c.haves.clear();
+        let left = std::mem::take(&mut c.outstanding);
+        self.active -= 1;
+        self.tracker.seeders.push(client);
+        for r in left {
+            self.cancel(r);
+        }
+    }
+
+    fn flush_haves(&mut self, host: u32) {
+        let now = self.now();
+        let batch = self.cfg.have_batch;
+        let h = &mut self.hosts[host as usize];
+        h.flush_at = None;
+        let Some(s) = h.sched.as_mut() else {
+            h.haves.clear();
+            return;
+        };
+        let mut later = None::<Nanos>;
+        h.haves.retain(|&(at, peer, piece)| {
+            if at <= now {
+                s.on_have(peer, piece);
+                false
+            } else {
+                later = Some(later.map_or(at, |l: Nanos| l.min(at)));
+                true
+            }
+        });
+        if let Some(at) = later {
+            h.flush_at = Some(at + batch);
+            self.q.schedule(at + batch, Ev::HaveFlush(host));
+        }
+        self.dispatch(host);
+    }
+
+    fn request_timeout(&mut self, r: u32) {
+        let now = self.now();
+        let (client, server, piece, state) = {
+            let q = &self.reqs[r as usize];
+            (q.client, q.server, q.piece, q.state)
+        };
+        if matches!(state, ReqState::Done | ReqState::Cancelled) {
+            return;
+        }
+        let c = &mut self.hosts[client as usize];
+        let Some(s) = c.sched.as_mut() else { return };
+        s.on_failure(server, piece, now);
+        // The agent drops the peer: every request to it is given up on.
+        let to_server: Vec<u32> =
+            c.outstanding.iter().copied().filter(|&x| self.reqs[x as usize].server == server).collect();
+        for x in to_server {
+            self.cancel(x);
+        }
+        self.dispatch(client);
+    }
+
+    /// Gives up on a request wherever it is; bytes already sent for it are wasted.
+    fn cancel(&mut self, r: u32) {
+        let now = self.now();
+        let (client, server, piece, state) = {
+            let q = &self.reqs[r as usize];
+            (q.client, q.server, q.piece, q.state)
+        };
+        self.reqs[r as usize].state = ReqState::Cancelled;
+        let c = &mut self.hosts[client as usize];
+        if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
+            c.outstanding.swap_remove(i);
+        }
+        match state {
+            ReqState::Flowing(flow) => {
+                if let Some(e) = self.net.abort(now, flow, &mut self.finishes) {
+                    self.schedule_finishes();
+                    self.account(e.src, e.sent);
+                    self.wasted += e.sent;
+                }
+                self.release_slot(server, r);
+            }
+            ReqState::InTransit => self.wasted += self.piece_bytes(piece),
+            _ => {}
+        }
+    }
+
+    fn leave(&mut self, host: u32) {
+        let now = self.now();
+        let h = &mut self.hosts[host as usize];
+        if h.gone() {
+            return;
+        }
+        h.left_at = Some(now);
+        if h.downloading() {
+            h.sched = None;
+            self.active -= 1;
+            self.departed += 1;
+        }
+        let serving = std::mem::take(&mut h.serving);
+        let line = std::mem::take(&mut h.line);
+        let outstanding = std::mem::take(&mut h.outstanding);
+        h.uploading = 0;
+        h.subscribers.clear();
+        h.haves.clear();
+        h.connecting.clear();
+        // Its uploads stop dead; their requesters find out by timing out.
+        for r in serving.into_iter().chain(line) {
+            if let ReqState::Flowing(flow) = self.reqs[r as usize].state {
+                if let Some(e) = self.net.abort(now, flow, &mut self.finishes) {
+                    self.account(e.src, e.sent);
+                    self.wasted += e.sent;
+                }
+            }
+            if self.reqs[r as usize].state != ReqState::Cancelled {
+                self.reqs[r as usize].state = ReqState::Lost;
+            }
+        }
+        self.schedule_finishes();
+        for r in outstanding {
+            self.cancel(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn config(hosts: u32, size: u64, piece: u64) -> Config {
+        Config { seed: 7, ..Config::new(hosts, size, piece, 12.5e6) }
+    }
+
+    #[test]
+    fn one_host_alone_finishes_at_exactly_size_over_rate_plus_rtt() {
+        // One piece: one request out, one flow, the last byte back.
+        let cfg = config(1, 4 * MIB, 4 * MIB);
+        let r = run(&cfg).expect("valid");
+        // The announce round trip and the bitfield round trip come first.
+        let setup = 2.0 * cfg.rtt as f64 / SEC as f64;
+        assert_eq!(r.completed(), 1);
+        let t = r.ratios[0] * r.limit - setup;
+        assert!((t - cfg.limit()).abs() < 1e-6, "{t} vs {}", cfg.limit());
+        assert_eq!(r.origin_egress, 1.0);
+        assert_eq!(r.wasted, 0.0);
+    }
+
+    #[test]
+    fn fifty_hosts_all_finish_and_the_origin_sends_far_less_than_n_blobs() {
+        let cfg = config(50, 16 * MIB, MIB);
+        let r = run(&cfg).expect("valid");
+        assert_eq!(r.completed(), 50, "{r}");
+        assert_eq!((r.departed, r.unfinished), (0, 0));
+        assert!(r.origin_egress >= 1.0, "the origin sent at least one copy: {r}");
+        assert!(r.origin_egress < 50.0, "{r}");
+        assert!(r.quantile(0.5).expect("ratios") >= 1.0, "nobody beats the physical limit: {r}");
+        // Deterministic: the same seed gives the same run.
+        let again = run(&cfg).expect("valid");
+        assert_eq!(
+            (r.ratios.clone(), r.origin_egress, r.events),
+            (again.ratios, again.origin_egress, again.events)
+        );
+    }
+
+    #[test]
+    fn churn_and_loss_still_complete_every_host_that_stays() {
+        let cfg = Config { churn: 0.2, loss: 0.01, ..config(40, 8 * MIB, MIB) };
+        let r = run(&cfg).expect("valid");
+        assert_eq!(r.departed + r.completed() as u32, 40, "{r}");
+        assert!(r.departed > 0, "{r}");
+        assert_eq!(r.unfinished, 0, "{r}");
+    }
+
+    #[test]
+    fn a_run_that_cannot_finish_in_time_says_so() {
+        let cfg = Config { max_time: SEC, ..config(20, 64 * MIB, 4 * MIB) };
+        let r = run(&cfg).expect("valid");
+        assert_eq!(r.unfinished, 20);
+        assert_eq!(r.quantile(0.5), None);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        assert!(run(&Config { hosts: 0, ..config(1, MIB, MIB) }).is_err());
+    }
+}
