@@ -1,3 +1,4 @@
 pub mod cluster;
 pub mod image;
+pub mod netns;
 pub mod quic_ceiling;
