@@ -372,12 +372,30 @@ async fn run(
     let label = format!("(3) shoal, via own agent, {n}");
     phases.push(phase(&ctx, procs, &label, &topo.hosts, &agent_blob).await?);
 
+    // The agents' own view of the Shoal phase (they were idle before it).
+    let pieces = ctx.size.div_ceil(u64::from(args.piece_kib) * 1024) as f64;
+    let fetched = agents_metric(&ctx, "shoal_agent_pieces_fetched_total").await;
+    let served = agents_metric(&ctx, "shoal_peer_bytes_served_total").await;
+    let bad = agents_metric(&ctx, "shoal_agent_bad_pieces_total").await;
+    let show = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
+    let agents_line = format!(
+        "agents (from their /metrics): pieces fetched {} for {} needed ({:.2}x), piece bytes served to peers {} \
+         ({:.2}x the blob), bad pieces {}",
+        show(fetched),
+        pieces * n as f64,
+        fetched.unwrap_or(f64::NAN) / (pieces * n as f64),
+        show(served),
+        served.unwrap_or(f64::NAN) / size as f64,
+        show(bad),
+    );
+
     let mut qdisc = String::new();
     for node in std::iter::once(seed).chain(&topo.hosts) {
         writeln!(qdisc, "{}", topo.qdisc_stats(node))?;
     }
     std::fs::write(dir.join("qdisc.txt"), qdisc).context("writing qdisc.txt")?;
     print!("{}", report(args, size, limit, &phases)?);
+    println!("{agents_line}");
     Ok(())
 }
 
@@ -424,15 +442,30 @@ async fn wait_healthy(bins: &Bins, node: &Node, url: &str, procs: &mut Procs) ->
 /// `shoal_peer_bytes_served_total` of the origin (summed over label sets), if exported.
 async fn origin_quic_bytes(ctx: &Ctx<'_>) -> Option<f64> {
     let url = format!("{}/metrics", ctx.origin_url);
-    let text = run_tool(&ctx.bins.bench, Some(&ctx.topo.seed.ns), &["netns-client", "body", "--url", &url])
-        .await
-        .ok()?;
+    metric(ctx, &ctx.topo.seed, &url, "shoal_peer_bytes_served_total").await
+}
+
+/// A counter from a Prometheus page fetched inside `node`'s namespace (summed over label
+/// sets), if exported.
+async fn metric(ctx: &Ctx<'_>, node: &Node, url: &str, name: &str) -> Option<f64> {
+    let text =
+        run_tool(&ctx.bins.bench, Some(&node.ns), &["netns-client", "body", "--url", url]).await.ok()?;
     let values: Vec<f64> = text
         .lines()
-        .filter(|l| l.starts_with("shoal_peer_bytes_served_total"))
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
         .filter_map(|l| l.split_whitespace().last()?.parse().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Sum of a counter over every agent (cumulative since the agents started).
+async fn agents_metric(ctx: &Ctx<'_>, name: &str) -> Option<f64> {
+    let url = format!("http://{AGENT_REGISTRY}/metrics");
+    let mut sum = 0.0;
+    for host in &ctx.topo.hosts {
+        sum += metric(ctx, host, &url, name).await?;
+    }
+    Some(sum)
 }
 
 /// One pulling client per host, started together.
