@@ -149,8 +149,12 @@ pub fn remove_stale() -> anyhow::Result<Vec<String>> {
             continue;
         };
         let Ok(pid) = pid.parse::<u32>() else { continue };
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|comm| comm.trim() == "shoal-bench")
+        // A killed run can linger as a zombie until it is reaped: that is not alive either.
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+                stat.contains("(shoal-bench)") && !matches!(state, Some("Z" | "X"))
+            })
             .unwrap_or(false);
         if !alive {
             remove_ns(name);
