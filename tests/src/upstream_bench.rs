@@ -25,7 +25,9 @@ pub struct Options {
 
 const NAME: &str = "bench/big";
 
-async fn timed<F: std::future::Future<Output = anyhow::Result<u64>>>(f: F) -> anyhow::Result<(Duration, u64)> {
+async fn timed<F: std::future::Future<Output = anyhow::Result<u64>>>(
+    f: F,
+) -> anyhow::Result<(Duration, u64)> {
     let start = Instant::now();
     let bytes = f.await?;
     Ok((start.elapsed(), bytes))
@@ -42,7 +44,8 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
     ensure!(opts.agents >= 2, "need at least 2 agents");
     let registry = Registry::start(None).await.context("starting docker-registry")?;
     let size = usize::try_from(opts.size_mib << 20).context("size")?;
-    let pushed = registry.push_image(&format!("{NAME}:v1"), &[size], 99).await.context("pushing to the registry")?;
+    let pushed =
+        registry.push_image(&format!("{NAME}:v1"), &[size], 99).await.context("pushing to the registry")?;
     let (layer, layer_size) = pushed.layers.first().cloned().context("no layer")?;
     let cluster = Cluster::start(ClusterOptions {
         agents: opts.agents,
@@ -58,7 +61,9 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
     let base = bytes as f64 / direct.as_secs_f64() / 1e6;
     let first = &cluster.agents[0].registry_url;
     let (cold, _) = timed(fetch_blob(client, first, NAME, &layer, Some(layer_size))).await?;
-    let rest = cluster.agents[1..].iter().map(|a| fetch_blob(client, &a.registry_url, NAME, &layer, Some(layer_size)));
+    let rest = cluster.agents[1..]
+        .iter()
+        .map(|a| fetch_blob(client, &a.registry_url, NAME, &layer, Some(layer_size)));
     let (warm, _) = timed(async {
         for r in futures_util::future::join_all(rest).await {
             r?;

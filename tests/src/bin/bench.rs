@@ -7,6 +7,7 @@
 //!   `shoal-agent` binaries on 127.0.0.1, uploads one large pseudo-random blob to the origin and
 //!   compares a direct HTTP download from the origin with a cold (over QUIC from the origin)
 //!   and a hot (from the agent's cache) download through the agent.
+//! * `swarm` is the multi-host benchmark in network namespaces (see [`shoal_tests::netns`]).
 //!
 //! Not a test: run it by hand on a release build:
 //! `cargo build --release --workspace && target/release/shoal-bench pull --size-mib 1024`.
@@ -73,6 +74,15 @@ enum Cmd {
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         piece_length: u32,
     },
+    /// Multi-host swarm benchmark in Linux network namespaces (root, iproute2): N hosts on
+    /// capped links pull one blob at once, from the origin over HTTP and through their agents.
+    Swarm(shoal_tests::netns::SwarmArgs),
+    /// The HTTP client `swarm` runs inside each namespace.
+    #[command(hide = true)]
+    NetnsClient {
+        #[command(subcommand)]
+        cmd: shoal_tests::netns::client::ClientCmd,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +127,12 @@ fn main() -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
+        Cmd::Swarm(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(shoal_tests::netns::swarm(args)),
+        Cmd::NetnsClient { cmd } => shoal_tests::netns::client::main(cmd),
     }
 }
 
