@@ -87,8 +87,10 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
     let n = (opts.agents - 1) as u64;
     line(&mut out, &format!("agents 2..{} at once (aggregate)", opts.agents), warm, layer_size * n, base);
     line(&mut out, "hot via agent 1 (its cache)", hot, layer_size, base);
+    // The baseline's own GET is one of them.
     out.push_str(&format!(
-        "upstream GETs of the blob: {upstream_gets} (pulls: {}; single-flight target: 1)\n",
+        "upstream GETs of the blob caused by Shoal: {} (pulls through agents: {}; single-flight target: 1)\n",
+        upstream_gets.saturating_sub(1),
         opts.agents + 1
     ));
     Ok(out)
