@@ -281,10 +281,21 @@ impl Upstream {
             }
             other => other?,
         };
+        // The most a metainfo can describe at this piece length; a lying or broken upstream
+        // must not fill the disk.
+        let max = u64::from(piece_length) * shoal_shared::metainfo::MAX_PIECES;
+        let limit = usize::try_from(max).unwrap_or(usize::MAX);
+        if resp.content_length().is_some_and(|n| n > max) {
+            return Err(UpstreamError::TooLarge { limit });
+        }
         let mut staged = store.stage(piece_length).await.map_err(UpstreamError::Store)?;
         let mut stream = std::pin::pin!(resp.bytes_stream());
         loop {
             match self.next_chunk(&mut stream).await {
+                Ok(Some(chunk)) if staged.len() + chunk.len() as u64 > max => {
+                    staged.abort().await;
+                    return Err(UpstreamError::TooLarge { limit });
+                }
                 Ok(Some(chunk)) => staged.write(&chunk).await.map_err(UpstreamError::Store)?,
                 Ok(None) => break,
                 Err(e) => {
