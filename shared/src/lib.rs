@@ -1,7 +1,7 @@
 //! Shoal's protocol core and common building blocks.
 //!
 //! Pure modules (no I/O, no clock): [`digest`], [`metainfo`], [`bitfield`], [`codec`],
-//! [`wire`], [`picker`], [`oci`]. I/O modules built on them: [`store`], [`tls`], [`peer`],
+//! [`wire`], [`picker`], [`scheduler`], [`oci`]. I/O modules built on them: [`store`], [`tls`], [`peer`],
 //! [`http`], [`config`], [`telemetry`].
 
 pub mod bitfield;
@@ -9,6 +9,7 @@ pub mod codec;
 pub mod digest;
 pub mod metainfo;
 pub mod picker;
+pub mod scheduler;
 pub mod wire;
 
 pub mod client;

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{watch, OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,7 +28,7 @@ use crate::bitfield::{Bitfield, BitfieldError};
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
 use crate::tls::PEER_SERVER_NAME;
-use crate::wire::{self, FrameError, Refusal, Request, Response, PROTOCOL_VERSION};
+use crate::wire::{self, FrameError, Refusal, Request, Response, MAX_HAVES, PROTOCOL_VERSION};
 
 /// How long a peer may take to send its request frame.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,17 @@ pub trait PieceSource: Send + Sync + 'static {
     fn bitfield(&self, digest: Digest) -> impl Future<Output = Option<Bitfield>> + Send;
     /// The bytes of a held piece, or `None`. Must only return verified bytes.
     fn piece(&self, digest: Digest, index: u32) -> impl Future<Output = Option<Bytes>> + Send;
+    /// Follows the pieces held of a blob still downloading, or `None` (unknown, or not
+    /// downloading: ask for the bitfield instead). The stream ends when the sender drops.
+    /// `from` is the subscriber's address (its peer server, as agents connect from the
+    /// endpoint they serve on): a subscriber is downloading the blob too, worth following.
+    fn subscribe(
+        &self,
+        _digest: Digest,
+        _from: SocketAddr,
+    ) -> impl Future<Output = Option<watch::Receiver<Bitfield>>> + Send {
+        async { None }
+    }
 }
 
 /// Counters kept by a peer server, exported as metrics.
@@ -131,7 +142,8 @@ async fn serve_connection<S: PieceSource>(
         };
         let (conn, source, stats, uploads) = (conn.clone(), source.clone(), stats.clone(), uploads.clone());
         streams.spawn(async move {
-            if let Err(e) = serve_stream(send, recv, &*source, &stats, &uploads).await {
+            let from = conn.remote_address();
+            if let Err(e) = serve_stream(send, recv, from, &*source, &stats, &uploads).await {
                 match e {
                     StreamError::Protocol(e) => {
                         stats.protocol_errors.inc();
@@ -160,6 +172,7 @@ enum StreamError {
 async fn serve_stream<S: PieceSource>(
     mut send: SendStream,
     mut recv: RecvStream,
+    from: SocketAddr,
     source: &S,
     stats: &PeerStats,
     uploads: &Semaphore,
@@ -179,7 +192,11 @@ async fn serve_stream<S: PieceSource>(
     };
     let io = |e: quinn::WriteError| StreamError::Io(e.to_string());
     match request {
-        Request::Bitfield { version, .. } | Request::Piece { version, .. } if version != PROTOCOL_VERSION => {
+        Request::Bitfield { version, .. }
+        | Request::Piece { version, .. }
+        | Request::Subscribe { version, .. }
+            if version != PROTOCOL_VERSION =>
+        {
             write_frame(&mut send, &Response::Refused(Refusal::Version)).await?;
         }
         Request::Bitfield { digest, .. } => {
@@ -204,8 +221,35 @@ async fn serve_stream<S: PieceSource>(
                 None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
             }
         }
+        Request::Subscribe { digest, .. } => match source.subscribe(digest, from).await {
+            Some(rx) => stream_haves(&mut send, rx).await?,
+            None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
+        },
     }
     let _ = send.finish();
+    Ok(())
+}
+
+/// Writes the bitfield, then the indices of pieces as they arrive, until every piece is
+/// held or the download ends. The watch keeps only the latest bitfield, so a slow reader
+/// costs one bitfield of memory however far behind it is, and gets one batched frame.
+async fn stream_haves(send: &mut SendStream, mut rx: watch::Receiver<Bitfield>) -> Result<(), StreamError> {
+    let mut sent = rx.borrow_and_update().clone();
+    write_frame(send, &Response::Bitfield(sent.clone())).await?;
+    while !sent.is_complete() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+        let now = rx.borrow_and_update().clone();
+        if now.len() != sent.len() {
+            break;
+        }
+        let new: Vec<u32> = now.iter().filter(|&i| !sent.get(i)).collect();
+        for batch in new.chunks(MAX_HAVES) {
+            write_frame(send, &Response::Have(batch.to_vec())).await?;
+        }
+        sent = now;
+    }
     Ok(())
 }
 
@@ -335,6 +379,24 @@ impl PeerClient {
         }
     }
 
+    /// Subscribes to `addr`'s pieces of `metainfo`'s blob: what it holds now, and a stream
+    /// of the pieces it verifies from now on. Refused when `addr` is not downloading it.
+    pub async fn subscribe(
+        &self,
+        addr: SocketAddr,
+        metainfo: &Metainfo,
+    ) -> Result<(Bitfield, HaveStream), PeerError> {
+        let request = Request::Subscribe { version: PROTOCOL_VERSION, digest: metainfo.digest() };
+        match self.request(addr, &request).await? {
+            (Response::Bitfield(bits), recv) => {
+                let pieces = metainfo.piece_count();
+                let bits = bits.validate(pieces).map_err(|cause| PeerError::BadBitfield { addr, cause })?;
+                Ok((bits, HaveStream { addr, recv, pieces }))
+            }
+            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+        }
+    }
+
     /// Fetches piece `index` and checks it against the metainfo.
     pub async fn piece(
         &self,
@@ -364,6 +426,45 @@ impl PeerClient {
                     .map_err(|cause| PeerError::BadPiece { addr, cause })
             }
             other => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+        }
+    }
+}
+
+/// The pieces a peer announces on a [`Request::Subscribe`] stream. Dropping it resets the
+/// stream.
+#[derive(Debug)]
+pub struct HaveStream {
+    addr: SocketAddr,
+    recv: RecvStream,
+    pieces: u32,
+}
+
+impl HaveStream {
+    /// The next batch of newly held pieces, every index checked against the blob; `None`
+    /// once the peer finished the stream.
+    pub async fn next(&mut self) -> Result<Option<Vec<u32>>, PeerError> {
+        let addr = self.addr;
+        let mut header = [0u8; 4];
+        match self.recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(PeerError::Transport { addr, cause: e.to_string() }),
+        }
+        let protocol = |cause: String| PeerError::Protocol { addr, cause };
+        let len = wire::frame_len(header).map_err(|e| protocol(e.to_string()))?;
+        let mut body = vec![0u8; len];
+        self.recv
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?;
+        match wire::decode_body::<Response>(&body).map_err(|e| protocol(e.to_string()))? {
+            Response::Have(indices) if indices.len() <= MAX_HAVES => {
+                if let Some(bad) = indices.iter().find(|&&i| i >= self.pieces) {
+                    return Err(protocol(format!("have for piece {bad} of {}", self.pieces)));
+                }
+                Ok(Some(indices))
+            }
+            other => Err(protocol(format!("unexpected {other:?} on a have stream"))),
         }
     }
 }
