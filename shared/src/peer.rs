@@ -306,25 +306,45 @@ type ConnCell = Arc<OnceCell<Connection>>;
 pub struct PeerClient {
     endpoint: Endpoint,
     conns: Arc<Mutex<HashMap<SocketAddr, ConnCell>>>,
+    max_connections: usize,
 }
+
+/// Default cap on the peers a host keeps connections to at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
 impl PeerClient {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, conns: Arc::default() }
+        Self { endpoint, conns: Arc::default(), max_connections: MAX_CONNECTIONS }
     }
 
-    fn cell(&self, addr: SocketAddr) -> ConnCell {
+    /// Caps the peers this host is connected to at once (at least 1). A download that
+    /// needs one more is refused ([`PeerError::Connect`]) and backs that peer off.
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    fn cell(&self, addr: SocketAddr) -> Result<ConnCell, PeerError> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if !conns.contains_key(&addr) && conns.len() >= self.max_connections {
+            // Forget connections that closed (or never opened) before refusing.
+            conns.retain(|_, c| {
+                Arc::strong_count(c) > 1 || c.get().is_some_and(|c| c.close_reason().is_none())
+            });
+            if conns.len() >= self.max_connections {
+                return Err(PeerError::Connect { addr, cause: "connection cap reached".into() });
+            }
+        }
         let cell = conns.entry(addr).or_default();
         if cell.get().is_some_and(|c| c.close_reason().is_some()) {
             *cell = ConnCell::default();
         }
-        cell.clone()
+        Ok(cell.clone())
     }
 
     /// The live connection to `addr`, connecting (once, for all callers) if needed.
     pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, PeerError> {
-        let cell = self.cell(addr);
+        let cell = self.cell(addr)?;
         let conn = cell
             .get_or_try_init(|| async {
                 let connecting = self
@@ -466,5 +486,115 @@ impl HaveStream {
             }
             other => Err(protocol(format!("unexpected {other:?} on a have stream"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+    use crate::metainfo::{MetainfoBuilder, MIN_PIECE_LENGTH};
+    use crate::tls::{self, TlsIdentity};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Serves one blob still "downloading": its bitfield is a watch the test advances.
+    struct Growing {
+        digest: Digest,
+        have: watch::Sender<Bitfield>,
+    }
+
+    impl PieceSource for Growing {
+        async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
+            (digest == self.digest).then(|| self.have.borrow().clone())
+        }
+        async fn piece(&self, _digest: Digest, _index: u32) -> Option<Bytes> {
+            None
+        }
+        async fn subscribe(&self, digest: Digest, _from: SocketAddr) -> Option<watch::Receiver<Bitfield>> {
+            (digest == self.digest).then(|| self.have.subscribe())
+        }
+    }
+
+    struct Node {
+        endpoint: Endpoint,
+        have: watch::Sender<Bitfield>,
+        _shutdown: tokio_util::sync::DropGuard,
+    }
+
+    fn node(dir: &std::path::Path, metainfo: &Metainfo) -> Node {
+        let identity = TlsIdentity::load(dir).expect("identity");
+        let endpoint =
+            tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+        let have = watch::Sender::new(Bitfield::new(metainfo.piece_count()));
+        let source = Arc::new(Growing { digest: metainfo.digest(), have: have.clone() });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(endpoint.clone(), source, Arc::default(), 4, shutdown.clone()));
+        Node { endpoint, have, _shutdown: shutdown.drop_guard() }
+    }
+
+    fn setup(names: &[&str]) -> (tempfile::TempDir, Vec<std::path::PathBuf>, Metainfo) {
+        let tmp = tempfile::TempDir::new().expect("tmp");
+        let ca = tmp.path().join("ca");
+        tls::init_ca(&ca).expect("ca");
+        let dirs = names
+            .iter()
+            .map(|n| {
+                let out = tmp.path().join(n);
+                tls::issue(&ca, n, &out).expect("issue");
+                out
+            })
+            .collect();
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(&vec![7u8; 10 * MIN_PIECE_LENGTH as usize]);
+        (tmp, dirs, b.finish().expect("metainfo"))
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_haves_as_pieces_verify_and_the_end() {
+        let (_tmp, dirs, m) = setup(&["server", "client"]);
+        let server = node(&dirs[0], &m);
+        let client = node(&dirs[1], &m);
+        let peers = PeerClient::new(client.endpoint.clone());
+        let addr = server.endpoint.local_addr().expect("addr");
+        server.have.send_modify(|b| b.set(3));
+        let (bits, mut haves) =
+            tokio::time::timeout(WAIT, peers.subscribe(addr, &m)).await.expect("in time").expect("subscribe");
+        assert_eq!(bits.iter().collect::<Vec<_>>(), vec![3]);
+        server.have.send_modify(|b| b.set(0));
+        let got = tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("have");
+        assert_eq!(got, Some(vec![0]));
+        // Several pieces verified at once come as one batch; the stream ends once full.
+        server.have.send_modify(|b| *b = Bitfield::full(10));
+        let got = tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("have");
+        assert_eq!(got, Some(vec![1, 2, 4, 5, 6, 7, 8, 9]));
+        assert_eq!(tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("end"), None);
+        // Unknown blobs are refused.
+        let mut other = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        other.update(b"other");
+        let other = other.finish().expect("metainfo");
+        let refused = peers.subscribe(addr, &other).await.map(|_| ());
+        assert!(matches!(refused, Err(PeerError::Refused { refusal: Refusal::NotFound, .. })), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_per_host_are_capped() {
+        let (_tmp, dirs, m) = setup(&["a", "b", "client"]);
+        let (a, b, client) = (node(&dirs[0], &m), node(&dirs[1], &m), node(&dirs[2], &m));
+        let peers = PeerClient::new(client.endpoint.clone()).with_max_connections(1);
+        let (a_addr, b_addr) = (a.endpoint.local_addr().expect("a"), b.endpoint.local_addr().expect("b"));
+        let conn = tokio::time::timeout(WAIT, peers.connection(a_addr)).await.expect("in time").expect("a");
+        // The same peer shares the connection; another is refused while it lives.
+        let again = peers.connection(a_addr).await.expect("a again");
+        assert_eq!(again.stable_id(), conn.stable_id());
+        let refused = peers.connection(b_addr).await.map(|_| ());
+        assert!(matches!(refused, Err(PeerError::Connect { .. })), "{refused:?}");
+        conn.close(VarInt::from_u32(0), b"done");
+        drop((conn, again));
+        tokio::time::timeout(WAIT, peers.connection(b_addr))
+            .await
+            .expect("in time")
+            .expect("b after a closed");
     }
 }
