@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use shoal_shared::bitfield::Bitfield;
-use shoal_shared::client::Announce;
+use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
 use shoal_shared::peer::PeerClient;
 use shoal_shared::store::{BlobStore, PartialBlob};
@@ -84,8 +84,9 @@ pub struct Active {
     pub partial: PartialBlob,
     /// Verified, written pieces; peers subscribed to this download follow it (Have).
     pub have: watch::Sender<Bitfield>,
-    /// Agents that subscribed to this download's pieces: downloading it too.
-    pub(crate) subscribers: tokio::sync::mpsc::Sender<SocketAddr>,
+    /// Peers worth probing that the download loop has not asked for: agents that
+    /// subscribed to this download's pieces, peers from the batched announce.
+    pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
     prefix: watch::Sender<Prefix>,
 }
 
@@ -258,17 +259,39 @@ impl Downloads {
         }
     }
 
-    /// Announces every blob still in its seeding period; returns the interval to wait.
-    pub async fn announce_seeded(&self) -> Duration {
+    /// Announces, in one batched request per [`MAX_BATCH`] blobs, every blob still in its
+    /// seeding period and every download in progress (whose loops get the peer lists back);
+    /// returns the interval to wait.
+    pub async fn announce_all(&self) -> Duration {
         let now = Instant::now();
         self.seeding.retain(|_, until| *until > now);
-        let digests: Vec<Digest> = self.seeding.iter().map(|e| *e.key()).collect();
+        let seeded = self.seeding.iter().map(|e| BlobState { digest: *e.key(), complete: true });
+        let downloading: Vec<BlobState> = self
+            .active
+            .iter()
+            .take(MAX_BATCH_DOWNLOADING)
+            .map(|e| BlobState { digest: *e.key(), complete: false })
+            .collect();
+        let room = MAX_BATCH - downloading.len();
+        let mut blobs: Vec<BlobState> = seeded.take(room).collect();
+        blobs.extend(downloading);
+        // Blobs past one batch wait for the next tick; the seeded set rotates (map order).
         let mut interval = Duration::from_secs(10);
-        for digest in digests {
-            let a = Announce { digest, peer: self.settings.me, complete: true };
-            if let Ok(resp) = self.tracker.announce(&a).await {
+        if blobs.is_empty() {
+            return interval;
+        }
+        let batch = AnnounceBatch { peer: self.settings.me, blobs };
+        match self.tracker.announce_batch(&batch).await {
+            Ok(resp) => {
                 interval = Duration::from_secs(resp.interval.clamp(1, 300));
+                for swarm in resp.swarms {
+                    let Some(active) = self.active.get(&swarm.digest).map(|a| a.clone()) else { continue };
+                    for peer in swarm.peers {
+                        let _ = active.leads.try_send(peer);
+                    }
+                }
             }
+            Err(e) => tracing::warn!(cause = %e, "batched announce failed"),
         }
         interval
     }
@@ -277,10 +300,10 @@ impl Downloads {
         let metainfo = self.tracker.metainfo(digest).await?;
         let started = Instant::now();
         let partial = PartialBlob::create(&self.store, metainfo.clone()).await.map_err(store_err)?;
-        let (subscribers, joined) = tokio::sync::mpsc::channel(swarm::SUBSCRIBER_QUEUE);
+        let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
         let active = Arc::new(Active {
             partial,
-            subscribers,
+            leads,
             have: watch::Sender::new(Bitfield::new(metainfo.piece_count())),
             prefix: watch::Sender::new(Prefix::default()),
         });
@@ -288,7 +311,7 @@ impl Downloads {
         phase.send_replace(Phase::Streaming(active.clone()));
         let hasher = tokio::spawn(hash_along(active.clone()));
         let result = async {
-            swarm::run(self, &metainfo, &active, joined).await?;
+            swarm::run(self, &metainfo, &active, leads_rx).await?;
             let actual = hasher.await.map_err(store_err)??;
             active.partial.commit_hashed(actual).await.map_err(store_err)
         }

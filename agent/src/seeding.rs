@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dashmap::DashMap;
 use shoal_shared::bitfield::Bitfield;
+use shoal_shared::client::PeerInfo;
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::peer::PieceSource;
@@ -56,7 +57,7 @@ impl PieceSource for AgentSource {
         let active = self.downloads.active.get(&digest)?.clone();
         // Tell our download of this subscriber, so both follow each other; dropped if the
         // download is not keeping up with such news.
-        let _ = active.subscribers.try_send(from);
+        let _ = active.leads.try_send(PeerInfo { addr: from, complete: false, origin: false });
         Some(active.have.subscribe())
     }
 

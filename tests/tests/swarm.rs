@@ -55,3 +55,40 @@ async fn six_agents_pull_one_blob_as_a_swarm() {
     );
     assert!(between_agents.iter().filter(|&&n| n > 0).count() >= 3, "served by many: {between_agents:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_announce_records_every_blob_and_answers_the_downloading_ones() {
+    let cluster = Cluster::start(ClusterOptions { agents: 0, ..Default::default() }).await.expect("cluster");
+    let url = format!("{}/shoal/v1/announce/batch", cluster.tracker_url);
+    let seeded = format!("sha256:{}", "a".repeat(64));
+    let wanted = format!("sha256:{}", "b".repeat(64));
+    let batch = serde_json::json!({
+        "peer": "127.0.0.1:4000",
+        "blobs": [{"digest": seeded, "complete": true}, {"digest": wanted, "complete": false}],
+    });
+    let resp = cluster.client.post(&url).json(&batch).send().await.expect("batch");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["swarms"].as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(body["swarms"][0]["digest"], serde_json::json!(wanted));
+    // Another peer downloading the seeded blob is told about the first.
+    let other = serde_json::json!({
+        "peer": "127.0.0.1:4001",
+        "blobs": [{"digest": seeded, "complete": false}],
+    });
+    let body: serde_json::Value =
+        cluster.client.post(&url).json(&other).send().await.expect("batch").json().await.expect("json");
+    let peers = &body["swarms"][0]["peers"];
+    assert_eq!(peers[0]["addr"], "127.0.0.1:4000", "{body}");
+    assert_eq!(peers[0]["complete"], true);
+
+    // Bounds and garbage are 400s.
+    let too_many: Vec<_> = (0..65)
+        .map(|i| serde_json::json!({"digest": format!("sha256:{i:064x}"), "complete": false}))
+        .collect();
+    let over = serde_json::json!({"peer": "127.0.0.1:4000", "blobs": too_many});
+    assert_eq!(cluster.client.post(&url).json(&over).send().await.expect("batch").status(), 400);
+    let bad =
+        serde_json::json!({"peer": "127.0.0.1:4000", "blobs": [{"digest": "sha256:zz", "complete": true}]});
+    assert_eq!(cluster.client.post(&url).json(&bad).send().await.expect("batch").status(), 400);
+}

@@ -37,8 +37,8 @@ const FIRST_REANNOUNCE: Duration = Duration::from_millis(250);
 const IN_ORDER_WINDOW: u32 = 8;
 /// Piece buffers in flight per download, in bytes (bounds memory, not throughput).
 const IN_FLIGHT_BYTES: u64 = 32 << 20;
-/// Subscribers announced to a download before further ones are dropped.
-pub(super) const SUBSCRIBER_QUEUE: usize = 64;
+/// Leads (peers to probe) queued for a download before further ones are dropped.
+pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.
 const HAVE_QUEUE: usize = 256;
 
@@ -64,7 +64,7 @@ pub(super) async fn run(
     dl: &Downloads,
     metainfo: &Metainfo,
     active: &Active,
-    mut subscribers: mpsc::Receiver<SocketAddr>,
+    mut leads: mpsc::Receiver<PeerInfo>,
 ) -> Result<(), DownloadError> {
     let digest = metainfo.digest();
     let initial = active.have.borrow().clone();
@@ -171,15 +171,18 @@ pub(super) async fn run(
                     }
                 }
             }
-            Some(from) = subscribers.recv() => {
-                // An agent following us is downloading the blob too: follow it back at
-                // once rather than at our next announce.
+            Some(lead) = leads.recv() => {
+                // An agent following us (downloading the blob too), or a peer from the
+                // batched announce: probe it now rather than at our next announce.
                 let now = started.elapsed();
-                if from != dl.settings.me && sched.admits(from, now) && !probing.contains(&from)
-                    && !sched.is_seeder(from) && sched.peer_count() < dl.settings.max_peers.max(1)
+                let addr = lead.addr;
+                if addr != dl.settings.me
+                    && sched.admits(addr, now)
+                    && !probing.contains(&addr)
+                    && !sched.is_seeder(addr)
+                    && sched.peer_count() < dl.settings.max_peers.max(1)
                 {
-                    let info = PeerInfo { addr: from, complete: false, origin: false };
-                    spawn_probe(dl, metainfo, &mut probes, &mut probing, info);
+                    spawn_probe(dl, metainfo, &mut probes, &mut probing, lead);
                 }
             }
             Some((peer, indices)) = have_rx.recv() => {
