@@ -466,9 +466,9 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         }
     }
 
-    /// The earliest time at which [`poll`](Self::poll) may have something new to do
-    /// without any other event: a request deadline or the end of a back-off.
-    pub fn next_wakeup(&self) -> Option<Duration> {
+    /// The earliest time after `now` at which [`poll`](Self::poll) may have something new
+    /// to do without any other event: a request deadline or the end of a back-off.
+    pub fn next_wakeup(&self, now: Duration) -> Option<Duration> {
         let deadlines = self.requests.values().map(|r| r.deadline);
         let backoffs = self
             .peers
@@ -476,7 +476,7 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             .filter_map(|k| self.standing.get(k))
             .filter(|s| !s.banned && s.failures > 0)
             .map(|s| s.until);
-        deadlines.chain(backoffs).min()
+        deadlines.chain(backoffs).filter(|&t| t > now).min()
     }
 
     /// Expires overdue requests and fills every pipeline. Appends to `out` the cancels first,
@@ -886,7 +886,7 @@ mod tests {
         s.add_peer(1, false, Bitfield::full(1), T0).expect("add");
         assert_eq!(requests(&poll(&mut s, T0)), vec![(1, 0)]);
         // Deadline: max(2 s floor, 1 MiB * depth 2 / 1 MiB/s) = 2 s.
-        assert_eq!(s.next_wakeup(), Some(secs(2)));
+        assert_eq!(s.next_wakeup(T0), Some(secs(2)));
         s.add_peer(2, false, Bitfield::full(1), T0).expect("add");
         assert!(requests(&poll(&mut s, secs(1))).is_empty(), "one copy only");
         let at_deadline = poll(&mut s, secs(2));
@@ -900,11 +900,25 @@ mod tests {
     }
 
     #[test]
+    fn wakeups_are_never_in_the_past() {
+        let mut s = Scheduler::new(&Bitfield::new(2), 1 << 20, 1, cfg());
+        s.add_peer(1, false, bits(2, &[0]), T0).expect("add");
+        let r = requests(&poll(&mut s, T0));
+        assert_eq!(r, vec![(1, 0)]);
+        s.on_failure(1, 0, T0, Failure::Unavailable);
+        assert_eq!(s.next_wakeup(T0), Some(secs(1)), "the back-off ends");
+        // Past the back-off, with nothing in flight and nothing to ask: nothing to wake for.
+        poll(&mut s, secs(1));
+        s.on_failure(1, 0, secs(1), Failure::Unavailable);
+        assert_eq!(s.next_wakeup(secs(5)), None);
+    }
+
+    #[test]
     fn deadlines_scale_with_piece_size() {
         let mut s = Scheduler::new(&Bitfield::new(1), 16 << 20, 1, Config { seeder_pipeline: 1, ..cfg() });
         s.add_peer(1, false, bits(1, &[0]), T0).expect("add");
         poll(&mut s, T0);
-        assert_eq!(s.next_wakeup(), Some(secs(16)), "16 MiB at 1 MiB/s");
+        assert_eq!(s.next_wakeup(T0), Some(secs(16)), "16 MiB at 1 MiB/s");
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub(super) async fn run(
             }
         }
         let stall_at = sched.last_progress() + if replanned { timeout } else { timeout / 2 };
-        let wake = sched.next_wakeup().unwrap_or(stall_at).min(stall_at).min(next_announce);
+        let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(next_announce);
         tokio::select! {
             Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
                 // Aborted (cancelled) requests come back as join errors.
