@@ -76,7 +76,8 @@ pub(super) async fn run(
     );
     let started = Instant::now();
     let timeout = dl.settings.progress_timeout;
-    let mut prefix_pieces = 0u32;
+    // A resumed download may start with a prefix already held.
+    let mut prefix_pieces = advance_prefix(metainfo, active, 0);
     let mut fetches: JoinSet<Fetch> = JoinSet::new();
     let mut handles: HashMap<(SocketAddr, u32), AbortHandle> = HashMap::new();
     let mut probes: JoinSet<Probe> = JoinSet::new();
