@@ -36,7 +36,7 @@ const FIRST_REANNOUNCE: Duration = Duration::from_millis(250);
 /// waiting clients keeps growing.
 const IN_ORDER_WINDOW: u32 = 8;
 /// Piece buffers in flight per download, in bytes (bounds memory, not throughput).
-const IN_FLIGHT_BYTES: u64 = 32 << 20;
+const IN_FLIGHT_BYTES: u64 = 16 << 20;
 /// Leads (peers to probe) queued for a download before further ones are dropped.
 pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.
