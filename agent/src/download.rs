@@ -12,9 +12,10 @@
 //! second task hashes the blob with sha256 along the verified prefix while the download runs,
 //! and the blob enters the cache only if that digest is the one asked for.
 
-use std::collections::{HashMap, HashSet};
+mod swarm;
+
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry;
@@ -22,34 +23,15 @@ use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use shoal_shared::bitfield::Bitfield;
-use shoal_shared::client::{Announce, PeerInfo};
+use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
-use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
-use shoal_shared::peer::{PeerClient, PeerError};
-use shoal_shared::picker::Picker;
+use shoal_shared::peer::PeerClient;
 use shoal_shared::store::{BlobStore, PartialBlob};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use shoal_shared::tracker::{LookupError, TrackerClient};
-
-/// Requests in flight to an origin at once, per download.
-const ORIGIN_PIPELINE: u32 = 3;
-/// Requests in flight to another agent at once, per download.
-const PEER_PIPELINE: u32 = 3;
-/// Requests in flight per download, all peers together (bounds piece buffers in memory).
-const MAX_IN_FLIGHT: usize = 8;
-/// How long a peer that failed is left alone.
-const BACKOFF: Duration = Duration::from_secs(5);
-/// How long to wait for a peer's bitfield.
-const BITFIELD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Re-announce at least this often while downloading, to find new peers and pieces.
-const REANNOUNCE: Duration = Duration::from_secs(3);
-/// Pieces at the front of the missing range fetched in order, so the prefix streamed to
-/// waiting clients keeps growing.
-const IN_ORDER_WINDOW: u32 = 8;
 
 /// Why a download failed. Cloned to every waiting request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -101,7 +83,11 @@ pub struct Prefix {
 #[derive(Debug)]
 pub struct Active {
     pub partial: PartialBlob,
-    pub have: Mutex<Bitfield>,
+    /// Verified, written pieces; peers subscribed to this download follow it (Have).
+    pub have: watch::Sender<Bitfield>,
+    /// Peers worth probing that the download loop has not asked for: agents that
+    /// subscribed to this download's pieces, peers from the batched announce.
+    pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
     prefix: watch::Sender<Prefix>,
 }
 
@@ -279,17 +265,39 @@ impl Downloads {
         }
     }
 
-    /// Announces every blob still in its seeding period; returns the interval to wait.
-    pub async fn announce_seeded(&self) -> Duration {
+    /// Announces, in one batched request per [`MAX_BATCH`] blobs, every blob still in its
+    /// seeding period and every download in progress (whose loops get the peer lists back);
+    /// returns the interval to wait.
+    pub async fn announce_all(&self) -> Duration {
         let now = Instant::now();
         self.seeding.retain(|_, until| *until > now);
-        let digests: Vec<Digest> = self.seeding.iter().map(|e| *e.key()).collect();
+        let seeded = self.seeding.iter().map(|e| BlobState { digest: *e.key(), complete: true });
+        let downloading: Vec<BlobState> = self
+            .active
+            .iter()
+            .take(MAX_BATCH_DOWNLOADING)
+            .map(|e| BlobState { digest: *e.key(), complete: false })
+            .collect();
+        let room = MAX_BATCH - downloading.len();
+        let mut blobs: Vec<BlobState> = seeded.take(room).collect();
+        blobs.extend(downloading);
+        // Blobs past one batch wait for the next tick; the seeded set rotates (map order).
         let mut interval = Duration::from_secs(10);
-        for digest in digests {
-            let a = Announce { digest, peer: self.settings.me, complete: true };
-            if let Ok(resp) = self.tracker.announce(&a).await {
+        if blobs.is_empty() {
+            return interval;
+        }
+        let batch = AnnounceBatch { peer: self.settings.me, blobs };
+        match self.tracker.announce_batch(&batch).await {
+            Ok(resp) => {
                 interval = Duration::from_secs(resp.interval.clamp(1, 300));
+                for swarm in resp.swarms {
+                    let Some(active) = self.active.get(&swarm.digest).map(|a| a.clone()) else { continue };
+                    for peer in swarm.peers {
+                        let _ = active.leads.try_send(peer);
+                    }
+                }
             }
+            Err(e) => tracing::warn!(cause = %e, "batched announce failed"),
         }
         interval
     }
@@ -307,24 +315,31 @@ impl Downloads {
             PartialBlob::open_or_create(&self.store, metainfo.clone()).await.map_err(store_err)?;
         let first_missing = (0..metainfo.piece_count()).find(|&i| !held.get(i));
         let bytes = first_missing.map_or(metainfo.length(), |i| metainfo.piece_offset(i));
+        let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
         let active = Arc::new(Active {
             partial,
-            have: Mutex::new(held),
+            leads,
+            have: watch::Sender::new(held),
             prefix: watch::Sender::new(Prefix { bytes, failed: false }),
         });
         self.active.insert(digest, active.clone());
         phase.send_replace(Phase::Streaming(active.clone()));
         let hasher = tokio::spawn(hash_along(active.clone()));
         let result = async {
-            self.swarm(&metainfo, &active).await?;
+            swarm::run(self, &metainfo, &active, leads_rx).await?;
             let actual = hasher.await.map_err(store_err)??;
             active.partial.commit_hashed(actual).await.map_err(store_err)
         }
         .await;
         self.active.remove(&digest);
-        if result.is_err() {
+        if let Err(e) = &result {
             active.prefix.send_modify(|p| p.failed = true);
-            active.partial.discard().await;
+            // A download that stalled or lost its peers keeps its verified pieces on disk:
+            // the next request for the blob resumes from them (they are re-verified then).
+            // A local storage failure starts over.
+            if matches!(e, DownloadError::Store(_)) {
+                active.partial.discard().await;
+            }
         } else {
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(%digest, bytes = metainfo.length(), secs, "download complete");
@@ -334,158 +349,6 @@ impl Downloads {
             }
         }
         result
-    }
-
-    /// Fetches every piece of the blob into `active`.
-    async fn swarm(&self, metainfo: &Metainfo, active: &Active) -> Result<(), DownloadError> {
-        let digest = metainfo.digest();
-        let held = active.have.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut picker = Picker::new(&held, rand::random(), IN_ORDER_WINDOW);
-        let mut prefix_pieces = 0u32;
-        let mut peers: HashMap<SocketAddr, PeerInfo> = HashMap::new();
-        let mut banned: HashSet<SocketAddr> = HashSet::new();
-        let mut backoff: HashMap<SocketAddr, Instant> = HashMap::new();
-        let mut tasks: JoinSet<(SocketAddr, u32, Result<VerifiedPiece, PeerError>)> = JoinSet::new();
-        let mut last_progress = Instant::now();
-        let mut next_announce = Instant::now();
-        let piece_timeout =
-            Duration::from_secs(10) + Duration::from_secs(u64::from(metainfo.piece_length()) / (1 << 20));
-
-        while !picker.is_complete() {
-            let now = Instant::now();
-            if now >= next_announce {
-                self.refresh_peers(metainfo, &mut picker, &mut peers, &banned, &mut backoff).await;
-                next_announce = Instant::now() + REANNOUNCE;
-            }
-            // Fill every peer's pipeline, origins first, within the download's cap.
-            let mut order: Vec<PeerInfo> = peers.values().copied().collect();
-            order.sort_by_key(|p| (!p.origin, !p.complete));
-            for p in order {
-                let depth = if p.origin { ORIGIN_PIPELINE } else { PEER_PIPELINE };
-                while tasks.len() < MAX_IN_FLIGHT {
-                    let Some(index) = picker.next_request(p.addr, depth) else { break };
-                    let (client, m) = (self.peers.clone(), metainfo.clone());
-                    tasks.spawn(async move {
-                        let fetch = client.piece(p.addr, &m, index);
-                        let result = match tokio::time::timeout(piece_timeout, fetch).await {
-                            Ok(r) => r,
-                            Err(_) => {
-                                Err(PeerError::Transport { addr: p.addr, cause: "piece timed out".into() })
-                            }
-                        };
-                        (p.addr, index, result)
-                    });
-                }
-            }
-            if tasks.is_empty() {
-                if last_progress.elapsed() > self.settings.progress_timeout {
-                    return Err(DownloadError::Stalled(self.settings.progress_timeout));
-                }
-                // Nobody to ask right now: look again soon.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                next_announce = next_announce.min(Instant::now() + Duration::from_millis(700));
-                continue;
-            }
-            let joined = tokio::select! {
-                j = tasks.join_next() => j,
-                _ = tokio::time::sleep_until(next_announce.into()) => continue,
-            };
-            let Some(Ok((addr, index, result))) = joined else { continue };
-            match result {
-                Ok(piece) => {
-                    active.partial.write_piece(piece).await.map_err(store_err)?;
-                    {
-                        let mut have = active.have.lock().unwrap_or_else(|p| p.into_inner());
-                        have.set(index);
-                        while have.get(prefix_pieces) {
-                            prefix_pieces += 1;
-                        }
-                    }
-                    let bytes = metainfo.piece_offset(prefix_pieces).min(metainfo.length());
-                    active.prefix.send_if_modified(|p| {
-                        let grew = bytes > p.bytes;
-                        p.bytes = p.bytes.max(bytes);
-                        grew
-                    });
-                    picker.on_piece(index, addr);
-                    self.metrics.pieces.inc();
-                    last_progress = Instant::now();
-                }
-                Err(e) => {
-                    picker.on_failure(index, addr);
-                    if e.is_misbehaviour() {
-                        self.metrics.bad_pieces.inc();
-                        tracing::warn!(%digest, peer = %addr, cause = %e, "peer blacklisted for this blob");
-                        banned.insert(addr);
-                        self.peers.ban(addr);
-                    } else {
-                        tracing::debug!(%digest, peer = %addr, cause = %e, "piece request failed");
-                        backoff.insert(addr, Instant::now() + BACKOFF);
-                    }
-                    picker.remove_peer(addr);
-                    peers.remove(&addr);
-                }
-            }
-            if last_progress.elapsed() > self.settings.progress_timeout {
-                return Err(DownloadError::Stalled(self.settings.progress_timeout));
-            }
-        }
-        Ok(())
-    }
-
-    /// Announces, then learns the bitfields of new peers and of peers still downloading.
-    async fn refresh_peers(
-        &self,
-        metainfo: &Metainfo,
-        picker: &mut Picker<SocketAddr>,
-        peers: &mut HashMap<SocketAddr, PeerInfo>,
-        banned: &HashSet<SocketAddr>,
-        backoff: &mut HashMap<SocketAddr, Instant>,
-    ) {
-        let digest = metainfo.digest();
-        let a = Announce { digest, peer: self.settings.me, complete: false };
-        let listed = match self.tracker.announce(&a).await {
-            Ok(resp) => resp.peers,
-            Err(e) => {
-                tracing::warn!(%digest, cause = %e, "announce failed");
-                return;
-            }
-        };
-        let now = Instant::now();
-        backoff.retain(|_, until| *until > now);
-        let wanted: Vec<PeerInfo> = listed
-            .into_iter()
-            .filter(|p| {
-                p.addr != self.settings.me && !banned.contains(&p.addr) && !backoff.contains_key(&p.addr)
-            })
-            // Known seeders need no refresh: they hold everything.
-            .filter(|p| !peers.get(&p.addr).is_some_and(|known| known.complete))
-            .take(self.settings.max_peers.saturating_sub(peers.values().filter(|p| p.complete).count()))
-            .collect();
-        let mut asks = JoinSet::new();
-        for p in wanted {
-            let (client, m) = (self.peers.clone(), metainfo.clone());
-            asks.spawn(async move {
-                let r = tokio::time::timeout(BITFIELD_TIMEOUT, client.bitfield(p.addr, &m)).await;
-                (p, r)
-            });
-        }
-        while let Some(Ok((p, r))) = asks.join_next().await {
-            match r {
-                Ok(Ok(bits)) => {
-                    let complete = bits.is_complete();
-                    picker.add_peer(p.addr, bits);
-                    peers.insert(p.addr, PeerInfo { complete, ..p });
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%digest, peer = %p.addr, cause = %e, "no bitfield");
-                    backoff.insert(p.addr, now + BACKOFF);
-                }
-                Err(_) => {
-                    backoff.insert(p.addr, now + BACKOFF);
-                }
-            }
-        }
     }
 }
 

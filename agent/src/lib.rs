@@ -106,7 +106,7 @@ pub async fn run(
         let (downloads, shutdown) = (downloads.clone(), shutdown.clone());
         async move {
             loop {
-                let wait = downloads.announce_seeded().await;
+                let wait = downloads.announce_all().await;
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}

@@ -1,13 +1,16 @@
 //! The agent as a peer: serves verified pieces of blobs it holds, whole or in progress.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use dashmap::DashMap;
 use shoal_shared::bitfield::Bitfield;
+use shoal_shared::client::PeerInfo;
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::peer::PieceSource;
+use tokio::sync::watch;
 
 use crate::download::Downloads;
 
@@ -45,15 +48,23 @@ impl AgentSource {
 impl PieceSource for AgentSource {
     async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
         if let Some(active) = self.downloads.active.get(&digest).map(|a| a.clone()) {
-            return Some(active.have.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            return Some(active.have.borrow().clone());
         }
         Some(Bitfield::full(self.cached(digest).await?.piece_count()))
+    }
+
+    async fn subscribe(&self, digest: Digest, from: SocketAddr) -> Option<watch::Receiver<Bitfield>> {
+        let active = self.downloads.active.get(&digest)?.clone();
+        // Tell our download of this subscriber, so both follow each other; dropped if the
+        // download is not keeping up with such news.
+        let _ = active.leads.try_send(PeerInfo { addr: from, complete: false, origin: false });
+        Some(active.have.subscribe())
     }
 
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
         if let Some(active) = self.downloads.active.get(&digest).map(|a| a.clone()) {
             // Only pieces already verified and written are served.
-            let held = active.have.lock().unwrap_or_else(|p| p.into_inner()).get(index);
+            let held = active.have.borrow().get(index);
             return if held { active.partial.read_piece(index).await.ok() } else { None };
         }
         let m = self.cached(digest).await?;

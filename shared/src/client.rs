@@ -114,6 +114,46 @@ pub struct AnnounceResponse {
     pub peers: Vec<PeerInfo>,
 }
 
+/// Most blobs in one batched announce.
+pub const MAX_BATCH: usize = 1024;
+/// Most blobs still downloading in one batched announce (each gets a peer list back).
+pub const MAX_BATCH_DOWNLOADING: usize = 64;
+/// Largest batched announce response accepted.
+pub const MAX_ANNOUNCE_BATCH_JSON: usize = 2 << 20;
+
+/// One blob in a batched announce.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobState {
+    pub digest: Digest,
+    /// True when the peer holds the whole blob (seeding).
+    pub complete: bool,
+}
+
+/// Every blob a peer downloads or seeds, announced in one request per tick
+/// (`POST /shoal/v1/announce/batch`): at most [`MAX_BATCH`] blobs, of which at most
+/// [`MAX_BATCH_DOWNLOADING`] incomplete.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AnnounceBatch {
+    pub peer: std::net::SocketAddr,
+    pub blobs: Vec<BlobState>,
+}
+
+/// Peers of one blob the announcer is still downloading.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobPeers {
+    pub digest: Digest,
+    /// As in [`AnnounceResponse::peers`].
+    pub peers: Vec<PeerInfo>,
+}
+
+/// The tracker's answer to a batched announce: peer lists for the incomplete blobs only
+/// (a seeder needs none).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AnnounceBatchResponse {
+    pub interval: u64,
+    pub swarms: Vec<BlobPeers>,
+}
+
 /// The tracker's answer to a tag lookup.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TagResponse {

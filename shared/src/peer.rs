@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{watch, OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,7 +29,7 @@ use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
 use crate::ratelimit::RateLimiter;
 use crate::tls::PEER_SERVER_NAME;
-use crate::wire::{self, FrameError, Refusal, Request, Response, PROTOCOL_VERSION};
+use crate::wire::{self, FrameError, Refusal, Request, Response, MAX_HAVES, PROTOCOL_VERSION};
 
 /// How long a peer may take to send its request frame.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +44,17 @@ pub trait PieceSource: Send + Sync + 'static {
     fn bitfield(&self, digest: Digest) -> impl Future<Output = Option<Bitfield>> + Send;
     /// The bytes of a held piece, or `None`. Must only return verified bytes.
     fn piece(&self, digest: Digest, index: u32) -> impl Future<Output = Option<Bytes>> + Send;
+    /// Follows the pieces held of a blob still downloading, or `None` (unknown, or not
+    /// downloading: ask for the bitfield instead). The stream ends when the sender drops.
+    /// `from` is the subscriber's address (its peer server, as agents connect from the
+    /// endpoint they serve on): a subscriber is downloading the blob too, worth following.
+    fn subscribe(
+        &self,
+        _digest: Digest,
+        _from: SocketAddr,
+    ) -> impl Future<Output = Option<watch::Receiver<Bitfield>>> + Send {
+        async { None }
+    }
 }
 
 /// Counters kept by a peer server, exported as metrics.
@@ -132,7 +143,8 @@ async fn serve_connection<S: PieceSource>(
         };
         let (conn, source, stats, uploads) = (conn.clone(), source.clone(), stats.clone(), uploads.clone());
         streams.spawn(async move {
-            if let Err(e) = serve_stream(send, recv, &*source, &stats, &uploads).await {
+            let from = conn.remote_address();
+            if let Err(e) = serve_stream(send, recv, from, &*source, &stats, &uploads).await {
                 match e {
                     StreamError::Protocol(e) => {
                         stats.protocol_errors.inc();
@@ -161,6 +173,7 @@ enum StreamError {
 async fn serve_stream<S: PieceSource>(
     mut send: SendStream,
     mut recv: RecvStream,
+    from: SocketAddr,
     source: &S,
     stats: &PeerStats,
     uploads: &Semaphore,
@@ -180,7 +193,11 @@ async fn serve_stream<S: PieceSource>(
     };
     let io = |e: quinn::WriteError| StreamError::Io(e.to_string());
     match request {
-        Request::Bitfield { version, .. } | Request::Piece { version, .. } if version != PROTOCOL_VERSION => {
+        Request::Bitfield { version, .. }
+        | Request::Piece { version, .. }
+        | Request::Subscribe { version, .. }
+            if version != PROTOCOL_VERSION =>
+        {
             write_frame(&mut send, &Response::Refused(Refusal::Version)).await?;
         }
         Request::Bitfield { digest, .. } => {
@@ -205,8 +222,35 @@ async fn serve_stream<S: PieceSource>(
                 None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
             }
         }
+        Request::Subscribe { digest, .. } => match source.subscribe(digest, from).await {
+            Some(rx) => stream_haves(&mut send, rx).await?,
+            None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
+        },
     }
     let _ = send.finish();
+    Ok(())
+}
+
+/// Writes the bitfield, then the indices of pieces as they arrive, until every piece is
+/// held or the download ends. The watch keeps only the latest bitfield, so a slow reader
+/// costs one bitfield of memory however far behind it is, and gets one batched frame.
+async fn stream_haves(send: &mut SendStream, mut rx: watch::Receiver<Bitfield>) -> Result<(), StreamError> {
+    let mut sent = rx.borrow_and_update().clone();
+    write_frame(send, &Response::Bitfield(sent.clone())).await?;
+    while !sent.is_complete() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+        let now = rx.borrow_and_update().clone();
+        if now.len() != sent.len() {
+            break;
+        }
+        let new: Vec<u32> = now.iter().filter(|&i| !sent.get(i)).collect();
+        for batch in new.chunks(MAX_HAVES) {
+            write_frame(send, &Response::Have(batch.to_vec())).await?;
+        }
+        sent = now;
+    }
     Ok(())
 }
 
@@ -265,11 +309,15 @@ pub struct PeerClient {
     conns: Arc<Mutex<HashMap<SocketAddr, ConnCell>>>,
     /// Piece bytes received pass this limiter (QUIC flow control then slows the sender).
     ingress: Option<Arc<RateLimiter>>,
+    max_connections: usize,
 }
+
+/// Default cap on the peers a host keeps connections to at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
 impl PeerClient {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, conns: Arc::default(), ingress: None }
+        Self { endpoint, conns: Arc::default(), ingress: None, max_connections: MAX_CONNECTIONS }
     }
 
     /// Limits the rate at which piece bytes are read, all peers together.
@@ -278,18 +326,34 @@ impl PeerClient {
         self
     }
 
-    fn cell(&self, addr: SocketAddr) -> ConnCell {
+    /// Caps the peers this host is connected to at once (at least 1). A download that
+    /// needs one more is refused ([`PeerError::Connect`]) and backs that peer off.
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    fn cell(&self, addr: SocketAddr) -> Result<ConnCell, PeerError> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if !conns.contains_key(&addr) && conns.len() >= self.max_connections {
+            // Forget connections that closed (or never opened) before refusing.
+            conns.retain(|_, c| {
+                Arc::strong_count(c) > 1 || c.get().is_some_and(|c| c.close_reason().is_none())
+            });
+            if conns.len() >= self.max_connections {
+                return Err(PeerError::Connect { addr, cause: "connection cap reached".into() });
+            }
+        }
         let cell = conns.entry(addr).or_default();
         if cell.get().is_some_and(|c| c.close_reason().is_some()) {
             *cell = ConnCell::default();
         }
-        cell.clone()
+        Ok(cell.clone())
     }
 
     /// The live connection to `addr`, connecting (once, for all callers) if needed.
     pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, PeerError> {
-        let cell = self.cell(addr);
+        let cell = self.cell(addr)?;
         let conn = cell
             .get_or_try_init(|| async {
                 let connecting = self
@@ -344,6 +408,24 @@ impl PeerClient {
         }
     }
 
+    /// Subscribes to `addr`'s pieces of `metainfo`'s blob: what it holds now, and a stream
+    /// of the pieces it verifies from now on. Refused when `addr` is not downloading it.
+    pub async fn subscribe(
+        &self,
+        addr: SocketAddr,
+        metainfo: &Metainfo,
+    ) -> Result<(Bitfield, HaveStream), PeerError> {
+        let request = Request::Subscribe { version: PROTOCOL_VERSION, digest: metainfo.digest() };
+        match self.request(addr, &request).await? {
+            (Response::Bitfield(bits), recv) => {
+                let pieces = metainfo.piece_count();
+                let bits = bits.validate(pieces).map_err(|cause| PeerError::BadBitfield { addr, cause })?;
+                Ok((bits, HaveStream { addr, recv, pieces }))
+            }
+            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+        }
+    }
+
     /// Fetches piece `index` and checks it against the metainfo.
     pub async fn piece(
         &self,
@@ -377,5 +459,154 @@ impl PeerClient {
             }
             other => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
         }
+    }
+}
+
+/// The pieces a peer announces on a [`Request::Subscribe`] stream. Dropping it resets the
+/// stream.
+#[derive(Debug)]
+pub struct HaveStream {
+    addr: SocketAddr,
+    recv: RecvStream,
+    pieces: u32,
+}
+
+impl HaveStream {
+    /// The next batch of newly held pieces, every index checked against the blob; `None`
+    /// once the peer finished the stream.
+    pub async fn next(&mut self) -> Result<Option<Vec<u32>>, PeerError> {
+        let addr = self.addr;
+        let mut header = [0u8; 4];
+        match self.recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(PeerError::Transport { addr, cause: e.to_string() }),
+        }
+        let protocol = |cause: String| PeerError::Protocol { addr, cause };
+        let len = wire::frame_len(header).map_err(|e| protocol(e.to_string()))?;
+        let mut body = vec![0u8; len];
+        self.recv
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?;
+        match wire::decode_body::<Response>(&body).map_err(|e| protocol(e.to_string()))? {
+            Response::Have(indices) if indices.len() <= MAX_HAVES => {
+                if let Some(bad) = indices.iter().find(|&&i| i >= self.pieces) {
+                    return Err(protocol(format!("have for piece {bad} of {}", self.pieces)));
+                }
+                Ok(Some(indices))
+            }
+            other => Err(protocol(format!("unexpected {other:?} on a have stream"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+    use crate::metainfo::{MetainfoBuilder, MIN_PIECE_LENGTH};
+    use crate::tls::{self, TlsIdentity};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Serves one blob still "downloading": its bitfield is a watch the test advances.
+    struct Growing {
+        digest: Digest,
+        have: watch::Sender<Bitfield>,
+    }
+
+    impl PieceSource for Growing {
+        async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
+            (digest == self.digest).then(|| self.have.borrow().clone())
+        }
+        async fn piece(&self, _digest: Digest, _index: u32) -> Option<Bytes> {
+            None
+        }
+        async fn subscribe(&self, digest: Digest, _from: SocketAddr) -> Option<watch::Receiver<Bitfield>> {
+            (digest == self.digest).then(|| self.have.subscribe())
+        }
+    }
+
+    struct Node {
+        endpoint: Endpoint,
+        have: watch::Sender<Bitfield>,
+        _shutdown: tokio_util::sync::DropGuard,
+    }
+
+    fn node(dir: &std::path::Path, metainfo: &Metainfo) -> Node {
+        let identity = TlsIdentity::load(dir).expect("identity");
+        let endpoint =
+            tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+        let have = watch::Sender::new(Bitfield::new(metainfo.piece_count()));
+        let source = Arc::new(Growing { digest: metainfo.digest(), have: have.clone() });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(endpoint.clone(), source, Arc::default(), 4, shutdown.clone()));
+        Node { endpoint, have, _shutdown: shutdown.drop_guard() }
+    }
+
+    fn setup(names: &[&str]) -> (tempfile::TempDir, Vec<std::path::PathBuf>, Metainfo) {
+        let tmp = tempfile::TempDir::new().expect("tmp");
+        let ca = tmp.path().join("ca");
+        tls::init_ca(&ca).expect("ca");
+        let dirs = names
+            .iter()
+            .map(|n| {
+                let out = tmp.path().join(n);
+                tls::issue(&ca, n, &out).expect("issue");
+                out
+            })
+            .collect();
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(&vec![7u8; 10 * MIN_PIECE_LENGTH as usize]);
+        (tmp, dirs, b.finish().expect("metainfo"))
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_haves_as_pieces_verify_and_the_end() {
+        let (_tmp, dirs, m) = setup(&["server", "client"]);
+        let server = node(&dirs[0], &m);
+        let client = node(&dirs[1], &m);
+        let peers = PeerClient::new(client.endpoint.clone());
+        let addr = server.endpoint.local_addr().expect("addr");
+        server.have.send_modify(|b| b.set(3));
+        let (bits, mut haves) =
+            tokio::time::timeout(WAIT, peers.subscribe(addr, &m)).await.expect("in time").expect("subscribe");
+        assert_eq!(bits.iter().collect::<Vec<_>>(), vec![3]);
+        server.have.send_modify(|b| b.set(0));
+        let got = tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("have");
+        assert_eq!(got, Some(vec![0]));
+        // Several pieces verified at once come as one batch; the stream ends once full.
+        server.have.send_modify(|b| *b = Bitfield::full(10));
+        let got = tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("have");
+        assert_eq!(got, Some(vec![1, 2, 4, 5, 6, 7, 8, 9]));
+        assert_eq!(tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("end"), None);
+        // Unknown blobs are refused.
+        let mut other = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        other.update(b"other");
+        let other = other.finish().expect("metainfo");
+        let refused = peers.subscribe(addr, &other).await.map(|_| ());
+        assert!(matches!(refused, Err(PeerError::Refused { refusal: Refusal::NotFound, .. })), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_per_host_are_capped() {
+        let (_tmp, dirs, m) = setup(&["a", "b", "client"]);
+        let (a, b, client) = (node(&dirs[0], &m), node(&dirs[1], &m), node(&dirs[2], &m));
+        let peers = PeerClient::new(client.endpoint.clone()).with_max_connections(1);
+        let (a_addr, b_addr) = (a.endpoint.local_addr().expect("a"), b.endpoint.local_addr().expect("b"));
+        let conn = tokio::time::timeout(WAIT, peers.connection(a_addr)).await.expect("in time").expect("a");
+        // The same peer shares the connection; another is refused while it lives.
+        let again = peers.connection(a_addr).await.expect("a again");
+        assert_eq!(again.stable_id(), conn.stable_id());
+        let refused = peers.connection(b_addr).await.map(|_| ());
+        assert!(matches!(refused, Err(PeerError::Connect { .. })), "{refused:?}");
+        conn.close(VarInt::from_u32(0), b"done");
+        drop((conn, again));
+        tokio::time::timeout(WAIT, peers.connection(b_addr))
+            .await
+            .expect("in time")
+            .expect("b after a closed");
     }
 }

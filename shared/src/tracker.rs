@@ -166,4 +166,25 @@ impl TrackerClient {
         })
         .await
     }
+
+    /// Announces every blob of this peer at once; peer lists come back for the incomplete
+    /// ones.
+    pub async fn announce_batch(
+        &self,
+        batch: &client::AnnounceBatch,
+    ) -> Result<client::AnnounceBatchResponse, LookupError> {
+        self.first(|base| {
+            let url = format!("{base}/shoal/v1/announce/batch");
+            async move {
+                let transport =
+                    |e: reqwest::Error| ClientError::Transport { url: url.clone(), cause: e.to_string() };
+                let resp = self.http.post(&url).json(batch).send().await.map_err(transport)?;
+                let body =
+                    client::read_limited(client::check(resp).await?, client::MAX_ANNOUNCE_BATCH_JSON).await?;
+                serde_json::from_slice(&body)
+                    .map_err(|e| ClientError::Malformed { url: url.clone(), cause: e.to_string() })
+            }
+        })
+        .await
+    }
 }

@@ -6,6 +6,12 @@
 //! by the frame and checked against the metainfo before anything is allocated). Piece data
 //! is never copied through the codec.
 //!
+//! [`Request::Subscribe`] is the one long-lived stream: the responder first writes the
+//! [`Response::Bitfield`] it holds, then [`Response::Have`] frames (each at most
+//! [`MAX_HAVES`] indices, batched: one frame carries every piece verified since the last)
+//! as its download progresses, and finishes the stream once it holds everything or its
+//! download ends. The requester learns of new pieces at once instead of re-asking.
+//!
 //! A frame is a 4-byte big-endian length followed by that many bytes of codec output. A
 //! length above [`MAX_FRAME`] is refused before any buffer is allocated, and the caller
 //! closes the connection.
@@ -19,7 +25,10 @@ use crate::digest::Digest;
 /// Largest frame accepted (a bitfield of `MAX_PIECES` is 128 KiB).
 pub const MAX_FRAME: usize = 256 << 10;
 /// Protocol version carried in every request; a mismatch is answered with an error.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Most piece indices in one [`Response::Have`] frame.
+pub const MAX_HAVES: usize = 4096;
 
 /// What a peer asks of another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +37,8 @@ pub enum Request {
     Bitfield { version: u16, digest: Digest },
     /// Send piece `index` of `digest`.
     Piece { version: u16, digest: Digest, index: u32 },
+    /// Send your bitfield of `digest`, then the pieces you verify from now on.
+    Subscribe { version: u16, digest: Digest },
 }
 
 /// Why a request was not served.
@@ -51,6 +62,8 @@ pub enum Response {
         length: u32,
     },
     Refused(Refusal),
+    /// Pieces newly held, on a [`Request::Subscribe`] stream.
+    Have(Vec<u32>),
 }
 
 /// A frame that breaks the protocol; the connection it came from must be closed.
@@ -103,6 +116,8 @@ mod tests {
                 .prop_map(|(version, digest)| Request::Bitfield { version, digest }),
             (any::<u16>(), digest_strategy(), any::<u32>())
                 .prop_map(|(version, digest, index)| Request::Piece { version, digest, index }),
+            (any::<u16>(), digest_strategy())
+                .prop_map(|(version, digest)| Request::Subscribe { version, digest }),
         ]
     }
 
@@ -118,6 +133,7 @@ mod tests {
             (any::<u32>(), any::<u32>()).prop_map(|(index, length)| Response::Piece { index, length }),
             prop_oneof![Just(Refusal::NotFound), Just(Refusal::Version), Just(Refusal::Busy)]
                 .prop_map(Response::Refused),
+            proptest::collection::vec(any::<u32>(), 0..MAX_HAVES).prop_map(Response::Have),
         ]
     }
 
@@ -150,6 +166,12 @@ mod tests {
                 let _ = frame_len(bytes[..4].try_into().expect("4 bytes"));
             }
         }
+    }
+
+    #[test]
+    fn a_full_have_frame_fits() {
+        let full = Response::Have(vec![u32::MAX; MAX_HAVES]);
+        assert_eq!(round_trip(&full), full);
     }
 
     #[test]

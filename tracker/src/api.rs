@@ -7,7 +7,10 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use shoal_shared::client::{Announce, AnnounceResponse, PeerInfo, TagResponse};
+use shoal_shared::client::{
+    Announce, AnnounceBatch, AnnounceBatchResponse, AnnounceResponse, BlobPeers, PeerInfo, TagResponse,
+    MAX_BATCH, MAX_BATCH_DOWNLOADING,
+};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::{valid_ns, HintQuery};
 use shoal_shared::oci::{valid_name, valid_tag, TagList};
@@ -37,6 +40,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         },
     ))
     .route("/shoal/v1/announce", web::post().to(announce))
+    .route("/shoal/v1/announce/batch", web::post().to(announce_batch))
     .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
     .route("/shoal/v1/peers/{digest}", web::get().to(peers))
     .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
@@ -71,24 +75,51 @@ fn lookup_error(e: &LookupError) -> HttpResponse {
 async fn announce(body: web::Json<Announce>, state: State) -> HttpResponse {
     let a = body.into_inner();
     state.announces.inc();
-    let origins = state.origins.holders(a.digest).await;
-    let others = state.swarms.announce(
-        a.digest,
-        a.peer,
-        a.complete,
-        state.interval * 3,
-        state.max_peers,
-        Instant::now(),
-    );
+    let peers = record(&state, a.digest, a.peer, a.complete).await;
+    HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
+}
+
+/// Records that `peer` holds (part of) `digest` and returns the peers it may fetch from.
+async fn record(
+    state: &AppState,
+    digest: Digest,
+    peer: std::net::SocketAddr,
+    complete: bool,
+) -> Vec<PeerInfo> {
+    let origins = state.origins.holders(digest).await;
+    let others =
+        state.swarms.announce(digest, peer, complete, state.interval * 3, state.max_peers, Instant::now());
     // Origins that also announce themselves (`shoal-origin serve --tracker`) are listed once.
-    let peers: Vec<PeerInfo> = origins
+    origins
         .iter()
-        .filter(|addr| **addr != a.peer)
+        .filter(|addr| **addr != peer)
         .map(|&addr| PeerInfo { addr, complete: true, origin: true })
         .chain(others.into_iter().filter(|p| !origins.contains(&p.addr)))
         .take(state.max_peers)
-        .collect();
-    HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
+        .collect()
+}
+
+/// Every blob of one peer in one request: seeded blobs are recorded, downloading ones get
+/// their peer lists back.
+async fn announce_batch(body: web::Json<AnnounceBatch>, state: State) -> HttpResponse {
+    let batch = body.into_inner();
+    let downloading = batch.blobs.iter().filter(|b| !b.complete).count();
+    if batch.blobs.len() > MAX_BATCH || downloading > MAX_BATCH_DOWNLOADING {
+        let msg = format!("at most {MAX_BATCH} blobs, {MAX_BATCH_DOWNLOADING} of them incomplete");
+        return error(StatusCode::BAD_REQUEST, &msg);
+    }
+    state.announces.inc();
+    let mut swarms = Vec::with_capacity(downloading);
+    for blob in batch.blobs {
+        if blob.complete {
+            let ttl = state.interval * 3;
+            state.swarms.announce(blob.digest, batch.peer, true, ttl, 0, Instant::now());
+        } else {
+            let peers = record(&state, blob.digest, batch.peer, false).await;
+            swarms.push(BlobPeers { digest: blob.digest, peers });
+        }
+    }
+    HttpResponse::Ok().json(AnnounceBatchResponse { interval: state.interval.as_secs(), swarms })
 }
 
 async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state: State) -> HttpResponse {

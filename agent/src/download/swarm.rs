@@ -1,0 +1,311 @@
+//! The swarm loop of one download: drives the [`Scheduler`] with real peers and a real clock.
+//!
+//! The scheduler decides; this loop carries out its [`Action`]s (one task per piece request,
+//! aborted on cancel, which resets the QUIC stream), reports every answer back, and feeds it
+//! what peers hold: the tracker's peer list (re-announced every [`REANNOUNCE`]), then per
+//! peer one probe (a `Subscribe` stream to an agent still downloading, whose `Have` frames
+//! arrive as its pieces verify; a bitfield from a seeder or origin). Re-announces start
+//! at [`FIRST_REANNOUNCE`] and slow down as the download ages. A download that makes
+//! no progress for half the progress timeout is re-planned (every request cancelled,
+//! back-offs forgiven, the tracker asked again); for the whole timeout, it fails.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use shoal_shared::bitfield::Bitfield;
+use shoal_shared::client::{Announce, PeerInfo};
+use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
+use shoal_shared::peer::{HaveStream, PeerClient, PeerError};
+use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
+use shoal_shared::wire::Refusal;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::{store_err, Active, DownloadError, Downloads};
+
+/// How long to wait for a peer's bitfield.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Re-announce at least this often while downloading, to find new peers.
+const REANNOUNCE: Duration = Duration::from_secs(3);
+/// First re-announce: agents that start together find each other within a fraction of a
+/// second (the interval grows with the download's age up to [`REANNOUNCE`]), so they do not
+/// each fetch the blob from the origin before learning of the others.
+const FIRST_REANNOUNCE: Duration = Duration::from_millis(250);
+/// Pieces at the front of the missing range fetched in order, so the prefix streamed to
+/// waiting clients keeps growing.
+const IN_ORDER_WINDOW: u32 = 8;
+/// Piece buffers in flight per download, in bytes (bounds memory, not throughput).
+const IN_FLIGHT_BYTES: u64 = 16 << 20;
+/// Leads (peers to probe) queued for a download before further ones are dropped.
+pub(super) const LEAD_QUEUE: usize = 256;
+/// Have batches queued from all peers before their streams are made to wait.
+const HAVE_QUEUE: usize = 256;
+
+type Fetch = (SocketAddr, u32, Result<VerifiedPiece, PeerError>);
+type Probe = (PeerInfo, Result<(Bitfield, Option<HaveStream>), PeerError>);
+
+fn config(metainfo: &Metainfo, max_peers: usize) -> scheduler::Config {
+    let piece = u64::from(metainfo.piece_length()).max(1);
+    let max_in_flight = (IN_FLIGHT_BYTES / piece).clamp(4, 64) as u32;
+    scheduler::Config {
+        window: IN_ORDER_WINDOW,
+        peer_pipeline: 4.min(max_in_flight),
+        seeder_pipeline: 8.min(max_in_flight),
+        max_pipeline: 32.min(max_in_flight),
+        max_in_flight,
+        max_peers: max_peers.max(1),
+        ..scheduler::Config::default()
+    }
+}
+
+/// Fetches every piece of the blob into `active`.
+pub(super) async fn run(
+    dl: &Downloads,
+    metainfo: &Metainfo,
+    active: &Active,
+    mut leads: mpsc::Receiver<PeerInfo>,
+) -> Result<(), DownloadError> {
+    let digest = metainfo.digest();
+    let initial = active.have.borrow().clone();
+    let mut sched: Scheduler<SocketAddr> = Scheduler::new(
+        &initial,
+        metainfo.piece_length(),
+        rand::random(),
+        config(metainfo, dl.settings.max_peers),
+    );
+    let started = Instant::now();
+    let timeout = dl.settings.progress_timeout;
+    // A resumed download may start with a prefix already held.
+    let mut prefix_pieces = advance_prefix(metainfo, active, 0);
+    let mut fetches: JoinSet<Fetch> = JoinSet::new();
+    let mut handles: HashMap<(SocketAddr, u32), AbortHandle> = HashMap::new();
+    let mut probes: JoinSet<Probe> = JoinSet::new();
+    let mut probing: HashSet<SocketAddr> = HashSet::new();
+    let mut watchers: JoinSet<SocketAddr> = JoinSet::new();
+    let (have_tx, mut have_rx) = mpsc::channel::<(SocketAddr, Vec<u32>)>(HAVE_QUEUE);
+    let mut actions = Vec::new();
+    let mut next_announce = Duration::ZERO;
+    let mut replanned = false;
+
+    while !sched.is_complete() {
+        let now = started.elapsed();
+        if now >= next_announce {
+            announce(dl, metainfo, &sched, &mut probes, &mut probing, now).await;
+            let age = started.elapsed();
+            next_announce = age + (age / 4).clamp(FIRST_REANNOUNCE, REANNOUNCE);
+        }
+        let idle = now.saturating_sub(sched.last_progress());
+        if idle >= timeout {
+            return Err(DownloadError::Stalled(timeout));
+        }
+        if idle >= timeout / 2 && !replanned {
+            tracing::info!(%digest, ?idle, "no progress: re-planning");
+            sched.replan();
+            replanned = true;
+            next_announce = now;
+        }
+        sched.poll(now, &mut actions);
+        for action in actions.drain(..) {
+            match action {
+                Action::Request { peer, index } => {
+                    let (client, m) = (dl.peers.clone(), metainfo.clone());
+                    let handle =
+                        fetches.spawn(async move { (peer, index, client.piece(peer, &m, index).await) });
+                    handles.insert((peer, index), handle);
+                }
+                Action::Cancel { peer, index } => {
+                    if let Some(h) = handles.remove(&(peer, index)) {
+                        h.abort();
+                    }
+                }
+            }
+        }
+        let stall_at = sched.last_progress() + if replanned { timeout } else { timeout / 2 };
+        let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(next_announce);
+        tokio::select! {
+            Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
+                // Aborted (cancelled) requests come back as join errors.
+                let Ok((peer, index, result)) = joined else { continue };
+                handles.remove(&(peer, index));
+                let now = started.elapsed();
+                match result {
+                    Ok(piece) => {
+                        if !active.have.borrow().get(index) {
+                            active.partial.write_piece(piece).await.map_err(store_err)?;
+                            active.have.send_modify(|have| have.set(index));
+                            prefix_pieces = advance_prefix(metainfo, active, prefix_pieces);
+                            dl.metrics.pieces.inc();
+                            replanned = false;
+                        }
+                        sched.on_piece(peer, index, now);
+                    }
+                    Err(e) if e.is_misbehaviour() => {
+                        dl.metrics.bad_pieces.inc();
+                        tracing::warn!(%digest, %peer, cause = %e, "peer blacklisted for this blob");
+                        dl.peers.ban(peer);
+                        sched.on_failure(peer, index, now, Failure::Bad);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
+                        sched.on_failure(peer, index, now, Failure::Unavailable);
+                    }
+                }
+            }
+            Some(joined) = probes.join_next(), if !probes.is_empty() => {
+                let Ok((info, result)) = joined else { continue };
+                probing.remove(&info.addr);
+                let now = started.elapsed();
+                match result {
+                    Ok((bits, stream)) => {
+                        let full = bits.is_complete();
+                        if let Err(e) = sched.add_peer(info.addr, info.origin, bits, now) {
+                            tracing::debug!(%digest, peer = %info.addr, cause = %e, "peer not taken");
+                        } else if let (Some(stream), false) = (stream, full) {
+                            probing.insert(info.addr);
+                            watchers.spawn(forward_haves(info.addr, stream, have_tx.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(%digest, peer = %info.addr, cause = %e, "peer probe failed");
+                        sched.back_off(info.addr, now);
+                    }
+                }
+            }
+            Some(lead) = leads.recv() => {
+                // An agent following us (downloading the blob too), or a peer from the
+                // batched announce: probe it now rather than at our next announce.
+                let now = started.elapsed();
+                let addr = lead.addr;
+                if addr != dl.settings.me
+                    && sched.admits(addr, now)
+                    && !probing.contains(&addr)
+                    && !sched.is_seeder(addr)
+                    && sched.peer_count() < dl.settings.max_peers.max(1)
+                {
+                    spawn_probe(dl, metainfo, &mut probes, &mut probing, lead);
+                }
+            }
+            Some((peer, indices)) = have_rx.recv() => {
+                for index in indices {
+                    sched.on_have(peer, index);
+                }
+            }
+            Some(ended) = watchers.join_next(), if !watchers.is_empty() => {
+                if let Ok(peer) = ended {
+                    probing.remove(&peer);
+                }
+            }
+            _ = tokio::time::sleep_until((started + wake).into()) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Moves the verified prefix past every held piece and tells streaming readers.
+fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 {
+    {
+        let have = active.have.borrow();
+        while have.get(pieces) {
+            pieces += 1;
+        }
+    }
+    let bytes = metainfo.piece_offset(pieces).min(metainfo.length());
+    active.prefix.send_if_modified(|p| {
+        let grew = bytes > p.bytes;
+        p.bytes = p.bytes.max(bytes);
+        grew
+    });
+    pieces
+}
+
+/// Announces, then probes the listed peers the scheduler would take and is not following.
+async fn announce(
+    dl: &Downloads,
+    metainfo: &Metainfo,
+    sched: &Scheduler<SocketAddr>,
+    probes: &mut JoinSet<Probe>,
+    probing: &mut HashSet<SocketAddr>,
+    now: Duration,
+) {
+    let digest = metainfo.digest();
+    let a = Announce { digest, peer: dl.settings.me, complete: false };
+    let listed = match dl.tracker.announce(&a).await {
+        Ok(resp) => resp.peers,
+        Err(e) => {
+            tracing::warn!(%digest, cause = %e, "announce failed");
+            return;
+        }
+    };
+    let room = dl.settings.max_peers.max(1).saturating_sub(sched.peer_count());
+    let wanted = listed.into_iter().filter(|p| {
+        p.addr != dl.settings.me
+            && sched.admits(p.addr, now)
+            && !sched.is_seeder(p.addr)
+            && !probing.contains(&p.addr)
+    });
+    // Seeders and origins first: they may displace agents when the cap is reached.
+    let mut wanted: Vec<PeerInfo> = wanted.collect();
+    wanted.sort_by_key(|p| (!p.complete, p.origin));
+    for p in wanted.into_iter().take(room.max(1)) {
+        spawn_probe(dl, metainfo, probes, probing, p);
+    }
+}
+
+/// Probes `p` in the background; the loop gets the answer from `probes`.
+fn spawn_probe(
+    dl: &Downloads,
+    metainfo: &Metainfo,
+    probes: &mut JoinSet<Probe>,
+    probing: &mut HashSet<SocketAddr>,
+    p: PeerInfo,
+) {
+    probing.insert(p.addr);
+    let (client, m) = (dl.peers.clone(), metainfo.clone());
+    probes.spawn(async move {
+        let r = tokio::time::timeout(PROBE_TIMEOUT, probe(&client, p, &m)).await;
+        let r =
+            r.unwrap_or_else(|_| Err(PeerError::Transport { addr: p.addr, cause: "probe timed out".into() }));
+        (p, r)
+    });
+}
+
+/// What `peer` holds: a subscription if it is still downloading, else its bitfield.
+async fn probe(
+    client: &PeerClient,
+    peer: PeerInfo,
+    metainfo: &Metainfo,
+) -> Result<(Bitfield, Option<HaveStream>), PeerError> {
+    if !peer.origin && !peer.complete {
+        match client.subscribe(peer.addr, metainfo).await {
+            Ok((bits, stream)) => return Ok((bits, Some(stream))),
+            // Not downloading it (any more): it may hold it whole.
+            Err(PeerError::Refused { refusal: Refusal::NotFound, .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((client.bitfield(peer.addr, metainfo).await?, None))
+}
+
+/// Forwards a peer's Have batches to the download loop until the stream ends.
+async fn forward_haves(
+    peer: SocketAddr,
+    mut stream: HaveStream,
+    tx: mpsc::Sender<(SocketAddr, Vec<u32>)>,
+) -> SocketAddr {
+    loop {
+        match stream.next().await {
+            Ok(Some(indices)) => {
+                if tx.send((peer, indices)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(%peer, cause = %e, "have stream ended");
+                break;
+            }
+        }
+    }
+    peer
+}
