@@ -15,7 +15,8 @@
 //!   peer holds, or at once on a piece only one peer holds: a pick costs O(sample), not
 //!   O(pieces), when peers hold much of the blob.
 //! - **Origins are a fallback**: an origin is asked only for pieces no other known peer
-//!   holds. Seeders are asked first, then other agents, origins last. While other agents
+//!   holds, not counting peers that are backing off (a dead or stalled seeder must not hide
+//!   its pieces from the origin). Seeders are asked first, then other agents, origins last. While other agents
 //!   are known, origin requests walk the blob from a random per-download start (so agents
 //!   that cannot see each other's requests in flight take disjoint runs of pieces), jump to
 //!   a random free piece when the walk runs into a piece another agent holds (rather than
@@ -136,6 +137,8 @@ struct Peer {
     origin: bool,
     in_flight: u32,
     depth: u32,
+    /// Backing off: its pieces do not count as available (so an origin may serve them).
+    suspended: bool,
 }
 
 impl Peer {
@@ -173,7 +176,7 @@ struct Piece {
     have: bool,
     /// Copies in flight.
     copies: u32,
-    /// Non-origin peers holding it.
+    /// Non-origin peers holding it, not counting peers that are backing off.
     avail: u32,
     /// Position in `free`, when free (missing and not in flight).
     slot: u32,
@@ -320,7 +323,9 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                     if !known.bits.get(i) {
                         known.bits.set(i);
                         known.held += 1;
-                        self.pieces[i as usize].avail += 1;
+                        if !known.suspended {
+                            self.pieces[i as usize].avail += 1;
+                        }
                     }
                 }
             }
@@ -349,7 +354,8 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         }
         let full = origin || held == self.len();
         let depth = if full { self.config.seeder_pipeline } else { self.config.peer_pipeline };
-        self.peers.insert(peer, Peer { bits, held, origin, in_flight: 0, depth: depth.max(1) });
+        self.peers
+            .insert(peer, Peer { bits, held, origin, in_flight: 0, depth: depth.max(1), suspended: false });
         self.order.push(peer);
         self.reorder();
         Ok(())
@@ -368,7 +374,9 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         }
         p.bits.set(index);
         p.held += 1;
-        self.pieces[index as usize].avail += 1;
+        if !p.suspended {
+            self.pieces[index as usize].avail += 1;
+        }
         if p.seeder() {
             p.depth = p.depth.max(self.config.seeder_pipeline);
             self.reorder();
@@ -382,8 +390,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         self.order.retain(|k| *k != peer);
         if !p.origin {
             self.agents -= 1;
-            for i in p.bits.iter() {
-                self.pieces[i as usize].avail -= 1;
+            if !p.suspended {
+                for i in p.bits.iter() {
+                    self.pieces[i as usize].avail -= 1;
+                }
             }
         }
         let mine: Vec<u32> = self.requests.keys().filter(|(k, _)| *k == peer).map(|&(_, i)| i).collect();
@@ -447,6 +457,34 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         s.failures = s.failures.saturating_add(1);
         let factor = 1u32 << (s.failures - 1).min(16);
         s.until = now + self.config.backoff.saturating_mul(factor).min(self.config.max_backoff);
+        self.suspend(peer, true);
+    }
+
+    /// Takes a backing-off agent's pieces out of (or puts them back into) the availability
+    /// counts: a piece only a stalled or unreachable peer holds may come from an origin.
+    fn suspend(&mut self, peer: P, suspended: bool) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if p.origin || p.suspended == suspended {
+            return;
+        }
+        p.suspended = suspended;
+        for i in p.bits.iter() {
+            let a = &mut self.pieces[i as usize].avail;
+            *a = if suspended { *a - 1 } else { *a + 1 };
+        }
+    }
+
+    /// Counts again the pieces of peers whose back-off has ended.
+    fn resume_expired(&mut self, now: Duration) {
+        let expired: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(k, p)| p.suspended && self.standing.get(k).is_none_or(|s| s.until <= now))
+            .map(|(&k, _)| k)
+            .collect();
+        for peer in expired {
+            self.suspend(peer, false);
+        }
     }
 
     /// Cancels every request and forgives back-offs (not bans): for a download that made no
@@ -460,6 +498,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             self.pending.push(Action::Cancel { peer, index });
         }
         self.standing.retain(|_, s| s.banned);
+        let all: Vec<P> = self.peers.keys().copied().collect();
+        for peer in all {
+            self.suspend(peer, false);
+        }
         for p in self.peers.values_mut() {
             p.depth =
                 if p.origin || p.seeder() { self.config.seeder_pipeline } else { self.config.peer_pipeline };
@@ -503,6 +545,7 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         if self.is_complete() {
             return;
         }
+        self.resume_expired(now);
         for k in 0..self.order.len() {
             let peer = self.order[k];
             if self.in_flight >= self.config.max_in_flight {
@@ -793,6 +836,24 @@ mod tests {
         s.on_piece(1, 1, T0);
         assert!(s.is_complete());
         assert!(poll(&mut s, T0).is_empty());
+    }
+
+    #[test]
+    fn pieces_of_a_backing_off_seeder_come_from_the_origin() {
+        let mut s = Scheduler::new(&Bitfield::new(4), 1 << 20, 1, Config { seeder_pipeline: 2, ..cfg() });
+        s.add_peer(1, false, Bitfield::full(4), T0).expect("seeder");
+        s.add_peer(9, true, Bitfield::new(4), T0).expect("origin");
+        let first = requests(&poll(&mut s, T0));
+        assert!(first.iter().all(|(p, _)| *p == 1), "the seeder first, the origin not at all: {first:?}");
+        // The seeder stalls: its requests time out, it backs off, and the origin takes over.
+        let later = requests(&poll(&mut s, secs(10)));
+        assert!(!later.is_empty() && later.iter().all(|(p, _)| *p == 9), "{later:?}");
+        // Once its back-off ends, the seeder counts again: the origin is not asked for more.
+        for (p, i) in later {
+            s.on_piece(p, i, secs(11));
+        }
+        let resumed = requests(&poll(&mut s, secs(60)));
+        assert!(!resumed.is_empty() && resumed.iter().all(|(p, _)| *p == 1), "{resumed:?}");
     }
 
     #[test]
