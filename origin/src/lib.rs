@@ -9,6 +9,7 @@ pub mod config;
 pub mod prefetch;
 pub mod push;
 pub mod seeder;
+pub mod spread;
 pub mod tags;
 pub mod uploads;
 pub mod upstream;

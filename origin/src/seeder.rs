@@ -24,11 +24,13 @@ pub struct Seeder {
     cache: DashMap<Digest, Arc<Metainfo>>,
     /// Blobs whose metainfo or pieces were asked for, and when last.
     hot: DashMap<Digest, Instant>,
+    /// First copies first across agents pulling a blob at once.
+    spread: crate::spread::Spread,
 }
 
 impl Seeder {
     pub fn new(store: BlobStore, piece_length: u32) -> Self {
-        Self { store, piece_length, cache: DashMap::new(), hot: DashMap::new() }
+        Self { store, piece_length, cache: DashMap::new(), hot: DashMap::new(), spread: Default::default() }
     }
 
     /// Blobs fetched within `window`: the ones worth announcing as seeded.
@@ -79,6 +81,10 @@ impl PieceSource for Seeder {
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
         let m = self.metainfo(digest).await?;
         let size = m.piece_size(index).ok()?;
+        if !self.spread.admit(digest, index, m.piece_count(), Instant::now()) {
+            // Refused: the asking agent gets it from the peer it went to (see `spread`).
+            return None;
+        }
         match self.store.read_range(&digest, m.piece_offset(index), size as usize).await {
             Ok(bytes) => bytes,
             Err(e) => {

@@ -84,7 +84,7 @@ impl Default for Config {
             window: 8,
             peer_pipeline: 4,
             seeder_pipeline: 8,
-            shared_origin_pipeline: 2,
+            shared_origin_pipeline: 1,
             max_pipeline: 32,
             max_in_flight: 64,
             max_peers: 32,
@@ -115,7 +115,14 @@ pub enum Failure {
     Bad,
     /// Unreachable, refused, reset: back the peer off.
     Unavailable,
+    /// An origin declined this piece for now (it already sent it to another agent, which
+    /// will share it): ask the origin for other pieces, and for this one not before
+    /// [`DEFER`] has passed. No back-off.
+    Deferred,
 }
+
+/// How long an origin is not asked again for a piece it deferred.
+pub const DEFER: Duration = Duration::from_secs(1);
 
 /// Why [`Scheduler::add_peer`] turned a peer away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -178,6 +185,8 @@ struct Piece {
     copies: u32,
     /// Non-origin peers holding it, not counting peers that are backing off.
     avail: u32,
+    /// Origins are not asked for it before this time (it was deferred).
+    origin_after: Duration,
     /// Position in `free`, when free (missing and not in flight).
     slot: u32,
 }
@@ -209,6 +218,10 @@ pub struct Scheduler<P> {
     origin_cursor: u32,
     rng: u64,
     last_progress: Duration,
+    /// The `now` of the latest [`poll`](Self::poll).
+    clock: Duration,
+    /// When deferrals end, in order (each lasts [`DEFER`] from a later `now`).
+    defer_ends: std::collections::VecDeque<Duration>,
 }
 
 impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
@@ -246,6 +259,8 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             origin_cursor: 0,
             rng: seed | 1,
             last_progress: Duration::ZERO,
+            clock: Duration::ZERO,
+            defer_ends: std::collections::VecDeque::new(),
         };
         if n > 0 {
             s.origin_cursor = (s.random() % u64::from(n)) as u32;
@@ -290,6 +305,11 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
     /// off); lets a driver skip contacting a peer it would be told to drop.
     pub fn admits(&self, peer: P, now: Duration) -> bool {
         self.standing.get(&peer).is_none_or(|s| !s.banned && s.until <= now)
+    }
+
+    /// True if `peer` was added as an origin.
+    pub fn is_origin(&self, peer: P) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.origin)
     }
 
     /// True once `peer` is known to hold every piece (or is an origin).
@@ -447,6 +467,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                 self.remove_peer(peer);
             }
             Failure::Unavailable => self.back_off(peer, now),
+            Failure::Deferred => {
+                self.pieces[index as usize].origin_after = now + DEFER;
+                self.defer_ends.push_back(now + DEFER);
+            }
         }
     }
 
@@ -518,7 +542,8 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             .filter_map(|k| self.standing.get(k))
             .filter(|s| !s.banned && s.failures > 0)
             .map(|s| s.until);
-        deadlines.chain(backoffs).filter(|&t| t > now).min()
+        let deferrals = self.defer_ends.iter().copied();
+        deadlines.chain(backoffs).chain(deferrals).filter(|&t| t > now).min()
     }
 
     /// Expires overdue requests and fills every pipeline. Appends to `out` the cancels first,
@@ -546,6 +571,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             return;
         }
         self.resume_expired(now);
+        self.clock = now;
+        while self.defer_ends.front().is_some_and(|&t| t <= now) {
+            self.defer_ends.pop_front();
+        }
         for k in 0..self.order.len() {
             let peer = self.order[k];
             if self.in_flight >= self.config.max_in_flight {
@@ -635,7 +664,7 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                 let i = (self.origin_cursor + k) % n;
                 let piece = self.pieces[i as usize];
                 if !piece.have && piece.copies == 0 {
-                    if piece.avail == 0 {
+                    if piece.avail == 0 && piece.origin_after <= self.clock {
                         self.origin_cursor = (i + 1) % n;
                         return Some(i);
                     }
@@ -665,7 +694,8 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
 
     /// Whether `peer` may be asked for piece `index` at all.
     fn eligible(&self, p: &Peer, index: u32) -> bool {
-        p.bits.get(index) && (!p.origin || self.pieces[index as usize].avail == 0)
+        let piece = &self.pieces[index as usize];
+        p.bits.get(index) && (!p.origin || (piece.avail == 0 && piece.origin_after <= self.clock))
     }
 
     fn pick(&mut self, peer: P) -> Option<u32> {
@@ -854,6 +884,27 @@ mod tests {
         }
         let resumed = requests(&poll(&mut s, secs(60)));
         assert!(!resumed.is_empty() && resumed.iter().all(|(p, _)| *p == 1), "{resumed:?}");
+    }
+
+    #[test]
+    fn a_deferred_piece_is_not_asked_of_the_origin_again_for_a_while() {
+        let mut s = Scheduler::new(&Bitfield::new(3), 1 << 20, 1, Config { seeder_pipeline: 1, ..cfg() });
+        s.add_peer(9, true, Bitfield::new(3), T0).expect("origin");
+        let (_, first) = requests(&poll(&mut s, T0))[0];
+        s.on_failure(9, first, T0, Failure::Deferred);
+        assert!(s.admits(9, T0), "no back-off");
+        let next = requests(&poll(&mut s, T0));
+        assert_eq!(next.len(), 1);
+        assert_ne!(next[0].1, first, "another piece meanwhile");
+        assert_eq!(s.next_wakeup(T0), Some(DEFER), "wakes when the deferral ends");
+        s.on_piece(9, next[0].1, T0);
+        let third = requests(&poll(&mut s, T0));
+        assert!(third.iter().all(|(_, i)| *i != first), "{third:?}");
+        for (p, i) in third {
+            s.on_piece(p, i, T0);
+        }
+        assert!(requests(&poll(&mut s, T0)).is_empty(), "only the deferred piece is left");
+        assert_eq!(requests(&poll(&mut s, DEFER)), vec![(9, first)]);
     }
 
     #[test]

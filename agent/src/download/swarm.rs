@@ -146,6 +146,11 @@ pub(super) async fn run(
                         dl.peers.ban(peer);
                         sched.on_failure(peer, index, now, Failure::Bad);
                     }
+                    // An origin that holds the blob declines a piece it has just sent to
+                    // another agent (first copies first): take it from that agent.
+                    Err(PeerError::Refused { refusal: Refusal::NotFound, .. }) if sched.is_origin(peer) => {
+                        sched.on_failure(peer, index, now, Failure::Deferred);
+                    }
                     Err(e) => {
                         tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
                         sched.on_failure(peer, index, now, Failure::Unavailable);
