@@ -248,16 +248,14 @@ Pull directly from an agent:
   ctr images pull --plain-http $HOST:$AGENT1_PORT/$IMAGE:$TAG
   skopeo inspect --tls-verify=false docker://$HOST:$AGENT1_PORT/$IMAGE:$TAG
 
-Use agent1 as a containerd mirror for a registry, e.g. docker.io: in
-/etc/containerd/certs.d/docker.io/hosts.toml (config_path = "/etc/containerd/certs.d"
-in the CRI registry section of containerd's config). The agent serves the images pushed
-to the origin under the same name; for anything else it answers 404 and containerd falls
-back to the upstream server:
+Use agent1 as a containerd mirror for a registry, e.g. docker.io (writes
+/etc/containerd/certs.d/docker.io/hosts.toml and prints the containerd config lines):
 
-  server = "https://registry-1.docker.io"
+  $BIN/shoal-agent containerd-config --endpoint http://$HOST:$AGENT1_PORT --registry docker.io
 
-  [host."http://$HOST:$AGENT1_PORT"]
-    capabilities = ["pull", "resolve"]
+The agent serves the images pushed to the origin under the same name (start the origin
+with --upstream https://registry-1.docker.io to pull anything else through the cluster);
+for anything it cannot serve containerd falls back to the registry itself.
 
 Stop the cluster:
   $ROOT/deploy/dev-cluster.sh stop${SHOAL_DEV_DIR:+   (with SHOAL_DEV_DIR=$DIR)}
