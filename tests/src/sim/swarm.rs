@@ -964,6 +964,21 @@ mod tests {
     }
 
     #[test]
+    fn a_download_without_progress_is_re_planned_then_fails() {
+        // One 64 MiB piece takes 5.4 s; the progress timeout is 2 s: the re-plan at 1 s
+        // cancels the transfer (its bytes are wasted), the download fails at 2 s.
+        let mut cfg = config(1, 64 * MIB, 64 * MIB);
+        cfg.policy.progress_timeout = 2 * SEC;
+        let r = run(&cfg).expect("valid");
+        assert_eq!((r.completed(), r.failed, r.unfinished), (0, 1, 0), "{r}");
+        assert!(r.wasted > 0.1, "{r}");
+        assert!(r.virtual_secs < 3.0, "{r}");
+        // With the agent's 60 s it completes.
+        let r = run(&config(1, 64 * MIB, 64 * MIB)).expect("valid");
+        assert_eq!((r.completed(), r.failed), (1, 0), "{r}");
+    }
+
+    #[test]
     fn invalid_configs_are_refused() {
         assert!(run(&Config { hosts: 0, ..config(1, MIB, MIB) }).is_err());
     }
