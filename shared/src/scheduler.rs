@@ -40,10 +40,16 @@
 //!   download that stopped progressing.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasherDefault, DefaultHasher, Hash};
 use std::time::Duration;
 
 use crate::bitfield::Bitfield;
+
+/// Maps with fixed hash keys: iteration order (which request is cancelled first, which of
+/// two equally weak peers is displaced) then depends only on the calls made, so a driver
+/// with a fixed seed gets the same actions every run. Keys are the driver's peers, at most
+/// [`Config::max_peers`] of them, not attacker-chosen in bulk.
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 
 /// Candidates a rarest-first pick examines (among pieces the peer holds) before settling.
 pub const SAMPLE: u32 = 32;
@@ -203,13 +209,13 @@ pub struct Scheduler<P> {
     free: Vec<u32>,
     have: u32,
     first_missing: u32,
-    peers: HashMap<P, Peer>,
+    peers: Map<P, Peer>,
     /// Peers in pick order (see [`Peer::rank`]), kept sorted on insertion.
     order: Vec<P>,
-    standing: HashMap<P, Standing>,
-    requests: HashMap<(P, u32), Outstanding>,
+    standing: Map<P, Standing>,
+    requests: Map<(P, u32), Outstanding>,
     /// Peers each in-flight piece is requested from.
-    holders: HashMap<u32, Vec<P>>,
+    holders: Map<u32, Vec<P>>,
     in_flight: u32,
     pending: Vec<Action<P>>,
     /// Non-origin peers known.
@@ -248,11 +254,11 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             free,
             have: have.count(),
             first_missing: (0..n).find(|&i| !have.get(i)).unwrap_or(n),
-            peers: HashMap::new(),
+            peers: Map::default(),
             order: Vec::new(),
-            standing: HashMap::new(),
-            requests: HashMap::new(),
-            holders: HashMap::new(),
+            standing: Map::default(),
+            requests: Map::default(),
+            holders: Map::default(),
             in_flight: 0,
             pending: Vec::new(),
             agents: 0,
@@ -1120,6 +1126,28 @@ mod tests {
         let after = poll(&mut s, secs(1));
         assert_eq!(cancels(&after).len(), 3);
         assert_eq!(requests(&after).len(), 4, "both peers asked again, peer 2 forgiven");
+    }
+
+    #[test]
+    fn the_same_calls_give_the_same_actions() {
+        // Two downloads fed identically: every cancel (timeouts, a displaced peer) comes out
+        // in the same order, which a seeded simulation needs to be reproducible.
+        let run = || {
+            let mut s = Scheduler::new(&Bitfield::new(64), 1 << 20, 9, Config { max_peers: 6, ..cfg() });
+            for peer in 1..=6 {
+                s.add_peer(peer, false, bits(64, &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), T0).expect("add");
+            }
+            let mut log = poll(&mut s, T0);
+            log.extend(poll(&mut s, secs(60)));
+            s.add_peer(7, false, Bitfield::full(64), secs(60)).expect("a seeder displaces one");
+            log.extend(poll(&mut s, secs(61)));
+            log
+        };
+        let first = run();
+        assert!(cancels(&first).len() >= 10, "{first:?}");
+        for _ in 0..8 {
+            assert_eq!(run(), first);
+        }
     }
 
     #[test]

@@ -53,24 +53,34 @@ struct Cli {
     /// Peers the tracker lists per announce, besides the origins.
     #[arg(long, default_value_t = 50)]
     tracker_peers: u32,
-    /// Peers a download talks to at once.
+    /// Peers a download keeps (the agent's max_peers, default 10).
     #[arg(long)]
     max_peers: Option<u32>,
-    /// Requests in flight to one agent.
+    /// Starting pipeline depth to an agent still downloading (default: the agent's).
     #[arg(long)]
     peer_pipeline: Option<u32>,
-    /// Requests in flight to one origin.
+    /// Starting pipeline depth to a seeder or an origin (default: the agent's).
+    #[arg(long)]
+    seeder_pipeline: Option<u32>,
+    /// Deepest pipeline to an origin while other agents are known (default: the scheduler's).
     #[arg(long)]
     origin_pipeline: Option<u32>,
-    /// Requests in flight per download.
+    /// Deepest a pipeline grows (default: the agent's).
+    #[arg(long)]
+    max_pipeline: Option<u32>,
+    /// Requests in flight per download (default: the agent's, 16 MiB of pieces, 4..=64).
     #[arg(long)]
     max_in_flight: Option<u32>,
     /// Pieces at the front of the blob fetched in order (the agent's IN_ORDER_WINDOW).
     #[arg(long)]
     window: Option<u32>,
-    /// Piece request timeout (default: the agent's, 10 s + 1 s per MiB of piece).
+    /// Shortest piece request deadline (default: the scheduler's, 5s); deadlines grow with
+    /// piece size times pipeline depth at 1 MiB/s.
     #[arg(long)]
-    request_timeout: Option<String>,
+    timeout_floor: Option<String>,
+    /// Seconds without progress after which a download fails (re-planned at half).
+    #[arg(long)]
+    progress_timeout: Option<String>,
     /// Hold Have messages back this long to apply them together (speeds up huge runs).
     #[arg(long, default_value = "0")]
     have_batch: String,
@@ -105,12 +115,18 @@ fn main() -> anyhow::Result<()> {
     cfg.policy = Policy {
         max_peers: cli.max_peers.unwrap_or(d.max_peers),
         peer_pipeline: cli.peer_pipeline.unwrap_or(d.peer_pipeline),
-        origin_pipeline: cli.origin_pipeline.unwrap_or(d.origin_pipeline),
+        seeder_pipeline: cli.seeder_pipeline.unwrap_or(d.seeder_pipeline),
+        shared_origin_pipeline: cli.origin_pipeline.unwrap_or(d.shared_origin_pipeline),
+        max_pipeline: cli.max_pipeline.unwrap_or(d.max_pipeline),
         max_in_flight: cli.max_in_flight.unwrap_or(d.max_in_flight),
         window: cli.window.unwrap_or(d.window),
-        request_timeout: match &cli.request_timeout {
+        timeout_floor: match &cli.timeout_floor {
             Some(t) => parse_duration(t)?,
-            None => d.request_timeout,
+            None => d.timeout_floor,
+        },
+        progress_timeout: match &cli.progress_timeout {
+            Some(t) => parse_duration(t)?,
+            None => d.progress_timeout,
         },
         ..d
     };

@@ -1,111 +1,119 @@
 //! The one place the simulator calls the project's scheduler state machine.
 //!
 //! Every call into `shoal_shared` scheduling goes through [`Scheduler`], so moving the
-//! simulator to a new scheduler API means editing this file only. Today that state machine
-//! is [`Picker`], which knows pieces and peers but not time; the policy around it mirrors the
-//! agent's download loop (`agent/src/download.rs`): origins first, then seeders, a pipeline
-//! per peer, a cap on requests per download, a peer dropped and backed off on any failure.
-//!
-//! SIM-ONLY (not in today's Picker, modelled here until the scheduler grows them):
-//! * Have messages. The Picker only takes whole bitfields (`add_peer`), and replacing a peer
-//!   forgets its in-flight pieces. So a peer whose bitfield grew is re-registered under a
-//!   fresh key (`host` plus an epoch) while its old key stays until the requests sent under
-//!   it settle. Until then the old key's pieces count twice towards availability.
-//! * Request timeouts and the backoff after a failure, whose clocks the simulator keeps
-//!   (`Policy::request_timeout`, `Policy::backoff`).
+//! simulator to another scheduler API means editing this file only. It wraps
+//! [`shoal_shared::scheduler::Scheduler`], the pure state machine the agent's download loop
+//! (`agent/src/download/swarm.rs`) drives, keyed by host number and fed virtual time. The
+//! scheduler owns the policy (front window, rarest first, origin as fallback, pipelines,
+//! deadlines with re-dispatch, endgame, back-off, peer cap); this file only converts clocks
+//! and carries [`Policy`], the agent's constants for the scheduler and its download loop
+//! (re-announce schedule, progress timeout).
+
+use std::time::Duration;
 
 use shoal_shared::bitfield::Bitfield;
-use shoal_shared::picker::Picker;
+use shoal_shared::scheduler;
+pub use shoal_shared::scheduler::{Action, Failure};
 
 use super::queue::{Nanos, SEC};
 
-/// The download loop's knobs (defaults: the agent's constants).
+/// The download loop's knobs (defaults: the agent's, see [`Policy::agent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    /// Requests in flight to one origin.
-    pub origin_pipeline: u32,
-    /// Requests in flight to one other agent.
+    /// Pieces at the front of the missing range fetched in order.
+    pub window: u32,
+    /// Starting pipeline depth to an agent still downloading.
     pub peer_pipeline: u32,
+    /// Starting pipeline depth to a seeder or origin.
+    pub seeder_pipeline: u32,
+    /// Deepest pipeline to an origin while other agents are known.
+    pub shared_origin_pipeline: u32,
+    /// Deepest a pipeline grows.
+    pub max_pipeline: u32,
     /// Requests in flight per download, all peers together.
     pub max_in_flight: u32,
-    /// Pieces at the front fetched in order.
-    pub window: u32,
-    /// Peers asked for their bitfields per announce, less the seeders already known (the
-    /// agent's `max_peers`).
+    /// Peers a download keeps (the agent's `max_peers`).
     pub max_peers: u32,
-    /// How long a piece request may take before it is given up on.
-    pub request_timeout: Nanos,
-    /// How long a peer that failed is left alone.
-    pub backoff: Nanos,
-    /// How often a download re-announces.
+    /// Shortest request deadline.
+    pub timeout_floor: Nanos,
+    /// Slowest rate (bytes/s) a peer may deliver at before a request times out.
+    pub min_rate: u64,
+    /// First re-announce; the interval then grows with the download's age (a quarter of it).
+    pub first_reannounce: Nanos,
+    /// Longest re-announce interval.
     pub reannounce: Nanos,
+    /// No progress for half of this: re-plan; for all of it: the download fails.
+    pub progress_timeout: Nanos,
 }
 
 impl Policy {
-    /// The agent's defaults for pieces of `piece_len` bytes.
+    /// The agent's constants (`agent/src/download/swarm.rs` `config()`, its default
+    /// `max_peers` and `progress_timeout`) for pieces of `piece_len` bytes.
     pub fn agent(piece_len: u64) -> Self {
+        let d = scheduler::Config::default();
+        // IN_FLIGHT_BYTES: at most 16 MiB of piece buffers in flight per download.
+        let max_in_flight = ((16u64 << 20) / piece_len.max(1)).clamp(4, 64) as u32;
         Self {
-            origin_pipeline: 3,
-            peer_pipeline: 3,
-            max_in_flight: 8,
             window: 8,
+            peer_pipeline: 4.min(max_in_flight),
+            seeder_pipeline: 8.min(max_in_flight),
+            shared_origin_pipeline: d.shared_origin_pipeline,
+            max_pipeline: 32.min(max_in_flight),
+            max_in_flight,
             max_peers: 10,
-            // The agent's piece timeout: 10 s plus 1 s per MiB of piece.
-            request_timeout: 10 * SEC + piece_len / (1 << 20) * SEC,
-            backoff: 5 * SEC,
+            timeout_floor: d.timeout_floor.as_nanos() as Nanos,
+            min_rate: d.min_rate,
+            first_reannounce: SEC / 4,
             reannounce: 3 * SEC,
+            progress_timeout: 60 * SEC,
         }
+    }
+
+    fn config(&self) -> scheduler::Config {
+        scheduler::Config {
+            window: self.window,
+            peer_pipeline: self.peer_pipeline,
+            seeder_pipeline: self.seeder_pipeline,
+            shared_origin_pipeline: self.shared_origin_pipeline,
+            max_pipeline: self.max_pipeline,
+            max_in_flight: self.max_in_flight,
+            max_peers: self.max_peers as usize,
+            timeout_floor: Duration::from_nanos(self.timeout_floor),
+            min_rate: self.min_rate,
+            ..scheduler::Config::default()
+        }
+    }
+
+    /// When a download `age` old announces next: like the agent, a quarter of its age,
+    /// between the first and the longest interval.
+    pub fn next_announce(&self, age: Nanos) -> Nanos {
+        age + (age / 4).clamp(self.first_reannounce, self.reannounce.max(self.first_reannounce))
     }
 }
 
-#[derive(Debug)]
-struct Peer {
-    host: u32,
-    origin: bool,
-    epoch: u32,
-    bits: Bitfield,
-    have: u32,
-    /// Bits changed since the picker last saw them.
-    dirty: bool,
+fn dur(t: Nanos) -> Duration {
+    Duration::from_nanos(t)
 }
 
-/// One host's download: the scheduler state machine plus the policy around it.
+fn nanos(d: Duration) -> Nanos {
+    d.as_nanos().min(u128::from(Nanos::MAX)) as Nanos
+}
+
+/// One host's download: the scheduler keyed by host number, on the virtual clock.
 #[derive(Debug)]
 pub struct Scheduler {
-    picker: Picker<u64>,
+    inner: scheduler::Scheduler<u32>,
     policy: Policy,
-    pieces: u32,
-    /// Known peers, in the order they were added (deterministic iteration).
-    peers: Vec<Peer>,
-    /// Requests in flight: (piece, host, picker key).
-    outstanding: Vec<(u32, u32, u64)>,
-    /// Superseded picker keys still holding in-flight requests.
-    stale: Vec<u64>,
-    /// Peers not to be re-added before the given time.
-    backoff: Vec<(u32, Nanos)>,
-    order: Vec<usize>,
-}
-
-fn key(host: u32, epoch: u32) -> u64 {
-    (u64::from(host) << 32) | u64::from(epoch)
-}
-
-fn key_host(key: u64) -> u32 {
-    (key >> 32) as u32
 }
 
 impl Scheduler {
-    /// A download of `pieces` pieces, none held; `rotation` is the picker's random tie-break.
-    pub fn new(pieces: u32, rotation: u32, policy: Policy) -> Self {
+    /// A download of `pieces` pieces of `piece_len` bytes, none held; `seed` drives the
+    /// scheduler's random choices.
+    pub fn new(pieces: u32, piece_len: u64, seed: u64, policy: Policy) -> Self {
+        let piece_len = u32::try_from(piece_len).unwrap_or(u32::MAX);
         Self {
-            picker: Picker::new(&Bitfield::new(pieces), rotation, policy.window),
+            inner: scheduler::Scheduler::new(&Bitfield::new(pieces), piece_len, seed, policy.config()),
             policy,
-            pieces,
-            peers: Vec::new(),
-            outstanding: Vec::new(),
-            stale: Vec::new(),
-            backoff: Vec::new(),
-            order: Vec::new(),
         }
     }
 
@@ -114,152 +122,69 @@ impl Scheduler {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.picker.is_complete()
+        self.inner.is_complete()
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.outstanding.len()
+    pub fn in_flight(&self) -> u32 {
+        self.inner.in_flight()
     }
 
     pub fn peer_count(&self) -> usize {
-        self.peers.len()
+        self.inner.peer_count()
     }
 
-    /// Known peers holding the whole blob.
-    pub fn complete_peers(&self) -> usize {
-        self.peers.iter().filter(|p| p.have == self.pieces).count()
+    /// Whether `host` would be taken now (not banned, not backing off).
+    pub fn admits(&self, host: u32, now: Nanos) -> bool {
+        self.inner.admits(host, dur(now))
     }
 
-    pub fn knows(&self, host: u32) -> bool {
-        self.peers.iter().any(|p| p.host == host)
+    pub fn is_seeder(&self, host: u32) -> bool {
+        self.inner.is_seeder(host)
     }
 
-    /// True when `host` failed recently and must not be asked again yet.
-    pub fn backed_off(&mut self, host: u32, now: Nanos) -> bool {
-        self.backoff.retain(|&(_, until)| until > now);
-        self.backoff.iter().any(|&(h, _)| h == host)
+    /// When the last piece arrived (or the download started).
+    pub fn last_progress(&self) -> Nanos {
+        nanos(self.inner.last_progress())
     }
 
-    /// A peer did not answer: leave it alone for a while.
-    pub fn back_off(&mut self, host: u32, now: Nanos) {
-        self.backoff.push((host, now.saturating_add(self.policy.backoff)));
-    }
-
-    /// A peer answered with its bitfield.
-    pub fn add_peer(&mut self, host: u32, origin: bool, bits: Bitfield) {
-        if bits.len() != self.pieces || self.knows(host) {
-            return;
-        }
-        let have = bits.count();
-        self.picker.add_peer(key(host, 0), bits.clone());
-        self.peers.push(Peer { host, origin, epoch: 0, bits, have, dirty: false });
+    /// A peer answered with its bitfield; false if the scheduler turned it away.
+    pub fn add_peer(&mut self, host: u32, origin: bool, bits: Bitfield, now: Nanos) -> bool {
+        self.inner.add_peer(host, origin, bits, dur(now)).is_ok()
     }
 
     /// `host` announced it now holds `piece`.
     pub fn on_have(&mut self, host: u32, piece: u32) {
-        if let Some(p) = self.peers.iter_mut().find(|p| p.host == host) {
-            if piece < self.pieces && !p.bits.get(piece) {
-                p.bits.set(piece);
-                p.have += 1;
-                p.dirty = true;
-            }
-        }
+        self.inner.on_have(host, piece);
     }
 
-    /// SIM-ONLY: hands grown bitfields to the picker under fresh keys (see the module doc).
-    fn sync(&mut self) {
-        for p in self.peers.iter_mut().filter(|p| p.dirty) {
-            p.dirty = false;
-            let old = key(p.host, p.epoch);
-            p.epoch = p.epoch.wrapping_add(1);
-            self.picker.add_peer(key(p.host, p.epoch), p.bits.clone());
-            if self.outstanding.iter().any(|&(_, _, k)| k == old) {
-                self.stale.push(old);
-            } else {
-                self.picker.remove_peer(old);
-            }
-        }
+    /// A peer could not be reached (its bitfield did not come).
+    pub fn back_off(&mut self, host: u32, now: Nanos) {
+        self.inner.back_off(host, dur(now));
     }
 
-    /// The requests to send now, as (host, piece), appended to `out`: every peer's pipeline
-    /// filled, origins first, then seeders, within the per-download cap.
-    pub fn next_requests(&mut self, out: &mut Vec<(u32, u32)>) {
-        self.sync();
-        let mut order = std::mem::take(&mut self.order);
-        order.clear();
-        order.extend(0..self.peers.len());
-        let complete = |p: &Peer| p.have == self.pieces;
-        order.sort_by_key(|&i| (!self.peers[i].origin, !complete(&self.peers[i])));
-        for &i in &order {
-            let p = &self.peers[i];
-            let depth = if p.origin { self.policy.origin_pipeline } else { self.policy.peer_pipeline };
-            let current = key(p.host, p.epoch);
-            // Requests sent under superseded keys still fill this peer's pipeline.
-            let older =
-                self.outstanding.iter().filter(|&&(_, h, k)| h == p.host && k != current).count() as u32;
-            let depth = depth.saturating_sub(older);
-            while (self.outstanding.len() as u32) < self.policy.max_in_flight {
-                let Some(piece) = self.picker.next_request(current, depth) else { break };
-                self.outstanding.push((piece, p.host, current));
-                out.push((p.host, piece));
-            }
-        }
-        self.order = order;
+    /// Cancels every request and forgives back-offs (a download that stopped progressing).
+    pub fn replan(&mut self) {
+        self.inner.replan();
     }
 
-    fn settle(&mut self, host: u32, piece: u32) -> Option<u64> {
-        let i = self.outstanding.iter().position(|&(pc, h, _)| pc == piece && h == host)?;
-        let (_, _, k) = self.outstanding.swap_remove(i);
-        Some(k)
+    /// Expires overdue requests and fills the pipelines: cancels first, then requests.
+    pub fn poll(&mut self, now: Nanos, out: &mut Vec<Action<u32>>) {
+        self.inner.poll(dur(now), out);
     }
 
-    fn drop_stale(&mut self, k: u64) {
-        if self.stale.contains(&k) && !self.outstanding.iter().any(|&(_, _, o)| o == k) {
-            self.stale.retain(|&s| s != k);
-            self.picker.remove_peer(k);
-        }
+    /// A requested piece arrived (and verified).
+    pub fn on_piece(&mut self, host: u32, piece: u32, now: Nanos) {
+        self.inner.on_piece(host, piece, dur(now));
     }
 
-    /// A requested piece arrived (and verified). False if no such request was in flight.
-    pub fn on_piece(&mut self, host: u32, piece: u32) -> bool {
-        let Some(k) = self.settle(host, piece) else { return false };
-        self.picker.on_piece(piece, k);
-        self.drop_stale(k);
-        true
+    /// A request failed (refused, reset).
+    pub fn on_failure(&mut self, host: u32, piece: u32, now: Nanos, failure: Failure) {
+        self.inner.on_failure(host, piece, dur(now), failure);
     }
 
-    /// A request failed or timed out: like the agent, the piece goes back to missing and the
-    /// peer is dropped and backed off. Returns the other pieces that were in flight to that
-    /// peer, now missing again (the caller gives up on those requests too).
-    pub fn on_failure(&mut self, host: u32, piece: u32, now: Nanos) -> Vec<u32> {
-        if let Some(k) = self.settle(host, piece) {
-            self.picker.on_failure(piece, k);
-        }
-        self.backoff.push((host, now.saturating_add(self.policy.backoff)));
-        self.remove_peer(host)
-    }
-
-    /// Forgets `host` (it failed or left); returns the pieces that were in flight to it.
-    pub fn remove_peer(&mut self, host: u32) -> Vec<u32> {
-        let mut lost = Vec::new();
-        self.outstanding.retain(|&(pc, h, _)| {
-            if h == host {
-                lost.push(pc);
-            }
-            h != host
-        });
-        if let Some(i) = self.peers.iter().position(|p| p.host == host) {
-            let p = self.peers.remove(i);
-            self.picker.remove_peer(key(host, p.epoch));
-        }
-        let picker = &mut self.picker;
-        self.stale.retain(|&k| {
-            if key_host(k) == host {
-                picker.remove_peer(k);
-            }
-            key_host(k) != host
-        });
-        lost
+    /// When [`poll`](Self::poll) next has something to do without another event.
+    pub fn next_wakeup(&self, now: Nanos) -> Option<Nanos> {
+        self.inner.next_wakeup(dur(now)).map(nanos)
     }
 }
 
@@ -267,74 +192,43 @@ impl Scheduler {
 mod tests {
     use super::*;
 
-    fn bits(n: u32, set: &[u32]) -> Bitfield {
-        let mut b = Bitfield::new(n);
-        for &i in set {
-            b.set(i);
-        }
-        b
-    }
-
-    fn policy() -> Policy {
-        Policy { window: 0, ..Policy::agent(1 << 20) }
-    }
-
-    #[test]
-    fn origins_first_within_the_cap() {
-        let mut s = Scheduler::new(16, 0, policy());
-        s.add_peer(5, false, Bitfield::full(16));
-        s.add_peer(1, true, Bitfield::full(16));
-        let mut out = Vec::new();
-        s.next_requests(&mut out);
-        assert_eq!(out.len(), 6, "3 to the origin, 3 to the peer");
-        assert!(out[..3].iter().all(|&(h, _)| h == 1));
-        assert!(out[3..].iter().all(|&(h, _)| h == 5));
-        let mut pieces: Vec<u32> = out.iter().map(|&(_, p)| p).collect();
-        pieces.sort_unstable();
-        pieces.dedup();
-        assert_eq!(pieces.len(), 6, "no piece asked twice");
+    fn requests(actions: &[Action<u32>]) -> Vec<(u32, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match *a {
+                Action::Request { peer, index } => Some((peer, index)),
+                Action::Cancel { .. } => None,
+            })
+            .collect()
     }
 
     #[test]
-    fn a_have_makes_a_peer_useful_without_losing_its_requests() {
-        let mut s = Scheduler::new(4, 0, policy());
-        s.add_peer(7, false, bits(4, &[0]));
+    fn agent_constants_follow_the_piece_size() {
+        let p = Policy::agent(4 << 20);
+        assert_eq!((p.max_in_flight, p.peer_pipeline, p.seeder_pipeline, p.max_pipeline), (4, 4, 4, 4));
+        let p = Policy::agent(256 << 10);
+        assert_eq!((p.max_in_flight, p.peer_pipeline, p.seeder_pipeline, p.max_pipeline), (64, 4, 8, 32));
+        assert_eq!(p.next_announce(0), SEC / 4);
+        assert_eq!(p.next_announce(4 * SEC), 5 * SEC);
+        assert_eq!(p.next_announce(100 * SEC), 103 * SEC);
+    }
+
+    #[test]
+    fn virtual_time_drives_deadlines() {
+        // 1 MiB pieces at depth 4 and 1 MiB/s: a 5 s floor, 4 s scaled.
+        let policy = Policy { window: 0, ..Policy::agent(1 << 20) };
+        let mut s = Scheduler::new(8, 1 << 20, 3, policy);
+        assert!(s.add_peer(7, false, Bitfield::full(8), SEC));
         let mut out = Vec::new();
-        s.next_requests(&mut out);
-        assert_eq!(out, vec![(7, 0)]);
-        s.on_have(7, 2);
+        s.poll(SEC, &mut out);
+        let got = requests(&out);
+        assert_eq!(got.len(), 8, "a seeder at depth 8: {got:?}");
+        assert_eq!(s.next_wakeup(SEC), Some(SEC + 8 * SEC), "8 MiB at 1 MiB/s");
+        s.on_piece(7, got[0].1, 2 * SEC);
+        assert_eq!(s.last_progress(), 2 * SEC);
         out.clear();
-        s.next_requests(&mut out);
-        assert_eq!(out, vec![(7, 2)], "piece 0 is still in flight, 2 is new");
-        assert!(s.on_piece(7, 0));
-        assert!(s.on_piece(7, 2));
-        assert!(!s.on_piece(7, 2), "already settled");
-        assert_eq!(s.in_flight(), 0);
-        assert!(s.stale.is_empty());
-    }
-
-    #[test]
-    fn a_failure_drops_the_peer_and_frees_its_pieces() {
-        let mut s = Scheduler::new(4, 0, policy());
-        s.add_peer(3, false, Bitfield::full(4));
-        let mut out = Vec::new();
-        s.next_requests(&mut out);
-        assert_eq!(out.len(), 3);
-        let lost = s.on_failure(3, out[0].1, 0);
-        assert_eq!(lost.len(), 2);
-        assert!(!s.knows(3) && s.backed_off(3, SEC) && !s.backed_off(3, 5 * SEC));
-        s.add_peer(4, false, Bitfield::full(4));
-        out.clear();
-        s.next_requests(&mut out);
-        assert_eq!(out.len(), 3, "the freed pieces are asked of the next peer");
-    }
-
-    #[test]
-    fn misfit_bitfields_are_ignored() {
-        let mut s = Scheduler::new(4, 0, policy());
-        s.add_peer(3, false, Bitfield::full(5));
-        assert_eq!(s.peer_count(), 0);
-        s.on_have(3, 1);
-        s.on_have(9, 100);
+        s.poll(9 * SEC, &mut out);
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::Cancel { .. })).count(), 7, "{out:?}");
+        assert!(!s.admits(7, 9 * SEC), "the slow peer backs off");
     }
 }

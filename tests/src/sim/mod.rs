@@ -114,11 +114,15 @@ impl Config {
         if self.agent_uploads == 0 || self.origin_uploads == 0 || self.tracker_peers == 0 {
             return bad("upload slots and tracker peers must be positive");
         }
-        if p.max_in_flight == 0 || p.max_peers == 0 || p.peer_pipeline == 0 || p.origin_pipeline == 0 {
+        let pipelines = [p.peer_pipeline, p.seeder_pipeline, p.shared_origin_pipeline, p.max_pipeline];
+        if p.max_in_flight == 0 || p.max_peers == 0 || pipelines.contains(&0) {
             return bad("pipelines, in-flight cap and peer count must be positive");
         }
-        if p.request_timeout == 0 || p.reannounce == 0 {
-            return bad("request timeout and re-announce interval must be positive");
+        if p.timeout_floor == 0 || p.min_rate == 0 || p.reannounce == 0 || p.progress_timeout == 0 {
+            return bad("timeouts, minimum rate and re-announce interval must be positive");
+        }
+        if self.piece_len > u64::from(u32::MAX) {
+            return bad("piece length must fit in 32 bits");
         }
         Ok(())
     }

@@ -6,7 +6,16 @@
 //! also capped at the throughput a loss-based congestion controller sustains (Mathis et al.:
 //! MSS / RTT * sqrt(3/2) / sqrt(loss)). A server serves a bounded number of pieces at once
 //! and queues the rest in arrival order, as the real peer server's upload semaphore does.
-//! Departed hosts answer nothing: requests to them run into the requester's timeout.
+//! Departed hosts answer nothing: requests to them run into the requester's deadline.
+//!
+//! Each agent mirrors the agent's download loop (`agent/src/download/swarm.rs`) around the
+//! scheduler ([`super::driver`]): it announces at once, then after a quarter of the
+//! download's age (250 ms to 3 s); probes up to `max_peers` less the peers known of the
+//! listed ones (seeders and origins first), with a Subscribe to an agent still downloading
+//! (which then streams Have messages as its pieces verify, and probes the subscriber back)
+//! and a bitfield request otherwise; carries out the scheduler's requests and cancels; and
+//! polls it again at its next deadline or back-off. A download without progress for half
+//! the progress timeout is re-planned and re-announces; for the whole of it, it fails.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -17,20 +26,17 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::Scheduler;
+use super::driver::{Action, Failure, Scheduler};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};
 
 /// Bytes of payload per packet (QUIC over a 1500-byte MTU, roughly).
 const MSS: f64 = 1200.0;
-/// How long an agent waits for a peer's bitfield (the agent's `BITFIELD_TIMEOUT`).
-const BITFIELD_TIMEOUT: Nanos = 5 * SEC;
+/// How long an agent waits for a peer's bitfield (the agent's `PROBE_TIMEOUT`).
+const PROBE_TIMEOUT: Nanos = 5 * SEC;
 /// How long the tracker keeps listing a host that stopped announcing.
 const TRACKER_TTL: Nanos = 30 * SEC;
-/// When an agent has nothing in flight it looks again this soon (the agent: 300 ms sleep,
-/// then an announce within 700 ms).
-const IDLE_RETRY: Nanos = SEC;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
@@ -41,9 +47,11 @@ enum Ev {
     AnnounceReply {
         host: u32,
     },
+    /// A probe reaches `server`: a Subscribe if `subscribe`, else a bitfield request.
     BitfieldArrive {
         client: u32,
         server: u32,
+        subscribe: bool,
     },
     BitfieldReply {
         client: u32,
@@ -59,9 +67,10 @@ enum Ev {
         version: u32,
     },
     Deliver(u32),
-    RequestTimeout(u32),
-    /// The server said Busy: it fails at the requester like a timeout, only sooner.
+    /// The server said Busy: the request fails at the requester.
     Refused(u32),
+    /// The host's scheduler has a deadline or back-off due, or its progress timer.
+    Wake(u32),
     HaveFlush(u32),
     Leave(u32),
 }
@@ -96,14 +105,22 @@ struct Host {
     have: u32,
     sched: Option<Box<Scheduler>>,
     done_at: Option<Nanos>,
+    /// The download stalled for the whole progress timeout and failed.
+    failed: bool,
+    /// The download was re-planned since its last progress.
+    replanned: bool,
+    /// The earliest [`Ev::Wake`] pending.
+    wake_at: Nanos,
     left_at: Option<Nanos>,
     announced: bool,
     announce_version: u32,
     next_announce: Nanos,
     /// Peers waiting for this host's Have messages.
     subscribers: Vec<u32>,
-    /// Bitfields asked for and not answered yet.
+    /// Peers probed and not answered yet, and agents whose Have stream it follows (the
+    /// agent's `probing`).
     connecting: Vec<u32>,
+    following: Vec<u32>,
     /// Have messages received and not yet applied: (arrival, peer, piece).
     haves: Vec<(Nanos, u32, u32)>,
     flush_at: Option<Nanos>,
@@ -179,6 +196,8 @@ pub struct Report {
     pub ratios: Vec<f64>,
     /// Agents that left before finishing.
     pub departed: u32,
+    /// Agents whose download stalled for the whole progress timeout and failed.
+    pub failed: u32,
     /// Agents still downloading when the run stopped (at `max_time`).
     pub unfinished: u32,
     /// Bytes the origins sent, over the blob size.
@@ -229,10 +248,11 @@ impl fmt::Display for Report {
         writeln!(f, "physical limit (blob / link rate + RTT): {:.3} s", self.limit)?;
         writeln!(
             f,
-            "completed: {} of {} agents ({} left mid-download, {} unfinished)",
+            "completed: {} of {} agents ({} left mid-download, {} failed, {} unfinished)",
             self.completed(),
             c.hosts,
             self.departed,
+            self.failed,
             self.unfinished
         )?;
         writeln!(f, "completion / limit: p50 {}  p99 {}  max {}", q(0.5), q(0.99), q(1.0))?;
@@ -261,12 +281,13 @@ struct World {
     pto: Nanos,
     pieces: u32,
     finishes: Vec<Finish>,
-    wanted: Vec<(u32, u32)>,
+    actions: Vec<Action<u32>>,
     origin_egress: f64,
     wasted: f64,
     /// Agents neither finished nor gone.
     active: u32,
     departed: u32,
+    failed: u32,
 }
 
 /// Runs one simulation to the end (every agent finished or gone) or to `max_time`.
@@ -289,6 +310,7 @@ pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
         limit: cfg.limit(),
         ratios,
         departed: w.departed,
+        failed: w.failed,
         unfinished: w.active,
         origin_egress: w.origin_egress / cfg.size as f64,
         wasted: w.wasted / cfg.size as f64,
@@ -313,19 +335,24 @@ impl World {
         let mut tracker = Tracker::default();
         for i in 0..total as u32 {
             let origin = i < cfg.origins;
-            let sched = (!origin).then(|| Box::new(Scheduler::new(pieces, rng.random(), cfg.policy)));
+            let sched =
+                (!origin).then(|| Box::new(Scheduler::new(pieces, cfg.piece_len, rng.random(), cfg.policy)));
             hosts.push(Host {
                 origin,
                 bits: if origin { Bitfield::full(pieces) } else { Bitfield::new(pieces) },
                 have: if origin { pieces } else { 0 },
                 sched,
                 done_at: None,
+                failed: false,
+                replanned: false,
+                wake_at: Nanos::MAX,
                 left_at: None,
                 announced: origin,
                 announce_version: 0,
                 next_announce: 0,
                 subscribers: Vec::new(),
                 connecting: Vec::new(),
+                following: Vec::new(),
                 haves: Vec::new(),
                 flush_at: None,
                 slots: if origin { cfg.origin_uploads } else { cfg.agent_uploads },
@@ -364,10 +391,11 @@ impl World {
             tracker,
             rng,
             finishes: Vec::new(),
-            wanted: Vec::new(),
+            actions: Vec::new(),
             origin_egress: 0.0,
             wasted: 0.0,
             departed: 0,
+            failed: 0,
         }
     }
 
@@ -390,16 +418,7 @@ impl World {
         match ev {
             Ev::Announce { host, version } => self.announce(host, version),
             Ev::AnnounceReply { host } => self.announce_reply(host),
-            Ev::BitfieldArrive { client, server } => {
-                let s = &mut self.hosts[server as usize];
-                if s.gone() {
-                    return;
-                }
-                if s.downloading() && !s.subscribers.contains(&client) {
-                    s.subscribers.push(client);
-                }
-                self.q.after(self.one_way, Ev::BitfieldReply { client, server });
-            }
+            Ev::BitfieldArrive { client, server, subscribe } => self.probe_arrive(client, server, subscribe),
             Ev::BitfieldReply { client, server } => self.bitfield_reply(client, server),
             Ev::BitfieldTimeout { client, server } => {
                 let now = self.now();
@@ -415,7 +434,15 @@ impl World {
             Ev::RequestArrive(r) => self.request_arrive(r),
             Ev::FlowDone { flow, version } => self.flow_done(flow, version),
             Ev::Deliver(r) => self.deliver(r),
-            Ev::RequestTimeout(r) | Ev::Refused(r) => self.request_timeout(r),
+            Ev::Refused(r) => self.refused(r),
+            Ev::Wake(h) => {
+                let now = self.now();
+                let host = &mut self.hosts[h as usize];
+                if host.wake_at == now {
+                    host.wake_at = Nanos::MAX;
+                    self.dispatch(h);
+                }
+            }
             Ev::HaveFlush(h) => self.flush_haves(h),
             Ev::Leave(h) => self.leave(h),
         }
@@ -423,7 +450,6 @@ impl World {
 
     fn announce(&mut self, host: u32, version: u32) {
         let now = self.now();
-        let reannounce = self.cfg.policy.reannounce;
         let h = &mut self.hosts[host as usize];
         if version != h.announce_version || h.gone() || !h.downloading() {
             return;
@@ -432,12 +458,17 @@ impl World {
             h.announced = true;
             self.tracker.members.push(host);
         }
-        h.next_announce = now + reannounce;
-        self.q.schedule(now + reannounce, Ev::Announce { host, version });
+        // Every download starts at 0: its age is the virtual time.
+        let next = self.cfg.policy.next_announce(now);
+        h.next_announce = next;
+        self.q.schedule(next, Ev::Announce { host, version });
         let delay = self.message_delay() + self.one_way;
         self.q.after(delay, Ev::AnnounceReply { host });
     }
 
+    /// Like the agent: probes the listed peers the scheduler would take and that it is not
+    /// probing or following, seeders and origins first, up to `max_peers` less the peers
+    /// known (at least one, so that a seeder may displace an agent when the cap is reached).
     fn announce_reply(&mut self, host: u32) {
         let now = self.now();
         if self.hosts[host as usize].gone() || !self.hosts[host as usize].downloading() {
@@ -445,72 +476,165 @@ impl World {
         }
         let max = self.cfg.tracker_peers as usize;
         let listed = self.tracker.sample(host, &self.hosts, now, max, &mut self.rng);
-        // Like the agent: up to `max_peers` less the seeders already known are asked for
-        // their bitfields per announce. Unlike it (its peer set is unbounded), at most
-        // `tracker_peers` agents are known at once; origins always get in.
-        let cap = self.cfg.tracker_peers as usize;
-        let mut budget = {
-            let Some(s) = self.hosts[host as usize].sched.as_ref() else { return };
-            (s.policy().max_peers as usize).saturating_sub(s.complete_peers())
-        };
-        for p in listed {
-            if budget == 0 {
-                break;
+        let h = &self.hosts[host as usize];
+        let Some(s) = h.sched.as_ref() else { return };
+        let room = (s.policy().max_peers as usize).saturating_sub(s.peer_count()).max(1);
+        let mut wanted: Vec<(bool, bool, u32)> = listed
+            .into_iter()
+            .filter(|&p| {
+                s.admits(p, now) && !s.is_seeder(p) && !h.connecting.contains(&p) && !h.following.contains(&p)
+            })
+            .map(|p| {
+                let peer = &self.hosts[p as usize];
+                (peer.origin || peer.done_at.is_some(), peer.origin, p)
+            })
+            .collect();
+        wanted.sort_by_key(|&(complete, origin, _)| (!complete, origin));
+        for (complete, origin, p) in wanted.into_iter().take(room) {
+            self.probe(host, p, !complete && !origin);
+        }
+    }
+
+    /// `client` asks `server` what it holds: a Subscribe to an agent still downloading (as
+    /// the tracker listed it), a bitfield request otherwise.
+    fn probe(&mut self, client: u32, server: u32, subscribe: bool) {
+        self.hosts[client as usize].connecting.push(server);
+        let delay = self.message_delay();
+        self.q.after(delay, Ev::BitfieldArrive { client, server, subscribe });
+        self.q.after(PROBE_TIMEOUT, Ev::BitfieldTimeout { client, server });
+    }
+
+    fn probe_arrive(&mut self, client: u32, server: u32, subscribe: bool) {
+        let s = &mut self.hosts[server as usize];
+        if s.gone() || s.failed {
+            return;
+        }
+        let mut delay = self.one_way;
+        if subscribe {
+            if s.downloading() {
+                if !s.subscribers.contains(&client) {
+                    s.subscribers.push(client);
+                }
+                // The server's download learns of its follower and probes it back.
+                self.lead(server, client);
+            } else {
+                // Refused (NotFound): the client asks for the bitfield instead.
+                delay += self.cfg.rtt;
             }
-            let origin = self.hosts[p as usize].origin;
-            let h = &mut self.hosts[host as usize];
-            let Some(s) = h.sched.as_mut() else { return };
-            if s.knows(p) || h.connecting.contains(&p) || s.backed_off(p, now) {
-                continue;
-            }
-            if !origin && s.peer_count() + h.connecting.len() >= cap {
-                continue;
-            }
-            budget -= 1;
-            h.connecting.push(p);
-            let delay = self.message_delay();
-            self.q.after(delay, Ev::BitfieldArrive { client: host, server: p });
-            self.q.after(BITFIELD_TIMEOUT, Ev::BitfieldTimeout { client: host, server: p });
+        }
+        self.q.after(delay, Ev::BitfieldReply { client, server });
+    }
+
+    /// `host`'s download hears of `peer` (it subscribed to `host`): the agent's lead.
+    fn lead(&mut self, host: u32, peer: u32) {
+        let now = self.now();
+        let h = &self.hosts[host as usize];
+        let Some(s) = h.sched.as_ref() else { return };
+        if s.admits(peer, now)
+            && !h.connecting.contains(&peer)
+            && !h.following.contains(&peer)
+            && !s.is_seeder(peer)
+            && s.peer_count() < s.policy().max_peers as usize
+        {
+            self.probe(host, peer, true);
         }
     }
 
     fn bitfield_reply(&mut self, client: u32, server: u32) {
-        let (origin, bits) = {
+        let now = self.now();
+        let (origin, bits, streaming) = {
             let s = &self.hosts[server as usize];
-            (s.origin, s.bits.clone())
+            (s.origin, s.bits.clone(), s.downloading() && s.subscribers.contains(&client))
         };
         let c = &mut self.hosts[client as usize];
         let Some(i) = c.connecting.iter().position(|&s| s == server) else { return };
         c.connecting.swap_remove(i);
         let Some(s) = c.sched.as_mut() else { return };
-        s.add_peer(server, origin, bits);
+        let full = bits.is_complete();
+        if s.add_peer(server, origin, bits, now) {
+            if streaming && !full {
+                c.following.push(server);
+            }
+        } else if streaming {
+            // Not taken: the client drops the stream.
+            self.hosts[server as usize].subscribers.retain(|&x| x != client);
+        }
         self.dispatch(client);
     }
 
-    /// Sends every request the scheduler wants now; looks for peers soon if it wants none.
+    /// One turn of the agent's download loop: the progress timer, then the scheduler's
+    /// cancels and requests, then the next wake-up.
     fn dispatch(&mut self, client: u32) {
         let now = self.now();
-        let mut wanted = std::mem::take(&mut self.wanted);
-        wanted.clear();
-        let Some(s) = self.hosts[client as usize].sched.as_mut() else { return };
-        s.next_requests(&mut wanted);
-        let timeout = s.policy().request_timeout;
-        let idle = s.in_flight() == 0;
-        for &(server, piece) in &wanted {
-            let id = self.reqs.len() as u32;
-            self.reqs.push(Req { client, server, piece, state: ReqState::Sent });
-            self.hosts[client as usize].outstanding.push(id);
-            let delay = self.message_delay();
-            self.q.after(delay, Ev::RequestArrive(id));
-            self.q.after(timeout, Ev::RequestTimeout(id));
+        let timeout = self.cfg.policy.progress_timeout;
+        let idle = match self.hosts[client as usize].sched.as_ref() {
+            Some(s) => now.saturating_sub(s.last_progress()),
+            None => return,
+        };
+        if idle >= timeout {
+            self.fail(client);
+            return;
         }
-        self.wanted = wanted;
         let h = &mut self.hosts[client as usize];
-        if idle && h.connecting.is_empty() && h.next_announce > now + IDLE_RETRY {
+        let Some(s) = h.sched.as_mut() else { return };
+        if idle >= timeout / 2 && !h.replanned {
+            s.replan();
+            h.replanned = true;
             h.announce_version += 1;
-            h.next_announce = now + IDLE_RETRY;
+            h.next_announce = now;
             let version = h.announce_version;
-            self.q.schedule(now + IDLE_RETRY, Ev::Announce { host: client, version });
+            self.q.schedule(now, Ev::Announce { host: client, version });
+        }
+        let mut actions = std::mem::take(&mut self.actions);
+        actions.clear();
+        s.poll(now, &mut actions);
+        for &a in &actions {
+            match a {
+                Action::Cancel { peer, index } => {
+                    let c = &self.hosts[client as usize];
+                    let found = c.outstanding.iter().copied().find(|&x| {
+                        let q = &self.reqs[x as usize];
+                        q.server == peer && q.piece == index
+                    });
+                    if let Some(r) = found {
+                        self.cancel(r);
+                    }
+                }
+                Action::Request { peer, index } => {
+                    let id = self.reqs.len() as u32;
+                    self.reqs.push(Req { client, server: peer, piece: index, state: ReqState::Sent });
+                    self.hosts[client as usize].outstanding.push(id);
+                    let delay = self.message_delay();
+                    self.q.after(delay, Ev::RequestArrive(id));
+                }
+            }
+        }
+        self.actions = actions;
+        let h = &mut self.hosts[client as usize];
+        let Some(s) = h.sched.as_ref() else { return };
+        let stall_at = s.last_progress() + if h.replanned { timeout } else { timeout / 2 };
+        let wake = s.next_wakeup(now).unwrap_or(stall_at).min(stall_at).max(now + 1);
+        if wake < h.wake_at {
+            h.wake_at = wake;
+            self.q.schedule(wake, Ev::Wake(client));
+        }
+    }
+
+    /// The download made no progress for the whole progress timeout: it fails, as the
+    /// agent's does (its verified pieces are no longer served).
+    fn fail(&mut self, client: u32) {
+        let c = &mut self.hosts[client as usize];
+        c.failed = true;
+        c.sched = None;
+        c.connecting.clear();
+        c.following.clear();
+        c.haves.clear();
+        c.subscribers.clear();
+        let left = std::mem::take(&mut c.outstanding);
+        self.active -= 1;
+        self.failed += 1;
+        for r in left {
+            self.cancel(r);
         }
     }
 
@@ -523,9 +647,9 @@ impl World {
         let s = &mut self.hosts[server as usize];
         if s.gone() {
             self.reqs[r as usize].state = ReqState::Lost;
-        } else if s.uploading < s.slots {
+        } else if !s.failed && s.uploading < s.slots {
             self.start_flow(r);
-        } else if s.line.len() >= self.cfg.server_queue as usize {
+        } else if s.failed || s.line.len() >= self.cfg.server_queue as usize {
             self.reqs[r as usize].state = ReqState::Lost;
             self.q.after(self.one_way, Ev::Refused(r));
         } else {
@@ -609,14 +733,17 @@ impl World {
             c.outstanding.swap_remove(i);
         }
         if let Some(s) = c.sched.as_mut() {
-            s.on_piece(server, piece);
+            s.on_piece(server, piece, now);
         }
         if c.bits.get(piece) {
+            // An endgame copy that arrived before its cancel.
             self.wasted += bytes;
+            self.dispatch(client);
             return;
         }
         c.bits.set(piece);
         c.have += 1;
+        c.replanned = false;
         let complete = c.have == self.pieces;
         let subscribers = std::mem::take(&mut c.subscribers);
         let arrival = now + self.one_way;
@@ -629,6 +756,10 @@ impl World {
             }
             kept.push(sub);
             h.haves.push((arrival, client, piece));
+            if complete {
+                // The stream ends with the last piece.
+                h.following.retain(|&x| x != client);
+            }
             if h.flush_at.is_none() {
                 h.flush_at = Some(arrival + batch);
                 self.q.schedule(arrival + batch, Ev::HaveFlush(sub));
@@ -649,6 +780,7 @@ impl World {
         c.done_at = Some(now);
         c.sched = None;
         c.connecting.clear();
+        c.following.clear();
         c.haves.clear();
         let left = std::mem::take(&mut c.outstanding);
         self.active -= 1;
@@ -684,24 +816,23 @@ impl World {
         self.dispatch(host);
     }
 
-    fn request_timeout(&mut self, r: u32) {
+    /// The server refused (Busy, or NotFound from a failed download): the request fails.
+    fn refused(&mut self, r: u32) {
         let now = self.now();
         let (client, server, piece, state) = {
             let q = &self.reqs[r as usize];
             (q.client, q.server, q.piece, q.state)
         };
-        if matches!(state, ReqState::Done | ReqState::Cancelled) {
+        if state != ReqState::Lost {
             return;
         }
+        self.reqs[r as usize].state = ReqState::Done;
         let c = &mut self.hosts[client as usize];
-        let Some(s) = c.sched.as_mut() else { return };
-        s.on_failure(server, piece, now);
-        // The agent drops the peer: every request to it is given up on.
-        let to_server: Vec<u32> =
-            c.outstanding.iter().copied().filter(|&x| self.reqs[x as usize].server == server).collect();
-        for x in to_server {
-            self.cancel(x);
+        if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
+            c.outstanding.swap_remove(i);
         }
+        let Some(s) = c.sched.as_mut() else { return };
+        s.on_failure(server, piece, now, Failure::Unavailable);
         self.dispatch(client);
     }
 
@@ -747,9 +878,14 @@ impl World {
         let line = std::mem::take(&mut h.line);
         let outstanding = std::mem::take(&mut h.outstanding);
         h.uploading = 0;
-        h.subscribers.clear();
+        let subscribers = std::mem::take(&mut h.subscribers);
         h.haves.clear();
         h.connecting.clear();
+        h.following.clear();
+        // Its Have streams end.
+        for sub in subscribers {
+            self.hosts[sub as usize].following.retain(|&x| x != host);
+        }
         // Its uploads stop dead; their requesters find out by timing out.
         for r in serving.into_iter().chain(line) {
             if let ReqState::Flowing(flow) = self.reqs[r as usize].state {
@@ -825,6 +961,21 @@ mod tests {
         let r = run(&cfg).expect("valid");
         assert_eq!(r.unfinished, 20);
         assert_eq!(r.quantile(0.5), None);
+    }
+
+    #[test]
+    fn a_download_without_progress_is_re_planned_then_fails() {
+        // One 64 MiB piece takes 5.4 s; the progress timeout is 2 s: the re-plan at 1 s
+        // cancels the transfer (its bytes are wasted), the download fails at 2 s.
+        let mut cfg = config(1, 64 * MIB, 64 * MIB);
+        cfg.policy.progress_timeout = 2 * SEC;
+        let r = run(&cfg).expect("valid");
+        assert_eq!((r.completed(), r.failed, r.unfinished), (0, 1, 0), "{r}");
+        assert!(r.wasted > 0.1, "{r}");
+        assert!(r.virtual_secs < 3.0, "{r}");
+        // With the agent's 60 s it completes.
+        let r = run(&config(1, 64 * MIB, 64 * MIB)).expect("valid");
+        assert_eq!((r.completed(), r.failed), (1, 0), "{r}");
     }
 
     #[test]
