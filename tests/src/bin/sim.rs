@@ -50,6 +50,10 @@ struct Cli {
     /// (default: unbounded, as the real servers).
     #[arg(long)]
     server_queue: Option<u32>,
+    /// First copies first at origins: the longest wave in seconds (0: off), as the real
+    /// origin's 30 s.
+    #[arg(long, default_value_t = 30.0)]
+    origin_wave: f64,
     /// Peers the tracker lists per announce, besides the origins.
     #[arg(long, default_value_t = 50)]
     tracker_peers: u32,
@@ -108,6 +112,7 @@ fn main() -> anyhow::Result<()> {
     cfg.origin_uploads = cli.origin_uploads;
     cfg.tracker_peers = cli.tracker_peers;
     cfg.server_queue = cli.server_queue.unwrap_or(u32::MAX);
+    cfg.origin_wave = (cli.origin_wave.max(0.0) * 1e9) as u64;
     cfg.have_batch = parse_duration(&cli.have_batch)?;
     cfg.max_time = parse_duration(&cli.max_time)?;
     cfg.seed = cli.seed;

@@ -41,6 +41,8 @@ pub struct Config {
     /// Requests a server keeps waiting for an upload slot; more are refused (Busy). The
     /// real servers queue without bound (`u32::MAX`).
     pub server_queue: u32,
+    /// First copies first at origins (origin/src/spread.rs): the longest wave, 0 for off.
+    pub origin_wave: Nanos,
     /// Peers the tracker returns per announce (origins come on top).
     pub tracker_peers: u32,
     /// How long Have messages are held back to be applied together (0: on arrival).
@@ -68,6 +70,7 @@ impl Config {
             agent_uploads: 16,
             origin_uploads: 32,
             server_queue: u32::MAX,
+            origin_wave: 30 * SEC,
             tracker_peers: 50,
             have_batch: 0,
             policy: driver::Policy::agent(piece_len),

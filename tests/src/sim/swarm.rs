@@ -86,6 +86,8 @@ enum ReqState {
     InTransit,
     /// The server left: the requester will time out.
     Lost,
+    /// An origin declined it (first copies first): the requester defers the piece there.
+    Declined,
     Done,
     Cancelled,
 }
@@ -131,6 +133,10 @@ struct Host {
     serving: Vec<u32>,
     // Requesting side: requests sent and not settled.
     outstanding: Vec<u32>,
+    /// Origins: pieces sent in the current wave, how many, and since when.
+    wave: Vec<bool>,
+    wave_count: u32,
+    wave_started: Nanos,
 }
 
 impl Host {
@@ -290,6 +296,24 @@ struct World {
     failed: u32,
 }
 
+/// The origin's first-copies-first rule (as `origin/src/spread.rs`): a piece already sent
+/// in the current wave is declined while others have not gone out; a wave ends when every
+/// piece went out or after `wave`.
+fn admit_wave(s: &mut Host, piece: u32, now: Nanos, wave: Nanos) -> bool {
+    if s.wave_count as usize == s.wave.len() || now.saturating_sub(s.wave_started) >= wave {
+        s.wave.iter_mut().for_each(|b| *b = false);
+        s.wave_count = 0;
+        s.wave_started = now;
+    }
+    let Some(slot) = s.wave.get_mut(piece as usize) else { return false };
+    if *slot {
+        return false;
+    }
+    *slot = true;
+    s.wave_count += 1;
+    true
+}
+
 /// Runs one simulation to the end (every agent finished or gone) or to `max_time`.
 pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
     cfg.validate()?;
@@ -360,6 +384,9 @@ impl World {
                 line: VecDeque::new(),
                 serving: Vec::new(),
                 outstanding: Vec::new(),
+                wave: if origin { vec![false; pieces as usize] } else { Vec::new() },
+                wave_count: 0,
+                wave_started: 0,
             });
             if origin {
                 tracker.origins.push(i);
@@ -643,10 +670,15 @@ impl World {
         if req.state != ReqState::Sent {
             return;
         }
-        let server = req.server;
+        let (server, piece) = (req.server, req.piece);
+        let now = self.now();
+        let wave = self.cfg.origin_wave;
         let s = &mut self.hosts[server as usize];
         if s.gone() {
             self.reqs[r as usize].state = ReqState::Lost;
+        } else if s.origin && wave > 0 && !admit_wave(s, piece, now, wave) {
+            self.reqs[r as usize].state = ReqState::Declined;
+            self.q.after(self.one_way, Ev::Refused(r));
         } else if !s.failed && s.uploading < s.slots {
             self.start_flow(r);
         } else if s.failed || s.line.len() >= self.cfg.server_queue as usize {
@@ -823,16 +855,17 @@ impl World {
             let q = &self.reqs[r as usize];
             (q.client, q.server, q.piece, q.state)
         };
-        if state != ReqState::Lost {
+        if state != ReqState::Lost && state != ReqState::Declined {
             return;
         }
+        let failure = if state == ReqState::Declined { Failure::Deferred } else { Failure::Unavailable };
         self.reqs[r as usize].state = ReqState::Done;
         let c = &mut self.hosts[client as usize];
         if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
             c.outstanding.swap_remove(i);
         }
         let Some(s) = c.sched.as_mut() else { return };
-        s.on_failure(server, piece, now, Failure::Unavailable);
+        s.on_failure(server, piece, now, failure);
         self.dispatch(client);
     }
 
@@ -944,6 +977,14 @@ mod tests {
             (r.ratios.clone(), r.origin_egress, r.events),
             (again.ratios, again.origin_egress, again.events)
         );
+    }
+
+    #[test]
+    fn first_copies_first_lowers_the_origins_egress() {
+        let on = run(&config(20, 32 * MIB, MIB)).expect("valid");
+        let off = run(&Config { origin_wave: 0, ..config(20, 32 * MIB, MIB) }).expect("valid");
+        assert_eq!((on.completed(), off.completed()), (20, 20));
+        assert!(on.origin_egress < off.origin_egress, "on: {on}\noff: {off}");
     }
 
     #[test]
