@@ -27,22 +27,7 @@ pub enum ContainerdConfigError {
 /// Checks a registry host as containerd names its directories: `host[:port]`, or
 /// `_default`.
 pub fn valid_registry(host: &str) -> bool {
-    if host == DEFAULT_HOST {
-        return true;
-    }
-    let (name, port) = match host.rsplit_once(':') {
-        Some((name, port)) => (name, Some(port)),
-        None => (host, None),
-    };
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok_and(|p| p > 0));
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    port_ok && !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)
+    host == DEFAULT_HOST || shoal_shared::hint::valid_ns(host)
 }
 
 fn valid_endpoint(endpoint: &str) -> bool {

@@ -1,14 +1,13 @@
 //! Shoal's protocol core and common building blocks.
 //!
 //! Pure modules (no I/O, no clock): [`digest`], [`metainfo`], [`bitfield`], [`codec`],
-//! [`wire`], [`picker`], [`scheduler`], [`oci`]. I/O modules built on them: [`store`], [`tls`],
+//! [`wire`], [`scheduler`], [`oci`]. I/O modules built on them: [`store`], [`tls`],
 //! [`peer`], [`http`], [`config`], [`telemetry`], [`ratelimit`].
 
 pub mod bitfield;
 pub mod codec;
 pub mod digest;
 pub mod metainfo;
-pub mod picker;
 pub mod scheduler;
 pub mod wire;
 

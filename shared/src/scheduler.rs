@@ -688,6 +688,12 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             }
             return None;
         }
+        self.endgame_pick(peer)
+    }
+
+    /// Endgame: the fewest-copied outstanding piece `peer` can serve and is not already
+    /// asked for.
+    fn endgame_pick(&self, peer: P) -> Option<u32> {
         let p = &self.peers[&peer];
         self.holders
             .iter()
@@ -744,14 +750,7 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             return None;
         }
         // Endgame: duplicate the fewest-copied outstanding piece this peer can serve.
-        let p = &self.peers[&peer];
-        self.holders
-            .iter()
-            .filter(|(&i, h)| {
-                (h.len() as u32) < self.config.endgame_copies && !h.contains(&peer) && self.eligible(p, i)
-            })
-            .min_by_key(|(&i, h)| (h.len(), i))
-            .map(|(&i, _)| i)
+        self.endgame_pick(peer)
     }
 }
 
