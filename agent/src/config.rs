@@ -41,10 +41,15 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_SEED_TIME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed_time: Option<u64>,
-    /// Most pieces sent to peers at once.
-    #[arg(long, env = "SHOAL_MAX_UPLOADS")]
+    /// Piece bytes sent to peers at once, e.g. `16MiB` (a piece holds its share until the
+    /// peer has acknowledged it).
+    #[arg(long, env = "SHOAL_UPLOAD_BUDGET")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_uploads: Option<usize>,
+    pub upload_budget: Option<ByteRate>,
+    /// Piece requests that may wait for upload budget; more are refused as busy.
+    #[arg(long, env = "SHOAL_UPLOAD_QUEUE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_queue: Option<usize>,
     /// Most peers one download fetches from at once.
     #[arg(long, env = "SHOAL_MAX_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,8 +86,10 @@ pub struct Config {
     pub progress_timeout: u64,
     #[serde(default = "default_seed_time")]
     pub seed_time: u64,
-    #[serde(default = "default_max_uploads")]
-    pub max_uploads: usize,
+    #[serde(default = "default_upload_budget")]
+    pub upload_budget: ByteRate,
+    #[serde(default)]
+    pub upload_queue: usize,
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
     #[serde(default)]
@@ -105,8 +112,8 @@ fn default_progress_timeout() -> u64 {
 fn default_seed_time() -> u64 {
     3600
 }
-fn default_max_uploads() -> usize {
-    16
+fn default_upload_budget() -> ByteRate {
+    ByteRate(16 << 20)
 }
 fn default_max_peers() -> usize {
     10
@@ -127,7 +134,8 @@ impl Config {
             tracker,
             progress_timeout: default_progress_timeout(),
             seed_time: default_seed_time(),
-            max_uploads: default_max_uploads(),
+            upload_budget: default_upload_budget(),
+            upload_queue: 0,
             max_peers: default_max_peers(),
             egress_limit: ByteRate::default(),
             ingress_limit: ByteRate::default(),
@@ -162,7 +170,8 @@ tls = "/etc/shoal/tls"
 tracker = ["http://t1:5100", "http://t2:5100"]
 progress_timeout = 120
 seed_time = 60
-max_uploads = 4
+upload_budget = "4MiB"
+upload_queue = 2
 max_peers = 3
 egress_limit = "100MiB"
 ingress_limit = 1000
@@ -191,7 +200,7 @@ partial_max_age = 600
         assert_eq!(c.progress_timeout, 30, "env beats file");
         assert_eq!(c.max_peers, 9, "flag beats env");
         assert_eq!(c.tracker, vec!["http://a".to_string(), "http://b".to_string()]);
-        assert_eq!((c.seed_time, c.max_uploads), (60, 4));
+        assert_eq!((c.seed_time, c.upload_budget, c.upload_queue), (60, ByteRate(4 << 20), 2));
         assert_eq!(c.egress_limit, ByteRate(100 << 20), "units in the file");
         assert_eq!(c.ingress_limit, ByteRate(100_000_000), "flag beats file");
         assert_eq!(c.partial_max_age, 600);

@@ -99,7 +99,7 @@ pub async fn run(
             RateLimiter::for_rate(config.egress_limit),
         )),
         Arc::new(stats),
-        config.max_uploads,
+        peer::UploadLimits { budget: config.upload_budget.0, queue: config.upload_queue },
         shutdown.clone(),
     ));
     let announcer = tokio::spawn({

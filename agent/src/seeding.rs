@@ -61,6 +61,13 @@ impl PieceSource for AgentSource {
         Some(active.have.subscribe())
     }
 
+    async fn piece_size(&self, digest: Digest, index: u32) -> Option<u32> {
+        if let Some(active) = self.downloads.active.get(&digest).map(|a| a.clone()) {
+            return active.partial.metainfo().piece_size(index).ok();
+        }
+        self.cached(digest).await?.piece_size(index).ok()
+    }
+
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
         if let Some(active) = self.downloads.active.get(&digest).map(|a| a.clone()) {
             // Only pieces already verified and written are served.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use shoal_shared::metainfo::DEFAULT_PIECE_LENGTH;
+use shoal_shared::ratelimit::ByteRate;
 
 /// `shoal-origin serve` flags. Every flag is optional here; defaults live in [`Config`].
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
@@ -34,10 +35,15 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_PIECE_LENGTH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub piece_length: Option<u32>,
-    /// Most pieces sent to peers at once.
-    #[arg(long, env = "SHOAL_MAX_UPLOADS")]
+    /// Piece bytes sent to peers at once, e.g. `32MiB` (a piece holds its share until the
+    /// peer has acknowledged it).
+    #[arg(long, env = "SHOAL_UPLOAD_BUDGET")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_uploads: Option<usize>,
+    pub upload_budget: Option<ByteRate>,
+    /// Piece requests that may wait for upload budget; more are refused as busy.
+    #[arg(long, env = "SHOAL_UPLOAD_QUEUE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_queue: Option<usize>,
     /// Tracker base URL (repeatable): the origin announces the blobs peers are fetching
     /// from it as a seeder there.
     #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
@@ -105,8 +111,10 @@ pub struct Config {
     pub tls: PathBuf,
     #[serde(default = "default_piece_length")]
     pub piece_length: u32,
-    #[serde(default = "default_max_uploads")]
-    pub max_uploads: usize,
+    #[serde(default = "default_upload_budget")]
+    pub upload_budget: ByteRate,
+    #[serde(default)]
+    pub upload_queue: usize,
     #[serde(default = "default_workers")]
     pub http_workers: usize,
     #[serde(default)]
@@ -142,8 +150,8 @@ fn default_peer() -> SocketAddr {
 fn default_piece_length() -> u32 {
     DEFAULT_PIECE_LENGTH
 }
-fn default_max_uploads() -> usize {
-    32
+fn default_upload_budget() -> ByteRate {
+    ByteRate(32 << 20)
 }
 fn default_workers() -> usize {
     2
@@ -171,7 +179,8 @@ impl Config {
             data,
             tls,
             piece_length: default_piece_length(),
-            max_uploads: default_max_uploads(),
+            upload_budget: default_upload_budget(),
+            upload_queue: 0,
             http_workers: default_workers(),
             upload_token: None,
             tracker: Vec::new(),
@@ -231,7 +240,7 @@ advertise_peer = "10.0.0.5:5001"
 data = "/var/lib/shoal/origin"
 tls = "/etc/shoal/tls"
 piece_length = 1048576
-max_uploads = 8
+upload_budget = "64MiB"
 http_workers = 4
 upload_token = "hunter2"
 tracker = ["http://tracker:5100"]

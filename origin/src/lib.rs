@@ -106,8 +106,13 @@ pub async fn run(
         prefetch_sizes: prefetch::SizeFilter { min: config.prefetch_min_size, max: config.prefetch_max_size },
     });
 
-    let peer_task =
-        tokio::spawn(peer::serve(endpoint, seeder, Arc::new(stats), config.max_uploads, shutdown.clone()));
+    let peer_task = tokio::spawn(peer::serve(
+        endpoint,
+        seeder,
+        Arc::new(stats),
+        peer::UploadLimits { budget: config.upload_budget.0, queue: config.upload_queue },
+        shutdown.clone(),
+    ));
     let server = HttpServer::new({
         let state = state.clone();
         move || App::new().app_data(state.clone()).configure(api::configure).configure(prefetch::configure)

@@ -78,6 +78,10 @@ impl PieceSource for Seeder {
         Some(Bitfield::full(m.piece_count()))
     }
 
+    async fn piece_size(&self, digest: Digest, index: u32) -> Option<u32> {
+        self.metainfo(digest).await?.piece_size(index).ok()
+    }
+
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
         let m = self.metainfo(digest).await?;
         let size = m.piece_size(index).ok()?;

@@ -44,6 +44,11 @@ pub trait PieceSource: Send + Sync + 'static {
     fn bitfield(&self, digest: Digest) -> impl Future<Output = Option<Bitfield>> + Send;
     /// The bytes of a held piece, or `None`. Must only return verified bytes.
     fn piece(&self, digest: Digest, index: u32) -> impl Future<Output = Option<Bytes>> + Send;
+    /// The length of piece `index` of `digest` if known, before reading it: what sending it
+    /// takes from the upload budget ([`Uploads`]). Unknown: counted as [`DEFAULT_COST`].
+    fn piece_size(&self, _digest: Digest, _index: u32) -> impl Future<Output = Option<u32>> + Send {
+        async { None }
+    }
     /// Follows the pieces held of a blob still downloading, or `None` (unknown, or not
     /// downloading: ask for the bitfield instead). The stream ends when the sender drops.
     /// `from` is the subscriber's address (its peer server, as agents connect from the
@@ -64,6 +69,7 @@ pub struct PeerStats {
     pub bytes_served: Counter,
     pub protocol_errors: Counter,
     pub connections: Counter,
+    pub busy: Counter,
 }
 
 impl PeerStats {
@@ -78,20 +84,69 @@ impl PeerStats {
             self.protocol_errors.clone(),
         );
         r.register("connections", "Peer connections accepted", self.connections.clone());
+        r.register("busy", "Piece requests refused past the upload budget", self.busy.clone());
     }
 }
 
-/// Serves `source` on `endpoint` until `shutdown` fires. At most `max_uploads` pieces are
-/// read and sent at once.
+/// What a piece of unknown length costs in upload budget.
+pub const DEFAULT_COST: u32 = 1 << 20;
+/// Unit of the upload budget's semaphore.
+const BUDGET_UNIT: u64 = 64 << 10;
+/// Longest a sent piece holds its share of the budget while the peer acknowledges it.
+const ACK_HOLD: Duration = Duration::from_secs(60);
+
+/// A peer server's upload budget: piece bytes being sent at once, and requests that may
+/// wait for some of it.
+///
+/// A piece holds its share from before it is read until the requester has acknowledged
+/// every byte (not merely until QUIC has buffered it), so the budget bounds what is on the
+/// wire. Past the budget, up to `queue` requests wait; more are refused [`Refusal::Busy`] at
+/// once and the requester asks elsewhere. Few pieces at once, each at a larger share of the
+/// uplink, is what makes a swarm a pipeline: a piece is re-shared only when complete, so
+/// every extra concurrent upload delays every hop (see docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Piece bytes sent at once (a piece larger than this is sent alone).
+    pub budget: u64,
+    /// Requests waiting for budget; past that, Busy.
+    pub queue: usize,
+}
+
+#[derive(Debug)]
+struct Uploads {
+    budget: Semaphore,
+    units: u32,
+    line: Semaphore,
+}
+
+impl Uploads {
+    fn new(limits: UploadLimits) -> Self {
+        let units = (limits.budget / BUDGET_UNIT).clamp(1, u64::from(u32::MAX >> 4)) as u32;
+        Self { budget: Semaphore::new(units as usize), units, line: Semaphore::new(limits.queue) }
+    }
+
+    /// Budget for a piece of `size` bytes, waiting in line if there is room there; `None`:
+    /// refuse Busy.
+    async fn acquire(&self, size: u32) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let need = u64::from(size).div_ceil(BUDGET_UNIT).clamp(1, u64::from(self.units)) as u32;
+        if let Ok(p) = self.budget.try_acquire_many(need) {
+            return Some(p);
+        }
+        let _waiting = self.line.try_acquire().ok()?;
+        self.budget.acquire_many(need).await.ok()
+    }
+}
+
+/// Serves `source` on `endpoint` until `shutdown` fires, within the upload `limits`.
 pub async fn serve<S: PieceSource>(
     endpoint: Endpoint,
     source: Arc<S>,
     stats: Arc<PeerStats>,
-    max_uploads: usize,
+    limits: UploadLimits,
     shutdown: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
-    let uploads = Arc::new(Semaphore::new(max_uploads.max(1)));
+    let uploads = Arc::new(Uploads::new(limits));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -126,7 +181,7 @@ async fn serve_connection<S: PieceSource>(
     conn: Connection,
     source: Arc<S>,
     stats: Arc<PeerStats>,
-    uploads: Arc<Semaphore>,
+    uploads: Arc<Uploads>,
     shutdown: CancellationToken,
 ) {
     let streams = TaskTracker::new();
@@ -176,7 +231,7 @@ async fn serve_stream<S: PieceSource>(
     from: SocketAddr,
     source: &S,
     stats: &PeerStats,
-    uploads: &Semaphore,
+    uploads: &Uploads,
 ) -> Result<(), StreamError> {
     let request: Request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(r)) => r,
@@ -208,8 +263,12 @@ async fn serve_stream<S: PieceSource>(
             write_frame(&mut send, &response).await?;
         }
         Request::Piece { digest, index, .. } => {
-            let Ok(_permit) = uploads.acquire().await else {
-                return write_frame(&mut send, &Response::Refused(Refusal::Busy)).await;
+            let size = source.piece_size(digest, index).await.unwrap_or(DEFAULT_COST);
+            let Some(_permit) = uploads.acquire(size).await else {
+                stats.busy.inc();
+                write_frame(&mut send, &Response::Refused(Refusal::Busy)).await?;
+                let _ = send.finish();
+                return Ok(());
             };
             match source.piece(digest, index).await {
                 Some(data) => {
@@ -218,6 +277,10 @@ async fn serve_stream<S: PieceSource>(
                     send.write_chunk(data).await.map_err(io)?;
                     stats.pieces_served.inc();
                     stats.bytes_served.inc_by(u64::from(length));
+                    // Hold the budget until the requester has every byte (or gave up).
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(ACK_HOLD, send.stopped()).await;
+                    return Ok(());
                 }
                 None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
             }
@@ -542,7 +605,13 @@ mod tests {
         let have = watch::Sender::new(Bitfield::new(metainfo.piece_count()));
         let source = Arc::new(Growing { digest: metainfo.digest(), have: have.clone() });
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(endpoint.clone(), source, Arc::default(), 4, shutdown.clone()));
+        tokio::spawn(serve(
+            endpoint.clone(),
+            source,
+            Arc::default(),
+            UploadLimits { budget: 4 << 20, queue: 4 },
+            shutdown.clone(),
+        ));
         Node { endpoint, have, _shutdown: shutdown.drop_guard() }
     }
 
@@ -588,6 +657,90 @@ mod tests {
         let other = other.finish().expect("metainfo");
         let refused = peers.subscribe(addr, &other).await.map(|_| ());
         assert!(matches!(refused, Err(PeerError::Refused { refusal: Refusal::NotFound, .. })), "{refused:?}");
+    }
+
+    /// Serves every piece of one blob, each only once the test lets it through.
+    struct Gated {
+        metainfo: Metainfo,
+        data: Bytes,
+        entered: tokio::sync::mpsc::UnboundedSender<u32>,
+        gate: Semaphore,
+    }
+
+    impl PieceSource for Gated {
+        async fn bitfield(&self, _digest: Digest) -> Option<Bitfield> {
+            Some(Bitfield::full(self.metainfo.piece_count()))
+        }
+        async fn piece_size(&self, _digest: Digest, index: u32) -> Option<u32> {
+            self.metainfo.piece_size(index).ok()
+        }
+        async fn piece(&self, _digest: Digest, index: u32) -> Option<Bytes> {
+            let _ = self.entered.send(index);
+            self.gate.acquire().await.ok()?.forget();
+            let start = self.metainfo.piece_offset(index) as usize;
+            let len = self.metainfo.piece_size(index).ok()? as usize;
+            Some(self.data.slice(start..start + len))
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_budget_and_its_line_are_refused_busy() {
+        let (_tmp, dirs, _) = setup(&["server", "client"]);
+        let data = Bytes::from((0..4 * MIN_PIECE_LENGTH).map(|i| i as u8).collect::<Vec<u8>>());
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(&data);
+        let m = b.finish().expect("metainfo");
+        let identity = TlsIdentity::load(&dirs[0]).expect("identity");
+        let endpoint =
+            tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+        let addr = endpoint.local_addr().expect("addr");
+        let (entered, mut entries) = tokio::sync::mpsc::unbounded_channel();
+        let source = Arc::new(Gated { metainfo: m.clone(), data, entered, gate: Semaphore::new(0) });
+        let stats = Arc::new(PeerStats::default());
+        let shutdown = CancellationToken::new();
+        let _guard = shutdown.clone().drop_guard();
+        // Budget for one piece at a time, one request in line.
+        let limits = UploadLimits { budget: u64::from(MIN_PIECE_LENGTH), queue: 1 };
+        tokio::spawn(serve(endpoint, source.clone(), stats.clone(), limits, shutdown));
+        let client = node(&dirs[1], &m);
+        let peers = Arc::new(PeerClient::new(client.endpoint.clone()));
+
+        let fetch = |index: u32| {
+            let (peers, m) = (peers.clone(), m.clone());
+            tokio::spawn(async move { peers.piece(addr, &m, index).await })
+        };
+        let first = fetch(0);
+        let entered = tokio::time::timeout(WAIT, entries.recv()).await.expect("in time");
+        assert_eq!(entered, Some(0), "the first request holds the budget");
+        // Of two more, one waits in line and the other is refused at once.
+        let (second, third) = (fetch(1), fetch(2));
+        let refused = tokio::time::timeout(WAIT, async {
+            loop {
+                if second.is_finished() || third.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "one request must be refused without waiting");
+        let (refused, waiting) = if second.is_finished() { (second, third) } else { (third, second) };
+        let refused = refused.await.expect("task").map(|p| p.index());
+        assert!(matches!(refused, Err(PeerError::Refused { refusal: Refusal::Busy, .. })), "{refused:?}");
+        assert_eq!(stats.busy.get(), 1);
+        assert!(!waiting.is_finished(), "the one in line waits for the budget");
+        // Once the budget frees, the held and the waiting requests are served, whole.
+        source.gate.add_permits(2);
+        let got = tokio::time::timeout(WAIT, first).await.expect("in time").expect("task").expect("piece 0");
+        assert_eq!(got.index(), 0);
+        let got = tokio::time::timeout(WAIT, waiting).await.expect("in time").expect("task").expect("piece");
+        assert!(got.index() == 1 || got.index() == 2);
+        assert_eq!(stats.pieces_served.get(), 2);
+        // And later requests get budget again.
+        source.gate.add_permits(1);
+        let got =
+            tokio::time::timeout(WAIT, peers.piece(addr, &m, 3)).await.expect("in time").expect("piece 3");
+        assert_eq!(got.index(), 3);
     }
 
     #[tokio::test]

@@ -192,6 +192,10 @@ impl<S: PieceSource> PieceSource for EgressLimited<S> {
         self.inner.bitfield(digest).await
     }
 
+    async fn piece_size(&self, digest: Digest, index: u32) -> Option<u32> {
+        self.inner.piece_size(digest, index).await
+    }
+
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {
         let data = self.inner.piece(digest, index).await?;
         if let Some(limiter) = &self.limiter {

@@ -82,6 +82,8 @@ pub struct Config {
     pub max_backoff: Duration,
     /// Copies of one piece in flight at once during the endgame.
     pub endgame_copies: u32,
+    /// How long a peer that answered Busy is not asked again.
+    pub busy_pause: Duration,
 }
 
 impl Default for Config {
@@ -99,6 +101,7 @@ impl Default for Config {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             endgame_copies: 2,
+            busy_pause: Duration::from_millis(250),
         }
     }
 }
@@ -121,6 +124,11 @@ pub enum Failure {
     Bad,
     /// Unreachable, refused, reset: back the peer off.
     Unavailable,
+    /// The peer is alive and holds the piece but has no upload slot free: pause asking it
+    /// for [`Config::busy_pause`] and shrink its pipeline to what it accepted. Not a
+    /// failure: no exponential back-off, and its pieces still count as available (an
+    /// origin is not asked for them because a peer is busy).
+    Busy,
     /// An origin declined this piece for now (it already sent it to another agent, which
     /// will share it): ask the origin for other pieces, and for this one not before
     /// [`DEFER`] has passed. No back-off.
@@ -473,6 +481,13 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                 self.remove_peer(peer);
             }
             Failure::Unavailable => self.back_off(peer, now),
+            Failure::Busy => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.depth = p.in_flight.clamp(1, p.depth.max(1));
+                }
+                let s = self.standing.entry(peer).or_default();
+                s.until = s.until.max(now + self.config.busy_pause);
+            }
             Failure::Deferred => {
                 self.pieces[index as usize].origin_after = now + DEFER;
                 self.defer_ends.push_back(now + DEFER);
@@ -542,12 +557,8 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
     /// to do without any other event: a request deadline or the end of a back-off.
     pub fn next_wakeup(&self, now: Duration) -> Option<Duration> {
         let deadlines = self.requests.values().map(|r| r.deadline);
-        let backoffs = self
-            .peers
-            .keys()
-            .filter_map(|k| self.standing.get(k))
-            .filter(|s| !s.banned && s.failures > 0)
-            .map(|s| s.until);
+        let backoffs =
+            self.peers.keys().filter_map(|k| self.standing.get(k)).filter(|s| !s.banned).map(|s| s.until);
         let deferrals = self.defer_ends.iter().copied();
         deadlines.chain(backoffs).chain(deferrals).filter(|&t| t > now).min()
     }
@@ -780,6 +791,7 @@ mod tests {
             backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(8),
             endgame_copies: 2,
+            busy_pause: Duration::from_millis(250),
         }
     }
 
@@ -1028,6 +1040,40 @@ mod tests {
         poll(&mut s, secs(1));
         s.on_failure(1, 0, secs(1), Failure::Unavailable);
         assert_eq!(s.next_wakeup(secs(5)), None);
+    }
+
+    #[test]
+    fn a_busy_peer_is_paused_briefly_and_its_pieces_stay_off_the_origin() {
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(&Bitfield::new(8), 1 << 20, 3, Config { seeder_pipeline: 4, ..cfg() });
+        s.add_peer(1, false, Bitfield::full(8), T0).expect("add");
+        s.add_peer(9, true, Bitfield::new(8), T0).expect("origin");
+        let got = requests(&poll(&mut s, T0));
+        assert_eq!(got.len(), 4, "the agent's pipeline fills; the origin holds nothing rare: {got:?}");
+        assert!(got.iter().all(|(p, _)| *p == 1));
+        // Two are refused Busy: the peer accepted two, so its pipeline is two.
+        s.on_failure(1, got[2].1, T0, Failure::Busy);
+        s.on_failure(1, got[3].1, T0, Failure::Busy);
+        assert!(requests(&poll(&mut s, ms(100))).is_empty(), "paused, and not sent to the origin");
+        assert_eq!(s.next_wakeup(ms(100)), Some(ms(250)), "the pause ends");
+        assert!(s.admits(1, ms(250)), "a pause is not a back-off");
+        s.on_piece(1, got[0].1, ms(200));
+        let again = requests(&poll(&mut s, ms(250)));
+        // Depth two, plus one for a piece that came back fast: three in flight again.
+        assert_eq!(again.len(), 2, "{again:?}");
+        assert!(again.iter().all(|(p, _)| *p == 1));
+        // Busy again and again: still a short pause each time, never an exponential one.
+        let mut outstanding = vec![got[1], again[0], again[1]];
+        for k in 0..6u64 {
+            let t = ms(1000 * (k + 1));
+            for (p, i) in outstanding.drain(..) {
+                s.on_failure(p, i, t, Failure::Busy);
+            }
+            assert!(!s.admits(1, t + ms(249)) && s.admits(1, t + ms(250)), "round {k}");
+            let r = requests(&poll(&mut s, t + ms(250)));
+            assert_eq!(r.len(), 1, "back to one in flight: {r:?}");
+            outstanding = r;
+        }
     }
 
     #[test]

@@ -379,7 +379,7 @@ impl Cluster {
             endpoint,
             Arc::new(source),
             stats.clone(),
-            16,
+            shoal_shared::peer::UploadLimits { budget: 64 << 20, queue: 16 },
             shutdown.clone(),
         ));
         let tracker = TrackerClient::new(std::slice::from_ref(&self.tracker_url));

@@ -151,6 +151,9 @@ pub(super) async fn run(
                     Err(PeerError::Refused { refusal: Refusal::NotFound, .. }) if sched.is_origin(peer) => {
                         sched.on_failure(peer, index, now, Failure::Deferred);
                     }
+                    Err(PeerError::Refused { refusal: Refusal::Busy, .. }) => {
+                        sched.on_failure(peer, index, now, Failure::Busy);
+                    }
                     Err(e) => {
                         tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
                         sched.on_failure(peer, index, now, Failure::Unavailable);

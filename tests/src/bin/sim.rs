@@ -7,6 +7,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use shoal_shared::ratelimit::ByteRate;
 use shoal_tests::sim::{self, driver::Policy, parse_duration, parse_rate, Config};
 
 /// Swarm simulator: N agents pull one blob at once over modelled links.
@@ -40,16 +41,16 @@ struct Cli {
     /// Origin hosts, each holding the whole blob.
     #[arg(long, default_value_t = 1)]
     origins: u32,
-    /// Pieces an agent serves at once (the agent's max_uploads).
-    #[arg(long, default_value_t = 16)]
-    agent_uploads: u32,
-    /// Pieces an origin serves at once (the origin's max_uploads).
-    #[arg(long, default_value_t = 32)]
-    origin_uploads: u32,
-    /// Requests a server keeps waiting for an upload slot; more are refused as Busy
-    /// (default: unbounded, as the real servers).
-    #[arg(long)]
-    server_queue: Option<u32>,
+    /// Piece bytes an agent sends at once (the agent's --upload-budget): 16MiB, 4MiB, ...
+    #[arg(long, default_value = "16MiB")]
+    agent_budget: ByteRate,
+    /// Piece bytes an origin sends at once (the origin's --upload-budget).
+    #[arg(long, default_value = "32MiB")]
+    origin_budget: ByteRate,
+    /// Requests a server keeps waiting for upload budget; more are refused as Busy (the
+    /// servers' --upload-queue).
+    #[arg(long, default_value_t = 0)]
+    server_queue: u32,
     /// First copies first at origins: the longest wave in seconds (0: off), as the real
     /// origin's 30 s.
     #[arg(long, default_value_t = 30.0)]
@@ -82,6 +83,9 @@ struct Cli {
     /// piece size times pipeline depth at 1 MiB/s.
     #[arg(long)]
     timeout_floor: Option<String>,
+    /// How long a peer that answered Busy is not asked again (default: the scheduler's).
+    #[arg(long)]
+    busy_pause: Option<String>,
     /// Seconds without progress after which a download fails (re-planned at half).
     #[arg(long)]
     progress_timeout: Option<String>,
@@ -108,10 +112,10 @@ fn main() -> anyhow::Result<()> {
     cfg.loss = cli.loss;
     cfg.churn = cli.churn;
     cfg.origins = cli.origins;
-    cfg.agent_uploads = cli.agent_uploads;
-    cfg.origin_uploads = cli.origin_uploads;
+    cfg.agent_budget = cli.agent_budget.0;
+    cfg.origin_budget = cli.origin_budget.0;
     cfg.tracker_peers = cli.tracker_peers;
-    cfg.server_queue = cli.server_queue.unwrap_or(u32::MAX);
+    cfg.server_queue = cli.server_queue;
     cfg.origin_wave = (cli.origin_wave.max(0.0) * 1e9) as u64;
     cfg.have_batch = parse_duration(&cli.have_batch)?;
     cfg.max_time = parse_duration(&cli.max_time)?;
@@ -128,6 +132,10 @@ fn main() -> anyhow::Result<()> {
         timeout_floor: match &cli.timeout_floor {
             Some(t) => parse_duration(t)?,
             None => d.timeout_floor,
+        },
+        busy_pause: match &cli.busy_pause {
+            Some(t) => parse_duration(t)?,
+            None => d.busy_pause,
         },
         progress_timeout: match &cli.progress_timeout {
             Some(t) => parse_duration(t)?,

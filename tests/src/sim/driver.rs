@@ -38,6 +38,8 @@ pub struct Policy {
     pub timeout_floor: Nanos,
     /// Slowest rate (bytes/s) a peer may deliver at before a request times out.
     pub min_rate: u64,
+    /// How long a peer that answered Busy is not asked again.
+    pub busy_pause: Nanos,
     /// First re-announce; the interval then grows with the download's age (a quarter of it).
     pub first_reannounce: Nanos,
     /// Longest re-announce interval.
@@ -63,6 +65,7 @@ impl Policy {
             max_peers: 10,
             timeout_floor: d.timeout_floor.as_nanos() as Nanos,
             min_rate: d.min_rate,
+            busy_pause: nanos(d.busy_pause),
             first_reannounce: SEC / 4,
             reannounce: 3 * SEC,
             progress_timeout: 60 * SEC,
@@ -80,6 +83,7 @@ impl Policy {
             max_peers: self.max_peers as usize,
             timeout_floor: Duration::from_nanos(self.timeout_floor),
             min_rate: self.min_rate,
+            busy_pause: dur(self.busy_pause),
             ..scheduler::Config::default()
         }
     }

@@ -34,12 +34,12 @@ pub struct Config {
     pub churn: f64,
     /// Origin hosts (each seeds the whole blob).
     pub origins: u32,
-    /// Pieces served at once by an agent (more wait in line).
-    pub agent_uploads: u32,
-    /// Pieces served at once by an origin.
-    pub origin_uploads: u32,
-    /// Requests a server keeps waiting for an upload slot; more are refused (Busy). The
-    /// real servers queue without bound (`u32::MAX`).
+    /// Piece bytes an agent sends at once (its `--upload-budget`; at least one piece).
+    pub agent_budget: u64,
+    /// Piece bytes an origin sends at once.
+    pub origin_budget: u64,
+    /// Requests a server keeps waiting for upload budget; more are refused (Busy), as the
+    /// real servers' `--upload-queue` (default 0).
     pub server_queue: u32,
     /// First copies first at origins (origin/src/spread.rs): the longest wave, 0 for off.
     pub origin_wave: Nanos,
@@ -57,6 +57,11 @@ pub struct Config {
 impl Config {
     /// Defaults of the real components for `hosts` agents pulling `size` bytes in pieces of
     /// `piece_len` over `rate` bytes/s links.
+    /// Pieces a server with `budget` bytes of upload budget sends at once.
+    pub fn slots(&self, budget: u64) -> u32 {
+        (budget / self.piece_len.max(1)).clamp(1, u64::from(u32::MAX)) as u32
+    }
+
     pub fn new(hosts: u32, size: u64, piece_len: u64, rate: f64) -> Self {
         Self {
             hosts,
@@ -67,9 +72,9 @@ impl Config {
             loss: 0.0,
             churn: 0.0,
             origins: 1,
-            agent_uploads: 16,
-            origin_uploads: 32,
-            server_queue: u32::MAX,
+            agent_budget: 16 << 20,
+            origin_budget: 32 << 20,
+            server_queue: 0,
             origin_wave: 30 * SEC,
             tracker_peers: 50,
             have_batch: 0,
@@ -114,8 +119,8 @@ impl Config {
             return bad("churn must be in [0, 1]");
         }
         let p = &self.policy;
-        if self.agent_uploads == 0 || self.origin_uploads == 0 || self.tracker_peers == 0 {
-            return bad("upload slots and tracker peers must be positive");
+        if self.agent_budget == 0 || self.origin_budget == 0 || self.tracker_peers == 0 {
+            return bad("upload budgets and tracker peers must be positive");
         }
         let pipelines = [p.peer_pipeline, p.seeder_pipeline, p.shared_origin_pipeline, p.max_pipeline];
         if p.max_in_flight == 0 || p.max_peers == 0 || pipelines.contains(&0) {

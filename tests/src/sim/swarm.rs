@@ -86,6 +86,8 @@ enum ReqState {
     InTransit,
     /// The server left: the requester will time out.
     Lost,
+    /// The server had no upload slot and a full line: the requester pauses it.
+    Busy,
     /// An origin declined it (first copies first): the requester defers the piece there.
     Declined,
     Done,
@@ -379,7 +381,7 @@ impl World {
                 following: Vec::new(),
                 haves: Vec::new(),
                 flush_at: None,
-                slots: if origin { cfg.origin_uploads } else { cfg.agent_uploads },
+                slots: cfg.slots(if origin { cfg.origin_budget } else { cfg.agent_budget }),
                 uploading: 0,
                 line: VecDeque::new(),
                 serving: Vec::new(),
@@ -674,16 +676,22 @@ impl World {
         let now = self.now();
         let wave = self.cfg.origin_wave;
         let s = &mut self.hosts[server as usize];
+        // The real server's order: upload budget (or a place in line) first, then the
+        // origin's first-copies-first check as the piece is read.
+        let free = s.uploading < s.slots;
         if s.gone() {
             self.reqs[r as usize].state = ReqState::Lost;
+        } else if s.failed {
+            self.reqs[r as usize].state = ReqState::Lost;
+            self.q.after(self.one_way, Ev::Refused(r));
+        } else if !free && s.line.len() >= self.cfg.server_queue as usize {
+            self.reqs[r as usize].state = ReqState::Busy;
+            self.q.after(self.one_way, Ev::Refused(r));
         } else if s.origin && wave > 0 && !admit_wave(s, piece, now, wave) {
             self.reqs[r as usize].state = ReqState::Declined;
             self.q.after(self.one_way, Ev::Refused(r));
-        } else if !s.failed && s.uploading < s.slots {
+        } else if free {
             self.start_flow(r);
-        } else if s.failed || s.line.len() >= self.cfg.server_queue as usize {
-            self.reqs[r as usize].state = ReqState::Lost;
-            self.q.after(self.one_way, Ev::Refused(r));
         } else {
             s.line.push_back(r);
             self.reqs[r as usize].state = ReqState::Queued;
@@ -855,10 +863,12 @@ impl World {
             let q = &self.reqs[r as usize];
             (q.client, q.server, q.piece, q.state)
         };
-        if state != ReqState::Lost && state != ReqState::Declined {
-            return;
-        }
-        let failure = if state == ReqState::Declined { Failure::Deferred } else { Failure::Unavailable };
+        let failure = match state {
+            ReqState::Declined => Failure::Deferred,
+            ReqState::Busy => Failure::Busy,
+            ReqState::Lost => Failure::Unavailable,
+            _ => return,
+        };
         self.reqs[r as usize].state = ReqState::Done;
         let c = &mut self.hosts[client as usize];
         if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
