@@ -45,7 +45,7 @@ pub trait PieceSource: Send + Sync + 'static {
     /// The bytes of a held piece, or `None`. Must only return verified bytes.
     fn piece(&self, digest: Digest, index: u32) -> impl Future<Output = Option<Bytes>> + Send;
     /// The length of piece `index` of `digest` if known, before reading it: what sending it
-    /// takes from the upload budget ([`Uploads`]). Unknown: counted as [`DEFAULT_COST`].
+    /// takes from the upload budget ([`UploadLimits`]). Unknown: counted as [`DEFAULT_COST`].
     fn piece_size(&self, _digest: Digest, _index: u32) -> impl Future<Output = Option<u32>> + Send {
         async { None }
     }
