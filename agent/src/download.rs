@@ -40,6 +40,9 @@ pub enum DownloadError {
     NotFound,
     #[error("{0}")]
     Unavailable(String),
+    /// The registry the blob comes from refused the cluster's credentials.
+    #[error("the registry refused the cluster's credentials: {0}")]
+    Denied(String),
     #[error("no progress for {0:?}")]
     Stalled(Duration),
     #[error("local storage: {0}")]
@@ -50,7 +53,8 @@ impl From<LookupError> for DownloadError {
     fn from(e: LookupError) -> Self {
         match e {
             LookupError::NotFound => Self::NotFound,
-            LookupError::Unavailable(m) | LookupError::Denied(m) => Self::Unavailable(m),
+            LookupError::Unavailable(m) => Self::Unavailable(m),
+            LookupError::Denied(m) => Self::Denied(m),
         }
     }
 }
@@ -271,33 +275,30 @@ impl Downloads {
     pub async fn announce_all(&self) -> Duration {
         let now = Instant::now();
         self.seeding.retain(|_, until| *until > now);
-        let seeded = self.seeding.iter().map(|e| BlobState { digest: *e.key(), complete: true });
-        let downloading: Vec<BlobState> = self
-            .active
-            .iter()
-            .take(MAX_BATCH_DOWNLOADING)
-            .map(|e| BlobState { digest: *e.key(), complete: false })
-            .collect();
-        let room = MAX_BATCH - downloading.len();
-        let mut blobs: Vec<BlobState> = seeded.take(room).collect();
-        blobs.extend(downloading);
-        // Blobs past one batch wait for the next tick; the seeded set rotates (map order).
+        let seeded: Vec<Digest> = self.seeding.iter().map(|e| *e.key()).collect();
+        let downloading: Vec<Digest> = self.active.iter().map(|e| *e.key()).collect();
         let mut interval = Duration::from_secs(10);
-        if blobs.is_empty() {
-            return interval;
-        }
-        let batch = AnnounceBatch { peer: self.settings.me, blobs };
-        match self.tracker.announce_batch(&batch).await {
-            Ok(resp) => {
-                interval = Duration::from_secs(resp.interval.clamp(1, 300));
-                for swarm in resp.swarms {
-                    let Some(active) = self.active.get(&swarm.digest).map(|a| a.clone()) else { continue };
-                    for peer in swarm.peers {
-                        let _ = active.leads.try_send(peer);
+        let mut answered = false;
+        for blobs in announce_batches(&seeded, &downloading) {
+            let batch = AnnounceBatch { peer: self.settings.me, blobs };
+            match self.tracker.announce_batch(&batch).await {
+                Ok(resp) => {
+                    // Every batch goes to the same trackers: the first answer sets the pace.
+                    if !answered {
+                        interval = Duration::from_secs(resp.interval.clamp(1, 300));
+                        answered = true;
+                    }
+                    for swarm in resp.swarms {
+                        let Some(active) = self.active.get(&swarm.digest).map(|a| a.clone()) else {
+                            continue;
+                        };
+                        for peer in swarm.peers {
+                            let _ = active.leads.try_send(peer);
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(cause = %e, blobs = batch.blobs.len(), "batched announce failed"),
             }
-            Err(e) => tracing::warn!(cause = %e, "batched announce failed"),
         }
         interval
     }
@@ -313,14 +314,13 @@ impl Downloads {
         // Resumes what an earlier run left on disk; only pieces that verify count as held.
         let (partial, held) =
             PartialBlob::open_or_create(&self.store, metainfo.clone()).await.map_err(store_err)?;
-        let first_missing = (0..metainfo.piece_count()).find(|&i| !held.get(i));
-        let bytes = first_missing.map_or(metainfo.length(), |i| metainfo.piece_offset(i));
         let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
         let active = Arc::new(Active {
             partial,
             leads,
             have: watch::Sender::new(held),
-            prefix: watch::Sender::new(Prefix { bytes, failed: false }),
+            // The swarm loop moves the prefix past the pieces already held before it fetches.
+            prefix: watch::Sender::new(Prefix::default()),
         });
         self.active.insert(digest, active.clone());
         phase.send_replace(Phase::Streaming(active.clone()));
@@ -352,6 +352,24 @@ impl Downloads {
     }
 }
 
+/// Splits one tick's announce into batches the tracker accepts: at most [`MAX_BATCH`] blobs
+/// each, of which at most [`MAX_BATCH_DOWNLOADING`] downloading. Every blob is in one batch;
+/// downloads go first (their loops wait for the peer lists), seeded blobs fill the rest.
+fn announce_batches(seeded: &[Digest], downloading: &[Digest]) -> Vec<Vec<BlobState>> {
+    let mut batches = Vec::new();
+    let mut downloading = downloading.iter().map(|&digest| BlobState { digest, complete: false });
+    let mut seeded = seeded.iter().map(|&digest| BlobState { digest, complete: true });
+    loop {
+        let mut batch: Vec<BlobState> = downloading.by_ref().take(MAX_BATCH_DOWNLOADING).collect();
+        let room = MAX_BATCH - batch.len();
+        batch.extend(seeded.by_ref().take(room));
+        if batch.is_empty() {
+            return batches;
+        }
+        batches.push(batch);
+    }
+}
+
 /// Hashes the blob with sha256 along its verified prefix; returns the digest once the
 /// prefix covers the whole blob.
 async fn hash_along(active: Arc<Active>) -> Result<Digest, DownloadError> {
@@ -370,5 +388,46 @@ async fn hash_along(active: Arc<Active>) -> Result<Digest, DownloadError> {
         if rx.changed().await.is_err() {
             return Err(DownloadError::Unavailable("download ended".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn digests(range: std::ops::Range<u32>) -> Vec<Digest> {
+        range.map(|i| Digest::of(&i.to_le_bytes())).collect()
+    }
+
+    #[test]
+    fn every_blob_is_announced_in_batches_the_tracker_accepts() {
+        assert!(announce_batches(&[], &[]).is_empty());
+
+        let seeded = digests(0..2 * MAX_BATCH as u32 + 7);
+        let downloading = digests(10_000..10_003);
+        let batches = announce_batches(&seeded, &downloading);
+        assert_eq!(batches.len(), 3);
+        for batch in &batches {
+            assert!(batch.len() <= MAX_BATCH);
+            assert!(batch.iter().filter(|b| !b.complete).count() <= MAX_BATCH_DOWNLOADING);
+        }
+        // Downloads ride in the first batch.
+        assert_eq!(batches[0].iter().filter(|b| !b.complete).count(), downloading.len());
+        assert_eq!(batches[0].len(), MAX_BATCH);
+        let all: Vec<BlobState> = batches.into_iter().flatten().collect();
+        assert_eq!(all.len(), seeded.len() + downloading.len(), "each blob once");
+        let complete: HashSet<Digest> = all.iter().filter(|b| b.complete).map(|b| b.digest).collect();
+        let incomplete: HashSet<Digest> = all.iter().filter(|b| !b.complete).map(|b| b.digest).collect();
+        assert_eq!(complete, seeded.into_iter().collect());
+        assert_eq!(incomplete, downloading.into_iter().collect());
+
+        // More downloads than one batch takes spill into the next, still within limits.
+        let downloading = digests(0..MAX_BATCH_DOWNLOADING as u32 + 1);
+        let batches = announce_batches(&digests(50_000..50_010), &downloading);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].iter().filter(|b| !b.complete).count(), MAX_BATCH_DOWNLOADING);
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), downloading.len() + 10);
     }
 }

@@ -56,6 +56,11 @@ pub struct PreloadResponse {
     pub bytes: u64,
 }
 
+/// Docker Hub's registry name in image references.
+const DOCKER_HUB: &str = "docker.io";
+/// Its legacy name, which docker and containerd read as [`DOCKER_HUB`].
+const LEGACY_DOCKER_HUB: &str = "index.docker.io";
+
 /// A parsed image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
@@ -86,7 +91,12 @@ pub enum PreloadError {
 
 impl ImageRef {
     /// Parses `[registry/]name(:tag|@digest)`. The first path component is a registry when
-    /// it looks like a host (has a dot or a port, or is `localhost`), as docker does.
+    /// it looks like a host (has a dot or a port, or is `localhost`), as docker does; and as
+    /// docker and containerd do, `index.docker.io` is `docker.io`, whose one-component names
+    /// are its official images (`docker.io/nginx` is `docker.io/library/nginx`).
+    ///
+    /// A reference without a registry is left as written: it goes to the cluster's default
+    /// upstream (the origins' first), which need not be Docker Hub.
     pub fn parse(image: &str) -> Result<Self, PreloadError> {
         let bad = || PreloadError::BadImage(image.to_owned());
         if image.len() > 512 {
@@ -108,14 +118,20 @@ impl ImageRef {
                 if !valid_ns(first) {
                     return Err(bad());
                 }
-                (Some(first.to_owned()), rest)
+                let registry = if first == LEGACY_DOCKER_HUB { DOCKER_HUB } else { first };
+                (Some(registry.to_owned()), rest)
             }
             _ => (None, path),
         };
-        if !valid_name(name) {
+        let name = if registry.as_deref() == Some(DOCKER_HUB) && !name.contains('/') {
+            format!("library/{name}")
+        } else {
+            name.to_owned()
+        };
+        if !valid_name(&name) {
             return Err(bad());
         }
-        Ok(Self { registry, name: name.to_owned(), reference })
+        Ok(Self { registry, name, reference })
     }
 
     /// Where the cluster should pull the image from if it does not hold it.
@@ -216,17 +232,19 @@ fn lookup_error(e: LookupError, what: &str) -> PreloadError {
 fn download_error(e: DownloadError, what: &str) -> PreloadError {
     match e {
         DownloadError::NotFound => PreloadError::NotFound(what.to_owned()),
+        DownloadError::Denied(m) => PreloadError::Denied(m),
         other => PreloadError::Unavailable(other.to_string()),
     }
 }
 
-/// Resolves `image` to its manifest digest.
+/// Resolves `image` to its manifest digest, at the registry it names (the `ns` its blobs
+/// are then fetched with, as for a containerd mirror request).
 pub async fn resolve(downloads: &Downloads, image: &ImageRef) -> Result<Digest, PreloadError> {
     match &image.reference {
         Reference::Digest(d) => Ok(*d),
         Reference::Tag(tag) => downloads
             .tracker()
-            .tag(&image.name, tag)
+            .tag_in(&image.name, tag, image.hint().ns.as_deref())
             .await
             .map_err(|e| lookup_error(e, &format!("{}:{tag}", image.name))),
     }
@@ -410,11 +428,42 @@ mod tests {
             (r.registry.as_deref(), r.reference),
             (Some("localhost"), Reference::Digest(d.parse().unwrap()))
         );
+        // Docker Hub's official images, as docker and containerd name them.
+        for hub in ["docker.io/nginx", "docker.io/library/nginx", "index.docker.io/nginx:latest"] {
+            let r = ImageRef::parse(hub).unwrap();
+            assert_eq!(
+                (r.registry.as_deref(), r.name.as_str(), &r.reference),
+                (Some("docker.io"), "library/nginx", &tag("latest")),
+                "{hub}"
+            );
+            assert_eq!(r.hint(), Hint { name: "library/nginx".into(), ns: Some("docker.io".into()) });
+        }
+        let d = format!("sha256:{}", "b".repeat(64));
+        let r = ImageRef::parse(&format!("docker.io/redis@{d}")).unwrap();
+        assert_eq!((r.name.as_str(), r.reference), ("library/redis", Reference::Digest(d.parse().unwrap())));
+        let r = ImageRef::parse("docker.io/bitnami/redis:7").unwrap();
+        assert_eq!((r.registry.as_deref(), r.name.as_str()), (Some("docker.io"), "bitnami/redis"));
+        // Only Docker Hub has `library/`; no registry means the cluster's default upstream.
+        let r = ImageRef::parse("ghcr.io/app:v1").unwrap();
+        assert_eq!((r.registry.as_deref(), r.name.as_str()), (Some("ghcr.io"), "app"));
+        let r = ImageRef::parse("nginx").unwrap();
+        assert_eq!((r.registry, r.name.as_str(), r.reference), (None, "nginx", tag("latest")));
         for bad in ["", "UPPER/app:v1", "app:", "app:bad tag", "app@sha256:zz", "a..b/x:1", "/app", "app/:v1"]
         {
             assert!(ImageRef::parse(bad).is_err(), "{bad}");
         }
         assert!(ImageRef::parse(&"a".repeat(600)).is_err());
+    }
+
+    #[test]
+    fn refused_credentials_are_a_401() {
+        let e = download_error(DownloadError::Denied("refused".into()), "x");
+        assert!(matches!(e, PreloadError::Denied(ref m) if m == "refused"), "{e:?}");
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(lookup_error(LookupError::Denied("no".into()), "x").status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(download_error(DownloadError::NotFound, "x").status(), StatusCode::NOT_FOUND);
+        let down = download_error(DownloadError::Unavailable("down".into()), "x");
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 fn download_error(e: &DownloadError, unknown: ErrorCode) -> HttpResponse {
     match e {
         DownloadError::NotFound => oci_error(StatusCode::NOT_FOUND, unknown, "unknown to the cluster"),
+        // As for a tag: a 401 without a challenge sends containerd to the registry itself.
+        DownloadError::Denied(m) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
         other => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, other),
     }
 }
@@ -108,6 +110,7 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
             Err(LookupError::NotFound) => {
                 oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown")
             }
+            Err(LookupError::Denied(m)) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
             Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
         };
     }
@@ -222,4 +225,19 @@ fn prefix_stream(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_errors_map_to_statuses() {
+        let status = |e: DownloadError| download_error(&e, ErrorCode::BlobUnknown).status();
+        assert_eq!(status(DownloadError::NotFound), StatusCode::NOT_FOUND);
+        // An upstream refusing the cluster's credentials is a 401, as on the tag path.
+        assert_eq!(status(DownloadError::Denied("refused".into())), StatusCode::UNAUTHORIZED);
+        assert_eq!(status(DownloadError::Unavailable("down".into())), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(DownloadError::Store("disk".into())), StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

@@ -25,7 +25,7 @@ use shoal_shared::store::{BlobStore, Staged, StoreError};
 use crate::seeder::Seeder;
 use crate::tags::TagStore;
 use crate::uploads::Uploads;
-use crate::upstream::{BlobState, UpstreamError, Upstreams};
+use crate::upstream::{UpstreamError, Upstreams};
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -463,28 +463,18 @@ async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state
     }
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown");
     let Some(hint) = hint.filter(|_| !state.upstreams.is_empty()) else { return unknown() };
-    match state.upstreams.blob(digest, &hint) {
-        BlobState::Held => match state.seeder.metainfo(digest).await {
+    // Long poll: answer as soon as the blob is stored, rather than after the next
+    // `Retry-After`; well within the 60 s timeout of the tracker's client. The fetch goes on
+    // when the wait times out.
+    match tokio::time::timeout(LONG_POLL, state.upstreams.wait_blob(digest, &hint)).await {
+        Ok(Ok(())) => match state.seeder.metainfo(digest).await {
             Some(m) => HttpResponse::Ok().json(&*m),
             None => unknown(),
         },
-        BlobState::Pending(mut flight) => {
-            // Long poll: answer as soon as the blob is stored, rather than after the next
-            // `Retry-After`; well within the 60 s timeout of the tracker's client.
-            match tokio::time::timeout(LONG_POLL, flight.wait_for(Option::is_some)).await {
-                Ok(Ok(done)) => match done.clone() {
-                    Some(Err(e)) => upstream_error(&e, ErrorCode::BlobUnknown),
-                    _ => match state.seeder.metainfo(digest).await {
-                        Some(m) => HttpResponse::Ok().json(&*m),
-                        None => unknown(),
-                    },
-                },
-                _ => HttpResponse::Accepted()
-                    .insert_header((header::RETRY_AFTER, "1"))
-                    .json(serde_json::json!({ "status": "pulling from upstream" })),
-            }
-        }
-        BlobState::Failed(e) => upstream_error(&e, ErrorCode::BlobUnknown),
+        Ok(Err(e)) => upstream_error(&e, ErrorCode::BlobUnknown),
+        Err(_) => HttpResponse::Accepted()
+            .insert_header((header::RETRY_AFTER, "1"))
+            .json(serde_json::json!({ "status": "pulling from upstream" })),
     }
 }
 

@@ -6,20 +6,25 @@
 //! set, else in the background); v2 starts what is missing and returns at once. Both are
 //! idempotent: blob fetches join the single flight of their digest.
 
+use std::sync::Arc;
+
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
+use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::{valid_ns, Hint};
 use shoal_shared::oci::{valid_name, valid_tag, ErrorCode, Reference};
 
 use crate::api::AppState;
-use crate::upstream::{child_manifests, UpstreamError};
+use crate::upstream::{child_manifests, BlobState, UpstreamError};
 
 /// Largest request body.
 const MAX_BODY: usize = 16 << 10;
 /// Most blobs one prefetch starts.
 const MAX_BLOBS: usize = 4096;
+/// Most blob fetches one synchronous prefetch waits for at once.
+const SYNC_FLIGHTS: usize = 16;
 
 /// Which blobs are worth prefetching, by size.
 #[derive(Debug, Clone, Copy)]
@@ -142,7 +147,9 @@ async fn prefetch(body: &[u8], state: &AppState, wait: bool) -> HttpResponse {
     let root = match &image.reference {
         Reference::Tag(t) => ups.resolve_tag(index, &image.name, t).await,
         Reference::Digest(d) if state.store.size(d).await.is_some() => Ok(*d),
-        Reference::Digest(_) => ups.pull_manifest(index, &image.name, &image.reference).await,
+        Reference::Digest(_) => {
+            ups.pull_manifest(index, &image.name, &image.reference).await.map_err(Arc::new)
+        }
     };
     let root = match root {
         Ok(d) => d,
@@ -162,22 +169,44 @@ async fn prefetch(body: &[u8], state: &AppState, wait: bool) -> HttpResponse {
     let held = wanted.iter().filter(|d| state.store.blob_path(&d.digest).exists()).count();
     tracing::info!(%tag, %trace_id, blobs = wanted.len(), held, skipped = skipped.len(), wait, "prefetch");
     if !wait {
+        // Starting the flights is all v2 (and background v1) does; their outcomes are logged.
+        let (mut held, mut fetching, mut failed) = (0, 0, Vec::new());
         for d in &wanted {
-            // Starting the flight is all v2 (and background v1) does; its outcome is logged.
-            let _ = ups.blob(d.digest, &hint);
+            match ups.blob(d.digest, &hint) {
+                BlobState::Held => held += 1,
+                BlobState::Pending(_) => fetching += 1,
+                BlobState::Failed(e) => failed.push(e),
+            }
         }
-        let message = format!(
-            "{} blobs: {held} held, {} being fetched; {} skipped by size",
+        let mut message = format!(
+            "{} blobs: {held} held, {fetching} being fetched, {} failed; {} skipped by size",
             wanted.len(),
-            wanted.len() - held,
+            failed.len(),
             skipped.len()
         );
-        return answer(StatusCode::OK, &tag, &trace_id, held == wanted.len(), message);
+        let Some(first) = failed.first() else {
+            return answer(StatusCode::OK, &tag, &trace_id, held == wanted.len(), message);
+        };
+        // Busy or a recent failure: the client should retry (prefetch is idempotent).
+        message.push_str(&format!("; first failure: {first}"));
+        let (status, _) = first.http(ErrorCode::BlobUnknown);
+        return answer(status, &tag, &trace_id, false, message);
     }
-    let results = futures_util::future::join_all(wanted.iter().map(|d| ups.wait_blob(d.digest, &hint))).await;
-    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-        let (status, _) = e.http(ErrorCode::BlobUnknown);
-        return answer(status, &tag, &trace_id, false, format!("prefetch of {tag} failed: {e}"));
+    // Bounded, so one image's blobs cannot take every flight (past the limit they fail Busy).
+    let results: Vec<_> = stream::iter(&wanted)
+        .map(|d| ups.wait_blob(d.digest, &hint))
+        .buffer_unordered(SYNC_FLIGHTS)
+        .collect()
+        .await;
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    if let Some(first) = failed.first() {
+        let (status, _) = first.http(ErrorCode::BlobUnknown);
+        let message = format!(
+            "prefetch of {tag} failed: {} of {} blobs failed; first failure: {first}",
+            failed.len(),
+            wanted.len()
+        );
+        return answer(status, &tag, &trace_id, false, message);
     }
     let message = format!("{} blobs prefetched; {} skipped by size", wanted.len(), skipped.len());
     answer(StatusCode::OK, &tag, &trace_id, true, message)

@@ -79,7 +79,8 @@ impl PieceSource for Seeder {
     }
 
     async fn piece_size(&self, digest: Digest, index: u32) -> Option<u32> {
-        self.metainfo(digest).await?.piece_size(index).ok()
+        // Sizing a request is not serving it: no mark in the hot set.
+        self.lookup(digest).await?.piece_size(index).ok()
     }
 
     async fn piece(&self, digest: Digest, index: u32) -> Option<Bytes> {

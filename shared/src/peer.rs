@@ -92,7 +92,8 @@ impl PeerStats {
 pub const DEFAULT_COST: u32 = 1 << 20;
 /// Unit of the upload budget's semaphore.
 const BUDGET_UNIT: u64 = 64 << 10;
-/// Longest a sent piece holds its share of the budget while the peer acknowledges it.
+/// Longest sending one piece (writing it and waiting for its acknowledgement) holds its share
+/// of the budget; past it the stream is reset.
 const ACK_HOLD: Duration = Duration::from_secs(60);
 
 /// A peer server's upload budget: piece bytes being sent at once, and requests that may
@@ -122,7 +123,8 @@ struct Uploads {
 impl Uploads {
     fn new(limits: UploadLimits) -> Self {
         let units = (limits.budget / BUDGET_UNIT).clamp(1, u64::from(u32::MAX >> 4)) as u32;
-        Self { budget: Semaphore::new(units as usize), units, line: Semaphore::new(limits.queue) }
+        let queue = limits.queue.min(Semaphore::MAX_PERMITS);
+        Self { budget: Semaphore::new(units as usize), units, line: Semaphore::new(queue) }
     }
 
     /// Budget for a piece of `size` bytes, waiting in line if there is room there; `None`:
@@ -264,23 +266,46 @@ async fn serve_stream<S: PieceSource>(
         }
         Request::Piece { digest, index, .. } => {
             let size = source.piece_size(digest, index).await.unwrap_or(DEFAULT_COST);
-            let Some(_permit) = uploads.acquire(size).await else {
+            // A requester that gives up (its deadline, an endgame loss) stops the stream:
+            // then stop waiting for budget, reading or the egress limit on its behalf.
+            let gone = send.stopped();
+            let permit = tokio::select! {
+                permit = uploads.acquire(size) => permit,
+                _ = gone => return Ok(()),
+            };
+            let Some(_permit) = permit else {
                 stats.busy.inc();
                 write_frame(&mut send, &Response::Refused(Refusal::Busy)).await?;
                 let _ = send.finish();
                 return Ok(());
             };
-            match source.piece(digest, index).await {
+            let gone = send.stopped();
+            let data = tokio::select! {
+                data = source.piece(digest, index) => data,
+                _ = gone => return Ok(()),
+            };
+            match data {
                 Some(data) => {
-                    let length = data.len() as u32;
-                    write_frame(&mut send, &Response::Piece { index, length }).await?;
-                    send.write_chunk(data).await.map_err(io)?;
-                    stats.pieces_served.inc();
-                    stats.bytes_served.inc_by(u64::from(length));
-                    // Hold the budget until the requester has every byte (or gave up).
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(ACK_HOLD, send.stopped()).await;
-                    return Ok(());
+                    // The budget is held until the requester has every byte, gives up, or
+                    // ACK_HOLD passes, whichever is first.
+                    let sent = tokio::time::timeout(ACK_HOLD, async {
+                        let length = data.len() as u32;
+                        write_frame(&mut send, &Response::Piece { index, length }).await?;
+                        send.write_chunk(data).await.map_err(io)?;
+                        stats.pieces_served.inc();
+                        stats.bytes_served.inc_by(u64::from(length));
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                        Ok::<(), StreamError>(())
+                    })
+                    .await;
+                    return match sent {
+                        Ok(result) => result,
+                        Err(_) => {
+                            let _ = send.reset(VarInt::from_u32(0));
+                            Err(StreamError::Io("piece not acknowledged in time".into()))
+                        }
+                    };
                 }
                 None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
             }
@@ -300,8 +325,17 @@ async fn serve_stream<S: PieceSource>(
 async fn stream_haves(send: &mut SendStream, mut rx: watch::Receiver<Bitfield>) -> Result<(), StreamError> {
     let mut sent = rx.borrow_and_update().clone();
     write_frame(send, &Response::Bitfield(sent.clone())).await?;
+    // Ends when the subscriber goes away or the connection closes (the server shutting
+    // down closes its endpoint), not only when the download does: a stream waiting for
+    // news of a stalled download must not hold up the server's shutdown.
+    let gone = send.stopped();
+    tokio::pin!(gone);
     while !sent.is_complete() {
-        if rx.changed().await.is_err() {
+        let changed = tokio::select! {
+            changed = rx.changed() => changed,
+            _ = &mut gone => break,
+        };
+        if changed.is_err() {
             break;
         }
         let now = rx.borrow_and_update().clone();
@@ -365,14 +399,26 @@ impl PeerError {
 
 type ConnCell = Arc<OnceCell<Connection>>;
 
+/// A connection (or one being made) and when a request last went through it.
+#[derive(Debug)]
+struct Slot {
+    cell: ConnCell,
+    used: std::time::Instant,
+}
+
+/// How long a connection must have carried no new request before the cap may close it for
+/// another peer.
+const IDLE_BEFORE_EVICT: Duration = Duration::from_secs(10);
+
 /// Fetches from peers, one QUIC connection per peer address shared by all downloads.
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     endpoint: Endpoint,
-    conns: Arc<Mutex<HashMap<SocketAddr, ConnCell>>>,
+    conns: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
     /// Piece bytes received pass this limiter (QUIC flow control then slows the sender).
     ingress: Option<Arc<RateLimiter>>,
     max_connections: usize,
+    idle_before_evict: Duration,
 }
 
 /// Default cap on the peers a host keeps connections to at once.
@@ -380,7 +426,13 @@ pub const MAX_CONNECTIONS: usize = 256;
 
 impl PeerClient {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, conns: Arc::default(), ingress: None, max_connections: MAX_CONNECTIONS }
+        Self {
+            endpoint,
+            conns: Arc::default(),
+            ingress: None,
+            max_connections: MAX_CONNECTIONS,
+            idle_before_evict: IDLE_BEFORE_EVICT,
+        }
     }
 
     /// Limits the rate at which piece bytes are read, all peers together.
@@ -389,29 +441,53 @@ impl PeerClient {
         self
     }
 
-    /// Caps the peers this host is connected to at once (at least 1). A download that
-    /// needs one more is refused ([`PeerError::Connect`]) and backs that peer off.
+    /// Caps the peers this host is connected to at once (at least 1). At the cap, the
+    /// connection idle longest (no request for [`IDLE_BEFORE_EVICT`]) is closed to make room;
+    /// if none is idle, a download that needs one more is refused ([`PeerError::Connect`])
+    /// and backs that peer off.
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
         self
     }
 
+    #[cfg(test)]
+    fn with_idle_before_evict(mut self, idle: Duration) -> Self {
+        self.idle_before_evict = idle;
+        self
+    }
+
     fn cell(&self, addr: SocketAddr) -> Result<ConnCell, PeerError> {
+        let now = std::time::Instant::now();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if !conns.contains_key(&addr) && conns.len() >= self.max_connections {
-            // Forget connections that closed (or never opened) before refusing.
-            conns.retain(|_, c| {
-                Arc::strong_count(c) > 1 || c.get().is_some_and(|c| c.close_reason().is_none())
+            // Forget connections that closed (or never opened), then close the idlest one
+            // nobody is connecting through, before refusing.
+            conns.retain(|_, s| {
+                Arc::strong_count(&s.cell) > 1 || s.cell.get().is_some_and(|c| c.close_reason().is_none())
             });
             if conns.len() >= self.max_connections {
-                return Err(PeerError::Connect { addr, cause: "connection cap reached".into() });
+                let idlest = conns
+                    .iter()
+                    .filter(|(_, s)| {
+                        Arc::strong_count(&s.cell) == 1
+                            && now.duration_since(s.used) >= self.idle_before_evict
+                    })
+                    .min_by_key(|(_, s)| s.used)
+                    .map(|(&a, _)| a);
+                let Some(idlest) = idlest else {
+                    return Err(PeerError::Connect { addr, cause: "connection cap reached".into() });
+                };
+                if let Some(conn) = conns.remove(&idlest).and_then(|s| s.cell.get().cloned()) {
+                    conn.close(VarInt::from_u32(0), b"idle");
+                }
             }
         }
-        let cell = conns.entry(addr).or_default();
-        if cell.get().is_some_and(|c| c.close_reason().is_some()) {
-            *cell = ConnCell::default();
+        let slot = conns.entry(addr).or_insert_with(|| Slot { cell: ConnCell::default(), used: now });
+        slot.used = now;
+        if slot.cell.get().is_some_and(|c| c.close_reason().is_some()) {
+            slot.cell = ConnCell::default();
         }
-        Ok(cell.clone())
+        Ok(slot.cell.clone())
     }
 
     /// The live connection to `addr`, connecting (once, for all callers) if needed.
@@ -431,8 +507,8 @@ impl PeerClient {
 
     /// Closes the connection to a peer that misbehaved.
     pub fn ban(&self, addr: SocketAddr) {
-        let cell = self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
-        if let Some(conn) = cell.as_ref().and_then(|c| c.get()) {
+        let slot = self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        if let Some(conn) = slot.as_ref().and_then(|s| s.cell.get()) {
             conn.close(VarInt::from_u32(BANNED), b"bad piece");
         }
     }
@@ -467,7 +543,7 @@ impl PeerClient {
             (Response::Bitfield(bits), _) => {
                 bits.validate(metainfo.piece_count()).map_err(|cause| PeerError::BadBitfield { addr, cause })
             }
-            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {}", other.kind()) }),
         }
     }
 
@@ -483,9 +559,10 @@ impl PeerClient {
             (Response::Bitfield(bits), recv) => {
                 let pieces = metainfo.piece_count();
                 let bits = bits.validate(pieces).map_err(|cause| PeerError::BadBitfield { addr, cause })?;
-                Ok((bits, HaveStream { addr, recv, pieces }))
+                let conn = self.connection(addr).await?;
+                Ok((bits, HaveStream { addr, conn, recv, pieces }))
             }
-            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+            (other, _) => Err(PeerError::Protocol { addr, cause: format!("unexpected {}", other.kind()) }),
         }
     }
 
@@ -520,7 +597,7 @@ impl PeerClient {
                     .verify_piece(index, buf.freeze())
                     .map_err(|cause| PeerError::BadPiece { addr, cause })
             }
-            other => Err(PeerError::Protocol { addr, cause: format!("unexpected {other:?}") }),
+            other => Err(PeerError::Protocol { addr, cause: format!("unexpected {}", other.kind()) }),
         }
     }
 }
@@ -530,6 +607,8 @@ impl PeerClient {
 #[derive(Debug)]
 pub struct HaveStream {
     addr: SocketAddr,
+    /// Closed when the peer breaks the protocol on this stream.
+    conn: Connection,
     recv: RecvStream,
     pieces: u32,
 }
@@ -538,6 +617,14 @@ impl HaveStream {
     /// The next batch of newly held pieces, every index checked against the blob; `None`
     /// once the peer finished the stream.
     pub async fn next(&mut self) -> Result<Option<Vec<u32>>, PeerError> {
+        let next = self.read().await;
+        if let Err(PeerError::Protocol { .. }) = &next {
+            self.conn.close(VarInt::from_u32(PROTOCOL_VIOLATION), b"protocol violation");
+        }
+        next
+    }
+
+    async fn read(&mut self) -> Result<Option<Vec<u32>>, PeerError> {
         let addr = self.addr;
         let mut header = [0u8; 4];
         match self.recv.read_exact(&mut header).await {
@@ -559,7 +646,7 @@ impl HaveStream {
                 }
                 Ok(Some(indices))
             }
-            other => Err(protocol(format!("unexpected {other:?} on a have stream"))),
+            other => Err(protocol(format!("unexpected {} on a have stream", other.kind()))),
         }
     }
 }
@@ -744,6 +831,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn open_subscriptions_do_not_hold_up_the_servers_shutdown() {
+        let (_tmp, dirs, m) = setup(&["server", "client"]);
+        let identity = TlsIdentity::load(&dirs[0]).expect("identity");
+        let endpoint =
+            tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+        let addr = endpoint.local_addr().expect("addr");
+        // A download that never progresses: its subscribers wait for news forever.
+        let have = watch::Sender::new(Bitfield::new(m.piece_count()));
+        let source = Arc::new(Growing { digest: m.digest(), have: have.clone() });
+        let shutdown = CancellationToken::new();
+        let limits = UploadLimits { budget: 4 << 20, queue: 4 };
+        let server = tokio::spawn(serve(endpoint, source, Arc::default(), limits, shutdown.clone()));
+        let client = node(&dirs[1], &m);
+        let peers = PeerClient::new(client.endpoint.clone());
+        let (_bits, _haves) =
+            tokio::time::timeout(WAIT, peers.subscribe(addr, &m)).await.expect("in time").expect("subscribe");
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("the server stops with a subscriber open")
+            .expect("join");
+        drop(have);
+    }
+
+    #[tokio::test]
     async fn connections_per_host_are_capped() {
         let (_tmp, dirs, m) = setup(&["a", "b", "client"]);
         let (a, b, client) = (node(&dirs[0], &m), node(&dirs[1], &m), node(&dirs[2], &m));
@@ -761,5 +873,25 @@ mod tests {
             .await
             .expect("in time")
             .expect("b after a closed");
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_idlest_connection_makes_room() {
+        let (_tmp, dirs, m) = setup(&["a", "b", "client"]);
+        let (a, b, client) = (node(&dirs[0], &m), node(&dirs[1], &m), node(&dirs[2], &m));
+        let peers = PeerClient::new(client.endpoint.clone())
+            .with_max_connections(1)
+            .with_idle_before_evict(Duration::from_millis(200));
+        let (a_addr, b_addr) = (a.endpoint.local_addr().expect("a"), b.endpoint.local_addr().expect("b"));
+        let to_a = tokio::time::timeout(WAIT, peers.connection(a_addr)).await.expect("in time").expect("a");
+        // Open and just used: not idle yet, so b is refused.
+        let refused = peers.connection(b_addr).await.map(|_| ());
+        assert!(matches!(refused, Err(PeerError::Connect { .. })), "{refused:?}");
+        // Idle past the threshold (though still open): closed to make room for b.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(to_a.close_reason().is_none(), "still open before the cap needs it");
+        let to_b = tokio::time::timeout(WAIT, peers.connection(b_addr)).await.expect("in time").expect("b");
+        assert!(to_a.close_reason().is_some(), "the idle connection to a was closed");
+        assert!(to_b.close_reason().is_none());
     }
 }

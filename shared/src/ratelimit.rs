@@ -10,11 +10,13 @@
 //! taken in burst-sized chunks so a 64 MiB piece does not starve everything else.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::bitfield::Bitfield;
@@ -74,6 +76,10 @@ impl FromStr for ByteRate {
         }
         let value: f64 = number.parse().map_err(|_| err())?;
         let bytes = (value * factor).round();
+        // Below one byte per second would round to 0, which means "no limit".
+        if bytes < 1.0 && value > 0.0 {
+            return Err(err());
+        }
         // Rejects infinities and values past u64 (the float compare is exact at 2^64).
         if !bytes.is_finite() || bytes >= 18_446_744_073_709_551_616.0 {
             return Err(err());
@@ -187,9 +193,15 @@ impl<S> EgressLimited<S> {
     }
 }
 
+/// Forwards every method of the trait (a default left in place would silently answer for
+/// the inner source: `subscribe` once did, and agents refused every Subscribe).
 impl<S: PieceSource> PieceSource for EgressLimited<S> {
     async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
         self.inner.bitfield(digest).await
+    }
+
+    async fn subscribe(&self, digest: Digest, from: SocketAddr) -> Option<watch::Receiver<Bitfield>> {
+        self.inner.subscribe(digest, from).await
     }
 
     async fn piece_size(&self, digest: Digest, index: u32) -> Option<u32> {
@@ -209,6 +221,31 @@ impl<S: PieceSource> PieceSource for EgressLimited<S> {
 mod tests {
     use super::*;
 
+    /// A download in progress that others may follow.
+    struct Following(watch::Sender<Bitfield>);
+
+    impl PieceSource for Following {
+        async fn bitfield(&self, _digest: Digest) -> Option<Bitfield> {
+            Some(self.0.borrow().clone())
+        }
+        async fn piece(&self, _digest: Digest, _index: u32) -> Option<Bytes> {
+            None
+        }
+        async fn subscribe(&self, _digest: Digest, _from: SocketAddr) -> Option<watch::Receiver<Bitfield>> {
+            Some(self.0.subscribe())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_egress_wrapper_forwards_subscriptions() {
+        let have = watch::Sender::new(Bitfield::new(4));
+        let limited = EgressLimited::new(Following(have.clone()), RateLimiter::for_rate(ByteRate(1 << 20)));
+        let from = SocketAddr::from(([127, 0, 0, 1], 1));
+        let follow = limited.subscribe(Digest::of(b"blob"), from).await.expect("the inner source's stream");
+        have.send_modify(|b| b.set(2));
+        assert!(follow.borrow().get(2), "Have news reach the follower");
+    }
+
     #[test]
     fn byte_rates_parse_with_units() {
         let cases = [
@@ -226,8 +263,19 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(text.parse::<ByteRate>(), Ok(ByteRate(want)), "{text}");
         }
-        for bad in ["", "MiB", "-5", "1e3", "10 parsecs", "1.2.3MB", "99999999999999999999", "1e30GiB", "nan"]
-        {
+        for bad in [
+            "",
+            "MiB",
+            "-5",
+            "1e3",
+            "10 parsecs",
+            "1.2.3MB",
+            "99999999999999999999",
+            "1e30GiB",
+            "nan",
+            "1bit",
+            "0.4b",
+        ] {
             assert!(bad.parse::<ByteRate>().is_err(), "{bad:?} accepted");
         }
         assert_eq!(ByteRate(0).limit(), None);

@@ -57,7 +57,7 @@ type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 pub const SAMPLE: u32 = 32;
 
 /// Tuning of a [`Scheduler`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// Pieces at the front of the missing range fetched in order.
     pub window: u32,
@@ -86,6 +86,30 @@ pub struct Config {
     pub endgame_copies: u32,
     /// How long a peer that answered Busy is not asked again.
     pub busy_pause: Duration,
+}
+
+/// Pieces at the front of the missing range an agent fetches in order, so the prefix
+/// streamed to waiting clients keeps growing.
+pub const AGENT_WINDOW: u32 = 8;
+/// Piece buffers an agent's download keeps in flight, in bytes (bounds memory, not
+/// throughput).
+pub const AGENT_IN_FLIGHT_BYTES: u64 = 16 << 20;
+
+impl Config {
+    /// The agent's download policy for pieces of `piece_len` bytes and at most `max_peers`
+    /// peers (the simulator uses the same).
+    pub fn for_agent(piece_len: u64, max_peers: usize) -> Self {
+        let max_in_flight = (AGENT_IN_FLIGHT_BYTES / piece_len.max(1)).clamp(4, 64) as u32;
+        Self {
+            window: AGENT_WINDOW,
+            peer_pipeline: 4.min(max_in_flight),
+            seeder_pipeline: 8.min(max_in_flight),
+            max_pipeline: 32.min(max_in_flight),
+            max_in_flight,
+            max_peers: max_peers.max(1),
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for Config {
@@ -117,6 +141,24 @@ pub enum Action<P> {
     /// Drop the request for `index` to `peer` (lost an endgame race, timed out, peer banned
     /// or displaced). Its answer, if one still comes, may be reported or ignored.
     Cancel { peer: P, index: u32 },
+}
+
+impl<P: Copy> Action<P> {
+    /// `(peer, index)` of a request.
+    pub fn as_request(&self) -> Option<(P, u32)> {
+        match *self {
+            Self::Request { peer, index } => Some((peer, index)),
+            Self::Cancel { .. } => None,
+        }
+    }
+
+    /// `(peer, index)` of a cancel.
+    pub fn as_cancel(&self) -> Option<(P, u32)> {
+        match *self {
+            Self::Cancel { peer, index } => Some((peer, index)),
+            Self::Request { .. } => None,
+        }
+    }
 }
 
 /// How a request failed.
@@ -810,23 +852,11 @@ mod tests {
     }
 
     fn requests(actions: &[Action<u8>]) -> Vec<(u8, u32)> {
-        actions
-            .iter()
-            .filter_map(|a| match *a {
-                Action::Request { peer, index } => Some((peer, index)),
-                Action::Cancel { .. } => None,
-            })
-            .collect()
+        actions.iter().filter_map(Action::as_request).collect()
     }
 
     fn cancels(actions: &[Action<u8>]) -> Vec<(u8, u32)> {
-        actions
-            .iter()
-            .filter_map(|a| match *a {
-                Action::Cancel { peer, index } => Some((peer, index)),
-                Action::Request { .. } => None,
-            })
-            .collect()
+        actions.iter().filter_map(Action::as_cancel).collect()
     }
 
     #[test]
@@ -948,7 +978,7 @@ mod tests {
     #[test]
     fn agents_sharing_an_origin_take_disjoint_runs_at_a_shallow_depth() {
         let shared = Config { window: 4, seeder_pipeline: 8, shared_origin_pipeline: 3, ..cfg() };
-        let mut s = Scheduler::new(&Bitfield::new(100), 1 << 20, 11, shared.clone());
+        let mut s = Scheduler::new(&Bitfield::new(100), 1 << 20, 11, shared);
         s.add_peer(9, true, Bitfield::new(100), T0).expect("origin");
         // Alone with the origin: the front window in order, at full depth.
         let got = requests(&poll(&mut s, T0));

@@ -305,9 +305,12 @@ impl Staged {
     }
 }
 
-/// A download in progress: a sparse temp file filled piece by piece.
+/// A download in progress: a temp file filled piece by piece, in any order.
 ///
-/// Only [`VerifiedPiece`]s can be written, so every byte in it matched the metainfo.
+/// Only [`VerifiedPiece`]s can be written, so every byte in it matched the metainfo. The file
+/// is never extended ahead of the pieces: it is as long as the furthest piece written, so a
+/// download resumed after stalling near its start re-reads only what it wrote, and the file
+/// reaches the blob's exact length when its last piece lands.
 #[derive(Debug)]
 pub struct PartialBlob {
     store: BlobStore,
@@ -317,39 +320,20 @@ pub struct PartialBlob {
 }
 
 impl PartialBlob {
-    /// Creates the temp file for `metainfo`'s blob, discarding any earlier partial download.
-    pub async fn create(store: &BlobStore, metainfo: Metainfo) -> Result<Self, StoreError> {
-        let path = store.partial_path(&metainfo.digest());
-        let p = path.clone();
-        let len = metainfo.length();
-        let file = blocking(move || {
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&p)
-                .map_err(io_err(&p))?;
-            f.set_len(len).map_err(io_err(&p))?;
-            Ok(f)
-        })
-        .await?;
-        Ok(Self { store: store.clone(), path, file: Arc::new(file), metainfo })
-    }
-
     /// Opens the partial download of `metainfo`'s blob left by an earlier run (or creates
     /// it) and returns the pieces it already holds.
     ///
     /// Every piece on disk is checked against its blake3 hash, so no bookkeeping has to
     /// survive a crash: a piece cut short by a crash, or damaged on disk, fails its hash and
-    /// is fetched again. Costs one read of what is on disk, once per resumed download.
+    /// is fetched again. Costs one read of what is on disk (up to the furthest piece an
+    /// earlier run wrote, holes before it included), once per resumed download.
     pub async fn open_or_create(
         store: &BlobStore,
         metainfo: Metainfo,
     ) -> Result<(Self, Bitfield), StoreError> {
         let path = store.partial_path(&metainfo.digest());
         let (p, m) = (path.clone(), metainfo.clone());
-        let (file, held) = blocking(move || {
+        let (file, held, verified) = blocking(move || {
             let f = File::options()
                 .read(true)
                 .write(true)
@@ -358,30 +342,18 @@ impl PartialBlob {
                 .open(&p)
                 .map_err(io_err(&p))?;
             let on_disk = f.metadata().map_err(io_err(&p))?.len();
-            if on_disk != m.length() {
+            if on_disk > m.length() {
+                // Nothing past the blob's end is ours; the published file must be exact.
                 f.set_len(m.length()).map_err(io_err(&p))?;
             }
             // Marks the file as in use for `remove_stale_partials`.
             let _ = f.set_modified(SystemTime::now());
-            let mut held = Bitfield::new(m.piece_count());
-            // Pieces beyond what an earlier run wrote read as zeros: skip the hashing.
-            let written = on_disk.min(m.length());
-            for index in 0..m.piece_count() {
-                let offset = m.piece_offset(index);
-                let size = m.piece_size(index)?;
-                if offset + u64::from(size) > written {
-                    break;
-                }
-                let data = read_at(&f, &p, offset, size as usize)?;
-                if m.verify_piece(index, data).is_ok() {
-                    held.set(index);
-                }
-            }
-            Ok((f, held))
+            let (held, verified) = held_pieces(&f, &p, &m, on_disk.min(m.length()))?;
+            Ok((f, held, verified))
         })
         .await?;
         if held.count() > 0 {
-            tracing::info!(digest = %metainfo.digest(), held = held.count(), of = metainfo.piece_count(), "resuming download");
+            tracing::info!(digest = %metainfo.digest(), held = held.count(), of = metainfo.piece_count(), verified, "resuming download");
         }
         Ok((Self { store: store.clone(), path, file: Arc::new(file), metainfo }, held))
     }
@@ -423,17 +395,32 @@ impl PartialBlob {
     }
 
     /// Publishes the blob given the sha256 of its whole content (from a [`PrefixHasher`]
-    /// that reached the end): checked against the metainfo's digest, fsynced, renamed into
-    /// `blobs/`. On mismatch the file is deleted. Readers holding pieces keep working: the
-    /// open file is the published one.
+    /// that reached the end): checked against the metainfo's digest and the file against its
+    /// length, fsynced, renamed into `blobs/`. On mismatch the file is deleted. Readers
+    /// holding pieces keep working: the open file is the published one.
     pub async fn commit_hashed(&self, actual: Digest) -> Result<(), StoreError> {
         let expected = self.metainfo.digest();
         if actual != expected {
             self.discard().await;
             return Err(StoreError::DigestMismatch { expected, actual });
         }
-        let (file, p) = (self.file.clone(), self.path.clone());
-        blocking(move || file.sync_all().map_err(io_err(&p))).await?;
+        // The file grows with the pieces written: it must now be exactly the blob, no piece
+        // missing at its end and nothing past it.
+        let (file, p, expected_len) = (self.file.clone(), self.path.clone(), self.metainfo.length());
+        let synced = blocking(move || {
+            let actual = file.metadata().map_err(io_err(&p))?.len();
+            if actual != expected_len {
+                return Err(StoreError::SizeMismatch { expected: expected_len, actual });
+            }
+            file.sync_all().map_err(io_err(&p))
+        })
+        .await;
+        if let Err(e) = synced {
+            if matches!(e, StoreError::SizeMismatch { .. }) {
+                self.discard().await;
+            }
+            return Err(e);
+        }
         let dest = self.store.blob_path(&expected);
         tokio::fs::rename(&self.path, &dest).await.map_err(io_err(&dest))?;
         self.store.put_metainfo(&self.metainfo).await
@@ -450,6 +437,27 @@ impl PartialBlob {
     pub async fn discard(&self) {
         let _ = tokio::fs::remove_file(&self.path).await;
     }
+}
+
+/// Which pieces of a partial download's file, whose first `written` bytes are on disk, verify
+/// against their blake3 hashes; and how many bytes that read. Pieces reaching past `written`
+/// were never written whole (the file grows only as pieces are written) and are not read.
+fn held_pieces(f: &File, path: &Path, m: &Metainfo, written: u64) -> Result<(Bitfield, u64), StoreError> {
+    let mut held = Bitfield::new(m.piece_count());
+    let mut verified = 0;
+    for index in 0..m.piece_count() {
+        let offset = m.piece_offset(index);
+        let size = m.piece_size(index)?;
+        if offset + u64::from(size) > written {
+            break;
+        }
+        let data = read_at(f, path, offset, size as usize)?;
+        verified += u64::from(size);
+        if m.verify_piece(index, data).is_ok() {
+            held.set(index);
+        }
+    }
+    Ok((held, verified))
 }
 
 /// Streams sha256 over a growing prefix of a file, so a download's whole-blob digest is
@@ -553,7 +561,7 @@ mod tests {
         let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
         b.update(b"some bytes");
         let m = b.finish().expect("meta");
-        let partial = PartialBlob::create(&store, m.clone()).await.expect("create");
+        let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
         let piece = m.verify_piece(0, Bytes::from_static(b"some bytes")).expect("verified");
         partial.write_piece(piece).await.expect("write");
         let wrong = Digest::of(b"other bytes");
@@ -570,7 +578,7 @@ mod tests {
         let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
         b.update(&data);
         let m = b.finish().expect("meta");
-        let partial = PartialBlob::create(&store, m.clone()).await.expect("create");
+        let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
         for i in (0..m.piece_count()).rev() {
             let off = m.piece_offset(i) as usize;
             let len = m.piece_size(i).expect("size") as usize;
@@ -628,12 +636,11 @@ mod tests {
         assert_eq!(std::fs::read(store.blob_path(&m.digest())).expect("blob"), data);
         assert!(!path.exists(), "the partial file became the blob");
 
-        // `create` starts over whatever is on disk.
+        // `discard` starts over whatever is on disk.
         let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("again");
         partial.write_piece(piece_of(&data, &m, 0)).await.expect("write");
+        partial.discard().await;
         drop(partial);
-        let fresh = PartialBlob::create(&store, m.clone()).await.expect("create");
-        drop(fresh);
         let (_, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("reopen");
         assert_eq!(held.count(), 0);
     }
@@ -648,9 +655,49 @@ mod tests {
         std::fs::write(&path, &data[..MIN_PIECE_LENGTH as usize + 10]).expect("write");
         let (partial, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("resume");
         assert_eq!(held.iter().collect::<Vec<_>>(), vec![0]);
-        assert_eq!(std::fs::metadata(&path).expect("meta").len(), m.length());
-        partial.discard().await;
+        // Not extended: the file grows only as pieces are written.
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), u64::from(MIN_PIECE_LENGTH) + 10);
+        // Publishing needs the whole blob, even with the right digest in hand.
+        assert!(matches!(
+            partial.commit_hashed(m.digest()).await,
+            Err(StoreError::SizeMismatch { expected, actual }) if expected == m.length() && actual < expected
+        ));
+        assert_eq!(store.size(&m.digest()).await, None);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_resumed_partial_reads_only_what_was_written() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let (data, m) = blob_of(MIN_PIECE_LENGTH * 40 + 5);
+        let path = dir.path().join("partial").join(m.digest().hex());
+        let two = 2 * u64::from(MIN_PIECE_LENGTH);
+        {
+            let (partial, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
+            assert_eq!(held.count(), 0);
+            assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0, "not pre-extended");
+            for i in [0, 1] {
+                partial.write_piece(piece_of(&data, &m, i)).await.expect("write");
+            }
+        }
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), two);
+        let (partial, held) = PartialBlob::open_or_create(&store, m.clone()).await.expect("resume");
+        assert_eq!(held.iter().collect::<Vec<_>>(), vec![0, 1]);
+        // Reads are exact (`read_exact_at`): opening would have failed had it read past the
+        // two pieces on disk, and it did not grow the file to make room.
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), two);
+        let file = File::open(&path).expect("open partial");
+        let (again, verified) = held_pieces(&file, &path, &m, two).expect("verify");
+        assert_eq!((again.count(), verified), (2, two));
+
+        // The rest arrives out of order; the file ends exactly at the blob's length.
+        for i in (2..m.piece_count()).rev() {
+            partial.write_piece(piece_of(&data, &m, i)).await.expect("write");
+        }
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), m.length());
+        partial.commit().await.expect("commit");
+        assert_eq!(std::fs::read(store.blob_path(&m.digest())).expect("blob"), data);
     }
 
     #[tokio::test]

@@ -66,6 +66,19 @@ pub enum Response {
     Have(Vec<u32>),
 }
 
+impl Response {
+    /// What kind of response this is, for errors (never the payload: a bitfield or a Have
+    /// batch from a hostile peer can be a quarter of a megabyte).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Bitfield(_) => "Bitfield",
+            Self::Piece { .. } => "Piece",
+            Self::Refused(_) => "Refused",
+            Self::Have(_) => "Have",
+        }
+    }
+}
+
 /// A frame that breaks the protocol; the connection it came from must be closed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

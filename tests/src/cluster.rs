@@ -126,14 +126,36 @@ impl AgentNode {
     }
 
     /// Stops the agent and waits until its runtime is gone: every task it ran, downloads
-    /// included, has ended (as when the process exits).
-    pub async fn stop(&mut self) {
+    /// included, has ended (as when the process exits). An error if it is still running
+    /// after [`STOP`] or its thread panicked: it may still hold its data directory and
+    /// ports, so nothing may be started in its place.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        if let Some(thread) = self.thread.take() {
-            let join = tokio::task::spawn_blocking(move || thread.join());
-            let _ = tokio::time::timeout(Duration::from_secs(20), join).await;
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let name = thread.thread().name().unwrap_or("agent").to_owned();
+        let join = tokio::task::spawn_blocking(move || thread.join());
+        match tokio::time::timeout(STOP, join).await {
+            Err(_) => bail!(
+                "{name} ({}) still running {} s after it was told to stop",
+                self.registry_url,
+                STOP.as_secs()
+            ),
+            Ok(Err(e)) => bail!("joining {name}: {e}"),
+            Ok(Ok(Err(panic))) => bail!("{name} panicked: {}", panic_message(panic.as_ref())),
+            Ok(Ok(Ok(()))) => Ok(()),
         }
     }
+}
+
+/// How long a stopped agent may take to end every task it ran.
+const STOP: Duration = Duration::from_secs(20);
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
 }
 
 /// A whole cluster running inside the test process.
@@ -292,7 +314,7 @@ impl Cluster {
     /// ports), with `opts`.
     pub async fn restart_agent(&mut self, index: usize, opts: AgentOptions) -> anyhow::Result<()> {
         let node = self.agents.get_mut(index).ok_or_else(|| anyhow!("no agent {index}"))?;
-        node.stop().await;
+        node.stop().await.with_context(|| format!("stopping agent {index} to restart it"))?;
         let (data, tls) = (node.data_dir.clone(), node.tls_dir.clone());
         self.agents[index] = self.launch_agent(index, data, tls, &opts).await?;
         Ok(())
@@ -333,7 +355,11 @@ impl Cluster {
                 runtime.shutdown_timeout(Duration::from_secs(5));
             }
         })?;
-        wait_ready(&self.client, &format!("{registry_url}/v2/")).await?;
+        if let Err(e) = wait_ready(&self.client, &format!("{registry_url}/v2/")).await {
+            // Not left running behind the error (its thread ends on its own).
+            shutdown.cancel();
+            return Err(e.context(format!("agent {index} did not start")));
+        }
         Ok(AgentNode { registry_url, peer_addr, shutdown, data_dir, tls_dir: tls, thread: Some(thread) })
     }
 
@@ -382,6 +408,8 @@ impl Cluster {
             shoal_shared::peer::UploadLimits { budget: 64 << 20, queue: 16 },
             shutdown.clone(),
         ));
+        // The guard first: if the announce below fails, dropping it stops the server.
+        let mut peer = RoguePeer { addr, stats, shutdown: shutdown.clone(), tasks: vec![server] };
         let tracker = TrackerClient::new(std::slice::from_ref(&self.tracker_url));
         for digest in &digests {
             tracker.announce(&Announce { digest: *digest, peer: addr, complete: true }).await?;
@@ -401,7 +429,8 @@ impl Cluster {
                 }
             }
         });
-        Ok(RoguePeer { addr, stats, shutdown, tasks: vec![server, announcer] })
+        peer.tasks.push(announcer);
+        Ok(peer)
     }
 
     /// Generates an OCI layout (see [`generate_oci_layout`]) and pushes it to the origin as

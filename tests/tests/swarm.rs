@@ -43,15 +43,24 @@ async fn six_agents_pull_one_blob_as_a_swarm() {
     eprintln!("pieces {blob_pieces}; origin served {origin}; agents served {between_agents:?}");
     assert!(origin >= blob_pieces, "the origin is the only first source");
     // Without sharing the origin would serve 6 copies. The goal is 1.2x; on a loaded
-    // 2-core machine, where all seven nodes share the cores, this measured 1.5x to 3.2x, so
-    // the test holds the line at 4.5x and prints the figure.
+    // 2-core machine, where all seven nodes share the cores, this measured 1.5x to 3.2x with
+    // earlier agents, 1.0x to 1.15x now (also with both cores otherwise busy).
     assert!(
         origin * 2 <= blob_pieces * 9,
         "origin served {origin} pieces of a {blob_pieces}-piece blob to 6 agents (> 4.5x)"
     );
+    // Conservation: the six copies came from the origin or from agents.
     assert!(
         shared >= 5 * blob_pieces - (origin - blob_pieces),
         "agents served each other: {between_agents:?}"
+    );
+    // Sharing: at least half of the six copies went from agent to agent, so the origin
+    // served at most 3x (with room for a loaded machine over today's figures).
+    assert!(
+        shared >= 3 * blob_pieces && origin <= 3 * blob_pieces,
+        "origin served {origin} pieces ({:.2}x), agents {shared} ({:.2}x): too little sharing",
+        origin as f64 / blob_pieces as f64,
+        shared as f64 / blob_pieces as f64
     );
     assert!(between_agents.iter().filter(|&&n| n > 0).count() >= 3, "served by many: {between_agents:?}");
 }

@@ -23,9 +23,29 @@ use tokio::task::JoinHandle;
 const MIB: usize = 1 << 20;
 const PIECE: u32 = 64 << 10;
 const SERVED: &str = "shoal_peer_pieces_served_total";
-/// Pieces an agent may have been sent but not yet written when it stops (its requests in
-/// flight, all peers together).
-const IN_FLIGHT: u64 = 8;
+/// Requests one download keeps in flight, all peers together: the agent's
+/// `(IN_FLIGHT_BYTES / piece_len).clamp(4, 64)` with `IN_FLIGHT_BYTES` = 16 MiB
+/// (`config()` in agent/src/download/swarm.rs).
+const MAX_IN_FLIGHT: u64 = clamp((16 << 20) / PIECE as u64, 4, 64);
+/// Deepest pipeline to one peer: `32.min(max_in_flight)` there (the scheduler grows a
+/// pipeline up to it). With one peer, the pieces it may have sent but the agent not yet
+/// written.
+const MAX_PIPELINE: u64 = min(32, MAX_IN_FLIGHT);
+/// Starting pipeline to a seeder: `8.min(max_in_flight)` there. It only grows on good
+/// pieces, so it bounds what a peer serving only bad pieces is asked before the ban.
+const SEEDER_PIPELINE: u64 = min(8, MAX_IN_FLIGHT);
+
+const fn min(a: u64, b: u64) -> u64 {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+const fn clamp(v: u64, lo: u64, hi: u64) -> u64 {
+    min(if v > lo { v } else { lo }, hi)
+}
 
 async fn cluster() -> Cluster {
     Cluster::start(ClusterOptions {
@@ -84,8 +104,10 @@ async fn agent_restarted_mid_download_fetches_only_what_it_lacks() {
     let served_before = origin_served(&c).await;
     let cut = spawn_fetch(&c, 0, "faults/resume", &layer, size);
     let cr = &c;
-    wait_until(Duration::from_secs(60), "a third of the blob", move || async move {
-        origin_served(cr).await - served_before >= total / 3
+    // Past MAX_PIPELINE pieces, so that re-fetching everything breaks the bound below.
+    assert!(total / 2 > MAX_PIPELINE, "{total} pieces: too few to tell a resume from a restart");
+    wait_until(Duration::from_secs(60), "half of the blob", move || async move {
+        origin_served(cr).await - served_before >= total / 2
     })
     .await;
 
@@ -103,8 +125,9 @@ async fn agent_restarted_mid_download_fetches_only_what_it_lacks() {
         .expect("resumed download");
     assert_eq!(got, size);
     let after_restart = origin_served(&c).await - served_before - before_restart;
+    // The only peer is the origin: at most one pipeline of pieces was sent and not written.
     assert!(
-        after_restart + before_restart <= total + IN_FLIGHT,
+        after_restart + before_restart <= total + MAX_PIPELINE,
         "re-fetched {after_restart} pieces after {before_restart} of {total} before the restart"
     );
     assert!(after_restart < total, "nothing was resumed");
@@ -136,7 +159,7 @@ async fn egress_and_ingress_limits_slow_transfers_down() {
     eprintln!("12 MiB through a 4 MiB/s ingress limit: {took:?}");
 
     // Egress: the only source left sends at 4 MiB/s.
-    c.stop_origin().await;
+    stop_origin(&mut c).await;
     c.start_agent(AgentOptions::default()).await.expect("agent");
     let started = Instant::now();
     fetch_blob(&c.client, &c.agents[1].registry_url, "faults/limits", &layer, Some(size))
@@ -165,8 +188,8 @@ async fn a_peer_killed_mid_transfer_leaves_every_other_download_complete() {
         agent_counter(cr, 0, SERVED).await >= 4
     })
     .await;
-    c.agents[0].stop().await;
-    c.agents[1].stop().await;
+    c.agents[0].stop().await.expect("stop the seeder");
+    c.agents[1].stop().await.expect("stop agent 1");
     let mut fetches = fetches.into_iter();
     let _ = fetches.next().expect("agent 1").await;
     for (i, fetch) in (2..).zip(fetches) {
@@ -233,7 +256,7 @@ async fn a_peer_serving_corrupt_pieces_is_banned_and_no_client_sees_its_bytes() 
     }
     assert!(rejected >= 1, "{sent} corrupt pieces sent, none counted as bad");
     // Banned at the first bad piece: only requests already in flight can still be answered.
-    assert!(sent <= IN_FLIGHT * agents as u64, "{sent} corrupt pieces sent to {agents} agents");
+    assert!(sent <= SEEDER_PIPELINE * agents as u64, "{sent} corrupt pieces sent to {agents} agents");
     drop(peer);
 }
 
@@ -284,12 +307,21 @@ async fn requests_to_a_stalled_peer_are_dispatched_elsewhere() {
     let got = fetch_blob(&c.client, &c.agents[0].registry_url, "faults/stall", &layer, Some(size))
         .await
         .expect("download despite a stalled peer");
+    let took = started.elapsed();
     assert_eq!(got, size);
     assert!(
         stall.asked.load(Ordering::Relaxed) >= 1,
         "the stalled peer was never asked; the test proves nothing"
     );
-    eprintln!("download with a stalled peer took {:?}", started.elapsed());
+    eprintln!("download with a stalled peer took {took:?}");
+    // The stalled requests end at their deadline (the scheduler's 5 s floor; 64 KiB pieces
+    // at its 1 MiB/s minimum rate give less), the peer backs off and the origin serves the
+    // rest. Without deadlines only the re-plan, at half the progress timeout, would free the
+    // pieces: the bound sits well below it, with room for a loaded machine.
+    let replan = Duration::from_secs(c.options.progress_timeout / 2);
+    let bound = Duration::from_secs(20);
+    assert!(bound + Duration::from_secs(5) <= replan, "the bound must stay below the re-plan ({replan:?})");
+    assert!(took < bound, "a stalled peer held the download up for {took:?} (re-plan at {replan:?})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,11 +343,19 @@ async fn a_download_survives_a_tracker_restart() {
     assert_eq!(got, size);
 
     // The fresh tracker relearnt the swarm: a new agent finds the blob and the first agent.
+    // With the origin stopped, agent 0 is the only source, so a download proves the tracker
+    // told the new agent about it. The tracker caches the metainfo while the origin is up.
+    let digest: Digest = layer.parse().expect("digest");
+    TrackerClient::new(std::slice::from_ref(&c.tracker_url)).metainfo(digest).await.expect("metainfo");
+    stop_origin(&mut c).await;
+    let served_by_0 = agent_counter(&c, 0, SERVED).await;
     c.start_agent(AgentOptions::default()).await.expect("agent");
     let got = fetch_blob(&c.client, &c.agents[1].registry_url, "faults/tracker", &layer, Some(size))
         .await
         .expect("download after the tracker restart");
     assert_eq!(got, size);
+    let served = agent_counter(&c, 0, SERVED).await - served_by_0;
+    assert!(served >= pieces(size, PIECE), "agent 0 served {served} pieces of {}", pieces(size, PIECE));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +369,7 @@ async fn with_the_origin_stopped_the_others_finish_from_a_complete_agent() {
             .expect("first");
     }
     let served = origin_served(&c).await;
-    c.stop_origin().await;
+    stop_origin(&mut c).await;
     for _ in 0..3 {
         c.start_agent(AgentOptions::default()).await.expect("agent");
     }
@@ -345,4 +385,24 @@ async fn with_the_origin_stopped_the_others_finish_from_a_complete_agent() {
     let total: u64 = image.layers.iter().map(|(_, s)| pieces(*s, PIECE)).sum();
     assert_eq!(served, total, "the first agent fetched every piece from the origin once");
     assert!(agent_counter(&c, 0, SERVED).await >= 1, "the complete agent served the others");
+    // The origin is gone: every piece the three others needed came from an agent.
+    let mut by_agents = Vec::new();
+    for i in 0..4 {
+        by_agents.push(agent_counter(&c, i, SERVED).await);
+    }
+    assert!(
+        by_agents.iter().sum::<u64>() >= 3 * total,
+        "agents served {by_agents:?} pieces; the three others needed {total} each"
+    );
+    assert!(
+        c.client.get(format!("{}/healthz", c.origin_url)).send().await.is_err(),
+        "the origin still answers: it may have served the others"
+    );
+}
+
+/// Stops the origin and checks that it no longer answers.
+async fn stop_origin(c: &mut Cluster) {
+    c.stop_origin().await;
+    let health = c.client.get(format!("{}/healthz", c.origin_url)).send().await;
+    assert!(health.is_err(), "the origin still answers after it was stopped: {health:?}");
 }

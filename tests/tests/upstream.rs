@@ -204,7 +204,7 @@ fn host_arch() -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_multi_arch_index_pulls_for_the_hosts_platform() {
-    let registry = Registry::start(None).await.expect("registry");
+    let mut registry = Registry::start(None).await.expect("registry");
     let (index, images) =
         registry.push_multiarch("multi/tool:1.0", &[200 << 10, 300 << 10], 31).await.expect("push");
     let cluster = Cluster::start(options(1, UpstreamOptions::new(&registry.url()))).await.expect("cluster");
@@ -227,7 +227,13 @@ async fn a_multi_arch_index_pulls_for_the_hosts_platform() {
     let manifest = platform["digest"].as_str().expect("digest");
     let digest = pull_ns(&cluster.client, agent, "multi/tool", manifest, ns).await.expect("platform pull");
     assert!(images.iter().any(|i| i.manifest == digest));
-    // Every platform's manifest is reachable by digest, even with the upstream gone.
+    // push_multiarch returns the platforms in index order: amd64, then arm64.
+    let host = ["amd64", "arm64"].iter().position(|&a| a == host_arch()).expect("a platform for this host");
+    assert_eq!(digest, images[host].manifest, "the {} image", host_arch());
+    assert_ne!(images[0].manifest, images[1].manifest, "the platforms' images differ");
+    // Every platform's manifest is reachable by digest, even with the upstream gone: the
+    // origin stored them all when it fetched the index (only this host's was asked for).
+    registry.stop().await;
     for image in &images {
         let url = format!("{}/v2/multi/tool/manifests/{}", cluster.origin_url, image.manifest);
         get_verified(&cluster.client, &url, Some(&image.manifest))
@@ -297,9 +303,25 @@ async fn prefetch_v1_and_v2_good_and_bad_bodies() {
     }
     let (status, body) = prefetch(client, origin, 2, &json!({"tag": tag}).to_string()).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(registry.blob_gets(&big.layers[0].0), 1);
-    assert!(!origin_has(client, origin, "deep/other", &big.layers[1].0).await, "skipped by size");
-    assert_eq!(registry.blob_gets(&big.layers[1].0), 0);
+    // v1 is synchronous here: it answers once every blob it wants is at the origin, joining
+    // the flights v2 started. Had the size filter let the 3 MiB layer through, it would be
+    // fetched by now; had v2 started a second flight of a held blob, it is over.
+    let (status, body) = prefetch(client, origin, 1, &json!({"tag": tag}).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["prefetched"], true, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("1 skipped by size")), "{body}");
+    // The registry's access log is read in the background: give late lines a moment, and
+    // check that nothing changes meanwhile.
+    let quiet = Instant::now() + Duration::from_millis(1500);
+    loop {
+        assert_eq!(registry.blob_gets(&big.layers[0].0), 1);
+        assert!(!origin_has(client, origin, "deep/other", &big.layers[1].0).await, "skipped by size");
+        assert_eq!(registry.blob_gets(&big.layers[1].0), 0);
+        if Instant::now() >= quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Bad bodies and tags: 400 with status "failure"; unresolvable tags: an error status.
     for bad in ["not json", "{}", r#"{"tag": 5}"#, r#"{"tag": "alpine"}"#, r#"{"tag": "docker.io/Alpine:1"}"#]

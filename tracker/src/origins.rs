@@ -66,8 +66,9 @@ impl Origins {
     }
 
     /// Like [`metainfo`](Self::metainfo); with a hint, an origin that pulls through from
-    /// upstream registries may answer that it is fetching the blob ([`LookupError::Pending`]).
-    /// Only complete answers are cached.
+    /// upstream registries may answer that it is fetching the blob ([`LookupError::Pending`]),
+    /// which is the answer only when no other origin holds it. 401 and 403 are
+    /// [`LookupError::Denied`], as for [`tag`](Self::tag). Only complete answers are cached.
     pub async fn metainfo_for(
         &self,
         digest: Digest,
@@ -77,7 +78,7 @@ impl Origins {
             return Ok(k.metainfo.clone());
         }
         let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
-        let mut last_error = None;
+        let (mut last_error, mut denied, mut pending) = (None, None, false);
         for (i, base) in self.urls.iter().enumerate() {
             let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
             let resp = match self.http.get(&url).send().await {
@@ -88,7 +89,9 @@ impl Origins {
                 }
             };
             if resp.status() == reqwest::StatusCode::ACCEPTED {
-                return Err(LookupError::Pending);
+                // A later origin may hold the blob already.
+                pending = true;
+                continue;
             }
             let body = match client::check(resp).await {
                 Ok(resp) => client::read_limited(resp, MAX_METAINFO_JSON).await,
@@ -108,8 +111,15 @@ impl Origins {
                 }
                 Ok(_) => last_error = Some(format!("{url}: metainfo for another digest")),
                 Err(ClientError::NotFound { .. }) => {}
+                Err(e @ ClientError::Status { status: 401 | 403, .. }) => denied = Some(e.to_string()),
                 Err(e) => last_error = Some(e.to_string()),
             }
+        }
+        if pending {
+            return Err(LookupError::Pending);
+        }
+        if let Some(denied) = denied {
+            return Err(LookupError::Denied(denied));
         }
         Err(last_error.map_or(LookupError::NotFound, LookupError::Unavailable))
     }
@@ -198,5 +208,61 @@ impl Origins {
             return Err(LookupError::Denied(denied));
         }
         Err(last_error.map_or(LookupError::NotFound, LookupError::Unavailable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use shoal_shared::metainfo::MetainfoBuilder;
+
+    use super::*;
+
+    /// An origin that answers every request with `status` and `body`.
+    fn origin(status: u16, body: String) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let status = StatusCode::from_u16(status).expect("status");
+        let server = HttpServer::new(move || {
+            let body = body.clone();
+            App::new().default_service(web::to(move || {
+                let body = body.clone();
+                async move { HttpResponse::build(status).body(body) }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .expect("listen")
+        .run();
+        tokio::spawn(server);
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_origin_holding_the_blob_wins_over_one_pulling_it_and_refusals_are_denied() {
+        let mut builder = MetainfoBuilder::new(64 << 10).expect("piece length");
+        builder.update(b"blob");
+        let metainfo = builder.finish().expect("metainfo");
+        let digest = metainfo.digest();
+        let json = serde_json::to_string(&metainfo).expect("json");
+        let hint = Hint::new("r", None).expect("hint");
+        let (pulling, holding) = (origin(202, String::new()), origin(200, json));
+        let (missing, refusing, unauthorized) =
+            (origin(404, String::new()), origin(403, "denied".into()), origin(401, "no".into()));
+
+        let lookup = |urls: Vec<&String>| {
+            let origins = Origins::new(urls.into_iter().cloned().collect());
+            let hint = hint.clone();
+            async move { origins.metainfo_for(digest, Some(&hint)).await }
+        };
+        let m = lookup(vec![&pulling, &holding]).await.expect("the second origin holds it");
+        assert_eq!(*m, metainfo);
+        assert!(matches!(lookup(vec![&pulling, &missing]).await, Err(LookupError::Pending)));
+        assert!(matches!(lookup(vec![&refusing, &pulling]).await, Err(LookupError::Pending)));
+        assert!(matches!(lookup(vec![&refusing, &missing]).await, Err(LookupError::Denied(_))));
+        assert!(matches!(lookup(vec![&unauthorized]).await, Err(LookupError::Denied(_))));
+        assert!(matches!(lookup(vec![&missing]).await, Err(LookupError::NotFound)));
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! The scheduler decides; this loop carries out its [`Action`]s (one task per piece request,
 //! aborted on cancel, which resets the QUIC stream), reports every answer back, and feeds it
-//! what peers hold: the tracker's peer list (re-announced every [`REANNOUNCE`]), then per
-//! peer one probe (a `Subscribe` stream to an agent still downloading, whose `Have` frames
-//! arrive as its pieces verify; a bitfield from a seeder or origin). Re-announces start
-//! at [`FIRST_REANNOUNCE`] and slow down as the download ages. A download that makes
+//! what peers hold: the tracker's peer list (re-announced every [`REANNOUNCE`], in a task of
+//! its own so that a slow tracker does not hold up the pieces), then per peer one probe (a
+//! `Subscribe` stream to an agent still downloading, whose `Have` frames arrive as its pieces
+//! verify; a bitfield from a seeder or origin). Re-announces start at [`FIRST_REANNOUNCE`]
+//! and slow down as the download ages. A download that makes
 //! no progress for half the progress timeout is re-planned (every request cancelled,
 //! back-offs forgiven, the tracker asked again); for the whole timeout, it fails.
 
@@ -18,6 +19,7 @@ use shoal_shared::client::{Announce, PeerInfo};
 use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::{HaveStream, PeerClient, PeerError};
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
+use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -32,11 +34,6 @@ const REANNOUNCE: Duration = Duration::from_secs(3);
 /// second (the interval grows with the download's age up to [`REANNOUNCE`]), so they do not
 /// each fetch the blob from the origin before learning of the others.
 const FIRST_REANNOUNCE: Duration = Duration::from_millis(250);
-/// Pieces at the front of the missing range fetched in order, so the prefix streamed to
-/// waiting clients keeps growing.
-const IN_ORDER_WINDOW: u32 = 8;
-/// Piece buffers in flight per download, in bytes (bounds memory, not throughput).
-const IN_FLIGHT_BYTES: u64 = 16 << 20;
 /// Leads (peers to probe) queued for a download before further ones are dropped.
 pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.
@@ -44,20 +41,6 @@ const HAVE_QUEUE: usize = 256;
 
 type Fetch = (SocketAddr, u32, Result<VerifiedPiece, PeerError>);
 type Probe = (PeerInfo, Result<(Bitfield, Option<HaveStream>), PeerError>);
-
-fn config(metainfo: &Metainfo, max_peers: usize) -> scheduler::Config {
-    let piece = u64::from(metainfo.piece_length()).max(1);
-    let max_in_flight = (IN_FLIGHT_BYTES / piece).clamp(4, 64) as u32;
-    scheduler::Config {
-        window: IN_ORDER_WINDOW,
-        peer_pipeline: 4.min(max_in_flight),
-        seeder_pipeline: 8.min(max_in_flight),
-        max_pipeline: 32.min(max_in_flight),
-        max_in_flight,
-        max_peers: max_peers.max(1),
-        ..scheduler::Config::default()
-    }
-}
 
 /// Fetches every piece of the blob into `active`.
 pub(super) async fn run(
@@ -72,7 +55,7 @@ pub(super) async fn run(
         &initial,
         metainfo.piece_length(),
         rand::random(),
-        config(metainfo, dl.settings.max_peers),
+        scheduler::Config::for_agent(u64::from(metainfo.piece_length()), dl.settings.max_peers),
     );
     let started = Instant::now();
     let timeout = dl.settings.progress_timeout;
@@ -85,15 +68,20 @@ pub(super) async fn run(
     let mut watchers: JoinSet<SocketAddr> = JoinSet::new();
     let (have_tx, mut have_rx) = mpsc::channel::<(SocketAddr, Vec<u32>)>(HAVE_QUEUE);
     let mut actions = Vec::new();
+    // The announce runs beside the loop (a slow tracker must not hold up pieces), at most
+    // one at a time; the next is due a while after the last one answered.
+    let mut announcing: JoinSet<Result<Vec<PeerInfo>, LookupError>> = JoinSet::new();
     let mut next_announce = Duration::ZERO;
+    // A re-plan asked for a fresh announce while one was in flight: due as soon as it answers.
+    let mut announce_again = false;
     let mut replanned = false;
 
     while !sched.is_complete() {
         let now = started.elapsed();
-        if now >= next_announce {
-            announce(dl, metainfo, &sched, &mut probes, &mut probing, now).await;
-            let age = started.elapsed();
-            next_announce = age + (age / 4).clamp(FIRST_REANNOUNCE, REANNOUNCE);
+        if announcing.is_empty() && now >= next_announce {
+            let (tracker, a) =
+                (dl.tracker.clone(), Announce { digest, peer: dl.settings.me, complete: false });
+            announcing.spawn(async move { tracker.announce(&a).await.map(|resp| resp.peers) });
         }
         let idle = now.saturating_sub(sched.last_progress());
         if idle >= timeout {
@@ -104,6 +92,7 @@ pub(super) async fn run(
             sched.replan();
             replanned = true;
             next_announce = now;
+            announce_again = !announcing.is_empty();
         }
         sched.poll(now, &mut actions);
         for action in actions.drain(..) {
@@ -122,8 +111,22 @@ pub(super) async fn run(
             }
         }
         let stall_at = sched.last_progress() + if replanned { timeout } else { timeout / 2 };
-        let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(next_announce);
+        let announce_at = if announcing.is_empty() { next_announce } else { Duration::MAX };
+        let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(announce_at);
         tokio::select! {
+            Some(joined) = announcing.join_next(), if !announcing.is_empty() => {
+                let age = started.elapsed();
+                next_announce = if std::mem::take(&mut announce_again) {
+                    age
+                } else {
+                    age + (age / 4).clamp(FIRST_REANNOUNCE, REANNOUNCE)
+                };
+                match joined {
+                    Ok(Ok(listed)) => probe_listed(dl, metainfo, &sched, &mut probes, &mut probing, listed, age),
+                    Ok(Err(e)) => tracing::warn!(%digest, cause = %e, "announce failed"),
+                    Err(e) => tracing::warn!(%digest, cause = %e, "announce task failed"),
+                }
+            }
             Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
                 // Aborted (cancelled) requests come back as join errors.
                 let Ok((peer, index, result)) = joined else { continue };
@@ -227,24 +230,16 @@ fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 
     pieces
 }
 
-/// Announces, then probes the listed peers the scheduler would take and is not following.
-async fn announce(
+/// Probes the peers an announce listed that the scheduler would take and is not following.
+fn probe_listed(
     dl: &Downloads,
     metainfo: &Metainfo,
     sched: &Scheduler<SocketAddr>,
     probes: &mut JoinSet<Probe>,
     probing: &mut HashSet<SocketAddr>,
+    listed: Vec<PeerInfo>,
     now: Duration,
 ) {
-    let digest = metainfo.digest();
-    let a = Announce { digest, peer: dl.settings.me, complete: false };
-    let listed = match dl.tracker.announce(&a).await {
-        Ok(resp) => resp.peers,
-        Err(e) => {
-            tracing::warn!(%digest, cause = %e, "announce failed");
-            return;
-        }
-    };
     let room = dl.settings.max_peers.max(1).saturating_sub(sched.peer_count());
     let wanted = listed.into_iter().filter(|p| {
         p.addr != dl.settings.me

@@ -35,10 +35,12 @@ pub struct Upstream {
     stall: Duration,
 }
 
-/// Hosts that may be reached over plain HTTP.
+/// Hosts (`host[:port]`) that may be reached over plain HTTP: `localhost` and IPv4
+/// loopback addresses. The `host[:port]` grammar has no IPv6 literals.
 fn loopback(host: &str) -> bool {
     let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    name == "localhost" || name.starts_with("127.") || name == "[::1]"
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
 }
 
 impl Upstream {
@@ -142,12 +144,20 @@ impl Upstream {
     }
 
     /// A bearer token from the challenge's realm (with basic credentials if configured).
+    /// A plain-HTTP realm is refused unless it is on this machine or the upstream itself is
+    /// plain HTTP: the credentials would cross the network in cleartext.
     async fn token(
         &self,
         realm: &str,
         service: Option<&str>,
         scope: &str,
     ) -> Result<(String, Duration), UpstreamError> {
+        if !auth::realm_allowed(realm, self.base.starts_with("http://")) {
+            return Err(UpstreamError::Unauthorized(format!(
+                "{}: token service {realm} is plain HTTP on another host; refusing to send credentials in cleartext",
+                self.host
+            )));
+        }
         let mut req = self.http.get(realm).query(&[("scope", scope)]);
         if let Some(service) = service {
             req = req.query(&[("service", service)]);

@@ -110,6 +110,71 @@ pub struct Settings {
 /// A blob fetch in flight: turns `Some` when it ends.
 pub type Flight = watch::Receiver<Option<Result<(), Arc<UpstreamError>>>>;
 
+/// A blob fetch in flight and what it fetches under: the upstream and repository of the
+/// first request for the digest.
+#[derive(Debug)]
+struct InFlight {
+    rx: Flight,
+    index: usize,
+    name: String,
+}
+
+/// A remembered blob fetch failure is the failure of one digest from one repository of one
+/// upstream: a request with a made-up repository name must not fail the digest for everyone.
+type FailureKey = (Digest, usize, String);
+
+/// A tag being resolved: upstream index, repository, tag.
+type TagKey = (usize, String, String);
+
+/// The last resolution of a tag: when it ended, and its outcome.
+type TagOutcome = Option<(Instant, Result<Digest, Arc<UpstreamError>>)>;
+
+/// Removes a tag's single-flight slot when the last lookup using it ends, even when the
+/// lookup is cancelled (its future dropped).
+struct TagTurn<'a> {
+    resolving: &'a DashMap<TagKey, Arc<tokio::sync::Mutex<TagOutcome>>>,
+    key: TagKey,
+    slot: Arc<tokio::sync::Mutex<TagOutcome>>,
+}
+
+impl Drop for TagTurn<'_> {
+    fn drop(&mut self) {
+        // The map holds one reference and this turn another: no one else waits. Taken under
+        // the shard lock, as `entry` is, so no new lookup can pick up a removed slot.
+        self.resolving.remove_if(&self.key, |_, s| Arc::ptr_eq(s, &self.slot) && Arc::strong_count(s) <= 2);
+    }
+}
+
+/// Owned by a blob fetch task: ends the flight when the task ends, however it ends (a panic
+/// included), so the digest can be fetched again.
+struct FlightGuard {
+    flights: Arc<DashMap<Digest, InFlight>>,
+    digest: Digest,
+    rx: Flight,
+    tx: watch::Sender<Option<Result<(), Arc<UpstreamError>>>>,
+}
+
+impl FlightGuard {
+    /// Removes this flight (not a later one for the same digest) from the map.
+    fn release(&self) {
+        self.flights.remove_if(&self.digest, |_, f| f.rx.same_channel(&self.rx));
+    }
+
+    /// Ends the flight with `result`: the entry goes first, so a waiter that sees the end
+    /// and asks again starts a new flight rather than joining this one.
+    fn finish(self, result: Result<(), Arc<UpstreamError>>) {
+        self.release();
+        self.tx.send_replace(Some(result));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        // After `finish` a no-op; after a panic, the waiters see the sender gone.
+        self.release();
+    }
+}
+
 /// Where a blob stands.
 #[derive(Debug)]
 pub enum BlobState {
@@ -128,11 +193,12 @@ pub struct Upstreams {
     piece_length: u32,
     tag_ttl: Duration,
     attempts: u32,
-    flights: Arc<DashMap<Digest, Flight>>,
+    flights: Arc<DashMap<Digest, InFlight>>,
     /// One resolution per tag at a time, so a burst of cold pulls costs the upstream one
-    /// HEAD and one manifest GET (Docker Hub counts manifest GETs against its rate limit).
-    resolving: DashMap<(usize, String, String), Arc<tokio::sync::Mutex<()>>>,
-    failures: Arc<DashMap<Digest, (Arc<UpstreamError>, Instant)>>,
+    /// HEAD and one manifest GET (Docker Hub counts manifest GETs against its rate limit);
+    /// lookups that waited for a resolution take its outcome.
+    resolving: DashMap<TagKey, Arc<tokio::sync::Mutex<TagOutcome>>>,
+    failures: Arc<DashMap<FailureKey, (Arc<UpstreamError>, Instant)>>,
 }
 
 impl Upstreams {
@@ -202,16 +268,29 @@ impl Upstreams {
     /// Resolves `name:tag` at upstream `index`: from the tag cache while it is younger than
     /// the TTL, else with a HEAD (and a GET when it changed); when the upstream is down or
     /// busy (unreachable, 5xx, 429, stalled), the cached answer however old.
-    pub async fn resolve_tag(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
+    ///
+    /// One resolution per tag runs at a time; a lookup that arrives while one runs takes its
+    /// outcome, so a burst of lookups against a failing or stalling upstream costs one
+    /// upstream request and one stall timeout, not one per lookup.
+    pub async fn resolve_tag(
+        &self,
+        index: usize,
+        name: &str,
+        tag: &str,
+    ) -> Result<Digest, Arc<UpstreamError>> {
         let key = (index, name.to_owned(), tag.to_owned());
-        let lock = self.resolving.entry(key.clone()).or_default().clone();
-        let result = {
-            let _turn = lock.lock().await;
-            self.resolve_tag_now(index, name, tag).await
-        };
-        // The last one out removes the lock (the map holds one reference, `lock` another).
-        self.resolving.remove_if(&key, |_, l| Arc::strong_count(l) <= 2);
-        result
+        let slot = self.resolving.entry(key.clone()).or_default().clone();
+        let turn = TagTurn { resolving: &self.resolving, key, slot };
+        let arrived = Instant::now();
+        let mut last = turn.slot.lock().await;
+        if let Some((ended, outcome)) = &*last {
+            if *ended >= arrived {
+                return outcome.clone();
+            }
+        }
+        let outcome = self.resolve_tag_now(index, name, tag).await.map_err(Arc::new);
+        *last = Some((Instant::now(), outcome.clone()));
+        outcome
     }
 
     async fn resolve_tag_now(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
@@ -291,37 +370,49 @@ impl Upstreams {
     }
 
     /// Where blob `digest` stands; starts its fetch from the upstream `hint` names unless one
-    /// runs already or one failed within the last [`FAILURE_MEMORY`].
+    /// runs already or one from the same repository of the same upstream failed within the
+    /// last [`FAILURE_MEMORY`].
     pub fn blob(&self, digest: Digest, hint: &Hint) -> BlobState {
+        self.blob_state(digest, hint).0
+    }
+
+    /// [`blob`](Self::blob), and for a flight, whether it runs under `hint`'s upstream and
+    /// repository (a flight started by another request may run under another name).
+    fn blob_state(&self, digest: Digest, hint: &Hint) -> (BlobState, bool) {
         if self.held(&digest) {
-            return BlobState::Held;
-        }
-        if let Some(f) = self.failures.get(&digest) {
-            if f.1.elapsed() < FAILURE_MEMORY {
-                return BlobState::Failed(f.0.clone());
-            }
+            return (BlobState::Held, true);
         }
         let index = match self.select(hint.ns.as_deref()) {
             Ok(i) => i,
-            Err(e) => return BlobState::Failed(Arc::new(e)),
+            Err(e) => return (BlobState::Failed(Arc::new(e)), true),
         };
+        let key: FailureKey = (digest, index, hint.name.clone());
+        if let Some(f) = self.failures.get(&key) {
+            if f.1.elapsed() < FAILURE_MEMORY {
+                return (BlobState::Failed(f.0.clone()), true);
+            }
+        }
         // Counted before taking the entry: `len` locks every shard, the entry holds one.
         let busy = self.flights.len() >= MAX_FLIGHTS;
         match self.flights.entry(digest) {
-            dashmap::mapref::entry::Entry::Occupied(e) => BlobState::Pending(e.get().clone()),
+            dashmap::mapref::entry::Entry::Occupied(e) => {
+                let f = e.get();
+                (BlobState::Pending(f.rx.clone()), f.index == index && f.name == hint.name)
+            }
             dashmap::mapref::entry::Entry::Vacant(v) => {
                 // The flight may have ended since the first look.
                 if self.held(&digest) {
-                    return BlobState::Held;
+                    return (BlobState::Held, true);
                 }
                 if busy {
-                    return BlobState::Failed(Arc::new(UpstreamError::Busy));
+                    return (BlobState::Failed(Arc::new(UpstreamError::Busy)), true);
                 }
                 let (tx, rx): (_, Flight) = watch::channel(None);
-                v.insert(rx.clone());
-                self.failures.remove(&digest);
+                v.insert(InFlight { rx: rx.clone(), index, name: hint.name.clone() });
+                self.failures.remove(&key);
+                let guard = FlightGuard { flights: self.flights.clone(), digest, rx: rx.clone(), tx };
                 let (up, store, name) = (self.list[index].clone(), self.store.clone(), hint.name.clone());
-                let (flights, failures) = (self.flights.clone(), self.failures.clone());
+                let failures = self.failures.clone();
                 let (piece_length, attempts) = (self.piece_length, self.attempts);
                 tokio::spawn(async move {
                     let started = Instant::now();
@@ -348,27 +439,36 @@ impl Upstreams {
                             if failures.len() >= MAX_FAILURES {
                                 failures.clear();
                             }
-                            failures.insert(digest, (e.clone(), Instant::now()));
+                            failures.insert(key, (e.clone(), Instant::now()));
                             Err(e)
                         }
                     };
-                    flights.remove(&digest);
-                    tx.send_replace(Some(result));
+                    guard.finish(result);
                 });
-                BlobState::Pending(rx)
+                (BlobState::Pending(rx), true)
             }
         }
     }
 
-    /// Fetches blob `digest` (or joins its fetch) and waits for the end.
+    /// Fetches blob `digest` (or joins its fetch) and waits for the end. When the fetch it
+    /// joined ran under another repository or upstream and failed, tries once under its own.
     pub async fn wait_blob(&self, digest: Digest, hint: &Hint) -> Result<(), Arc<UpstreamError>> {
-        match self.blob(digest, hint) {
-            BlobState::Held => Ok(()),
-            BlobState::Failed(e) => Err(e),
-            BlobState::Pending(mut rx) => match rx.wait_for(Option::is_some).await {
+        let mut retried = false;
+        loop {
+            let (state, own) = self.blob_state(digest, hint);
+            let mut rx = match state {
+                BlobState::Held => return Ok(()),
+                BlobState::Failed(e) => return Err(e),
+                BlobState::Pending(rx) => rx,
+            };
+            let result = match rx.wait_for(Option::is_some).await {
                 Ok(r) => r.clone().unwrap_or(Ok(())),
                 Err(_) => Err(Arc::new(UpstreamError::Unreachable("fetch task ended".into()))),
-            },
+            };
+            match result {
+                Err(_) if !own && !retried => retried = true,
+                r => return r,
+            }
         }
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! `cargo build --release -p shoal-tests --bin shoal-sim && target/release/shoal-sim --hosts 1000`
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use clap::Parser;
 use shoal_shared::ratelimit::ByteRate;
@@ -120,29 +122,34 @@ fn main() -> anyhow::Result<()> {
     cfg.have_batch = parse_duration(&cli.have_batch)?;
     cfg.max_time = parse_duration(&cli.max_time)?;
     cfg.seed = cli.seed;
-    let d = Policy::agent(piece_len);
-    cfg.policy = Policy {
-        max_peers: cli.max_peers.unwrap_or(d.max_peers),
-        peer_pipeline: cli.peer_pipeline.unwrap_or(d.peer_pipeline),
-        seeder_pipeline: cli.seeder_pipeline.unwrap_or(d.seeder_pipeline),
-        shared_origin_pipeline: cli.origin_pipeline.unwrap_or(d.shared_origin_pipeline),
-        max_pipeline: cli.max_pipeline.unwrap_or(d.max_pipeline),
-        max_in_flight: cli.max_in_flight.unwrap_or(d.max_in_flight),
-        window: cli.window.unwrap_or(d.window),
-        timeout_floor: match &cli.timeout_floor {
-            Some(t) => parse_duration(t)?,
-            None => d.timeout_floor,
-        },
-        busy_pause: match &cli.busy_pause {
-            Some(t) => parse_duration(t)?,
-            None => d.busy_pause,
-        },
-        progress_timeout: match &cli.progress_timeout {
-            Some(t) => parse_duration(t)?,
-            None => d.progress_timeout,
-        },
-        ..d
-    };
+    let mut policy = Policy::agent(piece_len);
+    let c = &mut policy.scheduler;
+    let counts = [
+        (cli.window, &mut c.window),
+        (cli.peer_pipeline, &mut c.peer_pipeline),
+        (cli.seeder_pipeline, &mut c.seeder_pipeline),
+        (cli.origin_pipeline, &mut c.shared_origin_pipeline),
+        (cli.max_pipeline, &mut c.max_pipeline),
+        (cli.max_in_flight, &mut c.max_in_flight),
+    ];
+    for (flag, field) in counts {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
+    if let Some(v) = cli.max_peers {
+        c.max_peers = v as usize;
+    }
+    if let Some(t) = &cli.timeout_floor {
+        c.timeout_floor = Duration::from_nanos(parse_duration(t)?);
+    }
+    if let Some(t) = &cli.busy_pause {
+        c.busy_pause = Duration::from_nanos(parse_duration(t)?);
+    }
+    if let Some(t) = &cli.progress_timeout {
+        policy.progress_timeout = parse_duration(t)?;
+    }
+    cfg.policy = policy;
     let report = sim::run(&cfg)?;
     println!("{report}");
     Ok(())

@@ -198,13 +198,15 @@ impl CpuTimes {
         Ok(Self { user: v[0] + v[1], system: v[2] + v[5], softirq: v[6], idle: v[3] + v[4], total })
     }
 
+    /// The ticks spent between `before` and `self`. Saturating: the kernel's counters are
+    /// not all monotonic (iowait, part of `idle` and `total`, can go backwards).
     fn since(self, before: Self) -> Self {
         Self {
-            user: self.user - before.user,
-            system: self.system - before.system,
-            softirq: self.softirq - before.softirq,
-            idle: self.idle - before.idle,
-            total: self.total - before.total,
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+            softirq: self.softirq.saturating_sub(before.softirq),
+            idle: self.idle.saturating_sub(before.idle),
+            total: self.total.saturating_sub(before.total),
         }
     }
 
@@ -468,6 +470,13 @@ async fn agents_metric(ctx: &Ctx<'_>, name: &str) -> Option<f64> {
     Some(sum)
 }
 
+/// `timeout` from now; an error instead of an overflow for a huge `--phase-timeout`.
+fn deadline_after(timeout: Duration) -> anyhow::Result<tokio::time::Instant> {
+    tokio::time::Instant::now()
+        .checked_add(timeout)
+        .with_context(|| format!("--phase-timeout {} s is too large", timeout.as_secs()))
+}
+
 /// One pulling client per host, started together.
 struct Puller {
     ns: String,
@@ -487,8 +496,10 @@ async fn phase(
     procs.check_alive()?;
     let nominal = ctx.size as f64 / ctx.args.rate.bytes_per_sec();
     let timeout = Duration::from_secs(
-        ctx.args.phase_timeout.unwrap_or((3.0 * hosts.len() as f64 * nominal) as u64 + 120),
+        ctx.args.phase_timeout.unwrap_or(((3.0 * hosts.len() as f64 * nominal) as u64).saturating_add(120)),
     );
+    // Refused before any client starts (the deadline itself is taken at the start).
+    deadline_after(timeout)?;
     let mut pullers = Vec::with_capacity(hosts.len());
     for host in hosts {
         let log = ctx.dir.join(format!("client-{}.log", host.ns.rsplit('-').next().unwrap_or("x")));
@@ -535,7 +546,7 @@ async fn phase(
         p.stdin.flush().await?;
     }
     let mut reports = Vec::with_capacity(pullers.len());
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = deadline_after(timeout)?;
     for p in &mut pullers {
         let line = tokio::time::timeout_at(deadline, p.lines.next_line())
             .await
@@ -675,4 +686,25 @@ fn report(args: &SwarmArgs, size: u64, limit: f64, phases: &[Phase]) -> anyhow::
         )?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_times_that_go_backwards_count_as_zero() {
+        let before = CpuTimes { user: 10, system: 10, softirq: 10, idle: 100, total: 130 };
+        // iowait (in idle and total) dropped between the two reads.
+        let after = CpuTimes { user: 15, system: 12, softirq: 10, idle: 90, total: 127 };
+        let d = after.since(before);
+        assert_eq!((d.user, d.system, d.softirq, d.idle, d.total), (5, 2, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_huge_phase_timeout_is_an_error_not_an_overflow() {
+        assert!(deadline_after(Duration::from_secs(60)).is_ok());
+        let err = deadline_after(Duration::from_secs(u64::MAX)).expect_err("overflows");
+        assert!(err.to_string().contains("--phase-timeout"), "{err}");
+    }
 }

@@ -20,26 +20,8 @@ use super::queue::{Nanos, SEC};
 /// The download loop's knobs (defaults: the agent's, see [`Policy::agent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    /// Pieces at the front of the missing range fetched in order.
-    pub window: u32,
-    /// Starting pipeline depth to an agent still downloading.
-    pub peer_pipeline: u32,
-    /// Starting pipeline depth to a seeder or origin.
-    pub seeder_pipeline: u32,
-    /// Deepest pipeline to an origin while other agents are known.
-    pub shared_origin_pipeline: u32,
-    /// Deepest a pipeline grows.
-    pub max_pipeline: u32,
-    /// Requests in flight per download, all peers together.
-    pub max_in_flight: u32,
-    /// Peers a download keeps (the agent's `max_peers`).
-    pub max_peers: u32,
-    /// Shortest request deadline.
-    pub timeout_floor: Nanos,
-    /// Slowest rate (bytes/s) a peer may deliver at before a request times out.
-    pub min_rate: u64,
-    /// How long a peer that answered Busy is not asked again.
-    pub busy_pause: Nanos,
+    /// The scheduler's configuration, as the agent builds it.
+    pub scheduler: scheduler::Config,
     /// First re-announce; the interval then grows with the download's age (a quarter of it).
     pub first_reannounce: Nanos,
     /// Longest re-announce interval.
@@ -49,42 +31,15 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The agent's constants (`agent/src/download/swarm.rs` `config()`, its default
-    /// `max_peers` and `progress_timeout`) for pieces of `piece_len` bytes.
+    /// The agent's policy for pieces of `piece_len` bytes: the scheduler configuration its
+    /// download loop uses ([`scheduler::Config::for_agent`] with its default `max_peers`),
+    /// its re-announce schedule and default progress timeout.
     pub fn agent(piece_len: u64) -> Self {
-        let d = scheduler::Config::default();
-        // IN_FLIGHT_BYTES: at most 16 MiB of piece buffers in flight per download.
-        let max_in_flight = ((16u64 << 20) / piece_len.max(1)).clamp(4, 64) as u32;
         Self {
-            window: 8,
-            peer_pipeline: 4.min(max_in_flight),
-            seeder_pipeline: 8.min(max_in_flight),
-            shared_origin_pipeline: d.shared_origin_pipeline,
-            max_pipeline: 32.min(max_in_flight),
-            max_in_flight,
-            max_peers: 10,
-            timeout_floor: d.timeout_floor.as_nanos() as Nanos,
-            min_rate: d.min_rate,
-            busy_pause: nanos(d.busy_pause),
+            scheduler: scheduler::Config::for_agent(piece_len, 10),
             first_reannounce: SEC / 4,
             reannounce: 3 * SEC,
             progress_timeout: 60 * SEC,
-        }
-    }
-
-    fn config(&self) -> scheduler::Config {
-        scheduler::Config {
-            window: self.window,
-            peer_pipeline: self.peer_pipeline,
-            seeder_pipeline: self.seeder_pipeline,
-            shared_origin_pipeline: self.shared_origin_pipeline,
-            max_pipeline: self.max_pipeline,
-            max_in_flight: self.max_in_flight,
-            max_peers: self.max_peers as usize,
-            timeout_floor: Duration::from_nanos(self.timeout_floor),
-            min_rate: self.min_rate,
-            busy_pause: dur(self.busy_pause),
-            ..scheduler::Config::default()
         }
     }
 
@@ -116,7 +71,7 @@ impl Scheduler {
     pub fn new(pieces: u32, piece_len: u64, seed: u64, policy: Policy) -> Self {
         let piece_len = u32::try_from(piece_len).unwrap_or(u32::MAX);
         Self {
-            inner: scheduler::Scheduler::new(&Bitfield::new(pieces), piece_len, seed, policy.config()),
+            inner: scheduler::Scheduler::new(&Bitfield::new(pieces), piece_len, seed, policy.scheduler),
             policy,
         }
     }
@@ -197,21 +152,17 @@ mod tests {
     use super::*;
 
     fn requests(actions: &[Action<u32>]) -> Vec<(u32, u32)> {
-        actions
-            .iter()
-            .filter_map(|a| match *a {
-                Action::Request { peer, index } => Some((peer, index)),
-                Action::Cancel { .. } => None,
-            })
-            .collect()
+        actions.iter().filter_map(Action::as_request).collect()
     }
 
     #[test]
     fn agent_constants_follow_the_piece_size() {
-        let p = Policy::agent(4 << 20);
-        assert_eq!((p.max_in_flight, p.peer_pipeline, p.seeder_pipeline, p.max_pipeline), (4, 4, 4, 4));
+        let c = Policy::agent(4 << 20).scheduler;
+        assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (4, 4, 4, 4));
         let p = Policy::agent(256 << 10);
-        assert_eq!((p.max_in_flight, p.peer_pipeline, p.seeder_pipeline, p.max_pipeline), (64, 4, 8, 32));
+        let c = &p.scheduler;
+        assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (64, 4, 8, 32));
+        assert_eq!(c.max_peers, 10);
         assert_eq!(p.next_announce(0), SEC / 4);
         assert_eq!(p.next_announce(4 * SEC), 5 * SEC);
         assert_eq!(p.next_announce(100 * SEC), 103 * SEC);
@@ -220,7 +171,8 @@ mod tests {
     #[test]
     fn virtual_time_drives_deadlines() {
         // 1 MiB pieces at depth 4 and 1 MiB/s: a 5 s floor, 4 s scaled.
-        let policy = Policy { window: 0, ..Policy::agent(1 << 20) };
+        let mut policy = Policy::agent(1 << 20);
+        policy.scheduler.window = 0;
         let mut s = Scheduler::new(8, 1 << 20, 3, policy);
         assert!(s.add_peer(7, false, Bitfield::full(8), SEC));
         let mut out = Vec::new();

@@ -109,6 +109,13 @@ impl Config {
         if self.size.div_ceil(self.piece_len) > 1 << 20 {
             return bad("at most 1048576 pieces");
         }
+        // Every host keeps per-piece state (the scheduler's, about 36 bytes a piece): bound
+        // the product so that a large input is refused here instead of aborting on
+        // allocation. 1 << 28 (about 10 GiB) is 100x the largest documented run.
+        let nodes = u64::from(self.hosts) + u64::from(self.origins);
+        if nodes.saturating_mul(self.size.div_ceil(self.piece_len)) > MAX_HOST_PIECES {
+            return bad("(hosts + origins) x pieces must be at most 268435456");
+        }
         if !(self.rate.is_finite() && self.rate >= 1.0) {
             return bad("rate must be at least 1 byte/s");
         }
@@ -122,11 +129,12 @@ impl Config {
         if self.agent_budget == 0 || self.origin_budget == 0 || self.tracker_peers == 0 {
             return bad("upload budgets and tracker peers must be positive");
         }
-        let pipelines = [p.peer_pipeline, p.seeder_pipeline, p.shared_origin_pipeline, p.max_pipeline];
-        if p.max_in_flight == 0 || p.max_peers == 0 || pipelines.contains(&0) {
+        let c = &p.scheduler;
+        let pipelines = [c.peer_pipeline, c.seeder_pipeline, c.shared_origin_pipeline, c.max_pipeline];
+        if c.max_in_flight == 0 || c.max_peers == 0 || pipelines.contains(&0) {
             return bad("pipelines, in-flight cap and peer count must be positive");
         }
-        if p.timeout_floor == 0 || p.min_rate == 0 || p.reannounce == 0 || p.progress_timeout == 0 {
+        if c.timeout_floor.is_zero() || c.min_rate == 0 || p.reannounce == 0 || p.progress_timeout == 0 {
             return bad("timeouts, minimum rate and re-announce interval must be positive");
         }
         if self.piece_len > u64::from(u32::MAX) {
@@ -135,6 +143,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// Bound on (hosts + origins) x pieces: the per-piece state every node keeps.
+const MAX_HOST_PIECES: u64 = 1 << 28;
 
 /// A configuration a run cannot use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -233,6 +244,14 @@ mod tests {
         assert!(Config { loss: 0.9, ..ok.clone() }.validate().is_err());
         assert!(Config { churn: 1.5, ..ok.clone() }.validate().is_err());
         assert!(Config { rate: f64::NAN, ..ok.clone() }.validate().is_err());
-        assert!(Config { size: 1 << 40, piece_len: 1, ..ok }.validate().is_err());
+        assert!(Config { size: 1 << 40, piece_len: 1, ..ok.clone() }.validate().is_err());
+        // Each bound alone holds, the product does not: refused with a clear message.
+        let huge = Config { hosts: 1_000_000, size: 1 << 20, piece_len: 1, ..ok.clone() };
+        let err = huge.validate().expect_err("too much state");
+        assert!(err.0.contains("(hosts + origins) x pieces"), "{err}");
+        // At the bound exactly: accepted.
+        let edge = Config { hosts: 255, origins: 1, size: 1 << 20, piece_len: 1, ..ok };
+        assert!(edge.validate().is_ok());
+        assert!(Config { hosts: 256, ..edge }.validate().is_err());
     }
 }
