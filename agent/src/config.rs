@@ -67,6 +67,11 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_PARTIAL_MAX_AGE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partial_max_age: Option<u64>,
+    /// Seconds a response may make no progress into a local client's socket before the
+    /// connection is dropped.
+    #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_timeout: Option<u64>,
 }
 
 /// The agent's validated configuration.
@@ -98,6 +103,8 @@ pub struct Config {
     pub ingress_limit: ByteRate,
     #[serde(default = "default_partial_max_age")]
     pub partial_max_age: u64,
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: u64,
 }
 
 fn default_registry() -> SocketAddr {
@@ -117,6 +124,9 @@ fn default_upload_budget() -> ByteRate {
 }
 fn default_max_peers() -> usize {
     10
+}
+fn default_send_timeout() -> u64 {
+    shoal_shared::http::SEND_TIMEOUT.as_secs()
 }
 fn default_partial_max_age() -> u64 {
     24 * 3600
@@ -140,6 +150,7 @@ impl Config {
             egress_limit: ByteRate::default(),
             ingress_limit: ByteRate::default(),
             partial_max_age: default_partial_max_age(),
+            send_timeout: default_send_timeout(),
         }
     }
 }
@@ -176,6 +187,7 @@ max_peers = 3
 egress_limit = "100MiB"
 ingress_limit = 1000
 partial_max_age = 600
+send_timeout = 9
 "#,
         )
         .expect("write");
@@ -203,7 +215,7 @@ partial_max_age = 600
         assert_eq!((c.seed_time, c.upload_budget, c.upload_queue), (60, ByteRate(4 << 20), 2));
         assert_eq!(c.egress_limit, ByteRate(100 << 20), "units in the file");
         assert_eq!(c.ingress_limit, ByteRate(100_000_000), "flag beats file");
-        assert_eq!(c.partial_max_age, 600);
+        assert_eq!((c.partial_max_age, c.send_timeout), (600, 9));
 
         // Defaults fill what nobody set; the registry stays on localhost.
         let cli = Cli::try_parse_from(["agent", "--data", "/d", "--tls", "/t", "--tracker", "http://t"])

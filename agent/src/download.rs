@@ -27,7 +27,7 @@ use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BAT
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
 use shoal_shared::peer::PeerClient;
-use shoal_shared::store::{BlobStore, PartialBlob};
+use shoal_shared::store::{BlobStore, PartialBlob, StoreError};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -47,6 +47,9 @@ pub enum DownloadError {
     Stalled(Duration),
     #[error("local storage: {0}")]
     Store(String),
+    /// The agent's disk cannot hold the blob; nothing of it was fetched.
+    #[error("the agent's disk has no room for this blob")]
+    OutOfSpace,
 }
 
 impl From<LookupError> for DownloadError {
@@ -59,8 +62,15 @@ impl From<LookupError> for DownloadError {
     }
 }
 
-fn store_err(e: impl std::fmt::Display) -> DownloadError {
-    DownloadError::Store(e.to_string())
+/// A store failure as clients see it: what went wrong, never a path of the host (the full
+/// error is logged).
+fn store_err(e: StoreError) -> DownloadError {
+    tracing::error!(cause = %e, "local storage failure");
+    match e {
+        e if e.is_out_of_space() => DownloadError::OutOfSpace,
+        StoreError::Io { source, .. } => DownloadError::Store(source.kind().to_string()),
+        other => DownloadError::Store(other.to_string()),
+    }
 }
 
 /// What a waiting request sees of a download.
@@ -123,6 +133,7 @@ pub struct DownloadMetrics {
     pub failed: Counter,
     pub pieces: Counter,
     pub bad_pieces: Counter,
+    pub damaged_blobs: Counter,
 }
 
 impl DownloadMetrics {
@@ -133,6 +144,11 @@ impl DownloadMetrics {
         r.register("downloads_failed", "Downloads that failed", self.failed.clone());
         r.register("pieces_fetched", "Verified pieces fetched from peers", self.pieces.clone());
         r.register("bad_pieces", "Pieces rejected for a bad hash or protocol error", self.bad_pieces.clone());
+        r.register(
+            "damaged_blobs",
+            "Cached blobs dropped because a piece no longer matched its hash",
+            self.damaged_blobs.clone(),
+        );
     }
 }
 
@@ -269,6 +285,16 @@ impl Downloads {
         }
     }
 
+    /// Drops a cached blob found damaged on disk: it is deleted (the next request fetches
+    /// it again from the swarm) and no longer announced, so the tracker forgets this agent
+    /// as its seeder.
+    pub fn quarantine(&self, digest: Digest) {
+        self.seeding.remove(&digest);
+        self.store.remove(&digest);
+        self.metrics.damaged_blobs.inc();
+        tracing::error!(%digest, "cached blob is damaged on disk; dropped, will be fetched again");
+    }
+
     /// Announces, in one batched request per [`MAX_BATCH`] blobs, every blob still in its
     /// seeding period and every download in progress (whose loops get the peer lists back);
     /// returns the interval to wait.
@@ -327,7 +353,7 @@ impl Downloads {
         let hasher = tokio::spawn(hash_along(active.clone()));
         let result = async {
             swarm::run(self, &metainfo, &active, leads_rx).await?;
-            let actual = hasher.await.map_err(store_err)??;
+            let actual = hasher.await.map_err(|e| DownloadError::Store(e.to_string()))??;
             active.partial.commit_hashed(actual).await.map_err(store_err)
         }
         .await;
@@ -337,7 +363,7 @@ impl Downloads {
             // A download that stalled or lost its peers keeps its verified pieces on disk:
             // the next request for the blob resumes from them (they are re-verified then).
             // A local storage failure starts over.
-            if matches!(e, DownloadError::Store(_)) {
+            if matches!(e, DownloadError::Store(_) | DownloadError::OutOfSpace) {
                 active.partial.discard().await;
             }
         } else {

@@ -119,7 +119,9 @@ pub async fn run(
         registry,
         preloads: Arc::new(tokio::sync::Semaphore::new(preload::MAX_BACKGROUND)),
     });
+    let send_timeout = std::time::Duration::from_secs(config.send_timeout.max(1));
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(registry::configure))
+        .on_connect(move |conn, _| shoal_shared::http::set_send_timeout(conn, send_timeout))
         .workers(2)
         .disable_signals()
         .shutdown_timeout(2)

@@ -10,7 +10,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::registry::Registry;
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::{Hint, HintQuery};
-use shoal_shared::http::{blob_response, head_body, oci_error, serve_file, DOCKER_CONTENT_DIGEST};
+use shoal_shared::http::{
+    blob_response, check_piece_at, head_body, oci_error, serve_file, PieceCheck, DOCKER_CONTENT_DIGEST,
+};
 use shoal_shared::oci::{
     manifest_media_type, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path, V2PathError,
     MAX_MANIFEST,
@@ -48,6 +50,7 @@ fn download_error(e: &DownloadError, unknown: ErrorCode) -> HttpResponse {
         DownloadError::NotFound => oci_error(StatusCode::NOT_FOUND, unknown, "unknown to the cluster"),
         // As for a tag: a 401 without a challenge sends containerd to the registry itself.
         DownloadError::Denied(m) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
+        DownloadError::OutOfSpace => oci_error(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable, e),
         other => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, other),
     }
 }
@@ -115,26 +118,71 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
         };
     }
     // A plain GET streams the verified prefix of a download as it grows; a Range request
-    // waits for the whole blob.
-    if req.headers().contains_key(header::RANGE) {
-        if let Err(e) = downloads.ensure(digest, Some(hint)).await {
-            return download_error(&e, ErrorCode::BlobUnknown);
-        }
-    } else {
-        match downloads.fetch(digest, Some(hint)).await {
-            Ok(Fetched::Cached) => {}
-            Ok(Fetched::Streaming(active)) => {
-                let len = active.length();
-                return blob_response(StatusCode::OK, &digest, "application/octet-stream")
-                    .body(SizedStream::new(len, prefix_stream(active)));
+    // waits for the whole blob. A cached copy found damaged is dropped and fetched again,
+    // once.
+    let mut refetched = false;
+    loop {
+        if req.headers().contains_key(header::RANGE) {
+            if let Err(e) = downloads.ensure(digest, Some(hint)).await {
+                return download_error(&e, ErrorCode::BlobUnknown);
             }
-            Err(e) => return download_error(&e, ErrorCode::BlobUnknown),
+        } else {
+            match downloads.fetch(digest, Some(hint)).await {
+                Ok(Fetched::Cached) => {}
+                Ok(Fetched::Streaming(active)) => {
+                    let len = active.length();
+                    return blob_response(StatusCode::OK, &digest, "application/octet-stream")
+                        .body(SizedStream::new(len, prefix_stream(active)));
+                }
+                Err(e) => return download_error(&e, ErrorCode::BlobUnknown),
+            }
+        }
+        match serve_cached(req, digest, downloads).await {
+            Cached::Served(resp) => return resp,
+            Cached::Damaged if !refetched => refetched = true,
+            Cached::Damaged | Cached::Missing => {
+                return oci_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "blob evicted, retry",
+                )
+            }
         }
     }
-    match downloads.store.open_blob(&digest).await {
-        Some((file, len)) => serve_file(req, file, len, &digest, "application/octet-stream"),
-        None => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "blob evicted, retry"),
+}
+
+/// What [`serve_cached`] found.
+enum Cached {
+    Served(HttpResponse),
+    /// The first piece no longer matches its hash; the blob was dropped.
+    Damaged,
+    /// Not in the cache (evicted, or dropped as damaged by another request).
+    Missing,
+}
+
+/// Answers from the cache, every piece checked against the metainfo before it is sent. The
+/// first piece is checked before answering, so a damaged blob is usually fetched again
+/// instead of being cut short; damage further in ends the body early.
+async fn serve_cached(req: &HttpRequest, digest: Digest, downloads: &Arc<Downloads>) -> Cached {
+    let store = &downloads.store;
+    let (Some((file, len)), Some(metainfo)) =
+        (store.open_blob(&digest).await, store.stored_metainfo(&digest).await)
+    else {
+        return Cached::Missing;
+    };
+    let check = PieceCheck {
+        metainfo: Arc::new(metainfo),
+        on_damage: Box::new({
+            let downloads = downloads.clone();
+            move || downloads.quarantine(digest)
+        }),
+    };
+    let file = Arc::new(file);
+    let whole_get = req.method() == Method::GET && !req.headers().contains_key(header::RANGE);
+    if whole_get && len > 0 && check_piece_at(&file, &check, 0).await.is_err() {
+        return Cached::Damaged;
     }
+    Cached::Served(serve_file(req, file, len, &digest, "application/octet-stream", Some(check)))
 }
 
 async fn manifest(reference: &str, hint: &Hint, state: &AppState) -> HttpResponse {
@@ -239,5 +287,6 @@ mod tests {
         assert_eq!(status(DownloadError::Denied("refused".into())), StatusCode::UNAUTHORIZED);
         assert_eq!(status(DownloadError::Unavailable("down".into())), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(status(DownloadError::Store("disk".into())), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(DownloadError::OutOfSpace), StatusCode::INSUFFICIENT_STORAGE);
     }
 }

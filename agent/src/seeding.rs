@@ -76,6 +76,16 @@ impl PieceSource for AgentSource {
         }
         let m = self.cached(digest).await?;
         let size = m.piece_size(index).ok()? as usize;
-        self.downloads.store.read_range(&digest, m.piece_offset(index), size).await.ok().flatten()
+        let data = self.downloads.store.read_range(&digest, m.piece_offset(index), size).await.ok()??;
+        // Checked on every read: a piece damaged on disk is never offered to a peer, and the
+        // blob is dropped so this agent stops seeding it.
+        match m.verify_piece(index, data) {
+            Ok(piece) => Some(piece.data().clone()),
+            Err(_) => {
+                self.metainfo.remove(&digest);
+                self.downloads.quarantine(digest);
+                None
+            }
+        }
     }
 }

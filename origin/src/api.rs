@@ -44,7 +44,7 @@ pub struct AppState {
 }
 
 /// True when the request carries the upload token (or none is configured).
-fn authorized(req: &HttpRequest, token: Option<&str>) -> bool {
+pub(crate) fn authorized(req: &HttpRequest, token: Option<&str>) -> bool {
     let Some(token) = token else { return true };
     let given = req
         .headers()
@@ -72,12 +72,29 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 type State = web::Data<AppState>;
 
+/// The answer to a write or a fetch-triggering request without the upload token.
+pub(crate) fn token_required() -> HttpResponse {
+    let mut resp = oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "upload token required");
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"shoal\""));
+    resp
+}
+
 fn bad_digest(e: impl std::fmt::Display) -> HttpResponse {
     oci_error(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, e)
 }
 
+/// A store error as the client sees it: a full disk is 507, anything else 503; never a path
+/// of the host.
 fn store_failure(e: &StoreError) -> HttpResponse {
     tracing::error!(cause = %e, "store failure");
+    if e.is_out_of_space() {
+        return oci_error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            ErrorCode::Unavailable,
+            "the origin is out of disk space; nothing of this upload was kept",
+        );
+    }
     oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "storage unavailable")
 }
 
@@ -113,10 +130,7 @@ async fn v2(
     let method = req.method().clone();
     let writes = matches!(method, Method::PUT | Method::POST | Method::PATCH | Method::DELETE);
     if writes && !authorized(&req, state.upload_token.as_deref()) {
-        let mut resp = oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "upload token required");
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"shoal\""));
-        return resp;
+        return token_required();
     }
     let DigestQuery { digest: query, n, last, ns } = query.into_inner();
     if ns.as_deref().is_some_and(|ns| !valid_ns(ns)) {
@@ -153,7 +167,9 @@ async fn get_blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResp
         Err(e) => return bad_digest(e),
     };
     match state.store.open_blob(&digest).await {
-        Some((file, len)) => serve_file(req, file, len, &digest, "application/octet-stream"),
+        Some((file, len)) => {
+            serve_file(req, std::sync::Arc::new(file), len, &digest, "application/octet-stream", None)
+        }
         None => oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown"),
     }
 }
@@ -298,15 +314,40 @@ async fn put_manifest(name: &str, reference: &str, payload: web::Payload, state:
         .finish()
 }
 
-/// Streams a request body into a staged blob.
-async fn drain(payload: &mut web::Payload, staged: &mut Staged) -> Result<(), HttpResponse> {
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            oci_error(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, format!("body: {e}"))
-        })?;
-        staged.write(&chunk).await.map_err(|e| store_failure(&e))?;
+/// Why a request body did not make it into a staged blob.
+enum DrainError {
+    /// The client's body broke off; what arrived before is kept.
+    Body(HttpResponse),
+    /// The store could not take the bytes; the upload's content is unknown and it must end.
+    Store(HttpResponse),
+}
+
+impl DrainError {
+    fn response(self) -> HttpResponse {
+        match self {
+            Self::Body(r) | Self::Store(r) => r,
+        }
     }
-    Ok(())
+}
+
+/// Streams a request body into a staged blob and writes it out, so the upload's length is
+/// what is on disk when the answer reports it.
+async fn drain(payload: &mut web::Payload, staged: &mut Staged) -> Result<(), DrainError> {
+    let mut body_error = None;
+    while let Some(chunk) = payload.next().await {
+        match chunk {
+            Ok(chunk) => staged.write(&chunk).await.map_err(|e| DrainError::Store(store_failure(&e)))?,
+            Err(e) => {
+                body_error = Some(format!("body: {e}"));
+                break;
+            }
+        }
+    }
+    staged.flush().await.map_err(|e| DrainError::Store(store_failure(&e)))?;
+    match body_error {
+        Some(m) => Err(DrainError::Body(oci_error(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, m))),
+        None => Ok(()),
+    }
 }
 
 fn parse_query_digest(query: Option<String>) -> Result<Option<Digest>, HttpResponse> {
@@ -322,6 +363,11 @@ async fn commit(staged: Staged, digest: &Digest, name: &str) -> HttpResponse {
         Err(StoreError::DigestMismatch { expected, actual }) => {
             bad_digest(format!("content has digest {actual}, expected {expected}; nothing stored"))
         }
+        Err(StoreError::SizeMismatch { expected, actual }) => oci_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BlobUploadInvalid,
+            format!("upload holds {actual} bytes on disk, {expected} were sent; nothing stored"),
+        ),
         Err(e) => store_failure(&e),
     }
 }
@@ -351,9 +397,9 @@ async fn start_upload(
     };
     if let Some(digest) = digest {
         // Monolithic upload in one request.
-        if let Err(resp) = drain(&mut payload, &mut staged).await {
+        if let Err(e) = drain(&mut payload, &mut staged).await {
             staged.abort().await;
-            return resp;
+            return e.response();
         }
         return commit(staged, &digest, name).await;
     }
@@ -399,10 +445,17 @@ async fn patch_upload(
             );
         }
     }
-    if let Err(resp) = drain(&mut payload, staged).await {
-        return resp;
+    match drain(&mut payload, staged).await {
+        Ok(()) => upload_accepted(name, id, staged.len()),
+        Err(DrainError::Body(resp)) => resp,
+        Err(DrainError::Store(resp)) => {
+            // What the file holds is unknown after a failed write: end the upload and free
+            // its bytes, so no client resumes it into a short blob.
+            guard.take();
+            state.uploads.remove(id);
+            resp
+        }
     }
-    upload_accepted(name, id, staged.len())
 }
 
 async fn finish_upload(
@@ -421,9 +474,9 @@ async fn finish_upload(
     let mut guard = session.lock().await;
     let Some(mut staged) = guard.take() else { return upload_unknown() };
     state.uploads.remove(id);
-    if let Err(resp) = drain(&mut payload, &mut staged).await {
+    if let Err(e) = drain(&mut payload, &mut staged).await {
         staged.abort().await;
-        return resp;
+        return e.response();
     }
     commit(staged, &digest, name).await
 }

@@ -49,10 +49,21 @@ pub struct ServeFlags {
     #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tracker: Vec<String>,
-    /// Bearer token required for uploads (pushes); unset means uploads are open.
+    /// Bearer token required for every write (push, tag, delete) and for prefetch. Without
+    /// one the origin serves only on loopback, unless --allow-anonymous-writes.
     #[arg(long, env = "SHOAL_UPLOAD_TOKEN", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_token: Option<String>,
+    /// Serve beyond loopback with no upload token: anyone who reaches the origin can push,
+    /// overwrite tags and fill its disk from the upstreams.
+    #[arg(long, env = "SHOAL_ALLOW_ANONYMOUS_WRITES", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous_writes: Option<bool>,
+    /// Seconds a response may make no progress into a client's socket before the
+    /// connection is dropped (a client that stops reading costs nothing longer).
+    #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_timeout: Option<u64>,
     /// HTTP worker threads.
     #[arg(long, env = "SHOAL_HTTP_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,8 +128,12 @@ pub struct Config {
     pub upload_queue: usize,
     #[serde(default = "default_workers")]
     pub http_workers: usize,
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: u64,
     #[serde(default)]
     pub upload_token: Option<String>,
+    #[serde(default)]
+    pub allow_anonymous_writes: bool,
     #[serde(default)]
     pub tracker: Vec<String>,
     #[serde(default)]
@@ -156,6 +171,9 @@ fn default_upload_budget() -> ByteRate {
 fn default_workers() -> usize {
     2
 }
+fn default_send_timeout() -> u64 {
+    shoal_shared::http::SEND_TIMEOUT.as_secs()
+}
 fn default_tag_ttl() -> u64 {
     300
 }
@@ -182,7 +200,9 @@ impl Config {
             upload_budget: default_upload_budget(),
             upload_queue: 0,
             http_workers: default_workers(),
+            send_timeout: default_send_timeout(),
             upload_token: None,
+            allow_anonymous_writes: false,
             tracker: Vec::new(),
             upstream: Vec::new(),
             upstream_auth: None,
@@ -242,6 +262,7 @@ tls = "/etc/shoal/tls"
 piece_length = 1048576
 upload_budget = "64MiB"
 http_workers = 4
+send_timeout = 7
 upload_token = "hunter2"
 tracker = ["http://tracker:5100"]
 upstream = ["https://registry-1.docker.io"]
@@ -264,7 +285,7 @@ prefetch_max_size = 1000
         assert!(c.prefetch_sync);
         assert_eq!((c.prefetch_min_size, c.prefetch_max_size), (1, 1000));
         assert_eq!(c.piece_length, 65536);
-        assert_eq!(c.http_workers, 4);
+        assert_eq!((c.http_workers, c.send_timeout), (4, 7));
         assert_eq!(c.tracker, vec!["http://tracker:5100".to_string()]);
         assert_eq!(c.upload_token.as_deref(), Some("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));

@@ -42,6 +42,12 @@ pub enum OriginError {
     Http(#[from] std::io::Error),
     #[error("upstream: {0}")]
     Upstream(String),
+    #[error(
+        "refusing to serve on {0} without --upload-token: anyone who can reach it could push, \
+         overwrite tags and fill the disk from the upstreams; set a token, listen on loopback, \
+         or pass --allow-anonymous-writes"
+    )]
+    AnonymousWrites(SocketAddr),
 }
 
 /// The bound sockets the origin serves on.
@@ -64,6 +70,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), OriginError> {
+    let http_addr = listeners.http.local_addr()?;
+    if config.upload_token.is_none() && !config.allow_anonymous_writes && !http_addr.ip().is_loopback() {
+        return Err(OriginError::AnonymousWrites(http_addr));
+    }
     let store = BlobStore::open(&config.data)?;
     let identity = TlsIdentity::load(&config.tls)?;
     let peer_addr: SocketAddr = match config.advertise_peer {
@@ -116,6 +126,10 @@ pub async fn run(
     let server = HttpServer::new({
         let state = state.clone();
         move || App::new().app_data(state.clone()).configure(api::configure).configure(prefetch::configure)
+    })
+    .on_connect({
+        let timeout = std::time::Duration::from_secs(config.send_timeout.max(1));
+        move |conn, _| shoal_shared::http::set_send_timeout(conn, timeout)
     })
     .workers(config.http_workers.max(1))
     .disable_signals()

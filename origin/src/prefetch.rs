@@ -9,14 +9,14 @@
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::{valid_ns, Hint};
 use shoal_shared::oci::{valid_name, valid_tag, ErrorCode, Reference};
 
-use crate::api::AppState;
+use crate::api::{authorized, token_required, AppState};
 use crate::upstream::{child_manifests, BlobState, UpstreamError};
 
 /// Largest request body.
@@ -110,11 +110,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/proxy/v2/registry/prefetch", web::post().to(v2));
 }
 
-async fn v1(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+// Prefetch fills the origin's disk from its upstreams: it takes the upload token, as a push.
+async fn v1(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    if !authorized(&req, state.upload_token.as_deref()) {
+        return token_required();
+    }
     prefetch(&body, &state, state.prefetch_sync).await
 }
 
-async fn v2(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn v2(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    if !authorized(&req, state.upload_token.as_deref()) {
+        return token_required();
+    }
     prefetch(&body, &state, false).await
 }
 

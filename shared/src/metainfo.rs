@@ -157,6 +157,11 @@ impl Metainfo {
     }
 
     /// Checks `data` against piece `index`'s hash.
+    /// True when `hash` (blake3 of the whole piece) is piece `index`'s.
+    pub fn piece_hash_matches(&self, index: u32, hash: &blake3::Hash) -> bool {
+        self.pieces.get(index as usize).is_some_and(|p| hash.as_bytes() == &p.0)
+    }
+
     pub fn verify_piece(&self, index: u32, data: Bytes) -> Result<VerifiedPiece, MetainfoError> {
         let expected = u64::from(self.piece_size(index)?);
         if data.len() as u64 != expected {

@@ -42,6 +42,14 @@ pub enum StoreError {
     BadMetainfo(Digest),
 }
 
+impl StoreError {
+    /// True when the filesystem is full (or over quota).
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, Self::Io { source, .. }
+            if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded))
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
@@ -153,8 +161,16 @@ impl BlobStore {
     pub async fn stage(&self, piece_length: u32) -> Result<Staged, StoreError> {
         let builder = MetainfoBuilder::new(piece_length)?;
         let path = self.temp_path("upload");
-        let file = tokio::fs::File::create(&path).await.map_err(io_err(&path))?;
-        Ok(Staged { store: self.clone(), guard: TempGuard(Some(path.clone())), path, file, builder })
+        let p = path.clone();
+        let file = blocking(move || File::create(&p).map_err(io_err(&p))).await?;
+        Ok(Staged {
+            store: self.clone(),
+            guard: TempGuard(Some(path.clone())),
+            path,
+            state: Some((file, builder)),
+            pending: BytesMut::new(),
+            written: 0,
+        })
     }
 
     /// The metainfo of a committed blob at `piece_length`: read from `meta/`, or computed by
@@ -214,9 +230,12 @@ impl BlobStore {
         Ok(Some(bytes))
     }
 
-    /// Removes a committed blob (used when a cached copy turns out to be damaged).
-    pub async fn remove(&self, digest: &Digest) {
-        let _ = tokio::fs::remove_file(self.blob_path(digest)).await;
+    /// Removes a committed blob and its metainfo (used when a cached copy turns out to be
+    /// damaged). Two unlinks, done at once so that a fresh copy fetched right after cannot
+    /// be the one removed.
+    pub fn remove(&self, digest: &Digest) {
+        let _ = std::fs::remove_file(self.blob_path(digest));
+        let _ = std::fs::remove_file(self.meta_path(digest));
     }
 }
 
@@ -227,6 +246,31 @@ pub fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Byte
     file.read_exact_at(&mut buf, offset).map_err(io_err(path))?;
     Ok(buf.freeze())
 }
+
+/// Whether piece `index` of `m`, as stored in `file` (a whole blob), still hashes to the
+/// metainfo: read in [`CHECK_CHUNK`]s, so checking holds no more than that in memory.
+pub fn piece_intact(file: &File, m: &Metainfo, index: u32) -> io::Result<bool> {
+    let Ok(size) = m.piece_size(index) else { return Ok(false) };
+    let (start, end) = (m.piece_offset(index), m.piece_offset(index) + u64::from(size));
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHECK_CHUNK.min(size as usize)];
+    let mut offset = start;
+    while offset < end {
+        let n = (end - offset).min(buf.len() as u64) as usize;
+        match file.read_exact_at(&mut buf[..n], offset) {
+            Ok(()) => {}
+            // The file is shorter than its metainfo says: damaged too.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(m.piece_hash_matches(index, &hasher.finalize()))
+}
+
+/// Read size when checking a stored piece against its hash.
+const CHECK_CHUNK: usize = 128 << 10;
 
 /// Deletes a temp file when dropped, unless disarmed (the file was published).
 #[derive(Debug)]
@@ -247,56 +291,112 @@ impl Drop for TempGuard {
     }
 }
 
+/// How many bytes of an upload are gathered before they are written (one blocking write).
+const STAGE_BUFFER: usize = 1 << 20;
+
 /// A blob being written; visible in the store only after [`Staged::commit`]. Dropping it
 /// (say, when the client goes away mid-upload) deletes the temp file.
+///
+/// Bytes are hashed only after the kernel accepted their write, so the hashes describe what
+/// is in the file and nothing else; [`commit`](Self::commit) checks the file's length on disk
+/// against what was hashed before it checks the digest. A failed write poisons the upload:
+/// the bytes on disk are no longer known, so every later call fails and the caller must
+/// start over (an upload resumed past a failed write would publish a short blob under the
+/// digest its client claimed).
 #[derive(Debug)]
 pub struct Staged {
     store: BlobStore,
     path: PathBuf,
-    file: tokio::fs::File,
-    builder: MetainfoBuilder,
+    /// The file and the hashes of what it holds; out while a blocking write runs, `None`
+    /// for good once a write failed.
+    state: Option<(File, MetainfoBuilder)>,
+    /// Bytes accepted but not yet written.
+    pending: BytesMut,
+    /// Bytes written and hashed.
+    written: u64,
     guard: TempGuard,
 }
 
 impl Staged {
-    /// Appends bytes.
+    /// Appends bytes. They reach the file in batches; [`flush`](Self::flush) forces them.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        use tokio::io::AsyncWriteExt;
-        self.builder.update(bytes);
-        self.file.write_all(bytes).await.map_err(io_err(&self.path))
+        if self.state.is_none() {
+            return Err(self.poisoned());
+        }
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= STAGE_BUFFER {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
-    /// Bytes written so far.
+    /// Writes every pending byte to the file, then hashes it.
+    pub async fn flush(&mut self) -> Result<(), StoreError> {
+        let Some((file, builder)) = self.state.take() else { return Err(self.poisoned()) };
+        if self.pending.is_empty() {
+            self.state = Some((file, builder));
+            return Ok(());
+        }
+        let chunk = self.pending.split().freeze();
+        let path = self.path.clone();
+        let (file, builder) = blocking(move || {
+            let mut file = file;
+            let mut builder = builder;
+            io::Write::write_all(&mut file, &chunk).map_err(io_err(&path))?;
+            builder.update(&chunk);
+            Ok((file, builder))
+        })
+        .await?;
+        self.written = builder.length();
+        self.state = Some((file, builder));
+        Ok(())
+    }
+
+    fn poisoned(&self) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            source: io::Error::other("an earlier write of this upload failed"),
+        }
+    }
+
+    /// Bytes accepted so far (written or about to be).
     pub fn len(&self) -> u64 {
-        self.builder.length()
+        self.written + self.pending.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Verifies the content against `expected`, fsyncs and publishes it. On mismatch the
-    /// temp file is removed and nothing is stored.
-    pub async fn commit(self, expected: &Digest) -> Result<Metainfo, StoreError> {
-        use tokio::io::AsyncWriteExt;
-        let Staged { store, path, mut file, builder, mut guard } = self;
-        let result = async {
-            let m = builder.finish()?;
-            if m.digest() != *expected {
-                return Err(StoreError::DigestMismatch { expected: *expected, actual: m.digest() });
+    /// Writes what is pending, proves the file holds exactly the hashed bytes, verifies the
+    /// content against `expected`, fsyncs and publishes it. On any failure the temp file is
+    /// removed and nothing is stored.
+    pub async fn commit(mut self, expected: &Digest) -> Result<Metainfo, StoreError> {
+        self.flush().await?;
+        let Staged { store, path, state, mut guard, .. } = self;
+        let Some((file, builder)) = state else {
+            return Err(StoreError::Io { path, source: io::Error::other("upload lost") });
+        };
+        let expected = *expected;
+        let p = path.clone();
+        let m = blocking(move || {
+            let on_disk = file.metadata().map_err(io_err(&p))?.len();
+            if on_disk != builder.length() {
+                return Err(StoreError::SizeMismatch { expected: builder.length(), actual: on_disk });
             }
-            file.flush().await.map_err(io_err(&path))?;
-            file.sync_all().await.map_err(io_err(&path))?;
-            drop(file);
-            let dest = store.blob_path(expected);
-            tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
-            guard.disarm();
-            store.put_metainfo(&m).await?;
+            let m = builder.finish()?;
+            if m.digest() != expected {
+                return Err(StoreError::DigestMismatch { expected, actual: m.digest() });
+            }
+            file.sync_all().map_err(io_err(&p))?;
             Ok(m)
-        }
-        .await;
-        drop(guard);
-        result
+        })
+        .await?;
+        let dest = store.blob_path(&expected);
+        tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
+        guard.disarm();
+        store.put_metainfo(&m).await?;
+        Ok(m)
     }
 
     /// Drops the upload and its temp file.
@@ -345,6 +445,15 @@ impl PartialBlob {
             if on_disk > m.length() {
                 // Nothing past the blob's end is ours; the published file must be exact.
                 f.set_len(m.length()).map_err(io_err(&p))?;
+            }
+            // The blob's whole space, reserved before anything is fetched or answered: a full
+            // disk is an error now, not a body cut short later (the file's length is kept,
+            // so it still says how far pieces were written).
+            if let Err(e) = reserve(&f, m.length()) {
+                if on_disk == 0 {
+                    let _ = std::fs::remove_file(&p);
+                }
+                return Err(io_err(&p)(e));
             }
             // Marks the file as in use for `remove_stale_partials`.
             let _ = f.set_modified(SystemTime::now());
@@ -436,6 +545,19 @@ impl PartialBlob {
     /// Abandons the download and deletes its file.
     pub async fn discard(&self) {
         let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
+/// Allocates `len` bytes of disk for `file` without changing its length. Filesystems that
+/// cannot reserve space (they answer "not supported") are let through.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

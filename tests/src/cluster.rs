@@ -56,11 +56,24 @@ pub struct ClusterOptions {
     pub upload_token: Option<String>,
     /// Pull-through settings of the origin (none: no upstream).
     pub upstream: Option<UpstreamOptions>,
+    /// The origin's data directory (none: one in the cluster's temp dir), for a test that
+    /// puts it on a small filesystem.
+    pub origin_data: Option<PathBuf>,
+    /// Seconds a response may stall in a client's socket on the origin and the agents.
+    pub send_timeout: u64,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { agents: 1, piece_length: 1 << 20, progress_timeout: 20, upload_token: None, upstream: None }
+        Self {
+            agents: 1,
+            piece_length: 1 << 20,
+            progress_timeout: 20,
+            upload_token: None,
+            upstream: None,
+            origin_data: None,
+            send_timeout: shoal_shared::http::SEND_TIMEOUT.as_secs(),
+        }
     }
 }
 
@@ -100,6 +113,8 @@ pub struct AgentOptions {
     pub egress_limit: u64,
     /// Bytes per second received from peers (0: unlimited).
     pub ingress_limit: u64,
+    /// The agent's data directory (none: one in the cluster's temp dir).
+    pub data_dir: Option<PathBuf>,
 }
 
 /// One running agent.
@@ -221,8 +236,10 @@ impl Cluster {
         // Origin.
         let origin_tls = dir.path().join("origin/tls");
         shoal_shared::tls::issue(&ca_dir, "origin", &origin_tls)?;
-        let mut config = shoal_origin::Config::new(dir.path().join("origin/data"), origin_tls);
+        let origin_data = opts.origin_data.clone().unwrap_or_else(|| dir.path().join("origin/data"));
+        let mut config = shoal_origin::Config::new(origin_data, origin_tls);
         config.piece_length = opts.piece_length;
+        config.send_timeout = opts.send_timeout;
         config.upload_token = opts.upload_token.clone();
         config.tracker = vec![tracker_url.clone()];
         if let Some(up) = &opts.upstream {
@@ -305,7 +322,8 @@ impl Cluster {
         let base = self.dir.path().join(format!("agent-{index}"));
         let tls = base.join("tls");
         shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), &tls)?;
-        let node = self.launch_agent(index, base.join("data"), tls, &opts).await?;
+        let data = opts.data_dir.clone().unwrap_or_else(|| base.join("data"));
+        let node = self.launch_agent(index, data, tls, &opts).await?;
         self.agents.push(node);
         Ok(index)
     }
@@ -330,6 +348,7 @@ impl Cluster {
         let mut config =
             shoal_agent::Config::new(data_dir.clone(), tls.clone(), vec![self.tracker_url.clone()]);
         config.progress_timeout = self.options.progress_timeout;
+        config.send_timeout = self.options.send_timeout;
         config.egress_limit = ByteRate(opts.egress_limit);
         config.ingress_limit = ByteRate(opts.ingress_limit);
         let (registry, peer) = bind()?;

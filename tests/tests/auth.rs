@@ -55,3 +55,57 @@ async fn uploads_need_the_token_and_pulls_do_not() {
     let tag = cluster.client.get(format!("{origin}/v2/app/web/manifests/v2")).send().await.expect("get");
     assert_eq!(tag.status(), 404, "nothing was tagged");
 }
+
+/// Prefetch fills the origin's disk from its upstreams, so it takes the token as a push does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_needs_the_token() {
+    let cluster =
+        Cluster::start(ClusterOptions { agents: 0, upload_token: Some(TOKEN.into()), ..Default::default() })
+            .await
+            .expect("cluster");
+    let body = serde_json::json!({ "tag": "registry.example/app/web:v1" });
+    for version in ["v1", "v2"] {
+        let url = format!("{}/proxy/{version}/registry/prefetch", cluster.origin_url);
+        let refused = cluster.client.post(&url).json(&body).send().await.expect("prefetch");
+        assert_eq!(refused.status(), 401, "{version} without the token");
+        let with_token = cluster
+            .client
+            .post(&url)
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .json(&body)
+            .send()
+            .await
+            .expect("prefetch");
+        // Past the token check: no upstream serves that registry here.
+        assert_eq!(with_token.status(), 404, "{version} with the token");
+    }
+}
+
+/// An origin reachable beyond loopback without a token would let anyone write: it refuses
+/// to start unless told `--allow-anonymous-writes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_origin_beyond_loopback_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tmp");
+    shoal_shared::tls::init_ca(&dir.path().join("ca")).expect("ca");
+    shoal_shared::tls::issue(&dir.path().join("ca"), "origin", &dir.path().join("tls")).expect("cert");
+    let start = |allow: bool| {
+        let mut config = shoal_origin::Config::new(dir.path().join("data"), dir.path().join("tls"));
+        config.allow_anonymous_writes = allow;
+        let listeners = shoal_origin::Listeners {
+            http: std::net::TcpListener::bind("0.0.0.0:0").expect("bind"),
+            peer: std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        (tokio::spawn(shoal_origin::run(config, listeners, shutdown.clone())), shutdown)
+    };
+    let (refused, _) = start(false);
+    let err = refused.await.expect("join").expect_err("must refuse");
+    assert!(matches!(err, shoal_origin::OriginError::AnonymousWrites(_)), "{err}");
+    assert!(err.to_string().contains("--allow-anonymous-writes"), "{err}");
+
+    let (allowed, shutdown) = start(true);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!allowed.is_finished(), "started with --allow-anonymous-writes");
+    shutdown.cancel();
+    allowed.await.expect("join").expect("clean stop");
+}

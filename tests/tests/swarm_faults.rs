@@ -147,9 +147,13 @@ async fn egress_and_ingress_limits_slow_transfers_down() {
     let (layer, size) = image.layers[0].clone();
 
     // Ingress: 4 MiB/s in, 12 MiB from the origin (burst 1 MiB): at least 2.75 s.
-    c.start_agent(AgentOptions { ingress_limit: 4 * MIB as u64, egress_limit: 4 * MIB as u64 })
-        .await
-        .expect("agent");
+    c.start_agent(AgentOptions {
+        ingress_limit: 4 * MIB as u64,
+        egress_limit: 4 * MIB as u64,
+        ..Default::default()
+    })
+    .await
+    .expect("agent");
     let started = Instant::now();
     fetch_blob(&c.client, &c.agents[0].registry_url, "faults/limits", &layer, Some(size))
         .await

@@ -21,6 +21,8 @@ const TAG: &str = "v1";
 const ORIGIN_HTTP_PORT: u16 = 5000;
 const ORIGIN_PEER_PORT: u16 = 5001;
 const TRACKER_PORT: u16 = 5100;
+/// The origin serves beyond loopback here, so it needs an upload token.
+const UPLOAD_TOKEN: &str = "netns-bench-token";
 const AGENT_REGISTRY: &str = "127.0.0.1:5050";
 const AGENT_PEER_PORT: u16 = 5051;
 /// The kernel's USER_HZ: the unit of the CPU times in `/proc/*/stat`.
@@ -310,6 +312,8 @@ async fn run(
             path(&tls("seed"))?,
             s("--piece-length"),
             s(u64::from(args.piece_kib) * 1024),
+            s("--upload-token"),
+            s(UPLOAD_TOKEN),
         ],
         dir,
     )?;
@@ -320,7 +324,7 @@ async fn run(
     run_tool(
         &bins.origin,
         Some(&seed.ns),
-        &["push", "--origin", &origin_url, &layout_ref, &format!("{REPO}:{TAG}")],
+        &["push", "--origin", &origin_url, "--token", UPLOAD_TOKEN, &layout_ref, &format!("{REPO}:{TAG}")],
     )
     .await
     .context("pushing the image to the origin")?;
