@@ -318,7 +318,7 @@ async fn put_manifest(name: &str, reference: &str, payload: web::Payload, state:
 enum DrainError {
     /// The client's body broke off; what arrived before is kept.
     Body(HttpResponse),
-    /// The store could not take the bytes; the upload's content is unknown and it must end.
+    /// The store could not take the bytes, or the upload outgrew its bound: it must end.
     Store(HttpResponse),
 }
 
@@ -332,10 +332,17 @@ impl DrainError {
 
 /// Streams a request body into a staged blob and writes it out, so the upload's length is
 /// what is on disk when the answer reports it.
-async fn drain(payload: &mut web::Payload, staged: &mut Staged) -> Result<(), DrainError> {
+async fn drain(payload: &mut web::Payload, staged: &mut Staged, limit: u64) -> Result<(), DrainError> {
     let mut body_error = None;
     while let Some(chunk) = payload.next().await {
         match chunk {
+            Ok(chunk) if staged.len() + chunk.len() as u64 > limit => {
+                return Err(DrainError::Store(oci_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::SizeInvalid,
+                    format!("open uploads may hold at most {limit} more bytes; this upload was ended"),
+                )))
+            }
             Ok(chunk) => staged.write(&chunk).await.map_err(|e| DrainError::Store(store_failure(&e)))?,
             Err(e) => {
                 body_error = Some(format!("body: {e}"));
@@ -397,7 +404,7 @@ async fn start_upload(
     };
     if let Some(digest) = digest {
         // Monolithic upload in one request.
-        if let Err(e) = drain(&mut payload, &mut staged).await {
+        if let Err(e) = drain(&mut payload, &mut staged, u64::MAX).await {
             staged.abort().await;
             return e.response();
         }
@@ -445,7 +452,9 @@ async fn patch_upload(
             );
         }
     }
-    match drain(&mut payload, staged).await {
+    let result = drain(&mut payload, staged, state.uploads.room_for(id)).await;
+    state.uploads.set_held(id, staged.len());
+    match result {
         Ok(()) => upload_accepted(name, id, staged.len()),
         Err(DrainError::Body(resp)) => resp,
         Err(DrainError::Store(resp)) => {
@@ -474,7 +483,7 @@ async fn finish_upload(
     let mut guard = session.lock().await;
     let Some(mut staged) = guard.take() else { return upload_unknown() };
     state.uploads.remove(id);
-    if let Err(e) = drain(&mut payload, &mut staged).await {
+    if let Err(e) = drain(&mut payload, &mut staged, u64::MAX).await {
         staged.abort().await;
         return e.response();
     }

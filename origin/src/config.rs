@@ -64,6 +64,12 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_timeout: Option<u64>,
+    /// Most bytes all open chunked uploads may hold together, e.g. `20GiB`; 0 for no bound
+    /// (default: a quarter of the data directory's filesystem). A chunk past it ends its
+    /// upload.
+    #[arg(long, env = "SHOAL_MAX_UPLOAD_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_upload_bytes: Option<ByteRate>,
     /// HTTP worker threads.
     #[arg(long, env = "SHOAL_HTTP_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,6 +136,9 @@ pub struct Config {
     pub http_workers: usize,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: u64,
+    /// `None`: a quarter of the data filesystem.
+    #[serde(default)]
+    pub max_upload_bytes: Option<ByteRate>,
     #[serde(default)]
     pub upload_token: Option<String>,
     #[serde(default)]
@@ -201,6 +210,7 @@ impl Config {
             upload_queue: 0,
             http_workers: default_workers(),
             send_timeout: default_send_timeout(),
+            max_upload_bytes: None,
             upload_token: None,
             allow_anonymous_writes: false,
             tracker: Vec::new(),
@@ -263,6 +273,7 @@ piece_length = 1048576
 upload_budget = "64MiB"
 http_workers = 4
 send_timeout = 7
+max_upload_bytes = "2GiB"
 upload_token = "hunter2"
 tracker = ["http://tracker:5100"]
 upstream = ["https://registry-1.docker.io"]
@@ -286,6 +297,7 @@ prefetch_max_size = 1000
         assert_eq!((c.prefetch_min_size, c.prefetch_max_size), (1, 1000));
         assert_eq!(c.piece_length, 65536);
         assert_eq!((c.http_workers, c.send_timeout), (4, 7));
+        assert_eq!(c.max_upload_bytes, Some(ByteRate(2 << 30)));
         assert_eq!(c.tracker, vec!["http://tracker:5100".to_string()]);
         assert_eq!(c.upload_token.as_deref(), Some("hunter2"));
         assert!(!format!("{c:?}").contains("hunter2"));

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use actix_web::{web, App, HttpServer};
 use prometheus_client::registry::Registry;
 use shoal_shared::peer::{self, PeerStats};
+use shoal_shared::ratelimit::ByteRate;
 use shoal_shared::store::{BlobStore, StoreError};
 use shoal_shared::tls::{self, TlsError, TlsIdentity};
 use tokio_util::sync::CancellationToken;
@@ -75,6 +76,11 @@ pub async fn run(
         return Err(OriginError::AnonymousWrites(http_addr));
     }
     let store = BlobStore::open(&config.data)?;
+    let max_upload_bytes = match config.max_upload_bytes {
+        Some(ByteRate(0)) => u64::MAX,
+        Some(ByteRate(b)) => b,
+        None => store.filesystem_bytes()? / 4,
+    };
     let identity = TlsIdentity::load(&config.tls)?;
     let peer_addr: SocketAddr = match config.advertise_peer {
         Some(a) => a,
@@ -105,7 +111,7 @@ pub async fn run(
     let state = web::Data::new(api::AppState {
         tags: tags::TagStore::new(&store),
         store,
-        uploads: uploads::Uploads::new(MAX_UPLOAD_SESSIONS),
+        uploads: uploads::Uploads::new(MAX_UPLOAD_SESSIONS, max_upload_bytes),
         seeder: seeder.clone(),
         piece_length: config.piece_length,
         peer_addr,

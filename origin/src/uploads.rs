@@ -2,7 +2,8 @@
 //!
 //! Each session owns one [`Staged`] temp file; the map only hands out the session, and each
 //! session is behind its own async mutex so concurrent chunks of one upload are serialized
-//! without blocking others. The number of open sessions is capped.
+//! without blocking others. Open sessions are bounded in number and in the bytes they hold
+//! together: a chunk that would take them past the byte bound ends its session.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ pub type Session = Arc<Mutex<Option<Staged>>>;
 struct Entry {
     session: Session,
     touched: Instant,
+    /// Bytes the session held after its last chunk.
+    held: u64,
 }
 
 /// Open upload sessions.
@@ -25,11 +28,27 @@ struct Entry {
 pub struct Uploads {
     sessions: DashMap<String, Entry>,
     max: usize,
+    max_bytes: u64,
 }
 
 impl Uploads {
-    pub fn new(max: usize) -> Self {
-        Self { sessions: DashMap::new(), max }
+    /// At most `max` sessions holding at most `max_bytes` together.
+    pub fn new(max: usize, max_bytes: u64) -> Self {
+        Self { sessions: DashMap::new(), max, max_bytes }
+    }
+
+    /// How many bytes session `id` may hold in all: the bound less what the others hold.
+    /// (Summed over at most `max` sessions, once per chunk.)
+    pub fn room_for(&self, id: &str) -> u64 {
+        let others: u64 = self.sessions.iter().filter(|e| e.key() != id).map(|e| e.held).sum();
+        self.max_bytes.saturating_sub(others)
+    }
+
+    /// Records what session `id` holds now.
+    pub fn set_held(&self, id: &str, bytes: u64) {
+        if let Some(mut e) = self.sessions.get_mut(id) {
+            e.held = bytes;
+        }
     }
 
     /// Registers a new session; gives the upload back when too many are open.
@@ -38,7 +57,7 @@ impl Uploads {
             return Err(staged);
         }
         let id = format!("{:032x}", rand::random::<u128>());
-        let entry = Entry { session: Arc::new(Mutex::new(Some(staged))), touched: Instant::now() };
+        let entry = Entry { session: Arc::new(Mutex::new(Some(staged))), touched: Instant::now(), held: 0 };
         self.sessions.insert(id.clone(), entry);
         Ok(id)
     }
@@ -94,13 +113,19 @@ mod tests {
     async fn idle_sessions_expire_and_the_cap_holds() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = BlobStore::open(dir.path()).expect("store");
-        let uploads = Uploads::new(2);
+        let uploads = Uploads::new(2, 100);
         let a = uploads.open(store.stage(MIN_PIECE_LENGTH).await.expect("stage")).expect("a");
         uploads.open(store.stage(MIN_PIECE_LENGTH).await.expect("stage")).expect("b");
         let refused = uploads.open(store.stage(MIN_PIECE_LENGTH).await.expect("stage"));
         refused.expect_err("over the cap").abort().await;
         uploads.expire(Duration::from_secs(3600)).await;
         assert_eq!(uploads.len(), 2);
+        // The byte bound is shared: what one session holds is room the other lacks.
+        assert_eq!(uploads.room_for(&a), 100);
+        uploads.set_held(&a, 70);
+        assert_eq!(uploads.room_for(&a), 100);
+        let b = uploads.sessions.iter().map(|e| e.key().clone()).find(|k| *k != a).expect("b");
+        assert_eq!(uploads.room_for(&b), 30);
         uploads.expire(Duration::ZERO).await;
         assert!(uploads.is_empty());
         assert!(uploads.get(&a).is_none());

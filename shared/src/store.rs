@@ -95,6 +95,13 @@ impl BlobStore {
         &self.inner.root
     }
 
+    /// The size of the filesystem the store is on, in bytes.
+    pub fn filesystem_bytes(&self) -> Result<u64, StoreError> {
+        let root = &self.inner.root;
+        let st = rustix::fs::statvfs(root).map_err(|e| io_err(root)(e.into()))?;
+        Ok(st.f_blocks.saturating_mul(st.f_frsize))
+    }
+
     /// Where the whole blob `digest` lives once committed.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.inner.root.join("blobs").join(digest.hex())

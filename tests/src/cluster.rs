@@ -61,6 +61,8 @@ pub struct ClusterOptions {
     pub origin_data: Option<PathBuf>,
     /// Seconds a response may stall in a client's socket on the origin and the agents.
     pub send_timeout: u64,
+    /// The origin's bound on bytes held by open chunked uploads (none: its default).
+    pub max_upload_bytes: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +75,7 @@ impl Default for ClusterOptions {
             upstream: None,
             origin_data: None,
             send_timeout: shoal_shared::http::SEND_TIMEOUT.as_secs(),
+            max_upload_bytes: None,
         }
     }
 }
@@ -240,6 +243,7 @@ impl Cluster {
         let mut config = shoal_origin::Config::new(origin_data, origin_tls);
         config.piece_length = opts.piece_length;
         config.send_timeout = opts.send_timeout;
+        config.max_upload_bytes = opts.max_upload_bytes.map(ByteRate);
         config.upload_token = opts.upload_token.clone();
         config.tracker = vec![tracker_url.clone()];
         if let Some(up) = &opts.upstream {

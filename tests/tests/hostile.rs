@@ -357,3 +357,47 @@ async fn an_agent_on_a_full_disk_answers_507_before_any_byte() {
     let partial = std::fs::read_dir(data.join("partial")).expect("partial dir").count();
     assert_eq!(partial, 0);
 }
+
+/// Starts a chunked upload and returns its location.
+async fn start_upload(c: &Cluster, base: &str) -> String {
+    let start = c.client.post(format!("{base}/blobs/uploads/")).send().await.expect("start");
+    assert_eq!(start.status(), StatusCode::ACCEPTED);
+    start.headers()["location"].to_str().expect("location").to_owned()
+}
+
+async fn patch(c: &Cluster, location: &str, chunk: &[u8]) -> (StatusCode, String) {
+    let resp = c.client.patch(format!("{}{location}", c.origin_url)).body(chunk.to_vec()).send().await;
+    let resp = resp.expect("patch");
+    let status = resp.status();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// Issue item 5: up to 1,024 chunked uploads of unlimited size could be opened and hold the
+/// disk until they expired an hour later. Now open uploads share a byte bound: the chunk that
+/// would pass it ends its own upload (413) and frees its bytes; the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_uploads_are_bounded_in_bytes() {
+    let c =
+        Cluster::start(ClusterOptions { agents: 0, max_upload_bytes: Some(1 << 20), ..Default::default() })
+            .await
+            .expect("cluster");
+    let base = format!("{}/v2/app/bounded", c.origin_url);
+    let blob: Vec<u8> = (0..768u32 << 10).map(|i| (i % 251) as u8).collect();
+    let a = start_upload(&c, &base).await;
+    assert_eq!(patch(&c, &a, &blob[..512 << 10]).await.0, StatusCode::ACCEPTED);
+    let b = start_upload(&c, &base).await;
+    let (status, body) = patch(&c, &b, &[7u8; 600 << 10]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let ended = c.client.get(format!("{}{b}", c.origin_url)).send().await.expect("status");
+    assert_eq!(ended.status(), StatusCode::NOT_FOUND, "the upload past the bound was ended");
+    // The first upload goes on and completes, exact.
+    assert_eq!(patch(&c, &a, &blob[512 << 10..]).await.0, StatusCode::ACCEPTED);
+    let digest = digest_of(&blob);
+    let put = c.client.put(format!("{}{a}?digest={digest}", c.origin_url)).send().await.expect("put");
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let got = c.client.get(format!("{base}/blobs/{digest}")).send().await.expect("get");
+    assert_eq!(got.bytes().await.expect("body").as_ref(), &blob[..]);
+    // With the first one done, its room is free again.
+    let b = start_upload(&c, &base).await;
+    assert_eq!(patch(&c, &b, &[7u8; 600 << 10]).await.0, StatusCode::ACCEPTED);
+}
