@@ -190,8 +190,9 @@ main() {
     log "certificates in $DIR/tls"
     {
         NO_COLOR=1 "$BIN/shoal-origin" ca init "$DIR/tls/ca"
-        for b in origin agent1 agent2; do
-            NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name "$b" "$DIR/tls/$b"
+        NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name origin --role origin "$DIR/tls/origin"
+        for b in agent1 agent2; do
+            NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name "$b" --role agent "$DIR/tls/$b"
         done
     } >"$DIR/logs/ca.log" 2>&1 || { cat "$DIR/logs/ca.log" >&2; die "certificate setup failed"; }
 

@@ -71,15 +71,27 @@ pub async fn run(
         tracing::info!(removed = stale, "removed stale partial downloads");
     }
     let identity = TlsIdentity::load(&config.tls)?;
+    identity.require_role(tls::Role::Agent)?;
+    tls::reload::log_expiry(&identity);
     let me: SocketAddr = match config.advertise_peer {
         Some(a) => a,
         None => listeners.peer.local_addr()?,
     };
     let endpoint = tls::endpoint(listeners.peer, &identity)?;
+    let client_tls = tls::reload::ClientTls::new(identity.client_config()?);
+    let reloader = tokio::spawn(tls::reload::watch(
+        config.tls.clone(),
+        endpoint.clone(),
+        client_tls.clone(),
+        tls::reload::RELOAD_INTERVAL,
+        shutdown.clone(),
+    ));
     let downloads = Arc::new(download::Downloads::new(
         store,
         shoal_shared::tracker::TrackerClient::new(&config.tracker),
-        PeerClient::new(endpoint.clone()).with_ingress_limit(RateLimiter::for_rate(config.ingress_limit)),
+        PeerClient::new(endpoint.clone())
+            .with_client_tls(client_tls)
+            .with_ingress_limit(RateLimiter::for_rate(config.ingress_limit)),
         download::Settings {
             me,
             progress_timeout: Duration::from_secs(config.progress_timeout.max(1)),
@@ -131,5 +143,6 @@ pub async fn run(
     let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = announcer.await;
     let _ = peer_task.await;
+    let _ = reloader.await;
     result.map_err(AgentError::from)
 }

@@ -82,11 +82,22 @@ pub async fn run(
         None => store.filesystem_bytes()? / 4,
     };
     let identity = TlsIdentity::load(&config.tls)?;
+    identity.require_role(tls::Role::Origin)?;
+    tls::reload::log_expiry(&identity);
     let peer_addr: SocketAddr = match config.advertise_peer {
         Some(a) => a,
         None => listeners.peer.local_addr()?,
     };
     let endpoint = tls::endpoint(listeners.peer, &identity)?;
+    // Spawned once nothing can fail before the server runs. The origin dials no peers; its
+    // client side follows the directory all the same.
+    let reload = tls::reload::watch(
+        config.tls.clone(),
+        endpoint.clone(),
+        tls::reload::ClientTls::new(identity.client_config()?),
+        tls::reload::RELOAD_INTERVAL,
+        shutdown.clone(),
+    );
     shoal_shared::metainfo::piece_count(0, config.piece_length)
         .map_err(|e| OriginError::Http(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
 
@@ -153,10 +164,12 @@ pub async fn run(
         peer_addr,
         shutdown.clone(),
     ));
+    let reloader = tokio::spawn(reload);
     let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = sweeper.await;
     let _ = announcer.await;
     let _ = peer_task.await;
+    let _ = reloader.await;
     result.map_err(OriginError::from)
 }
 

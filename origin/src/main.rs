@@ -48,13 +48,32 @@ enum Command {
 enum CaCommand {
     /// Create a cluster CA in DIR (ca.pem, ca.key).
     Init { dir: PathBuf },
-    /// Issue a node certificate into OUT (ca.pem, cert.pem, key.pem).
+    /// Issue a node certificate into OUT (ca.pem, cert.pem, key.pem, and crl.pem once
+    /// anything was revoked). A node running on OUT picks a new one up without a restart.
     Issue {
         #[arg(long)]
         ca: PathBuf,
         #[arg(long)]
         name: String,
+        /// What the node is: origin, tracker or agent. Peers check it.
+        #[arg(long, default_value = "agent")]
+        role: shoal_shared::tls::Role,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = shoal_shared::tls::DEFAULT_VALIDITY.as_secs() / 86400)]
+        days: u64,
         out: PathBuf,
+    },
+    /// Revoke every certificate issued to a node name (or one serial) and rewrite DIR/crl.pem;
+    /// copy it next to ca.pem on every node (they reload it within seconds).
+    Revoke {
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node name the certificates were issued to.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        name: Option<String>,
+        /// One certificate's serial number, in hex.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -82,9 +101,24 @@ async fn main() -> anyhow::Result<()> {
             shoal_shared::tls::init_ca(&dir)?;
             println!("cluster CA written to {}", dir.display());
         }
-        Command::Ca { command: CaCommand::Issue { ca, name, out } } => {
-            shoal_shared::tls::issue(&ca, &name, &out)?;
-            println!("certificate for {name} written to {}", out.display());
+        Command::Ca { command: CaCommand::Issue { ca, name, role, days, out } } => {
+            anyhow::ensure!((1..=3650).contains(&days), "--days must be between 1 and 3650");
+            let validity = std::time::Duration::from_secs(days * 86400);
+            shoal_shared::tls::issue_with(&ca, &name, role, validity, &out)?;
+            println!("{role} certificate for {name}, valid {days} days, written to {}", out.display());
+        }
+        Command::Ca { command: CaCommand::Revoke { ca, name, serial } } => {
+            use shoal_shared::tls::RevokeTarget;
+            let target = match (&name, &serial) {
+                (Some(n), _) => RevokeTarget::Name(n),
+                (None, Some(s)) => RevokeTarget::Serial(s),
+                (None, None) => anyhow::bail!("give --name or --serial"),
+            };
+            let added = shoal_shared::tls::revoke(&ca, target)?;
+            println!(
+                "{added} certificate(s) newly revoked; {} lists every revoked one: copy it to each node's TLS directory as crl.pem",
+                ca.join(shoal_shared::tls::CRL_FILE).display()
+            );
         }
     }
     Ok(())

@@ -414,6 +414,8 @@ const IDLE_BEFORE_EVICT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     endpoint: Endpoint,
+    /// What to dial with, when it is reloaded at run time (else the endpoint's default).
+    tls: Option<crate::tls::reload::ClientTls>,
     conns: Arc<Mutex<HashMap<SocketAddr, Slot>>>,
     /// Piece bytes received pass this limiter (QUIC flow control then slows the sender).
     ingress: Option<Arc<RateLimiter>>,
@@ -428,11 +430,18 @@ impl PeerClient {
     pub fn new(endpoint: Endpoint) -> Self {
         Self {
             endpoint,
+            tls: None,
             conns: Arc::default(),
             ingress: None,
             max_connections: MAX_CONNECTIONS,
             idle_before_evict: IDLE_BEFORE_EVICT,
         }
+    }
+
+    /// Dials with `tls`, which follows the node's TLS directory as it is reloaded.
+    pub fn with_client_tls(mut self, tls: crate::tls::reload::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Limits the rate at which piece bytes are read, all peers together.
@@ -495,14 +504,20 @@ impl PeerClient {
         let cell = self.cell(addr)?;
         let conn = cell
             .get_or_try_init(|| async {
-                let connecting = self
-                    .endpoint
-                    .connect(addr, PEER_SERVER_NAME)
-                    .map_err(|e| PeerError::Connect { addr, cause: e.to_string() })?;
+                let connecting = match &self.tls {
+                    Some(tls) => self.endpoint.connect_with(tls.current(), addr, PEER_SERVER_NAME),
+                    None => self.endpoint.connect(addr, PEER_SERVER_NAME),
+                }
+                .map_err(|e| PeerError::Connect { addr, cause: e.to_string() })?;
                 connecting.await.map_err(|e| PeerError::Connect { addr, cause: e.to_string() })
             })
             .await?;
         Ok(conn.clone())
+    }
+
+    /// The role the certificate of the peer at `addr` carries (connecting if needed).
+    pub async fn role(&self, addr: SocketAddr) -> Result<Option<crate::tls::Role>, PeerError> {
+        Ok(crate::tls::peer_role(&self.connection(addr).await?))
     }
 
     /// Closes the connection to a peer that misbehaved.
@@ -710,7 +725,7 @@ mod tests {
             .iter()
             .map(|n| {
                 let out = tmp.path().join(n);
-                tls::issue(&ca, n, &out).expect("issue");
+                tls::issue(&ca, n, tls::Role::Agent, &out).expect("issue");
                 out
             })
             .collect();

@@ -20,6 +20,7 @@ use shoal_shared::client::Announce;
 use shoal_shared::digest::Digest;
 use shoal_shared::peer::{PeerStats, PieceSource};
 use shoal_shared::ratelimit::ByteRate;
+use shoal_shared::tls::Role;
 use shoal_shared::tracker::TrackerClient;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
@@ -238,7 +239,7 @@ impl Cluster {
 
         // Origin.
         let origin_tls = dir.path().join("origin/tls");
-        shoal_shared::tls::issue(&ca_dir, "origin", &origin_tls)?;
+        shoal_shared::tls::issue(&ca_dir, "origin", Role::Origin, &origin_tls)?;
         let origin_data = opts.origin_data.clone().unwrap_or_else(|| dir.path().join("origin/data"));
         let mut config = shoal_origin::Config::new(origin_data, origin_tls);
         config.piece_length = opts.piece_length;
@@ -272,7 +273,8 @@ impl Cluster {
 
         // Tracker.
         let tracker_shutdown = CancellationToken::new();
-        let tracker_task = spawn_tracker(&origin_url, listener, tracker_shutdown.clone());
+        let tracker_task =
+            spawn_tracker(std::slice::from_ref(&origin_url), listener, tracker_shutdown.clone());
 
         let mut cluster = Cluster {
             origin_url,
@@ -311,7 +313,7 @@ impl Cluster {
             Some(t) => t,
             None => {
                 let tls = base.join("tls");
-                shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), &tls)?;
+                shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), Role::Agent, &tls)?;
                 tls
             }
         };
@@ -325,7 +327,7 @@ impl Cluster {
         let index = self.agents.len();
         let base = self.dir.path().join(format!("agent-{index}"));
         let tls = base.join("tls");
-        shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), &tls)?;
+        shoal_shared::tls::issue(&self.ca_dir, &format!("agent-{index}"), Role::Agent, &tls)?;
         let data = opts.data_dir.clone().unwrap_or_else(|| base.join("data"));
         let node = self.launch_agent(index, data, tls, &opts).await?;
         self.agents.push(node);
@@ -389,6 +391,17 @@ impl Cluster {
     /// Stops the tracker (losing everything it learnt) and starts a fresh one on the same
     /// address.
     pub async fn restart_tracker(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        let origins = vec![self.origin_url.clone()];
+        self.restart_tracker_with(down_for, origins).await
+    }
+
+    /// [`restart_tracker`](Self::restart_tracker) with other `--origin` URLs (say, one that
+    /// lies about its peer address).
+    pub async fn restart_tracker_with(
+        &mut self,
+        down_for: Duration,
+        origins: Vec<String>,
+    ) -> anyhow::Result<()> {
         self.tracker_shutdown.cancel();
         if let Some(task) = self.tracker_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
@@ -404,7 +417,7 @@ impl Cluster {
             }
         };
         self.tracker_shutdown = CancellationToken::new();
-        self.tracker_task = Some(spawn_tracker(&self.origin_url, listener, self.tracker_shutdown.clone()));
+        self.tracker_task = Some(spawn_tracker(&origins, listener, self.tracker_shutdown.clone()));
         wait_ready(&self.client, &format!("{}/healthz", self.tracker_url)).await
     }
 
@@ -417,7 +430,7 @@ impl Cluster {
         digests: Vec<Digest>,
     ) -> anyhow::Result<RoguePeer> {
         let tls = self.dir.path().join(format!("rogue-{name}"));
-        shoal_shared::tls::issue(&self.ca_dir, name, &tls)?;
+        shoal_shared::tls::issue(&self.ca_dir, name, Role::Agent, &tls)?;
         let identity = shoal_shared::tls::TlsIdentity::load(&tls)?;
         let socket = UdpSocket::bind("127.0.0.1:0").context("binding UDP")?;
         let addr = socket.local_addr()?;
@@ -525,8 +538,8 @@ impl Drop for RoguePeer {
     }
 }
 
-fn spawn_tracker(origin_url: &str, listener: TcpListener, shutdown: CancellationToken) -> JoinHandle<()> {
-    let mut config = shoal_tracker::Config::new(vec![origin_url.to_owned()]);
+fn spawn_tracker(origins: &[String], listener: TcpListener, shutdown: CancellationToken) -> JoinHandle<()> {
+    let mut config = shoal_tracker::Config::new(origins.to_vec());
     config.announce_interval = 2;
     tokio::spawn(async move {
         if let Err(e) = shoal_tracker::run(config, listener, shutdown).await {

@@ -22,7 +22,7 @@ pub async fn measure(bytes: u64) -> anyhow::Result<f64> {
     let mut endpoints = Vec::new();
     for name in ["sender", "receiver"] {
         let out = dir.path().join(name);
-        tls::issue(&ca, name, &out)?;
+        tls::issue(&ca, name, tls::Role::Agent, &out)?;
         let identity = TlsIdentity::load(&out)?;
         endpoints.push(tls::endpoint(UdpSocket::bind("127.0.0.1:0")?, &identity)?);
     }

@@ -56,7 +56,7 @@ impl Registry {
     }
 
     /// Like [`start`](Self::start); with `tls`, serves HTTPS with `cert.pem` and `key.pem`
-    /// from that directory (e.g. from `shoal_shared::tls::issue(ca, "127.0.0.1", dir)`).
+    /// from that directory (e.g. from `shoal_shared::tls::issue(ca, "127.0.0.1", Role::Origin, dir)`).
     pub async fn start_with(
         credentials: Option<(&str, &str)>,
         tls: Option<&Path>,

@@ -87,7 +87,13 @@ async fn prefetch_needs_the_token() {
 async fn an_open_origin_beyond_loopback_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tmp");
     shoal_shared::tls::init_ca(&dir.path().join("ca")).expect("ca");
-    shoal_shared::tls::issue(&dir.path().join("ca"), "origin", &dir.path().join("tls")).expect("cert");
+    shoal_shared::tls::issue(
+        &dir.path().join("ca"),
+        "origin",
+        shoal_shared::tls::Role::Origin,
+        &dir.path().join("tls"),
+    )
+    .expect("cert");
     let start = |allow: bool| {
         let mut config = shoal_origin::Config::new(dir.path().join("data"), dir.path().join("tls"));
         config.allow_anonymous_writes = allow;

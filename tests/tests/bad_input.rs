@@ -238,7 +238,7 @@ async fn origin_uploads_validate_digests_and_references() {
 /// `bytes` on a bi stream and returns whether the origin then closed the connection.
 async fn send_garbage(c: &Cluster, name: &str, bytes: &[u8]) -> anyhow::Result<bool> {
     let tls = c.dir().join(name);
-    shoal_shared::tls::issue(&c.ca_dir, name, &tls)?;
+    shoal_shared::tls::issue(&c.ca_dir, name, shoal_shared::tls::Role::Agent, &tls)?;
     let identity = shoal_shared::tls::TlsIdentity::load(&tls)?;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let endpoint = shoal_shared::tls::endpoint(socket, &identity)?;

@@ -181,7 +181,13 @@ async fn agent_from_foreign_ca_gets_nothing() {
 
     let foreign = cluster.dir().join("foreign");
     shoal_shared::tls::init_ca(&foreign.join("ca")).expect("foreign ca");
-    shoal_shared::tls::issue(&foreign.join("ca"), "intruder", &foreign.join("tls")).expect("issue");
+    shoal_shared::tls::issue(
+        &foreign.join("ca"),
+        "intruder",
+        shoal_shared::tls::Role::Agent,
+        &foreign.join("tls"),
+    )
+    .expect("issue");
     let idx = cluster.start_extra_agent(Some(foreign.join("tls"))).await.expect("intruder agent");
     let intruder = &cluster.agents[idx];
 

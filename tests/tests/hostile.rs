@@ -61,6 +61,8 @@ async fn a_full_disk_never_publishes_a_short_blob() {
     let c = Cluster::start(ClusterOptions {
         agents: 0,
         origin_data: Some(fs.path().join("origin")),
+        // No bound on open uploads: the disk itself must run out.
+        max_upload_bytes: Some(0),
         ..Default::default()
     })
     .await

@@ -389,7 +389,7 @@ async fn an_https_upstream_with_a_custom_ca() {
     let dir = tempfile::tempdir().expect("tmp");
     let (ca, certs) = (dir.path().join("ca"), dir.path().join("registry-tls"));
     shoal_shared::tls::init_ca(&ca).expect("ca");
-    shoal_shared::tls::issue(&ca, "127.0.0.1", &certs).expect("cert");
+    shoal_shared::tls::issue(&ca, "127.0.0.1", shoal_shared::tls::Role::Origin, &certs).expect("cert");
     let registry = Registry::start_with(None, Some(&certs)).await.expect("registry");
     let image = registry.push_image("secure/app:v1", &[50 << 10], 51).await.expect("push");
     let ns = registry.host.clone();

@@ -19,6 +19,7 @@ use shoal_shared::client::{Announce, PeerInfo};
 use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::{HaveStream, PeerClient, PeerError};
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
+use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
 use tokio::sync::mpsc;
@@ -279,6 +280,14 @@ async fn probe(
     peer: PeerInfo,
     metainfo: &Metainfo,
 ) -> Result<(Bitfield, Option<HaveStream>), PeerError> {
+    // The tracker's word that a peer is an origin (which earns it first copies and a deeper
+    // pipeline) must be backed by an origin's certificate.
+    if peer.origin && client.role(peer.addr).await? != Some(Role::Origin) {
+        return Err(PeerError::Protocol {
+            addr: peer.addr,
+            cause: "listed as an origin, but its certificate is not an origin's".into(),
+        });
+    }
     if !peer.origin && !peer.complete {
         match client.subscribe(peer.addr, metainfo).await {
             Ok((bits, stream)) => return Ok((bits, Some(stream))),

@@ -307,7 +307,17 @@ async fn run_bench(
     for node in ["origin", "agent"] {
         run_tool(
             origin_bin,
-            &["ca", "issue", "--ca", &path(&ca)?, "--name", node, &path(&dir.join(node).join("tls"))?],
+            &[
+                "ca",
+                "issue",
+                "--ca",
+                &path(&ca)?,
+                "--name",
+                node,
+                "--role",
+                node,
+                &path(&dir.join(node).join("tls"))?,
+            ],
         )?;
     }
 

@@ -268,7 +268,17 @@ async fn run(
         run_tool(
             &bins.origin,
             None,
-            &["ca", "issue", "--ca", &path(&ca)?, "--name", &name, &path(&tls(&name))?],
+            &[
+                "ca",
+                "issue",
+                "--ca",
+                &path(&ca)?,
+                "--name",
+                &name,
+                "--role",
+                if name == "seed" { "origin" } else { "agent" },
+                &path(&tls(&name))?,
+            ],
         )
         .await?;
     }

@@ -1,37 +1,42 @@
 //! Cluster PKI and QUIC/TLS configuration for peer-to-peer transfers.
 //!
-//! Every Shoal cluster has its own private certificate authority. `init_ca` creates it once
-//! (`ca.pem` + `ca.key`), and `issue` mints a leaf certificate for each node, signed by that CA
-//! (`ca.pem`, `cert.pem`, `key.pem` in the node's TLS directory).
+//! Every Shoal cluster has its own private certificate authority ([`ca`]): `init_ca` creates
+//! it once (`ca.pem` + `ca.key`), `issue` mints a short-lived leaf certificate with a
+//! [`Role`] for each node (`ca.pem`, `cert.pem`, `key.pem` in the node's TLS directory), and
+//! `revoke` lists stolen ones in `crl.pem`.
 //!
 //! Peers talk QUIC with mutual TLS: the server demands a client certificate that chains to the
-//! cluster CA, and the client only trusts servers whose certificate chains to the cluster CA
-//! (the public web PKI is never consulted). Since peers are usually addressed by IP, clients
+//! cluster CA, is not revoked and carries a peer role (origin or agent), and the client trusts
+//! only servers that pass the same checks (the public web PKI is never consulted). Nodes
+//! reload their TLS directory when it changes ([`reload`]). Since peers are usually addressed by IP, clients
 //! always connect with the fixed SNI [`PEER_SERVER_NAME`], which every issued certificate
 //! carries as a DNS subject alternative name.
 //!
 //! All rustls configuration uses the `ring` provider explicitly, so nothing depends on (or panics
 //! for lack of) a process-wide default crypto provider.
 
+pub mod ca;
+pub mod reload;
+pub mod role;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
-};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
+
+pub use ca::{init_ca, issue, issue_with, revoke, RevokeTarget, DEFAULT_VALIDITY};
+pub use role::{peer_role, role_of, Role};
 
 /// The TLS server name (SNI) every peer connects with; every issued certificate carries it as
 /// a DNS subject alternative name.
@@ -48,11 +53,8 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const CERT_FILE: &str = "cert.pem";
 /// Node private key file name.
 pub const KEY_FILE: &str = "key.pem";
-
-/// Approximate certificate validity, in years.
-const VALIDITY_YEARS: i32 = 10;
-/// Maximum length of a node name (the maximum length of a DNS name).
-const MAX_NAME_LEN: usize = 253;
+/// Certificate revocation list file name (CA directory and node directories; optional).
+pub const CRL_FILE: &str = "crl.pem";
 
 /// Errors from CA management, certificate issuance and TLS configuration.
 #[derive(Debug, thiserror::Error)]
@@ -125,15 +127,40 @@ pub enum TlsError {
     /// Creating the QUIC endpoint failed.
     #[error("cannot create QUIC endpoint: {0}")]
     Endpoint(#[source] io::Error),
+    /// `revoke` found nothing the CA issued under that name or serial.
+    #[error("the CA issued no certificate with {0}")]
+    NotIssued(String),
+    /// A time outside what a certificate can say.
+    #[error("time {0} is out of range for a certificate")]
+    TimeRange(i64),
+    /// The node's certificate is another role's.
+    #[error("this node needs a certificate with role {expected}, but its certificate is for {actual}")]
+    WrongRole {
+        /// The node's role.
+        expected: Role,
+        /// The certificate's.
+        actual: Role,
+    },
+    /// The node's own certificate carries no role (issued before roles, or by another tool).
+    #[error("certificate {} carries no Shoal role; issue it again with `shoal-origin ca issue --role`", path.display())]
+    NoRole {
+        /// The certificate file.
+        path: PathBuf,
+    },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
     move |source| TlsError::Io { path: path.to_path_buf(), source }
 }
 
 /// Writes `contents` to `path`. Private files are created with mode 0600 (on Unix), and
 /// `create_new` makes the write fail if the file already exists.
-fn write_file(path: &Path, contents: &str, private: bool, create_new: bool) -> Result<(), TlsError> {
+pub(crate) fn write_file(
+    path: &Path,
+    contents: &str,
+    private: bool,
+    create_new: bool,
+) -> Result<(), TlsError> {
     let mut opts = OpenOptions::new();
     opts.write(true);
     if create_new {
@@ -159,133 +186,12 @@ fn write_file(path: &Path, contents: &str, private: bool, create_new: bool) -> R
     file.sync_all().map_err(io_err(path))
 }
 
-fn read_string(path: &Path) -> Result<String, TlsError> {
+pub(crate) fn read_string(path: &Path) -> Result<String, TlsError> {
     fs::read_to_string(path).map_err(io_err(path))
 }
 
-fn create_dir(dir: &Path) -> Result<(), TlsError> {
+pub(crate) fn create_dir(dir: &Path) -> Result<(), TlsError> {
     fs::create_dir_all(dir).map_err(io_err(dir))
-}
-
-/// Sets a validity window of roughly [`VALIDITY_YEARS`] years starting at the beginning of the
-/// previous year (tolerates clock skew between nodes).
-fn set_validity(params: &mut CertificateParams) {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    // Average Gregorian year length; exactness does not matter here.
-    let year = 1970 + i32::try_from(secs / 31_556_952).unwrap_or(0);
-    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-    params.not_after = rcgen::date_time_ymd(year + VALIDITY_YEARS, 1, 1);
-}
-
-fn validate_name(name: &str) -> Result<(), TlsError> {
-    let reason = if name.is_empty() {
-        "name is empty"
-    } else if name.len() > MAX_NAME_LEN {
-        "name is longer than 253 characters"
-    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
-        "name may only contain ASCII letters, digits, '.' and '-'"
-    } else {
-        return Ok(());
-    };
-    Err(TlsError::InvalidName { name: name.to_string(), reason })
-}
-
-/// Creates a new cluster CA in `dir`: writes `dir/ca.pem` (certificate) and `dir/ca.key`
-/// (private key, mode 0600). Creates `dir` if needed. Refuses to overwrite an existing `ca.key`.
-pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
-    create_dir(dir)?;
-    let key_path = dir.join(CA_KEY_FILE);
-    if key_path.exists() {
-        return Err(TlsError::AlreadyExists { path: key_path });
-    }
-
-    let key = KeyPair::generate().map_err(TlsError::Generate)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "Shoal");
-    dn.push(DnType::CommonName, "Shoal cluster CA");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut params);
-    let cert = params.self_signed(&key).map_err(TlsError::Generate)?;
-
-    // Key first, with create_new, so a concurrent init cannot clobber an existing CA.
-    write_file(&key_path, &key.serialize_pem(), true, true).map_err(|e| match e {
-        TlsError::Io { path, source } if source.kind() == io::ErrorKind::AlreadyExists => {
-            TlsError::AlreadyExists { path }
-        }
-        e => e,
-    })?;
-    write_file(&dir.join(CA_CERT_FILE), &cert.pem(), false, false)?;
-    tracing::info!(dir = %dir.display(), "created cluster CA");
-    Ok(())
-}
-
-/// Issues a node certificate signed by the CA in `ca_dir`, writing `out/ca.pem` (copy of the CA
-/// certificate), `out/cert.pem` and `out/key.pem` (mode 0600). Creates `out` if needed and
-/// overwrites previous node files.
-///
-/// Subject alternative names: `name` (as an IP SAN if it is an IP address, as a DNS SAN if it is
-/// a valid DNS name, omitted otherwise), [`PEER_SERVER_NAME`], `localhost` and `127.0.0.1`.
-/// The certificate is valid for both TLS server and client authentication for about ten years.
-///
-/// `name` must be non-empty, at most 253 characters, and consist of `[A-Za-z0-9.-]`.
-pub fn issue(ca_dir: &Path, name: &str, out: &Path) -> Result<(), TlsError> {
-    validate_name(name)?;
-
-    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
-    let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_cert_pem = read_string(&ca_cert_path)?;
-    let ca_key_pem = read_string(&ca_key_path)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .map_err(|source| TlsError::CaLoad { path: ca_key_path.clone(), source })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)
-        .map_err(|source| TlsError::CaLoad { path: ca_cert_path.clone(), source })?;
-
-    let mut sans: Vec<SanType> = Vec::new();
-    let mut push = |san: SanType| {
-        if !sans.contains(&san) {
-            sans.push(san);
-        }
-    };
-    let dns = |s: &str| -> Result<SanType, TlsError> {
-        Ok(SanType::DnsName(s.try_into().map_err(TlsError::Generate)?))
-    };
-    match ServerName::try_from(name) {
-        Ok(ServerName::IpAddress(ip)) => push(SanType::IpAddress(IpAddr::from(ip))),
-        Ok(ServerName::DnsName(_)) => push(dns(name)?),
-        Ok(_) | Err(_) => {
-            tracing::debug!(name, "node name is not a valid DNS name; no SAN added for it")
-        }
-    }
-    push(dns(PEER_SERVER_NAME)?);
-    push(dns("localhost")?);
-    push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = sans;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "Shoal");
-    dn.push(DnType::CommonName, name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params);
-
-    let key = KeyPair::generate().map_err(TlsError::Generate)?;
-    let cert = params.signed_by(&key, &issuer).map_err(TlsError::Generate)?;
-
-    create_dir(out)?;
-    write_file(&out.join(CA_CERT_FILE), &ca_cert_pem, false, false)?;
-    write_file(&out.join(KEY_FILE), &key.serialize_pem(), true, false)?;
-    write_file(&out.join(CERT_FILE), &cert.pem(), false, false)?;
-    tracing::info!(name, out = %out.display(), "issued node certificate");
-    Ok(())
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -306,25 +212,58 @@ fn transport_config() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// A node's TLS identity: the cluster CA certificate(s), its own certificate chain and key.
+/// A node's TLS identity: the cluster CA certificate(s), the revocation list, its own
+/// certificate chain and key, and the role its certificate carries.
 #[derive(Clone, Debug)]
 pub struct TlsIdentity {
     ca: Vec<CertificateDer<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    role: Role,
 }
 
 impl TlsIdentity {
-    /// Loads `dir/ca.pem`, `dir/cert.pem` and `dir/key.pem` (as written by [`issue`]).
+    /// Loads `dir/ca.pem`, `dir/cert.pem`, `dir/key.pem` (as written by [`issue`]) and
+    /// `dir/crl.pem` if present. The certificate must carry a role.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let ca = load_certs(&dir.join(CA_CERT_FILE))?;
-        let chain = load_certs(&dir.join(CERT_FILE))?;
+        let cert_path = dir.join(CERT_FILE);
+        let chain = load_certs(&cert_path)?;
         let key_path = dir.join(KEY_FILE);
         // Read separately so a missing file reports as an I/O error with its path.
         let key_pem = fs::read(&key_path).map_err(io_err(&key_path))?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|source| TlsError::Pem { path: key_path, source })?;
-        Ok(Self { ca, chain, key: Arc::new(key) })
+        let crl_path = dir.join(CRL_FILE);
+        let crls = match fs::read(&crl_path) {
+            Ok(pem) => CertificateRevocationListDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| TlsError::Pem { path: crl_path, source })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_err(&crl_path)(e)),
+        };
+        let role = role_of(&chain[0]).ok_or(TlsError::NoRole { path: cert_path })?;
+        Ok(Self { ca, crls, chain, key: Arc::new(key), role })
+    }
+
+    /// The role this node's certificate carries.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Refuses to run a node with another role's certificate.
+    pub fn require_role(&self, role: Role) -> Result<(), TlsError> {
+        if self.role == role {
+            return Ok(());
+        }
+        Err(TlsError::WrongRole { expected: role, actual: self.role })
+    }
+
+    /// When this node's certificate expires (Unix seconds).
+    pub fn expires_at(&self) -> Option<i64> {
+        let (_, cert) = x509_parser::parse_x509_certificate(self.chain.first()?.as_ref()).ok()?;
+        Some(cert.validity().not_after.timestamp())
     }
 
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
@@ -336,12 +275,16 @@ impl TlsIdentity {
     }
 
     /// QUIC server configuration: presents this node's certificate and requires a client
-    /// certificate chaining to the cluster CA (mutual TLS). ALPN `shoal/1`.
+    /// certificate chaining to the cluster CA, not revoked, with a peer role (mutual TLS).
+    /// ALPN `shoal/1`.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let provider = provider();
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
-            .build()
-            .map_err(TlsError::Verifier)?;
+        let mut builder = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone());
+        if !self.crls.is_empty() {
+            builder = builder.with_crls(self.crls.clone()).only_check_end_entity_revocation();
+        }
+        let webpki = builder.build().map_err(TlsError::Verifier)?;
+        let verifier = Arc::new(role::RoleClientVerifier { inner: webpki, allowed: Role::PEERS });
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Config)?
@@ -355,17 +298,22 @@ impl TlsIdentity {
         Ok(config)
     }
 
-    /// QUIC client configuration: trusts only servers chaining to the cluster CA and presents
-    /// this node's certificate. ALPN `shoal/1`. Connect with [`PEER_SERVER_NAME`] as server name.
+    /// QUIC client configuration: trusts only servers chaining to the cluster CA, not revoked,
+    /// with a peer role, and presents this node's certificate. ALPN `shoal/1`. Connect with
+    /// [`PEER_SERVER_NAME`] as server name.
     pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
         let provider = provider();
-        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots()?, provider.clone())
-            .build()
-            .map_err(TlsError::Verifier)?;
+        let mut builder = WebPkiServerVerifier::builder_with_provider(self.roots()?, provider.clone());
+        if !self.crls.is_empty() {
+            builder = builder.with_crls(self.crls.clone()).only_check_end_entity_revocation();
+        }
+        let webpki = builder.build().map_err(TlsError::Verifier)?;
+        let verifier = Arc::new(role::RoleServerVerifier { inner: webpki, allowed: Role::PEERS });
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Config)?
-            .with_webpki_verifier(verifier)
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(TlsError::Config)?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -445,7 +393,7 @@ mod tests {
             .iter()
             .map(|name| {
                 let out = tmp.path().join(name);
-                issue(&ca, name, &out).unwrap();
+                issue(&ca, name, Role::Agent, &out).unwrap();
                 out
             })
             .collect();
@@ -569,7 +517,7 @@ mod tests {
         let long = "a".repeat(254);
         for bad in ["", "bad name", "node_1", "../etc", "nöde", long.as_str()] {
             let out = tmp.path().join("out");
-            let err = issue(&ca, bad, &out).unwrap_err();
+            let err = issue(&ca, bad, Role::Agent, &out).unwrap_err();
             assert!(matches!(err, TlsError::InvalidName { .. }), "{bad:?}: {err}");
             assert!(!out.join(KEY_FILE).exists());
         }
@@ -577,7 +525,7 @@ mod tests {
         // Valid names, including an IP and one that is not a valid DNS name, work.
         for good in ["node-1.example", "192.168.1.10", "a".repeat(253).as_str()] {
             let out = tmp.path().join("good");
-            issue(&ca, good, &out).unwrap();
+            issue(&ca, good, Role::Origin, &out).unwrap();
             TlsIdentity::load(&out).unwrap().server_config().unwrap();
         }
 
@@ -592,5 +540,163 @@ mod tests {
         let err = TlsIdentity::load(&tmp.path().join("missing")).unwrap_err();
         assert!(matches!(err, TlsError::Io { .. }), "{err}");
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// A CA with one node of each `(name, role)`; returns the CA dir and node dirs.
+    fn pki_roles(nodes: &[(&str, Role)]) -> (TempDir, PathBuf, Vec<PathBuf>) {
+        let tmp = TempDir::new().unwrap();
+        let ca = tmp.path().join("ca");
+        init_ca(&ca).unwrap();
+        let dirs = nodes
+            .iter()
+            .map(|(name, role)| {
+                let out = tmp.path().join(name);
+                issue(&ca, name, *role, &out).unwrap();
+                out
+            })
+            .collect();
+        (tmp, ca, dirs)
+    }
+
+    async fn try_round_trip(client: &quinn::Endpoint, addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
+        tokio::time::timeout(WAIT, round_trip(client, addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))?
+    }
+
+    #[tokio::test]
+    async fn roles_are_carried_and_checked_on_both_sides() {
+        let (_tmp, _ca, dirs) =
+            pki_roles(&[("origin-1", Role::Origin), ("agent-1", Role::Agent), ("tracker-1", Role::Tracker)]);
+        let identities: Vec<TlsIdentity> = dirs.iter().map(|d| TlsIdentity::load(d).unwrap()).collect();
+        assert_eq!(
+            identities.iter().map(TlsIdentity::role).collect::<Vec<_>>(),
+            [Role::Origin, Role::Agent, Role::Tracker]
+        );
+        assert!(
+            identities[1].require_role(Role::Origin).is_err(),
+            "an agent certificate cannot run an origin"
+        );
+
+        let (origin, agent, tracker) = (bind(&dirs[0]), bind(&dirs[1]), bind(&dirs[2]));
+        let _s = serve(origin.clone());
+        let _t = serve(tracker.clone());
+        // Agent and origin are peers: the agent reaches the origin and sees its role.
+        assert_eq!(try_round_trip(&agent, local_addr(&origin)).await.unwrap(), b"laohs olleh");
+        let conn = agent.connect(local_addr(&origin), PEER_SERVER_NAME).unwrap().await.unwrap();
+        assert_eq!(peer_role(&conn), Some(Role::Origin));
+        // A tracker certificate is no peer: refused as a client and as a server.
+        assert!(try_round_trip(&tracker, local_addr(&origin)).await.is_err(), "tracker fetched pieces");
+        assert!(
+            try_round_trip(&agent, local_addr(&tracker)).await.is_err(),
+            "agent trusted a tracker as a peer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_certificate_without_a_role_is_refused() {
+        // A node certificate from before roles existed: same CA, no role SAN.
+        let (_tmp, ca, dirs) = pki_roles(&[("origin-1", Role::Origin)]);
+        let legacy = _tmp.path().join("legacy");
+        let ca_pem = fs::read_to_string(ca.join(CA_CERT_FILE)).unwrap();
+        let ca_key = rcgen::KeyPair::from_pem(&fs::read_to_string(ca.join(CA_KEY_FILE)).unwrap()).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![PEER_SERVER_NAME.to_string()]).unwrap();
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        fs::create_dir_all(&legacy).unwrap();
+        fs::write(legacy.join(CA_CERT_FILE), &ca_pem).unwrap();
+        fs::write(legacy.join(CERT_FILE), cert.pem()).unwrap();
+        fs::write(legacy.join(KEY_FILE), key.serialize_pem()).unwrap();
+        assert!(matches!(TlsIdentity::load(&legacy), Err(TlsError::NoRole { .. })));
+
+        // Even forced into a client, the server refuses it.
+        let origin = bind(&dirs[0]);
+        let _s = serve(origin.clone());
+        let good = TlsIdentity::load(&dirs[0]).unwrap();
+        let chain = load_certs(&legacy.join(CERT_FILE)).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(&fs::read(legacy.join(KEY_FILE)).unwrap()).unwrap();
+        let forged = TlsIdentity { chain, key: Arc::new(key), ..good };
+        let client = endpoint(UdpSocket::bind("127.0.0.1:0").unwrap(), &forged).unwrap();
+        assert!(
+            try_round_trip(&client, local_addr(&origin)).await.is_err(),
+            "a role-less certificate was accepted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_revoked_certificate_is_refused_once_the_crl_is_reloaded() {
+        let (_tmp, ca, dirs) =
+            pki_roles(&[("origin-1", Role::Origin), ("agent-1", Role::Agent), ("agent-2", Role::Agent)]);
+        let origin = bind(&dirs[0]);
+        let client_tls =
+            reload::ClientTls::new(TlsIdentity::load(&dirs[0]).unwrap().client_config().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let _watch = tokio::spawn(reload::watch(
+            dirs[0].clone(),
+            origin.clone(),
+            client_tls,
+            Duration::from_millis(100),
+            shutdown.clone(),
+        ));
+        let _s = serve(origin.clone());
+        let (agent1, agent2) = (bind(&dirs[1]), bind(&dirs[2]));
+        assert!(try_round_trip(&agent2, local_addr(&origin)).await.is_ok());
+
+        assert!(matches!(revoke(&ca, RevokeTarget::Name("nobody")), Err(TlsError::NotIssued(_))));
+        assert_eq!(revoke(&ca, RevokeTarget::Name("agent-2")).unwrap(), 1);
+        assert_eq!(revoke(&ca, RevokeTarget::Name("agent-2")).unwrap(), 0, "already revoked");
+        // The operator hands the new list to the origin; it reloads it without a restart.
+        fs::copy(ca.join(CRL_FILE), dirs[0].join(CRL_FILE)).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while try_round_trip(&agent2, local_addr(&origin)).await.is_ok() {
+            assert!(std::time::Instant::now() < deadline, "revoked agent still accepted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(try_round_trip(&agent1, local_addr(&origin)).await.is_ok(), "others still get in");
+        // Certificates issued after a revocation carry the list.
+        issue(&ca, "agent-3", Role::Agent, &_tmp.path().join("agent-3")).unwrap();
+        assert!(_tmp.path().join("agent-3").join(CRL_FILE).exists());
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_reissued_certificate_is_served_without_a_restart() {
+        let (_tmp, ca, dirs) = pki_roles(&[("origin-1", Role::Origin), ("agent-1", Role::Agent)]);
+        let origin = bind(&dirs[0]);
+        let client_tls =
+            reload::ClientTls::new(TlsIdentity::load(&dirs[0]).unwrap().client_config().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let _watch = tokio::spawn(reload::watch(
+            dirs[0].clone(),
+            origin.clone(),
+            client_tls,
+            Duration::from_millis(100),
+            shutdown.clone(),
+        ));
+        let _s = serve(origin.clone());
+        let agent = bind(&dirs[1]);
+        let served = || async {
+            let conn = agent.connect(local_addr(&origin), PEER_SERVER_NAME).unwrap().await.unwrap();
+            let chain = conn.peer_identity().unwrap().downcast::<Vec<CertificateDer<'static>>>().unwrap();
+            conn.close(0u32.into(), b"done");
+            chain[0].clone()
+        };
+        let before = served().await;
+        // Rotation: a new certificate for the same node, valid one day.
+        issue_with(&ca, "origin-1", Role::Origin, Duration::from_secs(86400), &dirs[0]).unwrap();
+        let rotated = load_certs(&dirs[0].join(CERT_FILE)).unwrap().remove(0);
+        assert_ne!(before, rotated);
+        let deadline = std::time::Instant::now() + WAIT;
+        while served().await != rotated {
+            assert!(std::time::Instant::now() < deadline, "the new certificate was not picked up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = TlsIdentity::load(&dirs[0]).unwrap().expires_at().unwrap()
+            - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((86_000..=86_400).contains(&left), "{left}");
+        shutdown.cancel();
     }
 }
