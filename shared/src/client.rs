@@ -7,9 +7,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-
-use crate::digest::Digest;
 
 /// Why a call to another component failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,80 +79,4 @@ pub async fn get_json<T: DeserializeOwned>(
         .map_err(|e| ClientError::Malformed { url: url.to_owned(), cause: e.to_string() })
 }
 
-/// Largest metainfo document accepted (JSON of `MAX_PIECES` hashes).
-pub const MAX_METAINFO_JSON: usize = 96 << 20;
-/// Largest announce request or response accepted.
-pub const MAX_ANNOUNCE_JSON: usize = 256 << 10;
-
-/// What a peer tells the tracker.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Announce {
-    pub digest: Digest,
-    /// Where the peer accepts QUIC connections.
-    pub peer: std::net::SocketAddr,
-    /// True when the peer holds the whole blob.
-    pub complete: bool,
-}
-
-/// One peer in the tracker's answer.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PeerInfo {
-    pub addr: std::net::SocketAddr,
-    pub complete: bool,
-    pub origin: bool,
-}
-
-/// The tracker's answer to an announce.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AnnounceResponse {
-    /// Seconds until the peer should announce again.
-    pub interval: u64,
-    /// Origins first, then seeders, then other downloaders; never the announcer.
-    pub peers: Vec<PeerInfo>,
-}
-
-/// Most blobs in one batched announce.
-pub const MAX_BATCH: usize = 1024;
-/// Most blobs still downloading in one batched announce (each gets a peer list back).
-pub const MAX_BATCH_DOWNLOADING: usize = 64;
-/// Largest batched announce response accepted.
-pub const MAX_ANNOUNCE_BATCH_JSON: usize = 2 << 20;
-
-/// One blob in a batched announce.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BlobState {
-    pub digest: Digest,
-    /// True when the peer holds the whole blob (seeding).
-    pub complete: bool,
-}
-
-/// Every blob a peer downloads or seeds, announced in one request per tick
-/// (`POST /shoal/v1/announce/batch`): at most [`MAX_BATCH`] blobs, of which at most
-/// [`MAX_BATCH_DOWNLOADING`] incomplete.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AnnounceBatch {
-    pub peer: std::net::SocketAddr,
-    pub blobs: Vec<BlobState>,
-}
-
-/// Peers of one blob the announcer is still downloading.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BlobPeers {
-    pub digest: Digest,
-    /// As in [`AnnounceResponse::peers`].
-    pub peers: Vec<PeerInfo>,
-}
-
-/// The tracker's answer to a batched announce: peer lists for the incomplete blobs only
-/// (a seeder needs none).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AnnounceBatchResponse {
-    pub interval: u64,
-    pub swarms: Vec<BlobPeers>,
-}
-
-/// The tracker's answer to a tag lookup.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TagResponse {
-    pub digest: Digest,
-}
+pub use shoal_proto::messages::*;

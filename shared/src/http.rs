@@ -136,45 +136,130 @@ pub async fn check_piece_at(file: &Arc<File>, check: &PieceCheck, offset: u64) -
     Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "stored blob is damaged"))
 }
 
-/// Streams `[start, end)` of `file`. Pull-driven: each chunk is read (off the executor, with
-/// one of [`SERVE_READERS`] permits) when the response asks for it. With a `check`, each
-/// piece is verified before its first byte is read for sending (a second read, from the page
-/// cache: a checked piece is never held whole in memory).
+/// Streams `[start, end)` of `file`. Pull-driven: a chunk is read (off the executor, with one
+/// of [`SERVE_READERS`] permits) when the response asks for it, with one more read ahead so
+/// the disk and the socket overlap; a client that stops reading holds at most two chunks.
+/// With a `check`, chunks stop at piece boundaries and each piece is verified (a separate
+/// read, from the page cache: a piece is never held whole in memory) before any chunk of it
+/// is read for sending; the check of the next piece runs while this one is sent.
 pub fn file_stream(
     file: Arc<File>,
     start: u64,
     end: u64,
     check: Option<PieceCheck>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + 'static {
-    let check = check.map(Arc::new);
-    // (next offset, end of the checked region)
-    futures_util::stream::unfold((start, start), move |(offset, mut checked)| {
-        let (file, check) = (file.clone(), check.clone());
-        async move {
-            if offset >= end {
-                return None;
-            }
-            if let Some(check) = &check {
-                if offset >= checked {
-                    match check_piece_at(&file, check, offset).await {
-                        Ok(piece_end) => checked = piece_end,
-                        // Ends the stream: the client sees a short body, never wrong bytes.
-                        Err(e) => return Some((Err(e), (end, end))),
-                    }
+    use futures_util::StreamExt as _;
+    let mut checks = check.map(|c| PieceChecks::new(file.clone(), Arc::new(c), end));
+    let piece_length = checks.as_ref().map(|c| u64::from(c.check.metainfo.piece_length()));
+    let chunks = std::iter::successors((start < end).then_some(start), move |&offset| {
+        let next = offset + chunk_len(offset, end, piece_length);
+        (next < end).then_some(next)
+    });
+    futures_util::stream::iter(chunks)
+        .map(move |offset| {
+            let n = chunk_len(offset, end, piece_length) as usize;
+            let verified = checks.as_mut().map(|c| c.for_offset(offset));
+            let file = file.clone();
+            async move {
+                if let Some(verified) = verified {
+                    verified.await.map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 }
+                if let Some(bytes) = read_cached(&file, offset, n) {
+                    return Ok(bytes);
+                }
+                serve_read(move || {
+                    let mut buf = BytesMut::zeroed(n);
+                    file.read_exact_at(&mut buf, offset).map(|()| buf.freeze())
+                })
+                .await
             }
-            let limit = if check.is_some() { checked.min(end) } else { end };
-            let n = (limit - offset).min(SERVE_CHUNK as u64) as usize;
-            let read = serve_read(move || {
-                let mut buf = BytesMut::zeroed(n);
-                file.read_exact_at(&mut buf, offset).map(|()| buf.freeze())
+        })
+        .buffered(2)
+        // The first error ends the body: the client sees it cut short, never a wrong byte.
+        .scan(false, |failed, item| {
+            let out = (!*failed).then(|| {
+                *failed = item.is_err();
+                item
             });
-            Some(match read.await {
-                Ok(bytes) => (Ok(bytes), (offset + n as u64, checked)),
-                Err(e) => (Err(e), (end, end)),
-            })
+            futures_util::future::ready(out)
+        })
+}
+
+/// Reads `n` bytes at `offset` right here when the page cache holds them all
+/// (`preadv2(RWF_NOWAIT)` never waits for the disk): a hot blob is served without a trip
+/// through the blocking pool. `None` when any of them is not cached (or anything else goes
+/// wrong): the caller reads on the blocking pool, which also reports real errors.
+fn read_cached(file: &File, offset: u64, n: usize) -> Option<Bytes> {
+    let mut buf = BytesMut::zeroed(n);
+    let mut done = 0;
+    while done < n {
+        let mut slice = [std::io::IoSliceMut::new(&mut buf[done..])];
+        match rustix::io::preadv2(file, &mut slice, offset + done as u64, rustix::io::ReadWriteFlags::NOWAIT)
+        {
+            Ok(k) if k > 0 => done += k,
+            _ => return None,
         }
-    })
+    }
+    Some(buf.freeze())
+}
+
+/// Bytes in the chunk at `offset`: at most [`SERVE_CHUNK`], never past `end` nor, when pieces
+/// are checked, past the piece's end.
+fn chunk_len(offset: u64, end: u64, piece_length: Option<u64>) -> u64 {
+    let piece_end = piece_length.map_or(end, |l| (offset / l + 1) * l);
+    (SERVE_CHUNK as u64).min(end - offset).min(piece_end - offset)
+}
+
+type PieceVerdict =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<(), Arc<std::io::Error>>>>;
+
+/// The piece checks of one response: each runs once as its own task, started one piece
+/// ahead of the chunks being sent.
+struct PieceChecks {
+    file: Arc<File>,
+    check: Arc<PieceCheck>,
+    end: u64,
+    started: std::collections::VecDeque<(u32, PieceVerdict)>,
+}
+
+impl PieceChecks {
+    fn new(file: Arc<File>, check: Arc<PieceCheck>, end: u64) -> Self {
+        Self { file, check, end, started: std::collections::VecDeque::new() }
+    }
+
+    fn spawn(&self, index: u32) -> PieceVerdict {
+        use futures_util::FutureExt as _;
+        let (file, check) = (self.file.clone(), self.check.clone());
+        let offset = self.check.metainfo.piece_offset(index);
+        let task = tokio::spawn(async move { check_piece_at(&file, &check, offset).await.map(|_| ()) });
+        async move {
+            match task.await {
+                Ok(result) => result.map_err(Arc::new),
+                Err(e) => Err(Arc::new(std::io::Error::other(e))),
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// The verdict on the piece holding `offset`; starts the next piece's check too.
+    fn for_offset(&mut self, offset: u64) -> PieceVerdict {
+        let m = &self.check.metainfo;
+        let index = (offset / u64::from(m.piece_length())) as u32;
+        self.started.retain(|(i, _)| *i >= index);
+        for i in [index, index + 1] {
+            let wanted = i == index || (i < m.piece_count() && m.piece_offset(i) < self.end);
+            if wanted && !self.started.iter().any(|(s, _)| *s == i) {
+                let verdict = self.spawn(i);
+                self.started.push_back((i, verdict));
+            }
+        }
+        self.started
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| self.spawn(index))
+    }
 }
 
 /// How long a response may make no progress into a client's socket before the connection

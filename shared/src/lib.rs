@@ -1,21 +1,17 @@
-//! Shoal's protocol core and common building blocks.
+//! Shoal's I/O building blocks, on top of the pure protocol crate `shoal-proto`.
 //!
-//! Pure modules (no I/O, no clock): [`digest`], [`metainfo`], [`bitfield`], [`codec`],
-//! [`wire`], [`scheduler`], [`oci`]. I/O modules built on them: [`store`], [`tls`],
-//! [`peer`], [`http`], [`config`], [`telemetry`], [`ratelimit`].
+//! The pure modules are re-exported from `shoal-proto` under their old paths ([`digest`],
+//! [`metainfo`], [`bitfield`], [`codec`], [`wire`], [`scheduler`], [`oci`], [`hint`]). Built
+//! on them here: [`store`], [`tls`], [`peer`], [`http`], [`client`], [`tracker`], [`config`],
+//! [`telemetry`], [`ratelimit`].
 
-pub mod bitfield;
-pub mod codec;
-pub mod digest;
-pub mod metainfo;
-pub mod scheduler;
-pub mod wire;
+pub use shoal_proto::{
+    bitfield, codec, digest, hint, messages, metainfo, oci, registry_auth, scheduler, wire,
+};
 
 pub mod client;
 pub mod config;
-pub mod hint;
 pub mod http;
-pub mod oci;
 pub mod peer;
 pub mod ratelimit;
 pub mod store;

@@ -7,7 +7,8 @@
 //! - `tmp/`: uploads in progress, emptied when the store opens.
 //!
 //! A blob becomes visible only through [`Staged::commit`]: bytes are written to a temp file,
-//! the digest is checked, the file is fsynced and atomically renamed into `blobs/`. File names
+//! the digest is checked, the file is fsynced, its metainfo saved, and it is atomically
+//! renamed into `blobs/`. File names
 //! come from [`Digest::hex`], so no input can name a path outside the store.
 
 use std::fs::File;
@@ -399,10 +400,12 @@ impl Staged {
             Ok(m)
         })
         .await?;
+        // The metainfo first: a blob is never visible without it (readers check pieces
+        // against it).
+        store.put_metainfo(&m).await?;
         let dest = store.blob_path(&expected);
         tokio::fs::rename(&path, &dest).await.map_err(io_err(&dest))?;
         guard.disarm();
-        store.put_metainfo(&m).await?;
         Ok(m)
     }
 
@@ -537,9 +540,10 @@ impl PartialBlob {
             }
             return Err(e);
         }
+        // The metainfo first: a blob is never visible without it.
+        self.store.put_metainfo(&self.metainfo).await?;
         let dest = self.store.blob_path(&expected);
-        tokio::fs::rename(&self.path, &dest).await.map_err(io_err(&dest))?;
-        self.store.put_metainfo(&self.metainfo).await
+        tokio::fs::rename(&self.path, &dest).await.map_err(io_err(&dest))
     }
 
     /// Hashes the whole file, then [`commit_hashed`](Self::commit_hashed).

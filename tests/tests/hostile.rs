@@ -403,3 +403,68 @@ async fn open_uploads_are_bounded_in_bytes() {
     let b = start_upload(&c, &base).await;
     assert_eq!(patch(&c, &b, &[7u8; 600 << 10]).await.0, StatusCode::ACCEPTED);
 }
+
+/// Issue item 3, the part that needs no certificate: announces were taken from anyone for
+/// any address, one host could put 10,000 "seeders" in a swarm, and every lookup of an
+/// unknown digest went to the origins. Now an announcer may announce only its own IP (and a
+/// dialable address), one IP holds at most a bounded share of a swarm and of the table, and
+/// "no origin has it" is remembered briefly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_announces_from_one_host_locks_nobody_out() {
+    let c = Cluster::start(ClusterOptions { agents: 1, ..Default::default() }).await.expect("cluster");
+    let image = c.push_image("app/flood:v1", &[256 << 10], 4).await.expect("push");
+    let (layer, _) = image.layers[0].clone();
+    // The flooder is another host: another loopback address.
+    let flooder = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client");
+    let announce = |peer: String| {
+        let body = serde_json::json!({ "digest": layer, "peer": peer, "complete": true });
+        flooder.post(format!("{}/shoal/v1/announce", c.tracker_url)).json(&body).send()
+    };
+    let status = |r: reqwest::Result<reqwest::Response>| r.expect("announce").status();
+    assert_eq!(
+        status(announce("10.9.9.9:5051".into()).await),
+        StatusCode::FORBIDDEN,
+        "someone else's address"
+    );
+    assert_eq!(status(announce("127.0.0.2:0".into()).await), StatusCode::BAD_REQUEST, "port 0");
+    assert_eq!(status(announce("0.0.0.0:5051".into()).await), StatusCode::BAD_REQUEST, "unspecified");
+
+    // A thousand "seeders" from one host: a bounded few are kept.
+    for port in 1..=1000u16 {
+        assert_eq!(status(announce(format!("127.0.0.2:{port}")).await), StatusCode::OK);
+    }
+    let url = format!("{}/shoal/v1/peers/{layer}", c.tracker_url);
+    let peers: serde_json::Value =
+        c.client.get(&url).send().await.expect("peers").json().await.expect("json");
+    let fake = peers["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.2:")))
+        .count();
+    assert!(fake <= 64, "{fake} addresses of one host in one swarm");
+
+    // Fifty lookups of a digest nobody has cost the origins one request.
+    let lookups = || async {
+        let metrics = c.client.get(format!("{}/metrics", c.tracker_url)).send().await.expect("metrics");
+        shoal_tests::cluster::parse_counter(
+            &metrics.text().await.expect("text"),
+            "shoal_tracker_origin_lookups_total",
+        )
+    };
+    let before = lookups().await;
+    let unknown = digest_of(b"nobody has this");
+    for _ in 0..50 {
+        let r = flooder.get(format!("{}/shoal/v1/metainfo/{unknown}", c.tracker_url)).send().await;
+        assert_eq!(r.expect("lookup").status(), StatusCode::NOT_FOUND);
+    }
+    assert_eq!(lookups().await - before, 1, "every unknown lookup went to the origin");
+
+    // The real agent still pulls the layer, from the origin (the fakes answer nothing).
+    let agent = &c.agents[0];
+    let body = c.client.get(format!("{}/v2/app/flood/blobs/{layer}", agent.registry_url)).send().await;
+    assert_eq!(digest_of(&body.expect("get").bytes().await.expect("body")), layer);
+}

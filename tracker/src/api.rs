@@ -1,10 +1,11 @@
 //! The tracker's HTTP API: announce, metainfo and tag lookups, metrics.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use shoal_shared::client::{
@@ -25,6 +26,8 @@ pub struct AppState {
     pub origins: Origins,
     pub interval: Duration,
     pub max_peers: usize,
+    /// Record announced addresses from any IP (else only the announcer's own).
+    pub trust_announced_addresses: bool,
     pub announces: Counter,
     pub registry: Registry,
 }
@@ -72,20 +75,51 @@ fn lookup_error(e: &LookupError) -> HttpResponse {
     }
 }
 
-async fn announce(body: web::Json<Announce>, state: State) -> HttpResponse {
+/// Why an announced peer address is refused: one nobody can dial, or (unless the tracker
+/// trusts announced addresses) an IP other than the one the announce came from, since a
+/// peer may announce only itself.
+fn check_announced(peer: SocketAddr, from: Option<SocketAddr>, trust: bool) -> Result<(), HttpResponse> {
+    let ip = canonical(peer.ip());
+    let undialable = peer.port() == 0
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if undialable {
+        return Err(error(StatusCode::BAD_REQUEST, &format!("announced address {peer} cannot be dialled")));
+    }
+    match from.map(|f| canonical(f.ip())) {
+        _ if trust => Ok(()),
+        Some(source) if source == ip => Ok(()),
+        source => Err(error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "announced address {peer} is not the announcer's own ({}); a peer may announce only itself",
+                source.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
+            ),
+        )),
+    }
+}
+
+/// An IPv4 address seen through an IPv6 socket as the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+async fn announce(req: HttpRequest, body: web::Json<Announce>, state: State) -> HttpResponse {
     let a = body.into_inner();
+    if let Err(resp) = check_announced(a.peer, req.peer_addr(), state.trust_announced_addresses) {
+        return resp;
+    }
     state.announces.inc();
     let peers = record(&state, a.digest, a.peer, a.complete).await;
     HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
 }
 
 /// Records that `peer` holds (part of) `digest` and returns the peers it may fetch from.
-async fn record(
-    state: &AppState,
-    digest: Digest,
-    peer: std::net::SocketAddr,
-    complete: bool,
-) -> Vec<PeerInfo> {
+async fn record(state: &AppState, digest: Digest, peer: SocketAddr, complete: bool) -> Vec<PeerInfo> {
     let origins = state.origins.holders(digest).await;
     let others =
         state.swarms.announce(digest, peer, complete, state.interval * 3, state.max_peers, Instant::now());
@@ -101,8 +135,11 @@ async fn record(
 
 /// Every blob of one peer in one request: seeded blobs are recorded, downloading ones get
 /// their peer lists back.
-async fn announce_batch(body: web::Json<AnnounceBatch>, state: State) -> HttpResponse {
+async fn announce_batch(req: HttpRequest, body: web::Json<AnnounceBatch>, state: State) -> HttpResponse {
     let batch = body.into_inner();
+    if let Err(resp) = check_announced(batch.peer, req.peer_addr(), state.trust_announced_addresses) {
+        return resp;
+    }
     let downloading = batch.blobs.iter().filter(|b| !b.complete).count();
     if batch.blobs.len() > MAX_BATCH || downloading > MAX_BATCH_DOWNLOADING {
         let msg = format!("at most {MAX_BATCH} blobs, {MAX_BATCH_DOWNLOADING} of them incomplete");
@@ -112,8 +149,7 @@ async fn announce_batch(body: web::Json<AnnounceBatch>, state: State) -> HttpRes
     let mut swarms = Vec::with_capacity(downloading);
     for blob in batch.blobs {
         if blob.complete {
-            let ttl = state.interval * 3;
-            state.swarms.announce(blob.digest, batch.peer, true, ttl, 0, Instant::now());
+            state.swarms.record(blob.digest, batch.peer, true, state.interval * 3, Instant::now());
         } else {
             let peers = record(&state, blob.digest, batch.peer, false).await;
             swarms.push(BlobPeers { digest: blob.digest, peers });

@@ -23,6 +23,11 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_MAX_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_peers: Option<usize>,
+    /// Record announced peer addresses whatever IP the announce came from (for agents
+    /// behind NAT). By default an announcer may announce only its own IP.
+    #[arg(long, env = "SHOAL_TRUST_ANNOUNCED_ADDRESSES", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_announced_addresses: Option<bool>,
 }
 
 /// The tracker's validated configuration.
@@ -37,6 +42,8 @@ pub struct Config {
     pub announce_interval: u64,
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
+    #[serde(default)]
+    pub trust_announced_addresses: bool,
 }
 
 fn default_http() -> SocketAddr {
@@ -57,6 +64,7 @@ impl Config {
             origin,
             announce_interval: default_interval(),
             max_peers: default_max_peers(),
+            trust_announced_addresses: false,
         }
     }
 }

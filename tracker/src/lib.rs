@@ -25,11 +25,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let announces = Counter::default();
     let mut registry = Registry::default();
     registry.register("shoal_tracker_announces", "Announces received", announces.clone());
+    let origins = origins::Origins::new(config.origin.clone());
+    registry.register(
+        "shoal_tracker_origin_lookups",
+        "Metainfo requests sent to origins",
+        origins.lookups.clone(),
+    );
     let state = web::Data::new(api::AppState {
         swarms: swarms.clone(),
-        origins: origins::Origins::new(config.origin.clone()),
+        origins,
         interval,
         max_peers: config.max_peers.max(1),
+        trust_announced_addresses: config.trust_announced_addresses,
         announces,
         registry,
     });

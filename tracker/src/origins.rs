@@ -1,7 +1,9 @@
 //! The tracker's view of the origins: which one holds a blob, its metainfo, tag lookups.
 //!
 //! Origins are asked in the configured order. Metainfo is immutable for a digest, so it is
-//! cached (bounded); tags are mutable and always asked afresh.
+//! cached (bounded by bytes, least recently used out); so, briefly, is "no origin has it",
+//! so that a flood of lookups for unknown digests costs the origins one request per digest
+//! and [`MISS_TTL`]. Tags are mutable and always asked afresh.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +17,12 @@ use shoal_shared::oci::{valid_tag, TagList, DOCKER_LIST, DOCKER_MANIFEST, OCI_IN
 
 /// Largest tag list accepted from an origin.
 pub const MAX_TAG_LIST: usize = 4 << 20;
-/// Most metainfos cached before the cache is dropped.
-const METAINFO_CACHE: usize = 10_000;
+/// Bytes of metainfo (about 32 a piece) the cache holds at most.
+const METAINFO_CACHE_BYTES: u64 = 256 << 20;
+/// How long "no origin has it" is remembered for a digest (and hint).
+pub const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most misses remembered.
+const MISS_CACHE: u64 = 100_000;
 
 /// A lookup that no origin could answer.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +40,7 @@ pub enum LookupError {
     Denied(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Known {
     metainfo: Arc<Metainfo>,
     origin: usize,
@@ -46,7 +52,11 @@ pub struct Origins {
     urls: Vec<String>,
     http: reqwest::Client,
     peer_addrs: DashMap<usize, SocketAddr>,
-    known: DashMap<Digest, Known>,
+    known: moka::sync::Cache<Digest, Known>,
+    /// Digests (with the hint's query) no origin had, moments ago.
+    misses: moka::sync::Cache<(Digest, String), ()>,
+    /// Metainfo requests sent to origins.
+    pub lookups: prometheus_client::metrics::counter::Counter,
 }
 
 #[derive(serde::Deserialize)]
@@ -57,7 +67,21 @@ struct Info {
 impl Origins {
     pub fn new(urls: Vec<String>) -> Self {
         let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
-        Self { urls, http: client::http_client(), peer_addrs: DashMap::new(), known: DashMap::new() }
+        let known = moka::sync::Cache::builder()
+            .weigher(|_, k: &Known| {
+                u32::try_from(k.metainfo.piece_count() as u64 * 32 + 256).unwrap_or(u32::MAX)
+            })
+            .max_capacity(METAINFO_CACHE_BYTES)
+            .build();
+        let misses = moka::sync::Cache::builder().max_capacity(MISS_CACHE).time_to_live(MISS_TTL).build();
+        Self {
+            urls,
+            http: client::http_client(),
+            peer_addrs: DashMap::new(),
+            known,
+            misses,
+            lookups: Default::default(),
+        }
     }
 
     /// The metainfo of `digest` from the first origin that has it.
@@ -75,12 +99,18 @@ impl Origins {
         hint: Option<&Hint>,
     ) -> Result<Arc<Metainfo>, LookupError> {
         if let Some(k) = self.known.get(&digest) {
-            return Ok(k.metainfo.clone());
+            return Ok(k.metainfo);
         }
         let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
+        let miss = (digest, query);
+        if self.misses.contains_key(&miss) {
+            return Err(LookupError::NotFound);
+        }
+        let query = &miss.1;
         let (mut last_error, mut denied, mut pending) = (None, None, false);
         for (i, base) in self.urls.iter().enumerate() {
             let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
+            self.lookups.inc();
             let resp = match self.http.get(&url).send().await {
                 Ok(r) => r,
                 Err(e) => {
@@ -103,9 +133,6 @@ impl Origins {
             }) {
                 Ok(m) if m.digest() == digest => {
                     let m = Arc::new(m);
-                    if self.known.len() >= METAINFO_CACHE {
-                        self.known.clear();
-                    }
                     self.known.insert(digest, Known { metainfo: m.clone(), origin: i });
                     return Ok(m);
                 }
@@ -121,7 +148,13 @@ impl Origins {
         if let Some(denied) = denied {
             return Err(LookupError::Denied(denied));
         }
-        Err(last_error.map_or(LookupError::NotFound, LookupError::Unavailable))
+        match last_error {
+            Some(e) => Err(LookupError::Unavailable(e)),
+            None => {
+                self.misses.insert(miss, ());
+                Err(LookupError::NotFound)
+            }
+        }
     }
 
     /// Peer addresses of the origins known to hold `digest` (after a metainfo lookup).

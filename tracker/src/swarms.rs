@@ -2,12 +2,15 @@
 //!
 //! Pure bookkeeping over `now` (no clock inside), so expiry is tested without sleeping.
 //! The map is the single owner of peer entries; callers never hold a guard across `.await`.
+//! Bounded so that it degrades fairly: the whole table, each swarm, each IP's share of the
+//! table and each IP's share of a swarm; an announce costs one pass over its swarm, no sort.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use rand::seq::IteratorRandom;
 use shoal_shared::client::PeerInfo;
 use shoal_shared::digest::Digest;
 
@@ -15,6 +18,12 @@ use shoal_shared::digest::Digest;
 const MAX_PEERS_PER_BLOB: usize = 10_000;
 /// Most blobs tracked at once; announces for new blobs beyond it are answered, not recorded.
 const MAX_BLOBS: usize = 1_000_000;
+/// Most entries (blob, address) one IP may hold in the whole table: one host cannot fill
+/// it and lock the others out.
+pub const MAX_ENTRIES_PER_IP: usize = MAX_BLOBS / 16;
+/// Most addresses of one IP in one blob's swarm: a host runs one agent (and maybe an origin);
+/// ten thousand "seeders" on one host are a flood, not a swarm.
+pub const MAX_PER_IP_PER_BLOB: usize = 64;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -22,14 +31,75 @@ struct Entry {
     expires: Instant,
 }
 
-/// Announced peers per blob.
+/// Announced peers per blob, and how many entries each IP holds.
 #[derive(Debug, Default)]
 pub struct Swarms {
     blobs: DashMap<Digest, HashMap<SocketAddr, Entry>>,
+    per_ip: DashMap<IpAddr, usize>,
 }
 
 impl Swarms {
-    /// Records an announce and returns up to `max` other live peers, seeders first.
+    fn add_ip(&self, ip: IpAddr) {
+        *self.per_ip.entry(ip).or_default() += 1;
+    }
+
+    fn drop_ips(&self, gone: impl IntoIterator<Item = IpAddr>) {
+        for ip in gone {
+            if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(ip) {
+                *e.get_mut() = e.get().saturating_sub(1);
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    /// Records that `peer` holds (part of) `digest` for `ttl`, within the bounds: the table,
+    /// the blob's swarm, the IP's share of the table and of the swarm. Returns whether it
+    /// is recorded.
+    pub fn record(
+        &self,
+        digest: Digest,
+        peer: SocketAddr,
+        complete: bool,
+        ttl: Duration,
+        now: Instant,
+    ) -> bool {
+        if self.blobs.len() >= MAX_BLOBS && !self.blobs.contains_key(&digest) {
+            return false;
+        }
+        let ip = peer.ip();
+        let mut peers = self.blobs.entry(digest).or_default();
+        let mut expired = Vec::new();
+        peers.retain(|addr, e| {
+            let live = e.expires > now;
+            if !live {
+                expired.push(addr.ip());
+            }
+            live
+        });
+        let known = peers.contains_key(&peer);
+        let fits = known
+            || (peers.len() < MAX_PEERS_PER_BLOB
+                && self.per_ip.get(&ip).map_or(0, |n| *n) < MAX_ENTRIES_PER_IP
+                && peers.keys().filter(|a| a.ip() == ip).count() < MAX_PER_IP_PER_BLOB);
+        if fits {
+            peers.insert(peer, Entry { complete, expires: now + ttl });
+        }
+        let empty = peers.is_empty();
+        drop(peers);
+        if empty {
+            self.blobs.remove_if(&digest, |_, p| p.is_empty());
+        }
+        self.drop_ips(expired);
+        if fits && !known {
+            self.add_ip(ip);
+        }
+        fits
+    }
+
+    /// Records an announce and returns up to `max` other live peers, seeders first, each
+    /// group in random order (so load spreads over the swarm) without sorting the swarm.
     pub fn announce(
         &self,
         digest: Digest,
@@ -39,24 +109,15 @@ impl Swarms {
         max: usize,
         now: Instant,
     ) -> Vec<PeerInfo> {
-        if self.blobs.len() >= MAX_BLOBS && !self.blobs.contains_key(&digest) {
-            return self.peers(&digest, max, now);
-        }
-        let mut peers = self.blobs.entry(digest).or_default();
-        peers.retain(|_, e| e.expires > now);
-        if peers.len() < MAX_PEERS_PER_BLOB || peers.contains_key(&peer) {
-            peers.insert(peer, Entry { complete, expires: now + ttl });
-        }
-        let mut out: Vec<PeerInfo> = peers
-            .iter()
-            .filter(|(addr, _)| **addr != peer)
-            .map(|(addr, e)| PeerInfo { addr: *addr, complete: e.complete, origin: false })
-            .collect();
-        // Seeders first; then a random order so load spreads over the swarm.
-        use rand::seq::SliceRandom;
-        out.shuffle(&mut rand::rng());
-        out.sort_by_key(|p| !p.complete);
-        out.truncate(max);
+        self.record(digest, peer, complete, ttl, now);
+        let Some(peers) = self.blobs.get(&digest) else { return Vec::new() };
+        let live = || peers.iter().filter(move |(a, e)| **a != peer && e.expires > now);
+        let info = |(a, e): (&SocketAddr, &Entry)| PeerInfo { addr: *a, complete: e.complete, origin: false };
+        let mut rng = rand::rng();
+        let mut out: Vec<PeerInfo> =
+            live().filter(|(_, e)| e.complete).map(info).choose_multiple(&mut rng, max);
+        let room = max - out.len();
+        out.extend(live().filter(|(_, e)| !e.complete).map(info).choose_multiple(&mut rng, room));
         out
     }
 
@@ -75,10 +136,18 @@ impl Swarms {
 
     /// Drops expired peers and empty blobs.
     pub fn sweep(&self, now: Instant) {
+        let mut expired = Vec::new();
         self.blobs.retain(|_, peers| {
-            peers.retain(|_, e| e.expires > now);
+            peers.retain(|addr, e| {
+                let live = e.expires > now;
+                if !live {
+                    expired.push(addr.ip());
+                }
+                live
+            });
             !peers.is_empty()
         });
+        self.drop_ips(expired);
     }
 
     /// Number of blobs with live peers.
@@ -88,6 +157,11 @@ impl Swarms {
 
     pub fn is_empty(&self) -> bool {
         self.blobs.is_empty()
+    }
+
+    /// Entries (blob, address) held by addresses of `ip`.
+    pub fn entries_of(&self, ip: IpAddr) -> usize {
+        self.per_ip.get(&ip).map_or(0, |n| *n)
     }
 }
 
@@ -112,6 +186,33 @@ mod tests {
         assert_eq!(peers[0], PeerInfo { addr: addr(2), complete: true, origin: false });
         assert!(peers.iter().all(|p| p.addr != addr(3)));
         assert_eq!(s.announce(d, addr(3), false, ttl, 1, now).len(), 1);
+    }
+
+    #[test]
+    fn one_ip_cannot_flood_a_swarm_or_the_table() {
+        let s = Swarms::default();
+        let d = Digest::of(b"layer");
+        let now = Instant::now();
+        let ttl = Duration::from_secs(30);
+        let flood = |port: u16| SocketAddr::from(([10, 0, 0, 66], port));
+        let recorded = (1..=10_000u16).filter(|&p| s.record(d, flood(p), true, ttl, now)).count();
+        assert_eq!(recorded, MAX_PER_IP_PER_BLOB);
+        // Another host still joins the swarm, and gets every seeder it may.
+        assert!(s.record(d, SocketAddr::from(([10, 0, 0, 7], 5051)), false, ttl, now));
+        assert_eq!(s.announce(d, addr(9), false, ttl, 100, now).len(), MAX_PER_IP_PER_BLOB + 1);
+
+        // Across blobs, one IP holds at most its share of the table.
+        let mut n = 0u64;
+        while s.record(Digest::of(&n.to_le_bytes()), flood(1), true, ttl, now) {
+            n += 1;
+            assert!(n <= MAX_ENTRIES_PER_IP as u64, "no bound");
+        }
+        assert_eq!(s.entries_of(flood(1).ip()), MAX_ENTRIES_PER_IP);
+        assert!(s.record(Digest::of(b"newcomer"), SocketAddr::from(([10, 0, 0, 7], 5051)), true, ttl, now));
+        // Expiry gives the share back.
+        s.sweep(now + Duration::from_secs(31));
+        assert_eq!(s.entries_of(flood(1).ip()), 0);
+        assert!(s.is_empty());
     }
 
     #[test]

@@ -219,7 +219,7 @@ impl Upstreams {
         }
         let http = builder.build().map_err(|e| format!("upstream HTTP client: {e}"))?;
         let creds = match &settings.auth_file {
-            Some(path) => auth::DockerConfig::load(path).map_err(|e| e.to_string())?,
+            Some(path) => auth::load_docker_config(path).map_err(|e| e.to_string())?,
             None => auth::DockerConfig::default(),
         };
         let mut list = Vec::new();

@@ -1,0 +1,24 @@
+//! Shoal's pure protocol, shared by every component and by the simulator.
+//!
+//! Nothing here does I/O, reads a clock or needs an async runtime: state machines take
+//! events and `now` and return actions, codecs take bytes and return values. That is what
+//! lets the same download scheduler run in an agent, in a unit test on a virtual clock and in
+//! a simulator of 10,000 hosts. The I/O building blocks (store, QUIC transport, HTTP, TLS)
+//! live in `shoal-shared`, which depends on this crate and never the other way round.
+//!
+//! Modules: [`digest`] (OCI content digests), [`metainfo`] (pieces and their hashes),
+//! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
+//! [`scheduler`] (the download session), [`oci`] (references, manifests, media types, error
+//! codes), [`hint`] (which registry a pull is for), [`messages`] (tracker messages),
+//! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses).
+
+pub mod bitfield;
+pub mod codec;
+pub mod digest;
+pub mod hint;
+pub mod messages;
+pub mod metainfo;
+pub mod oci;
+pub mod registry_auth;
+pub mod scheduler;
+pub mod wire;

@@ -1,0 +1,219 @@
+//! Registry credentials and authentication as Docker and the distribution spec define them:
+//! the `auths` section of a Docker `config.json`, `WWW-Authenticate` challenges and token
+//! responses. Pure parsing of untrusted text (every function is fuzzed); the origin's
+//! upstream client does the I/O around it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// Largest token response read.
+pub const MAX_TOKEN_JSON: usize = 64 << 10;
+/// Lifetime of a token whose response does not say (the distribution spec's default).
+const DEFAULT_TOKEN_LIFETIME: u64 = 60;
+
+/// A user name and password. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
+/// The `auths` section of a Docker `config.json`: registry host -> credentials.
+#[derive(Clone, Default)]
+pub struct DockerConfig {
+    auths: HashMap<String, Credentials>,
+}
+
+impl std::fmt::Debug for DockerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerConfig").field("registries", &self.auths.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    auths: HashMap<String, AuthEntry>,
+}
+
+#[derive(Deserialize)]
+struct AuthEntry {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// `https://index.docker.io/v1/` and `docker.io` name the same registry as
+/// `registry-1.docker.io`; keys may carry a scheme and a path.
+pub fn normalize_host(key: &str) -> String {
+    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
+    match host.as_str() {
+        "docker.io" | "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+        _ => host,
+    }
+}
+
+impl DockerConfig {
+    /// Parses a `config.json` document. Errors never quote the document.
+    pub fn parse(text: &[u8]) -> Result<Self, String> {
+        let file: ConfigFile = serde_json::from_slice(text)
+            .map_err(|e| format!("not a Docker config.json (line {})", e.line()))?;
+        let mut auths = HashMap::new();
+        for (key, entry) in file.auths {
+            let creds = match (entry.auth, entry.username, entry.password) {
+                (Some(auth), _, _) if !auth.is_empty() => {
+                    let decoded = base64::engine::general_purpose::STANDARD
+                        .decode(auth.trim())
+                        .map_err(|_| format!("auths[{key}].auth is not base64"))?;
+                    let decoded =
+                        String::from_utf8(decoded).map_err(|_| format!("auths[{key}].auth is not UTF-8"))?;
+                    let (u, p) = decoded
+                        .split_once(':')
+                        .ok_or_else(|| format!("auths[{key}].auth is not base64(user:password)"))?;
+                    Credentials { username: u.to_owned(), password: p.to_owned() }
+                }
+                (_, Some(username), Some(password)) => Credentials { username, password },
+                // Entries managed by credential helpers carry no secret: nothing to use.
+                _ => continue,
+            };
+            auths.insert(normalize_host(&key), creds);
+        }
+        Ok(Self { auths })
+    }
+
+    /// The credentials for a registry host (`host[:port]`).
+    pub fn get(&self, host: &str) -> Option<&Credentials> {
+        self.auths.get(&normalize_host(host))
+    }
+}
+
+/// A `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+}
+
+/// Parses `Basic realm="..."` or `Bearer realm="...",service="...",scope="..."`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        params.insert(key, value.to_owned());
+        rest = tail.trim_start().trim_start_matches(',').trim_start();
+    }
+    let realm = params.remove("realm")?;
+    if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+        return None;
+    }
+    Some(Challenge::Bearer { realm, service: params.remove("service"), scope: params.remove("scope") })
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// The `Authorization` value for HTTP basic.
+pub fn basic_header(creds: &Credentials) -> String {
+    let raw = format!("{}:{}", creds.username, creds.password);
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+/// Decodes a token response into a `Bearer` header and how long to reuse it: its lifetime
+/// less a margin, so a token is never sent just as it expires.
+pub fn bearer_from_response(body: &[u8]) -> Result<(String, Duration), String> {
+    let r: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("malformed token response: {e}"))?;
+    let token =
+        r.token.or(r.access_token).filter(|t| !t.is_empty()).ok_or("token response without a token")?;
+    if token.len() > MAX_TOKEN_JSON || token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err("token response with an invalid token".into());
+    }
+    let lifetime = r.expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME).clamp(1, 24 * 3600);
+    let margin = (lifetime / 5).min(30);
+    Ok((format!("Bearer {token}"), Duration::from_secs(lifetime - margin)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_json_auths() {
+        let json = br#"{"auths": {
+            "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNzOndvcmQ="},
+            "ghcr.io": {"username": "u", "password": "p"},
+            "helper.example": {}
+        }}"#;
+        let c = DockerConfig::parse(json).expect("config");
+        let hub = c.get("registry-1.docker.io").expect("hub");
+        assert_eq!((hub.username.as_str(), hub.password.as_str()), ("user", "pass:word"));
+        assert_eq!(c.get("ghcr.io").map(|c| c.username.as_str()), Some("u"));
+        assert!(c.get("helper.example").is_none());
+        assert!(!format!("{c:?} {hub:?}").contains("pass"));
+        assert!(DockerConfig::parse(br#"{"auths": {"x": {"auth": "!!"}}}"#).is_err());
+        let err = DockerConfig::parse(br#"{"auths": {"x": {"auth": "c2VjcmV0"}}}"#).expect_err("no colon");
+        assert!(!err.contains("secret"));
+    }
+
+    #[test]
+    fn challenges() {
+        assert_eq!(parse_challenge("Basic realm=\"Registry\""), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(
+                "Bearer realm=\"https://auth.docker.io/token\",service=\"registry.docker.io\",scope=\"repository:library/alpine:pull\""
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+            })
+        );
+        assert_eq!(parse_challenge("Bearer service=\"x\""), None);
+        assert_eq!(parse_challenge("Bearer realm=\"file:///etc/passwd\""), None);
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+        assert_eq!(parse_challenge("Bearer realm=\"https://a"), None);
+    }
+
+    #[test]
+    fn tokens() {
+        let (h, life) = bearer_from_response(br#"{"token": "abc", "expires_in": 300}"#).expect("token");
+        assert_eq!(h, "Bearer abc");
+        assert_eq!(life, Duration::from_secs(270));
+        let (h, life) = bearer_from_response(br#"{"access_token": "xyz"}"#).expect("token");
+        assert_eq!((h.as_str(), life), ("Bearer xyz", Duration::from_secs(48)));
+        assert!(bearer_from_response(br#"{"token": ""}"#).is_err());
+        assert!(bearer_from_response(br#"{"token": "a\nb"}"#).is_err());
+    }
+}
