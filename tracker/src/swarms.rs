@@ -71,13 +71,7 @@ impl Swarms {
         let ip = peer.ip();
         let mut peers = self.blobs.entry(digest).or_default();
         let mut expired = Vec::new();
-        peers.retain(|addr, e| {
-            let live = e.expires > now;
-            if !live {
-                expired.push(addr.ip());
-            }
-            live
-        });
+        drop_expired(&mut peers, now, &mut expired);
         let known = peers.contains_key(&peer);
         let fits = known
             || (peers.len() < MAX_PEERS_PER_BLOB
@@ -138,13 +132,7 @@ impl Swarms {
     pub fn sweep(&self, now: Instant) {
         let mut expired = Vec::new();
         self.blobs.retain(|_, peers| {
-            peers.retain(|addr, e| {
-                let live = e.expires > now;
-                if !live {
-                    expired.push(addr.ip());
-                }
-                live
-            });
+            drop_expired(peers, now, &mut expired);
             !peers.is_empty()
         });
         self.drop_ips(expired);
@@ -163,6 +151,17 @@ impl Swarms {
     pub fn entries_of(&self, ip: IpAddr) -> usize {
         self.per_ip.get(&ip).map_or(0, |n| *n)
     }
+}
+
+/// Drops the expired entries of one swarm, noting their IPs in `gone`.
+fn drop_expired(peers: &mut HashMap<SocketAddr, Entry>, now: Instant, gone: &mut Vec<IpAddr>) {
+    peers.retain(|addr, e| {
+        let live = e.expires > now;
+        if !live {
+            gone.push(addr.ip());
+        }
+        live
+    });
 }
 
 #[cfg(test)]
