@@ -288,7 +288,15 @@ impl Downloads {
     /// Drops a cached blob found damaged on disk: it is deleted (the next request fetches
     /// it again from the swarm) and no longer announced, so the tracker forgets this agent
     /// as its seeder.
-    pub fn quarantine(&self, digest: Digest) {
+    /// `read` is the file the damage was found in: when the stored blob is no longer that
+    /// file (a fresh copy replaced it meanwhile), nothing is removed.
+    pub fn quarantine(&self, digest: Digest, read: &std::fs::File) {
+        use std::os::unix::fs::MetadataExt as _;
+        let stored = std::fs::metadata(self.store.blob_path(&digest)).ok().map(|m| (m.dev(), m.ino()));
+        let damaged = read.metadata().ok().map(|m| (m.dev(), m.ino()));
+        if stored.is_none() || stored != damaged {
+            return;
+        }
         self.seeding.remove(&digest);
         self.store.remove(&digest);
         self.metrics.damaged_blobs.inc();

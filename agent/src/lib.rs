@@ -81,6 +81,7 @@ pub async fn run(
     let client_tls = tls::reload::ClientTls::new(identity.client_config()?);
     let reloader = tokio::spawn(tls::reload::watch(
         config.tls.clone(),
+        tls::Role::Agent,
         endpoint.clone(),
         client_tls.clone(),
         tls::reload::RELOAD_INTERVAL,

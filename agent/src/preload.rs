@@ -10,9 +10,10 @@ use std::sync::Arc;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
-use shoal_shared::hint::{valid_ns, Hint};
+use shoal_shared::hint::Hint;
+pub use shoal_shared::image::ImageRef;
 use shoal_shared::oci::{
-    manifest_media_type, manifest_references, valid_name, Reference, DOCKER_LIST, MAX_MANIFEST, OCI_INDEX,
+    manifest_media_type, manifest_references, Reference, DOCKER_LIST, MAX_MANIFEST, OCI_INDEX,
 };
 use shoal_shared::tracker::LookupError;
 
@@ -56,20 +57,6 @@ pub struct PreloadResponse {
     pub bytes: u64,
 }
 
-/// Docker Hub's registry name in image references.
-const DOCKER_HUB: &str = "docker.io";
-/// Its legacy name, which docker and containerd read as [`DOCKER_HUB`].
-const LEGACY_DOCKER_HUB: &str = "index.docker.io";
-
-/// A parsed image reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// The registry host when the reference names one (`ns` of a mirror request).
-    pub registry: Option<String>,
-    pub name: String,
-    pub reference: Reference,
-}
-
 /// Why a preload failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum PreloadError {
@@ -87,57 +74,6 @@ pub enum PreloadError {
     Unavailable(String),
     #[error("the registry refused the cluster's credentials: {0}")]
     Denied(String),
-}
-
-impl ImageRef {
-    /// Parses `[registry/]name(:tag|@digest)`. The first path component is a registry when
-    /// it looks like a host (has a dot or a port, or is `localhost`), as docker does; and as
-    /// docker and containerd do, `index.docker.io` is `docker.io`, whose one-component names
-    /// are its official images (`docker.io/nginx` is `docker.io/library/nginx`).
-    ///
-    /// A reference without a registry is left as written: it goes to the cluster's default
-    /// upstream (the origins' first), which need not be Docker Hub.
-    pub fn parse(image: &str) -> Result<Self, PreloadError> {
-        let bad = || PreloadError::BadImage(image.to_owned());
-        if image.len() > 512 {
-            return Err(bad());
-        }
-        let (path, reference) = if let Some((path, digest)) = image.split_once('@') {
-            (path, Reference::Digest(digest.parse().map_err(|_| bad())?))
-        } else {
-            // The tag is after the last colon that follows the last slash (a registry port
-            // is not a tag).
-            let slash = image.rfind('/').map_or(0, |i| i + 1);
-            match image[slash..].rfind(':') {
-                Some(i) => (&image[..slash + i], image[slash + i + 1..].parse().map_err(|_| bad())?),
-                None => (image, Reference::Tag("latest".to_owned())),
-            }
-        };
-        let (registry, name) = match path.split_once('/') {
-            Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-                if !valid_ns(first) {
-                    return Err(bad());
-                }
-                let registry = if first == LEGACY_DOCKER_HUB { DOCKER_HUB } else { first };
-                (Some(registry.to_owned()), rest)
-            }
-            _ => (None, path),
-        };
-        let name = if registry.as_deref() == Some(DOCKER_HUB) && !name.contains('/') {
-            format!("library/{name}")
-        } else {
-            name.to_owned()
-        };
-        if !valid_name(&name) {
-            return Err(bad());
-        }
-        Ok(Self { registry, name, reference })
-    }
-
-    /// Where the cluster should pull the image from if it does not hold it.
-    pub fn hint(&self) -> Hint {
-        Hint { name: self.name.clone(), ns: self.registry.clone() }
-    }
 }
 
 /// A platform filter for indexes.
@@ -353,7 +289,7 @@ pub async fn handle(body: web::Bytes, state: web::Data<AppState>) -> HttpRespons
         Ok(r) => r,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, format!("bad body: {e}")),
     };
-    let parsed = ImageRef::parse(&req.image).and_then(|image| {
+    let parsed = ImageRef::parse(&req.image).map_err(|e| PreloadError::BadImage(e.0)).and_then(|image| {
         let platform = req.platform.as_deref().map_or(Ok(Platform::host()), Platform::parse)?;
         Ok((image, platform))
     });
@@ -403,57 +339,6 @@ pub async fn handle(body: web::Bytes, state: web::Data<AppState>) -> HttpRespons
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tag(t: &str) -> Reference {
-        Reference::Tag(t.to_owned())
-    }
-
-    #[test]
-    fn parses_image_references() {
-        let r = ImageRef::parse("docker.io/library/nginx:1.25").unwrap();
-        assert_eq!(
-            (r.registry.as_deref(), r.name.as_str(), r.reference),
-            (Some("docker.io"), "library/nginx", tag("1.25"))
-        );
-        let r = ImageRef::parse("127.0.0.1:5000/a/b/c").unwrap();
-        assert_eq!(
-            (r.registry.as_deref(), r.name.as_str(), r.reference),
-            (Some("127.0.0.1:5000"), "a/b/c", tag("latest"))
-        );
-        let r = ImageRef::parse("team/app:v1").unwrap();
-        assert_eq!((r.registry, r.name.as_str()), (None, "team/app"));
-        let d = format!("sha256:{}", "a".repeat(64));
-        let r = ImageRef::parse(&format!("localhost/app@{d}")).unwrap();
-        assert_eq!(
-            (r.registry.as_deref(), r.reference),
-            (Some("localhost"), Reference::Digest(d.parse().unwrap()))
-        );
-        // Docker Hub's official images, as docker and containerd name them.
-        for hub in ["docker.io/nginx", "docker.io/library/nginx", "index.docker.io/nginx:latest"] {
-            let r = ImageRef::parse(hub).unwrap();
-            assert_eq!(
-                (r.registry.as_deref(), r.name.as_str(), &r.reference),
-                (Some("docker.io"), "library/nginx", &tag("latest")),
-                "{hub}"
-            );
-            assert_eq!(r.hint(), Hint { name: "library/nginx".into(), ns: Some("docker.io".into()) });
-        }
-        let d = format!("sha256:{}", "b".repeat(64));
-        let r = ImageRef::parse(&format!("docker.io/redis@{d}")).unwrap();
-        assert_eq!((r.name.as_str(), r.reference), ("library/redis", Reference::Digest(d.parse().unwrap())));
-        let r = ImageRef::parse("docker.io/bitnami/redis:7").unwrap();
-        assert_eq!((r.registry.as_deref(), r.name.as_str()), (Some("docker.io"), "bitnami/redis"));
-        // Only Docker Hub has `library/`; no registry means the cluster's default upstream.
-        let r = ImageRef::parse("ghcr.io/app:v1").unwrap();
-        assert_eq!((r.registry.as_deref(), r.name.as_str()), (Some("ghcr.io"), "app"));
-        let r = ImageRef::parse("nginx").unwrap();
-        assert_eq!((r.registry, r.name.as_str(), r.reference), (None, "nginx", tag("latest")));
-        for bad in ["", "UPPER/app:v1", "app:", "app:bad tag", "app@sha256:zz", "a..b/x:1", "/app", "app/:v1"]
-        {
-            assert!(ImageRef::parse(bad).is_err(), "{bad}");
-        }
-        assert!(ImageRef::parse(&"a".repeat(600)).is_err());
-    }
 
     #[test]
     fn refused_credentials_are_a_401() {

@@ -165,19 +165,24 @@ enum Cached {
 /// instead of being cut short; damage further in ends the body early.
 async fn serve_cached(req: &HttpRequest, digest: Digest, downloads: &Arc<Downloads>) -> Cached {
     let store = &downloads.store;
-    let (Some((file, len)), Some(metainfo)) =
-        (store.open_blob(&digest).await, store.stored_metainfo(&digest).await)
-    else {
-        return Cached::Missing;
+    let Some((file, len)) = store.open_blob(&digest).await else { return Cached::Missing };
+    let file = Arc::new(file);
+    // A blob whose metainfo is gone, or whose length is not the metainfo's, cannot be
+    // checked piece by piece: it is dropped and fetched again like a damaged one.
+    let metainfo = match store.stored_metainfo(&digest).await {
+        Some(m) if m.length() == len => m,
+        _ => {
+            downloads.quarantine(digest, &file);
+            return Cached::Damaged;
+        }
     };
     let check = PieceCheck {
         metainfo: Arc::new(metainfo),
         on_damage: Box::new({
             let downloads = downloads.clone();
-            move || downloads.quarantine(digest)
+            move |file: &std::fs::File| downloads.quarantine(digest, file)
         }),
     };
-    let file = Arc::new(file);
     let whole_get = req.method() == Method::GET && !req.headers().contains_key(header::RANGE);
     if whole_get && len > 0 && check_piece_at(&file, &check, 0).await.is_err() {
         return Cached::Damaged;

@@ -10,6 +10,7 @@ use shoal_shared::client::PeerInfo;
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::peer::PieceSource;
+use shoal_shared::store::read_at;
 use tokio::sync::watch;
 
 use crate::download::Downloads;
@@ -76,14 +77,23 @@ impl PieceSource for AgentSource {
         }
         let m = self.cached(digest).await?;
         let size = m.piece_size(index).ok()? as usize;
-        let data = self.downloads.store.read_range(&digest, m.piece_offset(index), size).await.ok()??;
-        // Checked on every read: a piece damaged on disk is never offered to a peer, and the
-        // blob is dropped so this agent stops seeding it.
-        match m.verify_piece(index, data) {
-            Ok(piece) => Some(piece.data().clone()),
-            Err(_) => {
+        let store = &self.downloads.store;
+        let (file, len) = store.open_blob(&digest).await?;
+        let file = Arc::new(file);
+        // Checked on every read: a piece damaged on disk (or a blob whose length is not its
+        // metainfo's) is never offered to a peer, and the blob is dropped so this agent
+        // stops seeding it.
+        let data = if len == m.length() {
+            let (f, path, offset) = (file.clone(), store.blob_path(&digest), m.piece_offset(index));
+            tokio::task::spawn_blocking(move || read_at(&f, &path, offset, size)).await.ok()?.ok()
+        } else {
+            None
+        };
+        match data.map(|d| m.verify_piece(index, d)) {
+            Some(Ok(piece)) => Some(piece.data().clone()),
+            _ => {
                 self.metainfo.remove(&digest);
-                self.downloads.quarantine(digest);
+                self.downloads.quarantine(digest, &file);
                 None
             }
         }

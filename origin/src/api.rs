@@ -24,7 +24,7 @@ use shoal_shared::store::{BlobStore, Staged, StoreError};
 
 use crate::seeder::Seeder;
 use crate::tags::TagStore;
-use crate::uploads::Uploads;
+use crate::uploads::{Held, Upload, Uploads};
 use crate::upstream::{UpstreamError, Upstreams};
 
 /// Everything the handlers share.
@@ -332,16 +332,17 @@ impl DrainError {
 
 /// Streams a request body into a staged blob and writes it out, so the upload's length is
 /// what is on disk when the answer reports it.
-async fn drain(payload: &mut web::Payload, staged: &mut Staged, limit: u64) -> Result<(), DrainError> {
+async fn drain(payload: &mut web::Payload, staged: &mut Staged, held: &mut Held) -> Result<(), DrainError> {
     let mut body_error = None;
     while let Some(chunk) = payload.next().await {
         match chunk {
-            Ok(chunk) if staged.len() + chunk.len() as u64 > limit => {
+            Ok(chunk) if !held.grow(chunk.len() as u64) => {
+                let room = held.room();
                 return Err(DrainError::Store(oci_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     ErrorCode::SizeInvalid,
-                    format!("open uploads may hold at most {limit} more bytes; this upload was ended"),
-                )))
+                    format!("uploads in progress may hold {room} more bytes; this upload was ended"),
+                )));
             }
             Ok(chunk) => staged.write(&chunk).await.map_err(|e| DrainError::Store(store_failure(&e)))?,
             Err(e) => {
@@ -404,16 +405,17 @@ async fn start_upload(
     };
     if let Some(digest) = digest {
         // Monolithic upload in one request.
-        if let Err(e) = drain(&mut payload, &mut staged, u64::MAX).await {
+        let mut held = state.uploads.hold();
+        if let Err(e) = drain(&mut payload, &mut staged, &mut held).await {
             staged.abort().await;
             return e.response();
         }
         return commit(staged, &digest, name).await;
     }
-    match state.uploads.open(staged) {
+    match state.uploads.open(Upload { staged, held: state.uploads.hold() }) {
         Ok(id) => upload_accepted(name, &id, 0),
-        Err(staged) => {
-            staged.abort().await;
+        Err(upload) => {
+            upload.staged.abort().await;
             oci_error(
                 StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::TooManyRequests,
@@ -436,7 +438,7 @@ async fn patch_upload(
 ) -> HttpResponse {
     let Some(session) = state.uploads.get(id) else { return upload_unknown() };
     let mut guard = session.lock().await;
-    let Some(staged) = guard.as_mut() else { return upload_unknown() };
+    let Some(Upload { staged, held }) = guard.as_mut() else { return upload_unknown() };
     // Chunks must arrive in order: a Content-Range, if given, must start where we are.
     if let Some(start) = req
         .headers()
@@ -452,9 +454,7 @@ async fn patch_upload(
             );
         }
     }
-    let result = drain(&mut payload, staged, state.uploads.room_for(id)).await;
-    state.uploads.set_held(id, staged.len());
-    match result {
+    match drain(&mut payload, staged, held).await {
         Ok(()) => upload_accepted(name, id, staged.len()),
         Err(DrainError::Body(resp)) => resp,
         Err(DrainError::Store(resp)) => {
@@ -481,9 +481,9 @@ async fn finish_upload(
     };
     let Some(session) = state.uploads.get(id) else { return upload_unknown() };
     let mut guard = session.lock().await;
-    let Some(mut staged) = guard.take() else { return upload_unknown() };
+    let Some(Upload { mut staged, mut held }) = guard.take() else { return upload_unknown() };
     state.uploads.remove(id);
-    if let Err(e) = drain(&mut payload, &mut staged, u64::MAX).await {
+    if let Err(e) = drain(&mut payload, &mut staged, &mut held).await {
         staged.abort().await;
         return e.response();
     }
@@ -493,8 +493,8 @@ async fn finish_upload(
 async fn upload_status(name: &str, id: &str, state: &AppState) -> HttpResponse {
     let Some(session) = state.uploads.get(id) else { return upload_unknown() };
     let guard = session.lock().await;
-    let Some(staged) = guard.as_ref() else { return upload_unknown() };
-    let mut resp = upload_accepted(name, id, staged.len());
+    let Some(upload) = guard.as_ref() else { return upload_unknown() };
+    let mut resp = upload_accepted(name, id, upload.staged.len());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp
 }
@@ -502,8 +502,8 @@ async fn upload_status(name: &str, id: &str, state: &AppState) -> HttpResponse {
 async fn cancel_upload(id: &str, state: &AppState) -> HttpResponse {
     let Some(session) = state.uploads.get(id) else { return upload_unknown() };
     state.uploads.remove(id);
-    if let Some(staged) = session.lock().await.take() {
-        staged.abort().await;
+    if let Some(upload) = session.lock().await.take() {
+        upload.staged.abort().await;
     }
     HttpResponse::NoContent().finish()
 }

@@ -64,7 +64,7 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_timeout: Option<u64>,
-    /// Most bytes all open chunked uploads may hold together, e.g. `20GiB`; 0 for no bound
+    /// Most bytes all uploads in progress may hold together, e.g. `20GiB`; 0 for no bound
     /// (default: a quarter of the data directory's filesystem). A chunk past it ends its
     /// upload.
     #[arg(long, env = "SHOAL_MAX_UPLOAD_BYTES")]
@@ -75,8 +75,9 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_workers: Option<usize>,
     /// Upstream registry to pull images through from (repeatable), e.g.
-    /// https://registry-1.docker.io; plain http only for localhost. Requests without `?ns=`
-    /// go to the first.
+    /// https://registry-1.docker.io, or REGISTRY=URL (docker.io=https://mirror.example: the
+    /// registry named docker.io is served at that URL); plain http only for localhost.
+    /// Requests without `?ns=` go to the first.
     #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstream: Vec<String>,

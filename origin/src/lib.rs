@@ -93,6 +93,7 @@ pub async fn run(
     // client side follows the directory all the same.
     let reload = tls::reload::watch(
         config.tls.clone(),
+        tls::Role::Origin,
         endpoint.clone(),
         tls::reload::ClientTls::new(identity.client_config()?),
         tls::reload::RELOAD_INTERVAL,

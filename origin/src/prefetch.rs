@@ -13,8 +13,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
-use shoal_shared::hint::{valid_ns, Hint};
-use shoal_shared::oci::{valid_name, valid_tag, ErrorCode, Reference};
+use shoal_shared::hint::Hint;
+use shoal_shared::image::ImageRef;
+use shoal_shared::oci::{ErrorCode, Reference};
 
 use crate::api::{authorized, token_required, AppState};
 use crate::upstream::{child_manifests, BlobState, UpstreamError};
@@ -61,34 +62,18 @@ fn answer(status: StatusCode, tag: &str, trace_id: &str, prefetched: bool, messa
     })
 }
 
-/// An image reference split into registry, repository and tag or digest.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ImageRef {
-    pub registry: String,
-    pub name: String,
-    pub reference: Reference,
-}
-
-/// Parses `<registry>/<repository>:<tag>` or `<registry>/<repository>@<digest>`;
-/// repositories may have any depth.
+/// Parses the `tag` of a prefetch: `<registry>/<repository>(:<tag>|@<digest>)`, with the
+/// registry and the tag or digest required (Kraken's form) and Docker Hub's rules
+/// (`docker.io/alpine:3` is `library/alpine`), by the one image-reference parser.
 pub fn parse_image(s: &str) -> Result<ImageRef, String> {
-    let (registry, rest) = s.split_once('/').ok_or("expected <registry>/<repository>:<tag>")?;
-    if !valid_ns(registry) {
-        return Err(format!("invalid registry {registry:?}"));
+    let image = ImageRef::parse(s).map_err(|e| e.to_string())?;
+    if image.registry.is_none() {
+        return Err("expected <registry>/<repository>:<tag>".into());
     }
-    let (name, reference) = if let Some((name, digest)) = rest.split_once('@') {
-        (name, Reference::Digest(digest.parse::<Digest>().map_err(|e| format!("invalid digest: {e}"))?))
-    } else {
-        let (name, tag) = rest.rsplit_once(':').filter(|(_, t)| !t.contains('/')).ok_or("missing :<tag>")?;
-        if !valid_tag(tag) {
-            return Err(format!("invalid tag {tag:?}"));
-        }
-        (name, Reference::Tag(tag.to_owned()))
-    };
-    if !valid_name(name) {
-        return Err(format!("invalid repository {name:?}"));
+    if !image.tagged {
+        return Err("missing :<tag> or @<digest>".into());
     }
-    Ok(ImageRef { registry: registry.to_owned(), name: name.to_owned(), reference })
+    Ok(image)
 }
 
 #[derive(Deserialize)]
@@ -147,7 +132,7 @@ async fn prefetch(body: &[u8], state: &AppState, wait: bool) -> HttpResponse {
         answer(status, &tag, &trace_id, false, format!("cannot resolve {tag}: {e}"))
     };
     let ups = &state.upstreams;
-    let index = match ups.select(Some(image.registry.as_str())) {
+    let index = match ups.select(image.registry.as_deref()) {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };
@@ -169,7 +154,7 @@ async fn prefetch(body: &[u8], state: &AppState, wait: bool) -> HttpResponse {
     let filter = state.prefetch_sizes;
     let (wanted, skipped): (Vec<_>, Vec<_>) =
         blobs.into_iter().partition(|d| (filter.min..=filter.max).contains(&d.size));
-    let hint = match Hint::new(&image.name, Some(image.registry.as_str())) {
+    let hint = match Hint::new(&image.name, image.registry.as_deref()) {
         Ok(h) => h,
         Err(e) => return answer(StatusCode::BAD_REQUEST, &tag, &trace_id, false, e.to_string()),
     };
@@ -258,15 +243,19 @@ mod tests {
     #[test]
     fn image_refs() {
         let r = parse_image("127.0.0.1:5000/a/b/c:v1").expect("ref");
-        assert_eq!(r.registry, "127.0.0.1:5000");
+        assert_eq!(r.registry.as_deref(), Some("127.0.0.1:5000"));
         assert_eq!(r.name, "a/b/c");
         assert_eq!(r.reference, Reference::Tag("v1".into()));
         let d = format!("sha256:{}", "a".repeat(64));
         let r = parse_image(&format!("ghcr.io/x@{d}")).expect("digest ref");
         assert_eq!(r.reference, Reference::Digest(d.parse().expect("digest")));
+        // Docker Hub's official images, as docker names them.
+        let r = parse_image("docker.io/alpine:3").expect("hub ref");
+        assert_eq!((r.registry.as_deref(), r.name.as_str()), (Some("docker.io"), "library/alpine"));
         for bad in [
             "",
             "alpine",
+            "alpine:3",
             "docker.io/alpine",
             "docker.io/Alpine:1",
             "bad host/x:1",

@@ -103,8 +103,9 @@ static SERVE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(S
 /// digest.
 pub struct PieceCheck {
     pub metainfo: Arc<Metainfo>,
-    /// Called (once) when a piece fails: the owner drops the blob and stops offering it.
-    pub on_damage: Box<dyn Fn() + Send + Sync>,
+    /// Called when a piece fails, with the file it was read from: the owner drops the blob
+    /// (if that file is still the one stored) and stops offering it.
+    pub on_damage: Box<dyn Fn(&File) + Send + Sync>,
 }
 
 impl std::fmt::Debug for PieceCheck {
@@ -127,12 +128,12 @@ pub async fn check_piece_at(file: &Arc<File>, check: &PieceCheck, offset: u64) -
     let m = check.metainfo.clone();
     let index = (offset / u64::from(m.piece_length())) as u32;
     let piece_end = m.piece_offset(index) + u64::from(m.piece_size(index).map_err(std::io::Error::other)?);
-    let file = file.clone();
-    if serve_read(move || piece_intact(&file, &m, index)).await? {
+    let read = file.clone();
+    if serve_read(move || piece_intact(&read, &m, index)).await? {
         return Ok(piece_end);
     }
     tracing::error!(digest = %check.metainfo.digest(), piece = index, "stored piece does not match its hash");
-    (check.on_damage)();
+    (check.on_damage)(file);
     Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "stored blob is damaged"))
 }
 

@@ -1,5 +1,6 @@
 pub mod cluster;
 pub mod image;
+pub mod load;
 pub mod netns;
 pub mod quic_ceiling;
 pub mod registry;

@@ -323,6 +323,16 @@ async fn a_blob_damaged_in_the_cache_is_never_served() {
 
     let body = get().await.expect("body");
     assert_eq!(digest_of(&body), layer, "fetched again, exact");
+
+    // A cached file cut short at a piece boundary: every piece left verifies, but the blob
+    // is not its metainfo's length, so it is dropped and fetched again, never served short.
+    wait_cached().await;
+    let f = std::fs::OpenOptions::new().write(true).open(&cached).expect("open cached blob");
+    f.set_len(4 * (64 << 10)).expect("truncate");
+    drop(f);
+    let body = get().await.expect("body");
+    assert_eq!((body.len() as u64, digest_of(&body)), (size, layer.clone()), "re-fetched, exact");
+    assert_eq!(damaged().await, 3);
 }
 
 /// Issue item 6: an agent on a full disk answered a GET with 200 and a body cut short,
@@ -399,6 +409,18 @@ async fn open_uploads_are_bounded_in_bytes() {
     assert_eq!(put.status(), StatusCode::CREATED);
     let got = c.client.get(format!("{base}/blobs/{digest}")).send().await.expect("get");
     assert_eq!(got.bytes().await.expect("body").as_ref(), &blob[..]);
+    // A single-request upload takes its bytes of the same bound.
+    let big = vec![9u8; 1536 << 10];
+    let put = c
+        .client
+        .post(format!("{base}/blobs/uploads/?digest={}", digest_of(&big)))
+        .body(big.clone())
+        .send()
+        .await
+        .expect("monolithic upload");
+    assert_eq!(put.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let head = c.client.head(format!("{base}/blobs/{}", digest_of(&big))).send().await.expect("head");
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
     // With the first one done, its room is free again.
     let b = start_upload(&c, &base).await;
     assert_eq!(patch(&c, &b, &[7u8; 600 << 10]).await.0, StatusCode::ACCEPTED);

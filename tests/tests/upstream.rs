@@ -415,3 +415,32 @@ async fn an_https_upstream_with_a_custom_ca() {
         "{body}"
     );
 }
+
+/// One image-reference parser with Docker Hub's rules, and `--upstream REGISTRY=URL`: a
+/// prefetch of `docker.io/alpine:3` served by a registry on this machine asks it for
+/// `library/alpine` (the origin's own parser used to ask for `alpine`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefetch_of_a_docker_hub_image_asks_for_library() {
+    let registry = Registry::start(None).await.expect("registry");
+    let image = registry.push_image("library/alpine:3", &[64 << 10], 43).await.expect("push");
+    let mut up = UpstreamOptions::new(&format!("docker.io={}", registry.url()));
+    up.prefetch_sync = true;
+    let cluster = Cluster::start(options(1, up)).await.expect("cluster");
+    let (client, origin) = (&cluster.client, cluster.origin_url.as_str());
+
+    let (status, body) = prefetch(client, origin, 1, &json!({"tag": "docker.io/alpine:3"}).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "success", "{body}");
+    assert!(origin_has(client, origin, "library/alpine", &image.layers[0].0).await);
+    let asked_for_library = registry.log_lines().iter().any(|l| {
+        l.contains("\"HEAD /v2/library/alpine/manifests/3 ")
+            || l.contains("\"GET /v2/library/alpine/manifests/3 ")
+    });
+    assert!(asked_for_library, "the upstream was not asked for library/alpine");
+    assert_eq!(registry.blob_gets(&image.layers[0].0), 1);
+
+    // Pulls name the registry with `ns` as containerd does, and the same rule applies.
+    let agent = &cluster.agents[0].registry_url;
+    let digest = pull_ns(client, agent, "library/alpine", "3", "docker.io").await.expect("pull");
+    assert_eq!(digest, image.manifest);
+}

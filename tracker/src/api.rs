@@ -109,7 +109,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 async fn announce(req: HttpRequest, body: web::Json<Announce>, state: State) -> HttpResponse {
-    let a = body.into_inner();
+    let mut a = body.into_inner();
+    a.peer = SocketAddr::new(canonical(a.peer.ip()), a.peer.port());
     if let Err(resp) = check_announced(a.peer, req.peer_addr(), state.trust_announced_addresses) {
         return resp;
     }
@@ -136,7 +137,8 @@ async fn record(state: &AppState, digest: Digest, peer: SocketAddr, complete: bo
 /// Every blob of one peer in one request: seeded blobs are recorded, downloading ones get
 /// their peer lists back.
 async fn announce_batch(req: HttpRequest, body: web::Json<AnnounceBatch>, state: State) -> HttpResponse {
-    let batch = body.into_inner();
+    let mut batch = body.into_inner();
+    batch.peer = SocketAddr::new(canonical(batch.peer.ip()), batch.peer.port());
     if let Err(resp) = check_announced(batch.peer, req.peer_addr(), state.trust_announced_addresses) {
         return resp;
     }

@@ -52,6 +52,12 @@ impl Upstream {
         credentials: Option<Credentials>,
         stall: Duration,
     ) -> Result<Self, String> {
+        // `REGISTRY=URL`: the registry named REGISTRY (what `ns` and image references say)
+        // is served at URL (a mirror, or a registry on this machine).
+        let (registry, url) = match url.split_once('=') {
+            Some((registry, url)) if !registry.contains("://") => (Some(registry), url),
+            _ => (None, url),
+        };
         let url = url.trim_end_matches('/');
         let (scheme, host) = match url.split_once("://") {
             Some((s, h)) => (s, h),
@@ -59,6 +65,10 @@ impl Upstream {
         };
         if !shoal_shared::hint::valid_ns(host) {
             return Err(format!("upstream {url}: expected scheme://host[:port]"));
+        }
+        let registry = registry.unwrap_or(host);
+        if !shoal_shared::hint::valid_ns(registry) {
+            return Err(format!("upstream {registry}={url}: {registry:?} is not a registry name"));
         }
         match scheme {
             "https" => {}
@@ -68,7 +78,7 @@ impl Upstream {
         }
         Ok(Self {
             base: format!("{scheme}://{host}"),
-            host: host.to_ascii_lowercase(),
+            host: registry.to_ascii_lowercase(),
             http,
             credentials,
             tokens: Arc::new(TokenCache::default()),

@@ -9,13 +9,15 @@
 //! Modules: [`digest`] (OCI content digests), [`metainfo`] (pieces and their hashes),
 //! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
 //! [`scheduler`] (the download session), [`oci`] (references, manifests, media types, error
-//! codes), [`hint`] (which registry a pull is for), [`messages`] (tracker messages),
+//! codes), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
+//! pull is for), [`messages`] (tracker messages),
 //! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses).
 
 pub mod bitfield;
 pub mod codec;
 pub mod digest;
 pub mod hint;
+pub mod image;
 pub mod messages;
 pub mod metainfo;
 pub mod oci;

@@ -235,8 +235,8 @@ pub fn revoke(ca_dir: &Path, target: RevokeTarget<'_>) -> Result<usize, TlsError
             .map(|r| r[0].clone())
             .collect(),
         RevokeTarget::Serial(serial) => {
-            let serial = serial.trim().trim_start_matches("0x").to_ascii_lowercase();
-            issued.iter().filter(|r| r[0] == serial).map(|r| r[0].clone()).collect()
+            let serial = normalize_serial(serial);
+            issued.iter().filter(|r| normalize_serial(&r[0]) == serial).map(|r| r[0].clone()).collect()
         }
     };
     if serials.is_empty() {
@@ -256,6 +256,13 @@ pub fn revoke(ca_dir: &Path, target: RevokeTarget<'_>) -> Result<usize, TlsError
     }
     write_crl(ca_dir)?;
     Ok(added)
+}
+
+/// A serial as hex digits only: lower case, without `0x`, colons or leading zeros (openssl
+/// prints `01:AB`, the index keeps `00ab...`).
+fn normalize_serial(serial: &str) -> String {
+    let hex: String = serial.trim().trim_start_matches("0x").chars().filter(|c| *c != ':').collect();
+    hex.to_ascii_lowercase().trim_start_matches('0').to_owned()
 }
 
 /// Signs a CRL listing every revoked serial into `ca_dir/crl.pem`.

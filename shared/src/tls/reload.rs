@@ -4,7 +4,8 @@
 //! `key.pem` or `crl.pem` changed (size or modification time), the identity is loaded again
 //! and the QUIC endpoint's server and client configurations are replaced. New connections
 //! use the new certificate and revocation list at once; established ones keep theirs until
-//! they close. A directory caught half-written (a key that does not match the certificate)
+//! they close (a revoked peer's live connections are not cut: they end when idle for 30 s,
+//! or when the node restarts). A directory caught half-written (a key that does not match the certificate)
 //! is logged and tried again at the next look, and the old configuration stays.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{TlsError, TlsIdentity, CA_CERT_FILE, CERT_FILE, CRL_FILE, KEY_FILE};
+use super::{Role, TlsError, TlsIdentity, CA_CERT_FILE, CERT_FILE, CRL_FILE, KEY_FILE};
 
 /// How often the TLS directory is looked at.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
@@ -69,8 +70,16 @@ pub fn log_expiry(identity: &TlsIdentity) {
     }
 }
 
-fn apply(dir: &Path, endpoint: &quinn::Endpoint, client: &ClientTls) -> Result<TlsIdentity, TlsError> {
+fn apply(
+    dir: &Path,
+    role: Role,
+    endpoint: &quinn::Endpoint,
+    client: &ClientTls,
+) -> Result<TlsIdentity, TlsError> {
     let identity = TlsIdentity::load(dir)?;
+    // A certificate re-issued for another role (`ca issue` without `--role`) is refused:
+    // peers would stop trusting this node.
+    identity.require_role(role)?;
     let server = identity.server_config()?;
     let client_config = identity.client_config()?;
     endpoint.set_server_config(Some(server));
@@ -79,9 +88,11 @@ fn apply(dir: &Path, endpoint: &quinn::Endpoint, client: &ClientTls) -> Result<T
 }
 
 /// Reloads `dir` into `endpoint` (what it accepts with) and `client` (what it dials with)
-/// whenever it changes, looking every `every`, until `shutdown`.
+/// whenever it changes and still holds a certificate for `role`, looking every `every`,
+/// until `shutdown`.
 pub async fn watch(
     dir: PathBuf,
+    role: Role,
     endpoint: quinn::Endpoint,
     client: ClientTls,
     every: Duration,
@@ -99,7 +110,7 @@ pub async fn watch(
         if now == seen {
             continue;
         }
-        match apply(&dir, &endpoint, &client) {
+        match apply(&dir, role, &endpoint, &client) {
             Ok(identity) => {
                 seen = now;
                 tracing::info!(dir = %dir.display(), "TLS directory changed: certificate and revocation list reloaded");

@@ -246,7 +246,15 @@ fn bind_watched(dir: &Path) -> (quinn::Endpoint, tokio_util::sync::CancellationT
     let client_tls = reload::ClientTls::new(TlsIdentity::load(dir).unwrap().client_config().unwrap());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let every = Duration::from_millis(100);
-    tokio::spawn(reload::watch(dir.to_path_buf(), endpoint.clone(), client_tls, every, shutdown.clone()));
+    let role = TlsIdentity::load(dir).unwrap().role();
+    tokio::spawn(reload::watch(
+        dir.to_path_buf(),
+        role,
+        endpoint.clone(),
+        client_tls,
+        every,
+        shutdown.clone(),
+    ));
     (endpoint, shutdown)
 }
 
@@ -289,6 +297,10 @@ async fn a_reissued_certificate_is_served_without_a_restart() {
         chain[0].clone()
     };
     let before = served().await;
+    // A certificate re-issued for the wrong role (`ca issue` without `--role`) is not taken.
+    issue(&ca, "origin-1", Role::Agent, &dirs[0]).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(served().await, before, "an agent certificate was loaded into an origin");
     // Rotation: a new certificate for the same node, valid one day.
     issue_with(&ca, "origin-1", Role::Origin, Duration::from_secs(86400), &dirs[0]).unwrap();
     let rotated = load_certs(&dirs[0].join(CERT_FILE)).unwrap().remove(0);
@@ -302,4 +314,18 @@ async fn a_reissued_certificate_is_served_without_a_restart() {
         - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!((86_000..=86_400).contains(&left), "{left}");
     shutdown.cancel();
+}
+
+#[test]
+fn serials_are_compared_as_numbers() {
+    let (tmp, ca, _) = pki_roles(&[("agent-1", Role::Agent)]);
+    let issued = fs::read_to_string(ca.join("issued.tsv")).unwrap();
+    let serial = issued.split('\t').next().unwrap().to_owned();
+    // As openssl prints it: upper case, colon separated, no leading zeros.
+    let printed = serial.trim_start_matches('0').to_ascii_uppercase();
+    let printed: Vec<String> =
+        printed.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    assert_eq!(revoke(&ca, RevokeTarget::Serial(&printed.join(":"))).unwrap(), 1);
+    assert!(matches!(revoke(&ca, RevokeTarget::Serial("00ff")), Err(TlsError::NotIssued(_))));
+    drop(tmp);
 }

@@ -74,6 +74,9 @@ enum Cmd {
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         piece_length: u32,
     },
+    /// Load test: many clients at once on an agent (and the origin as the baseline), and a
+    /// sustained announce rate on the tracker; latency percentiles and resident memory.
+    Load(LoadArgs),
     /// Multi-host swarm benchmark in Linux network namespaces (root, iproute2): N hosts on
     /// capped links pull one blob at once, from the origin over HTTP and through their agents.
     Swarm(shoal_tests::netns::SwarmArgs),
@@ -104,6 +107,31 @@ struct PullArgs {
     seed: u64,
 }
 
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Clients that GET the blob at the same moment.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Size of the blob they GET, in KiB.
+    #[arg(long, default_value_t = 1024)]
+    size_kib: u64,
+    /// Simulated agents re-announcing to the tracker.
+    #[arg(long, default_value_t = 500)]
+    peers: u16,
+    /// Blobs in each simulated agent's batched announce.
+    #[arg(long, default_value_t = 64)]
+    blobs: usize,
+    /// Announce requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    announce_concurrency: usize,
+    /// How long the announce load runs, in seconds.
+    #[arg(long, default_value_t = 10)]
+    announce_secs: u64,
+    /// Directory with shoal-origin, shoal-tracker and shoal-agent (default: this binary's).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::GenImage { dir, tag, layers, seed } => {
@@ -127,6 +155,11 @@ fn main() -> anyhow::Result<()> {
             print!("{report}");
             Ok(())
         }
+        Cmd::Load(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(load(args)),
         Cmd::Swarm(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -254,52 +287,169 @@ fn s(x: impl ToString) -> String {
     x.to_string()
 }
 
-async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    ensure!(args.size_mib > 0, "--size-mib must be positive");
-    let bin_dir = match &args.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()
-            .context("current exe")?
-            .parent()
-            .context("current exe has no directory")?
-            .to_path_buf(),
-    };
-    let bin = |name: &str| -> anyhow::Result<PathBuf> {
-        let path = bin_dir.join(name);
-        ensure!(path.is_file(), "{} not found (build the workspace, or pass --bin-dir)", path.display());
-        Ok(path)
-    };
-    let (origin_bin, tracker_bin, agent_bin) =
-        (bin("shoal-origin")?, bin("shoal-tracker")?, bin("shoal-agent")?);
+/// The server binaries a loopback cluster runs.
+struct Bins {
+    origin: PathBuf,
+    tracker: PathBuf,
+    agent: PathBuf,
+}
 
+impl Bins {
+    /// The binaries in `dir`, or next to this one.
+    fn find(dir: Option<&Path>) -> anyhow::Result<Self> {
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => std::env::current_exe()
+                .context("current exe")?
+                .parent()
+                .context("current exe has no directory")?
+                .to_path_buf(),
+        };
+        let bin = |name: &str| -> anyhow::Result<PathBuf> {
+            let path = dir.join(name);
+            ensure!(path.is_file(), "{} not found (build the workspace, or pass --bin-dir)", path.display());
+            Ok(path)
+        };
+        Ok(Self { origin: bin("shoal-origin")?, tracker: bin("shoal-tracker")?, agent: bin("shoal-agent")? })
+    }
+}
+
+/// Runs `body` against a fresh temp dir and process set, printing the servers' log tails
+/// when it fails; the processes are killed either way.
+async fn with_cluster<F>(keep: bool, body: F) -> anyhow::Result<()>
+where
+    F: AsyncFnOnce(&Path, &mut Cluster) -> anyhow::Result<()>,
+{
     let tmp = tempfile::Builder::new().prefix("shoal-bench-").tempdir().context("temp dir")?;
     let dir = tmp.path().to_path_buf();
     let mut cluster = Cluster::default();
-    let result = run_bench(&args, &dir, &origin_bin, &tracker_bin, &agent_bin, &mut cluster).await;
+    let result = body(&dir, &mut cluster).await;
     if let Err(e) = &result {
         eprintln!("benchmark failed: {e:#}");
         cluster.print_log_tails(30);
     }
     cluster.kill_all();
     drop(cluster);
-    if args.keep {
+    if keep {
         let kept = tmp.keep();
         eprintln!("kept {}", kept.display());
     }
     result
 }
 
-async fn run_bench(
-    args: &PullArgs,
-    dir: &Path,
-    origin_bin: &Path,
-    tracker_bin: &Path,
-    agent_bin: &Path,
-    cluster: &mut Cluster,
-) -> anyhow::Result<()> {
-    let size = args.size_mib * MIB;
-    eprintln!("working in {}", dir.display());
+async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    ensure!(args.size_mib > 0, "--size-mib must be positive");
+    let bins = Bins::find(args.bin_dir.as_deref())?;
+    with_cluster(args.keep, async |dir: &Path, cluster: &mut Cluster| {
+        run_bench(&args, dir, &bins, cluster).await
+    })
+    .await
+}
 
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    ensure!(args.clients > 0 && args.size_kib > 0 && args.peers > 0, "counts must be positive");
+    let bins = Bins::find(args.bin_dir.as_deref())?;
+    with_cluster(false, async |dir: &Path, cluster: &mut Cluster| run_load(&args, dir, &bins, cluster).await)
+        .await
+}
+
+async fn run_load(args: &LoadArgs, dir: &Path, bins: &Bins, cluster: &mut Cluster) -> anyhow::Result<()> {
+    use shoal_tests::load::{announce_load, concurrent_gets, rss_mib};
+    let size = args.size_kib * 1024;
+    let lb = start_loopback(dir, bins, 1 << 20, cluster).await?;
+    let digest = upload_blob(&lb, dir, size, 11).await?;
+    let origin_blob = format!("{}/v2/bench/blob/blobs/{digest}", lb.origin_url);
+    let agent_blob = format!("{}/v2/bench/blob/blobs/{digest}", lb.agent_url);
+    fetch(&lb.http, &agent_blob, size, Some(&digest)).await.context("warming the agent")?;
+
+    let pids =
+        [cluster.procs[lb.origin].pid()?, cluster.procs[lb.agent].pid()?, cluster.procs[lb.tracker].pid()?];
+    let before: Vec<(f64, f64)> = pids.iter().map(|p| rss_mib(*p)).collect();
+    eprintln!("(a) {} clients GET the blob from the origin at once...", args.clients);
+    let origin = concurrent_gets(&origin_blob, args.clients, size).await?;
+    eprintln!("(b) {} clients GET the blob from the agent (cached) at once...", args.clients);
+    let agent = concurrent_gets(&agent_blob, args.clients, size).await?;
+    eprintln!("(c) {} peers re-announcing {} blobs each to the tracker...", args.peers, args.blobs);
+    let announces = announce_load(
+        &lb.tracker_url,
+        args.peers,
+        args.blobs,
+        args.announce_concurrency,
+        Duration::from_secs(args.announce_secs),
+    )
+    .await?;
+    cluster.check_alive()?;
+    let after: Vec<(f64, f64)> = pids.iter().map(|p| rss_mib(*p)).collect();
+
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+    let mut out = String::new();
+    writeln!(
+        out,
+        "\nshoal load test: {} clients GET one {} KiB blob at once; {} peers x {} blobs re-announced with {} in flight for {} s",
+        args.clients, args.size_kib, args.peers, args.blobs, args.announce_concurrency, args.announce_secs
+    )?;
+    writeln!(
+        out,
+        "{:<38} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>9} {:>9}",
+        "phase", "p50 ms", "p99 ms", "max ms", "ok", "errors", "RSS MiB", "peak MiB"
+    )?;
+    let phases = [
+        ("(a) origin, direct (baseline)", &origin, 0),
+        ("(b) agent, from its cache", &agent, 1),
+        ("(c) tracker, batched announces", &announces, 2),
+    ];
+    for (label, l, proc) in phases {
+        writeln!(
+            out,
+            "{label:<38} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>9.1} {:>9.1}",
+            ms(l.percentile(50.0)),
+            ms(l.percentile(99.0)),
+            ms(l.percentile(100.0)),
+            l.count(),
+            l.errors,
+            after[proc].0,
+            after[proc].1,
+        )?;
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    writeln!(
+        out,
+        "agent vs origin: p50 {:.2}x, p99 {:.2}x; agent RSS grew {:.1} MiB under the load",
+        ratio(agent.percentile(50.0), origin.percentile(50.0)),
+        ratio(agent.percentile(99.0), origin.percentile(99.0)),
+        after[1].0 - before[1].0
+    )?;
+    writeln!(
+        out,
+        "tracker: {:.0} batched announces/s ({:.0} blob records/s)",
+        announces.count() as f64 / announces.elapsed.as_secs_f64(),
+        (announces.count() * args.blobs) as f64 / announces.elapsed.as_secs_f64()
+    )?;
+    print!("{out}");
+    ensure!(origin.errors + agent.errors + announces.errors == 0, "requests failed under load");
+    Ok(())
+}
+
+/// A loopback cluster of real processes: tracker, origin, one agent.
+struct Loopback {
+    http: reqwest::Client,
+    tracker_url: String,
+    origin_url: String,
+    agent_url: String,
+    /// Index of each in the [`Cluster`]'s processes.
+    tracker: usize,
+    origin: usize,
+    agent: usize,
+}
+
+/// Issues certificates and starts tracker, origin and agent on free loopback ports.
+async fn start_loopback(
+    dir: &Path,
+    bins: &Bins,
+    piece_length: u32,
+    cluster: &mut Cluster,
+) -> anyhow::Result<Loopback> {
+    let (origin_bin, tracker_bin, agent_bin) = (&bins.origin, &bins.tracker, &bins.agent);
     // Certificates.
     let ca = dir.join("ca");
     let path = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 temp path");
@@ -331,13 +481,13 @@ async fn run_bench(
     let origin_url = format!("http://{origin_http}");
     let agent_url = format!("http://{agent_http}");
 
-    cluster.spawn(
+    let tracker = cluster.spawn(
         "tracker",
         tracker_bin,
         &[s("serve"), s("--http"), s(tracker_http), s("--origin"), origin_url.clone()],
         dir,
     )?;
-    cluster.spawn(
+    let origin = cluster.spawn(
         "origin",
         origin_bin,
         &[
@@ -351,7 +501,7 @@ async fn run_bench(
             s("--tls"),
             path(&dir.join("origin").join("tls"))?,
             s("--piece-length"),
-            s(args.piece_length),
+            s(piece_length),
         ],
         dir,
     )?;
@@ -383,16 +533,19 @@ async fn run_bench(
     {
         wait_healthy(&http, &url, cluster).await?;
     }
+    Ok(Loopback { http, tracker_url, origin_url, agent_url, tracker, origin, agent })
+}
 
-    // The blob: pseudo-random, streamed to a file.
+/// Generates a pseudo-random blob of `size` bytes and uploads it to the origin as
+/// `bench/blob`; returns its digest.
+async fn upload_blob(lb: &Loopback, dir: &Path, size: u64, seed: u64) -> anyhow::Result<String> {
     let blob_path = dir.join("blob.bin");
     let started = Instant::now();
     let digest = {
         let blob_path = blob_path.clone();
-        let seed = args.seed;
         tokio::task::spawn_blocking(move || write_random_blob(&blob_path, size, seed)).await??
     };
-    eprintln!("generated {} MiB blob {digest} in {:.1?}", args.size_mib, started.elapsed());
+    eprintln!("generated {} MiB blob {digest} in {:.1?}", size / MIB, started.elapsed());
 
     // Monolithic upload with a streaming body.
     let started = Instant::now();
@@ -408,8 +561,9 @@ async fn run_bench(
             Err(e) => Some((Err(e), file)),
         }
     });
-    let resp = http
-        .post(format!("{origin_url}/v2/bench/blob/blobs/uploads/?digest={digest}"))
+    let resp = lb
+        .http
+        .post(format!("{}/v2/bench/blob/blobs/uploads/?digest={digest}", lb.origin_url))
         .header(reqwest::header::CONTENT_LENGTH, size)
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
         .body(reqwest::Body::wrap_stream(body))
@@ -421,24 +575,34 @@ async fn run_bench(
     eprintln!("uploaded to the origin in {:.1?}", started.elapsed());
     // The local file is no longer needed; free the disk space.
     let _ = std::fs::remove_file(&blob_path);
+    Ok(digest)
+}
+
+async fn run_bench(args: &PullArgs, dir: &Path, bins: &Bins, cluster: &mut Cluster) -> anyhow::Result<()> {
+    let size = args.size_mib * MIB;
+    eprintln!("working in {}", dir.display());
+    let lb = start_loopback(dir, bins, args.piece_length, cluster).await?;
+    let (http, origin_url, agent_url) = (&lb.http, &lb.origin_url, &lb.agent_url);
+    let agent = lb.agent;
+    let digest = upload_blob(&lb, dir, size, args.seed).await?;
 
     let origin_blob = format!("{origin_url}/v2/bench/blob/blobs/{digest}");
     let agent_blob = format!("{agent_url}/v2/bench/blob/blobs/{digest}");
-    let served_before = peer_bytes_served(&http, &origin_url).await;
+    let served_before = peer_bytes_served(http, origin_url).await;
 
     eprintln!("(a) direct GET from the origin...");
-    let direct = fetch(&http, &origin_blob, size, Some(&digest)).await.context("direct download")?;
+    let direct = fetch(http, &origin_blob, size, Some(&digest)).await.context("direct download")?;
     cluster.check_alive()?;
     eprintln!("(b) cold GET through the agent...");
-    let cold = fetch(&http, &agent_blob, size, Some(&digest)).await.context("cold download")?;
+    let cold = fetch(http, &agent_blob, size, Some(&digest)).await.context("cold download")?;
     cluster.check_alive()?;
-    let served_after = peer_bytes_served(&http, &origin_url).await;
+    let served_after = peer_bytes_served(http, origin_url).await;
     let mut hot = Vec::new();
     for i in 1..=3 {
         eprintln!("(c) hot GET through the agent, run {i}/3...");
         // Only the first hot run is verified: sha256 would otherwise cap the figure.
         let verify = (i == 1).then_some(digest.as_str());
-        hot.push(fetch(&http, &agent_blob, size, verify).await.context("hot download")?);
+        hot.push(fetch(http, &agent_blob, size, verify).await.context("hot download")?);
     }
     cluster.check_alive()?;
     let pid = cluster.procs[agent].pid()?;
