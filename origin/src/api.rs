@@ -140,7 +140,8 @@ async fn v2(
         (V2Path::Base, _) => v2_base().await,
         (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => get_blob(&req, digest, &state).await,
         (V2Path::Manifest { name, reference }, Method::GET | Method::HEAD) => {
-            get_manifest(name, reference, ns.as_deref(), &state).await
+            let may_fetch = authorized(&req, state.upload_token.as_deref());
+            get_manifest(name, reference, ns.as_deref(), may_fetch, &state).await
         }
         (V2Path::Manifest { name, reference }, Method::PUT) => {
             put_manifest(name, reference, payload, &state).await
@@ -181,11 +182,13 @@ fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> HttpResponse {
 
 /// Resolves a reference to a manifest digest. Pull-through applies when `ns` names an
 /// upstream, or without `ns` when no pushed tag matches and upstreams are configured; a
-/// digest is fetched from the upstream when not held.
+/// digest is fetched from the upstream when not held. Reaching an upstream fills the disk,
+/// so it takes the upload token (`may_fetch`), as a push does.
 async fn resolve(
     name: &str,
     reference: &str,
     ns: Option<&str>,
+    may_fetch: bool,
     state: &AppState,
 ) -> Result<Digest, HttpResponse> {
     let reference = reference
@@ -203,6 +206,7 @@ async fn resolve(
     match (reference, upstream) {
         (Reference::Digest(d), None) => Ok(d),
         (Reference::Digest(d), Some(_)) if state.store.size(&d).await.is_some() => Ok(d),
+        (_, Some(_)) if !may_fetch => Err(token_required()),
         (r @ Reference::Digest(_), Some(i)) => {
             ups.pull_manifest(i, name, &r).await.map_err(|e| upstream_error(&e, ErrorCode::ManifestUnknown))
         }
@@ -215,8 +219,14 @@ async fn resolve(
     }
 }
 
-async fn get_manifest(name: &str, reference: &str, ns: Option<&str>, state: &AppState) -> HttpResponse {
-    let digest = match resolve(name, reference, ns, state).await {
+async fn get_manifest(
+    name: &str,
+    reference: &str,
+    ns: Option<&str>,
+    may_fetch: bool,
+    state: &AppState,
+) -> HttpResponse {
+    let digest = match resolve(name, reference, ns, may_fetch, state).await {
         Ok(d) => d,
         Err(resp) => return resp,
     };
@@ -511,7 +521,12 @@ async fn cancel_upload(id: &str, state: &AppState) -> HttpResponse {
 /// The metainfo of a held blob. With a hint (`?name=&ns=`) and upstreams configured, a blob
 /// not held is fetched from the upstream (one flight per digest) and the answer is 202 with
 /// `Retry-After` until it is stored.
-async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state: State) -> HttpResponse {
+async fn metainfo(
+    req: HttpRequest,
+    digest: web::Path<String>,
+    query: web::Query<HintQuery>,
+    state: State,
+) -> HttpResponse {
     let digest: Digest = match digest.parse() {
         Ok(d) => d,
         Err(e) => return bad_digest(e),
@@ -525,6 +540,10 @@ async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state
     }
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown");
     let Some(hint) = hint.filter(|_| !state.upstreams.is_empty()) else { return unknown() };
+    // Fetching from an upstream fills the disk: it takes the upload token, as a push does.
+    if !authorized(&req, state.upload_token.as_deref()) {
+        return token_required();
+    }
     // Long poll: answer as soon as the blob is stored, rather than after the next
     // `Retry-After`; well within the 60 s timeout of the tracker's client. The fetch goes on
     // when the wait times out.

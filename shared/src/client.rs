@@ -25,7 +25,21 @@ pub enum ClientError {
 
 /// A client with the timeouts Shoal uses between its components.
 pub fn http_client() -> reqwest::Client {
+    http_client_with_token(None)
+}
+
+/// [`http_client`] that sends `token` as a bearer token with every request (never logged:
+/// the header is marked sensitive).
+pub fn http_client_with_token(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(mut value) =
+        token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+    {
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(60))
         .pool_idle_timeout(Duration::from_secs(30))

@@ -273,8 +273,12 @@ impl Cluster {
 
         // Tracker.
         let tracker_shutdown = CancellationToken::new();
-        let tracker_task =
-            spawn_tracker(std::slice::from_ref(&origin_url), listener, tracker_shutdown.clone());
+        let tracker_task = spawn_tracker(
+            std::slice::from_ref(&origin_url),
+            opts.upload_token.as_deref(),
+            listener,
+            tracker_shutdown.clone(),
+        );
 
         let mut cluster = Cluster {
             origin_url,
@@ -417,7 +421,9 @@ impl Cluster {
             }
         };
         self.tracker_shutdown = CancellationToken::new();
-        self.tracker_task = Some(spawn_tracker(&origins, listener, self.tracker_shutdown.clone()));
+        let token = self.options.upload_token.clone();
+        self.tracker_task =
+            Some(spawn_tracker(&origins, token.as_deref(), listener, self.tracker_shutdown.clone()));
         wait_ready(&self.client, &format!("{}/healthz", self.tracker_url)).await
     }
 
@@ -538,8 +544,14 @@ impl Drop for RoguePeer {
     }
 }
 
-fn spawn_tracker(origins: &[String], listener: TcpListener, shutdown: CancellationToken) -> JoinHandle<()> {
+fn spawn_tracker(
+    origins: &[String],
+    origin_token: Option<&str>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
     let mut config = shoal_tracker::Config::new(origins.to_vec());
+    config.origin_token = origin_token.map(str::to_owned);
     config.announce_interval = 2;
     tokio::spawn(async move {
         if let Err(e) = shoal_tracker::run(config, listener, shutdown).await {

@@ -444,3 +444,40 @@ async fn prefetch_of_a_docker_hub_image_asks_for_library() {
     let digest = pull_ns(client, agent, "library/alpine", "3", "docker.io").await.expect("pull");
     assert_eq!(digest, image.manifest);
 }
+
+/// Issue "hostile world", item 4: reads that make the origin pull from an upstream fill its
+/// disk like a push, so with an upload token they take it. Agents pull through the tracker,
+/// which carries the token (`--origin-token`); a stranger at the origin's port cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pull_through_reads_take_the_token() {
+    const TOKEN: &str = "pull-through-token";
+    let registry = Registry::start(None).await.expect("registry");
+    let image = registry.push_image("team/tokened:v1", &[64 << 10], 44).await.expect("push");
+    let mut opts = options(1, UpstreamOptions::new(&registry.url()));
+    opts.upload_token = Some(TOKEN.into());
+    let cluster = Cluster::start(opts).await.expect("cluster");
+    let (client, origin, host) = (&cluster.client, cluster.origin_url.as_str(), registry.host.as_str());
+
+    // (skopeo's push asked for the manifest itself: count only what comes after.)
+    let asked = |l: &String| {
+        l.contains("\"GET /v2/team/tokened/manifests/") || l.contains("\"HEAD /v2/team/tokened/manifests/")
+    };
+    let asked_before = registry.log_lines().iter().filter(|l| asked(l)).count();
+    let manifest = format!("{origin}/v2/team/tokened/manifests/v1?ns={host}");
+    let layer = &image.layers[0].0;
+    let metainfo = format!("{origin}/shoal/v1/metainfo/{layer}?name=team/tokened&ns={host}");
+    for url in [&manifest, &metainfo] {
+        let anonymous = client.get(url.as_str()).send().await.expect("get");
+        assert_eq!(anonymous.status(), 401, "{url}");
+    }
+    assert_eq!(registry.blob_gets(layer), 0, "nothing was fetched for a stranger");
+    let asked_after = registry.log_lines().iter().filter(|l| asked(l)).count();
+    assert_eq!(asked_after, asked_before, "the upstream was asked for a stranger");
+
+    // Through an agent (and so the tracker, which has the token) the pull works.
+    let agent = &cluster.agents[0].registry_url;
+    let digest = pull_ns(client, agent, "team/tokened", "v1", host).await.expect("pull");
+    assert_eq!(digest, image.manifest);
+    let with_token = client.get(&manifest).bearer_auth(TOKEN).header("Accept", MANIFEST_ACCEPT).send().await;
+    assert_eq!(with_token.expect("get").status(), 200);
+}

@@ -28,10 +28,15 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_TRUST_ANNOUNCED_ADDRESSES", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trust_announced_addresses: Option<bool>,
+    /// The origins' upload token, sent with every lookup: pull-through lookups reach the
+    /// upstreams, so origins with a token require it.
+    #[arg(long, env = "SHOAL_ORIGIN_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin_token: Option<String>,
 }
 
 /// The tracker's validated configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_http")]
@@ -44,6 +49,22 @@ pub struct Config {
     pub max_peers: usize,
     #[serde(default)]
     pub trust_announced_addresses: bool,
+    #[serde(default)]
+    pub origin_token: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Config")
+            .field("http", &self.http)
+            .field("origin", &self.origin)
+            .field("announce_interval", &self.announce_interval)
+            .field("max_peers", &self.max_peers)
+            .field("trust_announced_addresses", &self.trust_announced_addresses)
+            .field("origin_token", &self.origin_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 fn default_http() -> SocketAddr {
@@ -65,6 +86,7 @@ impl Config {
             announce_interval: default_interval(),
             max_peers: default_max_peers(),
             trust_announced_addresses: false,
+            origin_token: None,
         }
     }
 }

@@ -25,7 +25,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let announces = Counter::default();
     let mut registry = Registry::default();
     registry.register("shoal_tracker_announces", "Announces received", announces.clone());
-    let origins = origins::Origins::new(config.origin.clone());
+    let origins = origins::Origins::new(config.origin.clone(), config.origin_token.as_deref());
     registry.register(
         "shoal_tracker_origin_lookups",
         "Metainfo requests sent to origins",

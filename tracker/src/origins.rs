@@ -65,7 +65,9 @@ struct Info {
 }
 
 impl Origins {
-    pub fn new(urls: Vec<String>) -> Self {
+    /// The origins at `urls`, asked with `token` (the origins' upload token: pull-through
+    /// lookups reach upstreams and fill the origins' disks, so they take it).
+    pub fn new(urls: Vec<String>, token: Option<&str>) -> Self {
         let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
         let known = moka::sync::Cache::builder()
             .weigher(|_, k: &Known| {
@@ -76,7 +78,7 @@ impl Origins {
         let misses = moka::sync::Cache::builder().max_capacity(MISS_CACHE).time_to_live(MISS_TTL).build();
         Self {
             urls,
-            http: client::http_client(),
+            http: client::http_client_with_token(token),
             peer_addrs: DashMap::new(),
             known,
             misses,
@@ -286,7 +288,7 @@ mod tests {
             (origin(404, String::new()), origin(403, "denied".into()), origin(401, "no".into()));
 
         let lookup = |urls: Vec<&String>| {
-            let origins = Origins::new(urls.into_iter().cloned().collect());
+            let origins = Origins::new(urls.into_iter().cloned().collect(), None);
             let hint = hint.clone();
             async move { origins.metainfo_for(digest, Some(&hint)).await }
         };

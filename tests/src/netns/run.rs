@@ -303,7 +303,15 @@ async fn run(
         "tracker",
         &seed.ns,
         &bins.tracker,
-        &[s("serve"), s("--http"), format!("{}:{TRACKER_PORT}", seed.ip), s("--origin"), origin_url.clone()],
+        &[
+            s("serve"),
+            s("--http"),
+            format!("{}:{TRACKER_PORT}", seed.ip),
+            s("--origin"),
+            origin_url.clone(),
+            s("--origin-token"),
+            s(UPLOAD_TOKEN),
+        ],
         dir,
     )?;
     procs.spawn(
