@@ -165,14 +165,11 @@ pub fn file_stream(
                 if let Some(verified) = verified {
                     verified.await.map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 }
-                if let Some(bytes) = read_cached(&file, offset, n) {
-                    return Ok(bytes);
-                }
-                serve_read(move || {
-                    let mut buf = BytesMut::zeroed(n);
-                    file.read_exact_at(&mut buf, offset).map(|()| buf.freeze())
-                })
-                .await
+                let mut buf = match read_cached(&file, offset, n) {
+                    Ok(bytes) => return Ok(bytes),
+                    Err(buf) => buf,
+                };
+                serve_read(move || file.read_exact_at(&mut buf, offset).map(|()| buf.freeze())).await
             }
         })
         .buffered(2)
@@ -188,9 +185,10 @@ pub fn file_stream(
 
 /// Reads `n` bytes at `offset` right here when the page cache holds them all
 /// (`preadv2(RWF_NOWAIT)` never waits for the disk): a hot blob is served without a trip
-/// through the blocking pool. `None` when any of them is not cached (or anything else goes
-/// wrong): the caller reads on the blocking pool, which also reports real errors.
-fn read_cached(file: &File, offset: u64, n: usize) -> Option<Bytes> {
+/// through the blocking pool. When any of them is not cached (or anything else goes wrong)
+/// the buffer comes back, for the caller to read into on the blocking pool, which also
+/// reports real errors.
+fn read_cached(file: &File, offset: u64, n: usize) -> Result<Bytes, BytesMut> {
     let mut buf = BytesMut::zeroed(n);
     let mut done = 0;
     while done < n {
@@ -198,10 +196,10 @@ fn read_cached(file: &File, offset: u64, n: usize) -> Option<Bytes> {
         match rustix::io::preadv2(file, &mut slice, offset + done as u64, rustix::io::ReadWriteFlags::NOWAIT)
         {
             Ok(k) if k > 0 => done += k,
-            _ => return None,
+            _ => return Err(buf),
         }
     }
-    Some(buf.freeze())
+    Ok(buf.freeze())
 }
 
 /// Bytes in the chunk at `offset`: at most [`SERVE_CHUNK`], never past `end` nor, when pieces
@@ -245,21 +243,25 @@ impl PieceChecks {
 
     /// The verdict on the piece holding `offset`; starts the next piece's check too.
     fn for_offset(&mut self, offset: u64) -> PieceVerdict {
-        let m = &self.check.metainfo;
+        let m = self.check.metainfo.clone();
         let index = (offset / u64::from(m.piece_length())) as u32;
         self.started.retain(|(i, _)| *i >= index);
-        for i in [index, index + 1] {
-            let wanted = i == index || (i < m.piece_count() && m.piece_offset(i) < self.end);
-            if wanted && !self.started.iter().any(|(s, _)| *s == i) {
-                let verdict = self.spawn(i);
-                self.started.push_back((i, verdict));
-            }
+        let next = index + 1;
+        if next < m.piece_count() && m.piece_offset(next) < self.end {
+            // Kept in `started`; its task runs whether or not anyone awaits it yet.
+            drop(self.start(next));
         }
-        self.started
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| self.spawn(index))
+        self.start(index)
+    }
+
+    /// The check of piece `index`, started now unless it already was.
+    fn start(&mut self, index: u32) -> PieceVerdict {
+        if let Some((_, v)) = self.started.iter().find(|(i, _)| *i == index) {
+            return v.clone();
+        }
+        let verdict = self.spawn(index);
+        self.started.push_back((index, verdict.clone()));
+        verdict
     }
 }
 
@@ -313,5 +315,106 @@ pub async fn every<F, Fut>(
             _ = shutdown.cancelled() => break,
             _ = interval.tick() => tick().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::StreamExt as _;
+
+    use super::*;
+    use crate::metainfo::{MetainfoBuilder, MIN_PIECE_LENGTH};
+
+    /// A file of `pieces` pieces and a half, and its metainfo.
+    fn blob(pieces: u32) -> (tempfile::NamedTempFile, Vec<u8>, Metainfo) {
+        let len = (pieces * MIN_PIECE_LENGTH + MIN_PIECE_LENGTH / 2) as usize;
+        let data: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(31) % 251) as u8).collect();
+        let mut file = tempfile::NamedTempFile::new().expect("tmp");
+        file.write_all(&data).expect("write");
+        let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+        b.update(&data);
+        (file, data, b.finish().expect("metainfo"))
+    }
+
+    /// What the stream yields for `[start, end)`, and how many times damage was reported.
+    async fn collect(
+        file: &std::path::Path,
+        start: u64,
+        end: u64,
+        m: Option<&Metainfo>,
+    ) -> (Vec<u8>, bool, usize) {
+        let damaged = Arc::new(AtomicUsize::new(0));
+        let check = m.map(|m| PieceCheck {
+            metainfo: Arc::new(m.clone()),
+            on_damage: Box::new({
+                let damaged = damaged.clone();
+                move |_: &File| {
+                    damaged.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+        });
+        let file = Arc::new(File::open(file).expect("open"));
+        let mut stream = std::pin::pin!(file_stream(file, start, end, check));
+        let (mut out, mut failed) = (Vec::new(), false);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(bytes) => {
+                    assert!(bytes.len() <= SERVE_CHUNK);
+                    out.extend_from_slice(&bytes);
+                }
+                Err(_) => failed = true,
+            }
+        }
+        (out, failed, damaged.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn every_range_streams_exactly_its_bytes() {
+        let (file, data, m) = blob(3);
+        let len = data.len() as u64;
+        let p = u64::from(MIN_PIECE_LENGTH);
+        for (start, end) in
+            [(0, len), (1, len), (p - 1, p + 1), (p, 2 * p), (2 * p + 7, len), (5, 5), (len - 1, len)]
+        {
+            for check in [None, Some(&m)] {
+                let (out, failed, damaged) = collect(file.path(), start, end, check).await;
+                assert!(!failed && damaged == 0, "{start}..{end}");
+                assert_eq!(
+                    out,
+                    &data[start as usize..end as usize],
+                    "{start}..{end} checked: {}",
+                    check.is_some()
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_piece_is_never_sent() {
+        let (file, mut data, m) = blob(3);
+        let p = MIN_PIECE_LENGTH as usize;
+        data[2 * p + 10] ^= 1;
+        std::fs::write(file.path(), &data).expect("damage");
+        let (out, failed, damaged) = collect(file.path(), 0, data.len() as u64, Some(&m)).await;
+        assert!(failed, "the body must end in an error");
+        assert!(out.len() <= 2 * p, "{} bytes sent, damage starts in piece 2", out.len());
+        assert_eq!(out, &data[..out.len()], "what was sent is the good prefix");
+        assert!(damaged >= 1);
+        // Unchecked, the same range streams what is on disk (the check is what stops it).
+        let (out, failed, _) = collect(file.path(), 0, data.len() as u64, None).await;
+        assert!(!failed);
+        assert_eq!(out, data);
+    }
+
+    #[tokio::test]
+    async fn reading_past_the_file_is_an_error_not_a_panic() {
+        let (file, data, _) = blob(1);
+        // The cached read fails at end of file and the blocking read reports it.
+        let (out, failed, _) = collect(file.path(), 0, data.len() as u64 + 1000, None).await;
+        assert!(failed);
+        assert!(out.len() <= data.len());
     }
 }

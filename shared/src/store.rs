@@ -299,6 +299,9 @@ impl Drop for TempGuard {
     }
 }
 
+/// Why a poisoned upload refuses every later call.
+const POISONED: &str = "an earlier write of this upload failed";
+
 /// How many bytes of an upload are gathered before they are written (one blocking write).
 const STAGE_BUFFER: usize = 1 << 20;
 
@@ -361,10 +364,7 @@ impl Staged {
     }
 
     fn poisoned(&self) -> StoreError {
-        StoreError::Io {
-            path: self.path.clone(),
-            source: io::Error::other("an earlier write of this upload failed"),
-        }
+        StoreError::Io { path: self.path.clone(), source: io::Error::other(POISONED) }
     }
 
     /// Bytes accepted so far (written or about to be).
@@ -383,7 +383,7 @@ impl Staged {
         self.flush().await?;
         let Staged { store, path, state, mut guard, .. } = self;
         let Some((file, builder)) = state else {
-            return Err(StoreError::Io { path, source: io::Error::other("upload lost") });
+            return Err(StoreError::Io { path, source: io::Error::other(POISONED) });
         };
         let expected = *expected;
         let p = path.clone();
@@ -579,14 +579,13 @@ fn held_pieces(f: &File, path: &Path, m: &Metainfo, written: u64) -> Result<(Bit
     let mut held = Bitfield::new(m.piece_count());
     let mut verified = 0;
     for index in 0..m.piece_count() {
-        let offset = m.piece_offset(index);
         let size = m.piece_size(index)?;
-        if offset + u64::from(size) > written {
+        if m.piece_offset(index) + u64::from(size) > written {
             break;
         }
-        let data = read_at(f, path, offset, size as usize)?;
         verified += u64::from(size);
-        if m.verify_piece(index, data).is_ok() {
+        // Hashed as it is read: no piece is held whole in memory.
+        if piece_intact(f, m, index).map_err(io_err(path))? {
             held.set(index);
         }
     }

@@ -132,16 +132,19 @@ pub async fn announce_load(
     Ok(all)
 }
 
+/// A `kB` field (`VmRSS`, `VmHWM`, ...) of `/proc/<process>/status`; `process` is a pid or
+/// `self`.
+pub fn status_kib(process: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// `VmRSS` and `VmHWM` of process `pid`, in MiB.
 pub fn rss_mib(pid: u32) -> (f64, f64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let mib = |field| status_kib(&pid.to_string(), field).map_or(0.0, |kib| kib as f64 / 1024.0);
+    (mib("VmRSS"), mib("VmHWM"))
 }
 
 #[cfg(test)]

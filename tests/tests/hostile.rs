@@ -131,12 +131,7 @@ fn threads() -> usize {
 
 /// Resident memory of this process, in bytes.
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    shoal_tests::load::status_kib("self", "VmRSS").map_or(0, |kib| kib * 1024)
 }
 
 /// Established server-side TCP connections on `port` (from `/proc/net/tcp`).

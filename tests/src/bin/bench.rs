@@ -14,7 +14,7 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{BufWriter, Read as _, Write as _};
+use std::io::{BufWriter, Write as _};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -768,19 +768,8 @@ fn sha256_rate() -> f64 {
 
 /// The agent's peak resident set size (`VmHWM`) in KiB.
 fn vm_hwm_kib(pid: u32) -> anyhow::Result<u64> {
-    let mut text = String::new();
-    File::open(format!("/proc/{pid}/status"))
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/<pid>/status")?;
-    let kib = line
-        .trim_start_matches("VmHWM:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .with_context(|| format!("parsing {line:?}"))?;
-    Ok(kib)
+    shoal_tests::load::status_kib(&pid.to_string(), "VmHWM")
+        .with_context(|| format!("no VmHWM for pid {pid}"))
 }
 
 /// `shoal_peer_bytes_served_total` from the origin's `/metrics` (summed over label sets).
