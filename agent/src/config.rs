@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use shoal_shared::config::{DiskShare, Span};
 use shoal_shared::ratelimit::ByteRate;
+use shoal_shared::telemetry::LogFormat;
 
 /// `shoal-agent serve` flags.
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
@@ -72,6 +74,30 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_timeout: Option<u64>,
+    /// Most disk the blob cache (whole blobs, metainfo, partial downloads) may take: a size
+    /// (`50GiB`) or a share of the data directory's filesystem (`80%`) [default: 50%].
+    #[arg(long, env = "SHOAL_CACHE_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<DiskShare>,
+    /// Evict blobs unused for this long (`6h`, `7d`; `0` keeps them until space is needed)
+    /// [default: 24h].
+    #[arg(long, env = "SHOAL_CACHE_TTL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ttl: Option<Span>,
+    /// On SIGTERM, how long responses in flight may take to finish (peers keep being served
+    /// meanwhile) [default: 30s].
+    #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<Span>,
+    /// Extra listener for /metrics, /healthz, /readyz and the status page (e.g. the node's
+    /// address, while the registry stays on loopback).
+    #[arg(long, env = "SHOAL_METRICS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+    /// Log format: `text` or `json` (one object per line, for log shippers) [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
 }
 
 /// The agent's validated configuration.
@@ -105,6 +131,29 @@ pub struct Config {
     pub partial_max_age: u64,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: u64,
+    #[serde(default = "default_cache_size")]
+    pub cache_size: DiskShare,
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl: Span,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Span,
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// Half the filesystem: room for the node's images in containerd's own store beside it.
+fn default_cache_size() -> DiskShare {
+    DiskShare::Percent(50)
+}
+/// A day: containerd keeps its own copy of what it pulled, so the agent's copy serves
+/// peers and re-pulls; a daily rollout still finds it.
+fn default_cache_ttl() -> Span {
+    Span(std::time::Duration::from_secs(24 * 3600))
+}
+fn default_drain_timeout() -> Span {
+    Span(std::time::Duration::from_secs(30))
 }
 
 fn default_registry() -> SocketAddr {
@@ -151,6 +200,11 @@ impl Config {
             ingress_limit: ByteRate::default(),
             partial_max_age: default_partial_max_age(),
             send_timeout: default_send_timeout(),
+            cache_size: default_cache_size(),
+            cache_ttl: default_cache_ttl(),
+            drain_timeout: default_drain_timeout(),
+            metrics: None,
+            log_format: LogFormat::default(),
         }
     }
 }
@@ -188,6 +242,11 @@ egress_limit = "100MiB"
 ingress_limit = 1000
 partial_max_age = 600
 send_timeout = 9
+cache_size = "20GiB"
+cache_ttl = "6h"
+drain_timeout = 45
+metrics = "0.0.0.0:9090"
+log_format = "json"
 "#,
         )
         .expect("write");
@@ -216,6 +275,10 @@ send_timeout = 9
         assert_eq!(c.egress_limit, ByteRate(100 << 20), "units in the file");
         assert_eq!(c.ingress_limit, ByteRate(100_000_000), "flag beats file");
         assert_eq!((c.partial_max_age, c.send_timeout), (600, 9));
+        assert_eq!(c.cache_size, DiskShare::Bytes(20 << 30));
+        assert_eq!((c.cache_ttl.0.as_secs(), c.drain_timeout.0.as_secs()), (6 * 3600, 45));
+        assert_eq!(c.metrics, Some("0.0.0.0:9090".parse().expect("addr")));
+        assert_eq!(c.log_format, LogFormat::Json);
 
         // Defaults fill what nobody set; the registry stays on localhost.
         let cli = Cli::try_parse_from(["agent", "--data", "/d", "--tls", "/t", "--tracker", "http://t"])
@@ -224,6 +287,9 @@ send_timeout = 9
         assert!(c.registry.ip().is_loopback());
         assert_eq!(c.progress_timeout, 60);
         assert_eq!((c.egress_limit.limit(), c.ingress_limit.limit()), (None, None), "unlimited by default");
+        assert_eq!((c.cache_size, c.cache_ttl.0.as_secs()), (DiskShare::Percent(50), 24 * 3600));
+        assert!(Cli::try_parse_from(["agent", "--cache-size", "150%"]).is_err());
+        assert!(Cli::try_parse_from(["agent", "--cache-ttl", "whenever"]).is_err());
 
         // Missing required keys and bad values are refused with the key's name.
         let cli = Cli::try_parse_from(["agent"]).expect("flags");

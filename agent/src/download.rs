@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
@@ -32,6 +34,9 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use shoal_shared::tracker::{LookupError, TrackerClient};
+
+use crate::cache::{Cache, Hold};
+use crate::delivery::{Delivered, Sources, Tally};
 
 /// Why a download failed. Cloned to every waiting request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,6 +55,9 @@ pub enum DownloadError {
     /// The agent's disk cannot hold the blob; nothing of it was fetched.
     #[error("the agent's disk has no room for this blob")]
     OutOfSpace,
+    /// The cache is at its size limit with blobs that are all in use.
+    #[error("{0}")]
+    CacheFull(String),
 }
 
 impl From<LookupError> for DownloadError {
@@ -80,8 +88,8 @@ pub enum Phase {
     Starting,
     /// Pieces are arriving; the verified prefix can be streamed.
     Streaming(Arc<Active>),
-    /// Finished: the blob is in the cache, or the download failed.
-    Done(Result<(), DownloadError>),
+    /// Finished: the blob is in the cache (with who sent its pieces), or the download failed.
+    Done(Result<Arc<Sources>, DownloadError>),
 }
 
 /// How far a download's verified, written, contiguous prefix reaches.
@@ -103,6 +111,14 @@ pub struct Active {
     /// subscribed to this download's pieces, peers from the batched announce.
     pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
     prefix: watch::Sender<Prefix>,
+    /// Who sent each piece.
+    pub sources: Arc<Sources>,
+    /// Pieces received from each peer, for the status page.
+    pub by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, u32>>,
+    /// When it started, for the status page.
+    pub started: Instant,
+    /// Keeps the blob in the cache while the download, or a client streaming it, lives.
+    _hold: Hold,
 }
 
 impl Active {
@@ -114,19 +130,26 @@ impl Active {
     pub fn length(&self) -> u64 {
         self.partial.metainfo().length()
     }
+
+    /// Bytes verified and written so far.
+    pub fn verified_bytes(&self) -> u64 {
+        let m = self.partial.metainfo();
+        let have = self.have.borrow();
+        (0..m.piece_count()).filter(|&i| have.get(i)).map(|i| u64::from(m.piece_size(i).unwrap_or(0))).sum()
+    }
 }
 
 /// Where a requested blob can be read from.
 #[derive(Debug)]
 pub enum Fetched {
-    /// Whole and verified in the cache.
-    Cached,
+    /// Whole and verified in the cache; how to count its bytes.
+    Cached(Tally),
     /// Still downloading: stream its verified prefix.
     Streaming(Arc<Active>),
 }
 
 /// Agent counters.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct DownloadMetrics {
     pub started: Counter,
     pub completed: Counter,
@@ -134,6 +157,30 @@ pub struct DownloadMetrics {
     pub pieces: Counter,
     pub bad_pieces: Counter,
     pub damaged_blobs: Counter,
+    pub active: Gauge,
+    /// Bytes sent to local clients, by where they came from.
+    pub delivered: Delivered,
+    pub piece_seconds: Histogram,
+    pub download_seconds: Histogram,
+}
+
+impl Default for DownloadMetrics {
+    fn default() -> Self {
+        Self {
+            started: Counter::default(),
+            completed: Counter::default(),
+            failed: Counter::default(),
+            pieces: Counter::default(),
+            bad_pieces: Counter::default(),
+            damaged_blobs: Counter::default(),
+            active: Gauge::default(),
+            delivered: Delivered::default(),
+            // 1 ms to ~65 s.
+            piece_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            // 10 ms to ~22 min.
+            download_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
+        }
+    }
 }
 
 impl DownloadMetrics {
@@ -148,6 +195,24 @@ impl DownloadMetrics {
             "damaged_blobs",
             "Cached blobs dropped because a piece no longer matched its hash",
             self.damaged_blobs.clone(),
+        );
+        r.register("active_downloads", "Downloads in progress", self.active.clone());
+        r.register(
+            "delivered_bytes",
+            "Blob bytes sent to local clients, by where they came from (cache, peer, origin)",
+            self.delivered.clone(),
+        );
+        r.register_with_unit(
+            "piece_fetch",
+            "Time to fetch and verify one piece from a peer or origin",
+            Unit::Seconds,
+            self.piece_seconds.clone(),
+        );
+        r.register_with_unit(
+            "download_duration",
+            "Time from a download's metainfo to its blob verified in the cache",
+            Unit::Seconds,
+            self.download_seconds.clone(),
         );
     }
 }
@@ -165,6 +230,7 @@ pub struct Settings {
 #[derive(Debug)]
 pub struct Downloads {
     pub store: BlobStore,
+    pub cache: Arc<Cache>,
     tracker: TrackerClient,
     peers: PeerClient,
     settings: Settings,
@@ -176,9 +242,16 @@ pub struct Downloads {
 }
 
 impl Downloads {
-    pub fn new(store: BlobStore, tracker: TrackerClient, peers: PeerClient, settings: Settings) -> Self {
+    pub fn new(
+        store: BlobStore,
+        cache: Arc<Cache>,
+        tracker: TrackerClient,
+        peers: PeerClient,
+        settings: Settings,
+    ) -> Self {
         Self {
             store,
+            cache,
             tracker,
             peers,
             settings,
@@ -213,9 +286,11 @@ impl Downloads {
                     let span = tracing::info_span!("download", %digest);
                     let result = this.download(digest, hint.as_ref(), &tx).instrument(span).await;
                     match &result {
-                        Ok(()) => {
+                        Ok(_) => {
                             this.metrics.completed.inc();
-                            this.seeding.insert(digest, Instant::now() + this.settings.seed_time);
+                            let until = Instant::now() + this.settings.seed_time;
+                            this.seeding.insert(digest, until);
+                            this.cache.completed(digest, until);
                         }
                         Err(e) => {
                             this.metrics.failed.inc();
@@ -238,15 +313,19 @@ impl Downloads {
         }
     }
 
-    /// Returns once `digest` is in the local cache, downloading it if needed. Concurrent
-    /// callers share one download.
-    pub async fn ensure(self: &Arc<Self>, digest: Digest, hint: Option<&Hint>) -> Result<(), DownloadError> {
+    /// Returns once `digest` is in the local cache, downloading it if needed, with how to
+    /// count its bytes. Concurrent callers share one download.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        digest: Digest,
+        hint: Option<&Hint>,
+    ) -> Result<Tally, DownloadError> {
         if self.store.size(&digest).await.is_some() {
-            return Ok(());
+            return Ok(Tally::Cache);
         }
-        let Some(rx) = self.join(digest, hint) else { return Ok(()) };
+        let Some(rx) = self.join(digest, hint) else { return Ok(Tally::Cache) };
         match Self::wait(rx, |p| matches!(p, Phase::Done(_))).await {
-            Phase::Done(result) => result,
+            Phase::Done(result) => result.map(Tally::Download),
             _ => Err(DownloadError::Unavailable("download task ended".into())),
         }
     }
@@ -258,12 +337,12 @@ impl Downloads {
         hint: Option<&Hint>,
     ) -> Result<Fetched, DownloadError> {
         if self.store.size(&digest).await.is_some() {
-            return Ok(Fetched::Cached);
+            return Ok(Fetched::Cached(Tally::Cache));
         }
-        let Some(rx) = self.join(digest, hint) else { return Ok(Fetched::Cached) };
+        let Some(rx) = self.join(digest, hint) else { return Ok(Fetched::Cached(Tally::Cache)) };
         let active = match Self::wait(rx.clone(), |p| !matches!(p, Phase::Starting)).await {
             Phase::Streaming(active) => active,
-            Phase::Done(Ok(())) => return Ok(Fetched::Cached),
+            Phase::Done(Ok(sources)) => return Ok(Fetched::Cached(Tally::Download(sources))),
             Phase::Done(Err(e)) => return Err(e),
             Phase::Starting => return Err(DownloadError::Unavailable("download task ended".into())),
         };
@@ -279,7 +358,7 @@ impl Downloads {
             return Ok(Fetched::Streaming(active));
         }
         match Self::wait(rx, |p| matches!(p, Phase::Done(_))).await {
-            Phase::Done(Ok(())) => Ok(Fetched::Cached),
+            Phase::Done(Ok(sources)) => Ok(Fetched::Cached(Tally::Download(sources))),
             Phase::Done(Err(e)) => Err(e),
             _ => Err(DownloadError::Unavailable("download task ended".into())),
         }
@@ -299,8 +378,42 @@ impl Downloads {
         }
         self.seeding.remove(&digest);
         self.store.remove(&digest);
+        self.cache.forget(&digest);
         self.metrics.damaged_blobs.inc();
         tracing::error!(%digest, "cached blob is damaged on disk; dropped, will be fetched again");
+    }
+
+    /// Stops seeding blobs the cache evicted and tells the trackers, so they stop listing
+    /// this agent for them (in the background; a tracker that misses it lets the entries
+    /// expire).
+    pub fn evicted(&self, digests: Vec<Digest>) {
+        if digests.is_empty() {
+            return;
+        }
+        for d in &digests {
+            self.seeding.remove(d);
+        }
+        let (tracker, peer) = (self.tracker.clone(), self.settings.me);
+        self.runtime.spawn(async move {
+            for chunk in digests.chunks(MAX_BATCH) {
+                let leave = shoal_shared::client::Leave { peer, digests: chunk.to_vec() };
+                if let Err(e) = tracker.leave(&leave).await {
+                    tracing::warn!(cause = %e, blobs = chunk.len(), "leaving swarms failed");
+                }
+            }
+        });
+    }
+
+    /// Evicts what the cache's TTL and watermarks say must go. Blocking.
+    pub fn sweep_cache(&self) {
+        let evicted = self.cache.sweep();
+        self.evicted(evicted);
+    }
+
+    /// The digests of downloads in progress and of blobs seeding, for the status page.
+    pub fn seeding(&self) -> Vec<(Digest, Duration)> {
+        let now = Instant::now();
+        self.seeding.iter().map(|e| (*e.key(), e.value().saturating_duration_since(now))).collect()
     }
 
     /// Announces, in one batched request per [`MAX_BATCH`] blobs, every blob still in its
@@ -342,12 +455,29 @@ impl Downloads {
         digest: Digest,
         hint: Option<&Hint>,
         phase: &watch::Sender<Phase>,
-    ) -> Result<(), DownloadError> {
+    ) -> Result<Arc<Sources>, DownloadError> {
         let metainfo = self.tracker.metainfo_for(digest, hint).await?;
         let started = Instant::now();
+        // Room in the cache first: the whole blob is charged before a byte is fetched.
+        let hold = {
+            let cache = self.cache.clone();
+            let length = metainfo.length();
+            let admitted = tokio::task::spawn_blocking(move || cache.admit(digest, length))
+                .await
+                .map_err(|e| DownloadError::Store(e.to_string()))?;
+            let (hold, evicted) = admitted.map_err(|e| DownloadError::CacheFull(e.to_string()))?;
+            self.evicted(evicted);
+            hold
+        };
         // Resumes what an earlier run left on disk; only pieces that verify count as held.
-        let (partial, held) =
-            PartialBlob::open_or_create(&self.store, metainfo.clone()).await.map_err(store_err)?;
+        let (partial, held) = match PartialBlob::open_or_create(&self.store, metainfo.clone()).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                drop(hold);
+                self.cache.forget(&digest);
+                return Err(store_err(e));
+            }
+        };
         let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
         let active = Arc::new(Active {
             partial,
@@ -355,8 +485,13 @@ impl Downloads {
             have: watch::Sender::new(held),
             // The swarm loop moves the prefix past the pieces already held before it fetches.
             prefix: watch::Sender::new(Prefix::default()),
+            sources: Arc::new(Sources::new(metainfo.piece_length(), metainfo.piece_count())),
+            by_peer: Default::default(),
+            started,
+            _hold: hold,
         });
         self.active.insert(digest, active.clone());
+        self.metrics.active.inc();
         phase.send_replace(Phase::Streaming(active.clone()));
         let hasher = tokio::spawn(hash_along(active.clone()));
         let result = async {
@@ -366,6 +501,7 @@ impl Downloads {
         }
         .await;
         self.active.remove(&digest);
+        self.metrics.active.dec();
         if let Err(e) = &result {
             active.prefix.send_modify(|p| p.failed = true);
             // A download that stalled or lost its peers keeps its verified pieces on disk:
@@ -373,16 +509,18 @@ impl Downloads {
             // A local storage failure starts over.
             if matches!(e, DownloadError::Store(_) | DownloadError::OutOfSpace) {
                 active.partial.discard().await;
+                self.cache.forget(&digest);
             }
         } else {
             let secs = started.elapsed().as_secs_f64();
+            self.metrics.download_seconds.observe(secs);
             tracing::info!(%digest, bytes = metainfo.length(), secs, "download complete");
             let a = Announce { digest, peer: self.settings.me, complete: true };
             if let Err(e) = self.tracker.announce(&a).await {
                 tracing::warn!(%digest, cause = %e, "completion announce failed");
             }
         }
-        result
+        result.map(|()| active.sources.clone())
     }
 }
 

@@ -3,12 +3,15 @@
 //! authenticated QUIC (one download per digest however many pulls want it), verifies them,
 //! and seeds what it holds to other agents.
 
+pub mod cache;
 pub mod config;
 pub mod containerd;
+pub mod delivery;
 pub mod download;
 pub mod preload;
 pub mod registry;
 pub mod seeding;
+pub mod status;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -42,14 +45,23 @@ pub enum AgentError {
 pub struct Listeners {
     pub registry: TcpListener,
     pub peer: UdpSocket,
+    /// The operations listener (`--metrics`), if any.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
     /// Binds the configured addresses.
     pub fn bind(config: &Config) -> std::io::Result<Self> {
-        Ok(Self { registry: TcpListener::bind(config.registry)?, peer: UdpSocket::bind(config.peer)? })
+        Ok(Self {
+            registry: TcpListener::bind(config.registry)?,
+            peer: UdpSocket::bind(config.peer)?,
+            metrics: config.metrics.map(TcpListener::bind).transpose()?,
+        })
     }
 }
+
+/// How often the cache's TTL and watermarks are checked.
+const CACHE_SWEEP: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(
@@ -70,6 +82,16 @@ pub async fn run(
     if stale > 0 {
         tracing::info!(removed = stale, "removed stale partial downloads");
     }
+    let cache = {
+        let limit = config.cache_size.bytes_of(store.filesystem_bytes()?);
+        let ttl = (!config.cache_ttl.0.is_zero()).then_some(config.cache_ttl.0);
+        let store = store.clone();
+        let cache = tokio::task::spawn_blocking(move || cache::Cache::open(store, limit, ttl))
+            .await
+            .map_err(|e| StoreError::Io { path: Default::default(), source: std::io::Error::other(e) })??;
+        tracing::info!(limit, used = cache.used(), blobs = cache.len(), "cache opened");
+        Arc::new(cache)
+    };
     let identity = TlsIdentity::load(&config.tls)?;
     identity.require_role(tls::Role::Agent)?;
     tls::reload::log_expiry(&identity);
@@ -89,6 +111,7 @@ pub async fn run(
     ));
     let downloads = Arc::new(download::Downloads::new(
         store,
+        cache.clone(),
         shoal_shared::tracker::TrackerClient::new(&config.tracker),
         PeerClient::new(endpoint.clone())
             .with_client_tls(client_tls)
@@ -104,7 +127,10 @@ pub async fn run(
     let mut registry = Registry::default();
     stats.register(&mut registry);
     downloads.metrics.register(&mut registry);
+    cache.metrics.register(&mut registry);
 
+    // Peers keep being served while local responses drain after a SIGTERM; they stop last.
+    let peers_stop = CancellationToken::new();
     let peer_task = tokio::spawn(peer::serve(
         endpoint,
         Arc::new(EgressLimited::new(
@@ -113,8 +139,17 @@ pub async fn run(
         )),
         Arc::new(stats),
         peer::UploadLimits { budget: config.upload_budget.0, queue: config.upload_queue },
-        shutdown.clone(),
+        peers_stop.clone(),
     ));
+    let sweeper = tokio::spawn(shoal_shared::http::every(CACHE_SWEEP, shutdown.clone(), {
+        let downloads = downloads.clone();
+        move || {
+            let downloads = downloads.clone();
+            async move {
+                let _ = tokio::task::spawn_blocking(move || downloads.sweep_cache()).await;
+            }
+        }
+    }));
     let announcer = tokio::spawn({
         let (downloads, shutdown) = (downloads.clone(), shutdown.clone());
         async move {
@@ -131,19 +166,52 @@ pub async fn run(
         downloads,
         registry,
         preloads: Arc::new(tokio::sync::Semaphore::new(preload::MAX_BACKGROUND)),
+        started: std::time::Instant::now(),
+        me,
     });
     let send_timeout = std::time::Duration::from_secs(config.send_timeout.max(1));
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(registry::configure))
+    let drain = config.drain_timeout.0.as_secs().max(1);
+    let server = {
+        let state = state.clone();
+        HttpServer::new(move || {
+            App::new()
+                .wrap(actix_web::middleware::from_fn(shoal_shared::http::request_span))
+                .app_data(state.clone())
+                .configure(registry::configure)
+        })
         .on_connect(move |conn, _| shoal_shared::http::set_send_timeout(conn, send_timeout))
         .workers(2)
         .disable_signals()
-        .shutdown_timeout(2)
+        .shutdown_timeout(drain)
         .listen(listeners.registry)?
-        .run();
+        .run()
+    };
+    let ops = match listeners.metrics {
+        Some(listener) => {
+            let server = HttpServer::new(move || {
+                App::new().app_data(state.clone()).configure(registry::configure_ops)
+            })
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(1)
+            .listen(listener)?
+            .run();
+            Some(tokio::spawn(shoal_shared::http::run_server(server, shutdown.clone())))
+        }
+        None => None,
+    };
     tracing::info!(peer = %me, trackers = ?config.tracker, "agent serving");
-    let result = shoal_shared::http::run_server(server, shutdown).await;
+    // On shutdown the registry stops accepting and lets responses in flight finish (up to
+    // --drain-timeout); then the peer server and the rest stop.
+    let result = shoal_shared::http::run_server(server, shutdown.clone()).await;
+    tracing::info!("local responses drained");
+    peers_stop.cancel();
     let _ = announcer.await;
     let _ = peer_task.await;
     let _ = reloader.await;
+    let _ = sweeper.await;
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     result.map_err(AgentError::from)
 }

@@ -124,8 +124,8 @@ async fn preload(agent: &str, image: String, platform: Option<String>, wait: boo
 }
 
 async fn serve(flags: ServeFlags, config: Option<PathBuf>) -> anyhow::Result<()> {
-    shoal_shared::telemetry::init_tracing();
     let config: Config = shoal_shared::config::layered(&flags, config.as_deref())?;
+    shoal_shared::telemetry::init_tracing(config.log_format);
     let listeners = shoal_agent::Listeners::bind(&config)
         .with_context(|| format!("bind {} / {}", config.registry, config.peer))?;
     let shutdown = CancellationToken::new();

@@ -19,6 +19,7 @@ use shoal_shared::oci::{
 };
 use shoal_shared::store::READ_CHUNK;
 
+use crate::delivery::{Counted, Tally};
 use crate::download::{Active, DownloadError, Downloads, Fetched};
 use shoal_shared::tracker::LookupError;
 
@@ -29,20 +30,56 @@ pub struct AppState {
     pub registry: Registry,
     /// Permits for background preloads.
     pub preloads: Arc<tokio::sync::Semaphore>,
+    pub started: std::time::Instant,
+    /// This agent's peer address.
+    pub me: std::net::SocketAddr,
 }
 
 type State = web::Data<AppState>;
 
-/// Mounts the routes.
+/// Mounts the routes: the registry, preload, and the operations routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v2", web::route().to(v2))
         .route("/v2/{tail:.*}", web::route().to(v2))
-        .route(
-            "/metrics",
-            web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
-        )
-        .route("/shoal/v1/preload", web::post().to(crate::preload::handle))
-        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+        .route("/shoal/v1/preload", web::post().to(crate::preload::handle));
+    configure_ops(cfg);
+}
+
+/// The operations routes alone (the `--metrics` listener): metrics, liveness, readiness
+/// and the status page.
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/metrics",
+        web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
+    )
+    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+    .route("/readyz", web::get().to(readyz))
+    .route("/", web::get().to(crate::status::page))
+    .route("/status", web::get().to(crate::status::page));
+}
+
+/// How long readiness waits for a tracker.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready when the agent can do its job: its data directory takes writes and a tracker
+/// answers. 503 with the reason otherwise.
+async fn readyz(state: State) -> HttpResponse {
+    let store = state.downloads.store.clone();
+    let writable = tokio::task::spawn_blocking(move || {
+        let probe = store.temp_path("readyz");
+        let result = std::fs::write(&probe, b"ok");
+        let _ = std::fs::remove_file(&probe);
+        result
+    })
+    .await;
+    if !matches!(writable, Ok(Ok(()))) {
+        return HttpResponse::ServiceUnavailable()
+            .body("not ready: the data directory does not take writes\n");
+    }
+    match state.downloads.tracker().reachable(READY_TIMEOUT).await {
+        Ok(()) => HttpResponse::Ok().body("ready\n"),
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("not ready: no tracker reachable ({e})\n")),
+    }
 }
 
 fn download_error(e: &DownloadError, unknown: ErrorCode) -> HttpResponse {
@@ -51,6 +88,9 @@ fn download_error(e: &DownloadError, unknown: ErrorCode) -> HttpResponse {
         // As for a tag: a 401 without a challenge sends containerd to the registry itself.
         DownloadError::Denied(m) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
         DownloadError::OutOfSpace => oci_error(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable, e),
+        // Everything cached is in use: the client (containerd) retries or falls back to the
+        // registry; the disk is never overshot.
+        DownloadError::CacheFull(m) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m),
         other => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, other),
     }
 }
@@ -81,7 +121,7 @@ async fn v2(req: HttpRequest, state: State) -> HttpResponse {
             Err(resp) => resp,
         },
         Ok(V2Path::Manifest { name, reference }) => match hint(name) {
-            Ok(h) => manifest(reference, &h, &state).await,
+            Ok(h) => manifest(&req, reference, &h, &state).await,
             Err(resp) => resp,
         },
         Ok(V2Path::TagsList { name }) => tag_list(&req, name, &state).await,
@@ -118,28 +158,33 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
         };
     }
     // A plain GET streams the verified prefix of a download as it grows; a Range request
-    // waits for the whole blob. A cached copy found damaged is dropped and fetched again,
-    // once.
+    // waits for the whole blob. A cached copy found damaged (or evicted meanwhile) is fetched
+    // again, once.
     let mut refetched = false;
     loop {
-        if req.headers().contains_key(header::RANGE) {
-            if let Err(e) = downloads.ensure(digest, Some(hint)).await {
-                return download_error(&e, ErrorCode::BlobUnknown);
+        let tally = if req.headers().contains_key(header::RANGE) {
+            match downloads.ensure(digest, Some(hint)).await {
+                Ok(tally) => tally,
+                Err(e) => return download_error(&e, ErrorCode::BlobUnknown),
             }
         } else {
             match downloads.fetch(digest, Some(hint)).await {
-                Ok(Fetched::Cached) => {}
+                Ok(Fetched::Cached(tally)) => tally,
                 Ok(Fetched::Streaming(active)) => {
                     let len = active.length();
+                    let tally = Tally::Download(active.sources.clone());
+                    let body = SizedStream::new(len, Box::pin(prefix_stream(active.clone())));
+                    // The download's own hold keeps the blob cached until the body is done.
+                    let delivered = downloads.metrics.delivered.clone();
                     return blob_response(StatusCode::OK, &digest, "application/octet-stream")
-                        .body(SizedStream::new(len, prefix_stream(active)));
+                        .body(Counted::new(body, 0, tally, delivered, active));
                 }
                 Err(e) => return download_error(&e, ErrorCode::BlobUnknown),
             }
-        }
-        match serve_cached(req, digest, downloads).await {
+        };
+        match serve_cached(req, digest, downloads, tally).await {
             Cached::Served(resp) => return resp,
-            Cached::Damaged if !refetched => refetched = true,
+            Cached::Damaged | Cached::Missing if !refetched => refetched = true,
             Cached::Damaged | Cached::Missing => {
                 return oci_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -163,8 +208,10 @@ enum Cached {
 /// Answers from the cache, every piece checked against the metainfo before it is sent. The
 /// first piece is checked before answering, so a damaged blob is usually fetched again
 /// instead of being cut short; damage further in ends the body early.
-async fn serve_cached(req: &HttpRequest, digest: Digest, downloads: &Arc<Downloads>) -> Cached {
+async fn serve_cached(req: &HttpRequest, digest: Digest, downloads: &Arc<Downloads>, tally: Tally) -> Cached {
     let store = &downloads.store;
+    // Pinned first, so the cache cannot evict it between the open and the last byte sent.
+    let hold = downloads.cache.hold(digest);
     let Some((file, len)) = store.open_blob(&digest).await else { return Cached::Missing };
     let file = Arc::new(file);
     // A blob whose metainfo is gone, or whose length is not the metainfo's, cannot be
@@ -187,10 +234,27 @@ async fn serve_cached(req: &HttpRequest, digest: Digest, downloads: &Arc<Downloa
     if whole_get && len > 0 && check_piece_at(&file, &check, 0).await.is_err() {
         return Cached::Damaged;
     }
-    Cached::Served(serve_file(req, file, len, &digest, "application/octet-stream", Some(check)))
+    let resp = serve_file(req, file, len, &digest, "application/octet-stream", Some(check));
+    let start = body_start(&resp);
+    let delivered = downloads.metrics.delivered.clone();
+    Cached::Served(
+        resp.map_body(|_, body| Counted::new(body, start, tally, delivered, hold)).map_into_boxed_body(),
+    )
 }
 
-async fn manifest(reference: &str, hint: &Hint, state: &AppState) -> HttpResponse {
+/// Where a blob response's body starts in the blob: the first byte of its `Content-Range`,
+/// else 0.
+fn body_start(resp: &HttpResponse) -> u64 {
+    resp.headers()
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn manifest(req: &HttpRequest, reference: &str, hint: &Hint, state: &AppState) -> HttpResponse {
     let name = hint.name.as_str();
     let downloads = &state.downloads;
     let digest = match reference.parse::<Reference>() {
@@ -213,9 +277,10 @@ async fn manifest(reference: &str, hint: &Hint, state: &AppState) -> HttpRespons
         },
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
     };
-    if let Err(e) = downloads.ensure(digest, Some(hint)).await {
-        return download_error(&e, ErrorCode::ManifestUnknown);
-    }
+    let tally = match downloads.ensure(digest, Some(hint)).await {
+        Ok(tally) => tally,
+        Err(e) => return download_error(&e, ErrorCode::ManifestUnknown),
+    };
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "not a manifest");
     let size = match downloads.store.size(&digest).await {
         Some(s) if s <= MAX_MANIFEST as u64 => s as usize,
@@ -226,6 +291,9 @@ async fn manifest(reference: &str, hint: &Hint, state: &AppState) -> HttpRespons
     let mut resp = HttpResponse::Ok();
     resp.insert_header((header::CONTENT_TYPE, media_type))
         .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
+    if req.method() == Method::GET {
+        tally.count(&downloads.metrics.delivered, 0, bytes.len() as u64);
+    }
     // On HEAD actix sends the headers of this body (its length) without the body.
     resp.body(bytes)
 }
@@ -268,8 +336,12 @@ fn prefix_stream(
             let prefix = *rx.borrow_and_update();
             if prefix.bytes > offset {
                 let n = (prefix.bytes - offset).min(READ_CHUNK as u64) as usize;
+                let next = offset + n as u64;
                 return Some(match active.partial.read_at(offset, n).await {
-                    Ok(bytes) => (Ok(bytes), Some((active, rx, offset + n as u64))),
+                    // The download (and its hold on the cache) is let go with the last
+                    // chunk: the server may keep a finished body around for a while.
+                    Ok(bytes) if next >= length => (Ok(bytes), None),
+                    Ok(bytes) => (Ok(bytes), Some((active, rx, next))),
                     Err(e) => (Err(std::io::Error::other(e)), None),
                 });
             }

@@ -90,7 +90,11 @@ impl PieceSource for AgentSource {
             None
         };
         match data.map(|d| m.verify_piece(index, d)) {
-            Some(Ok(piece)) => Some(piece.data().clone()),
+            Some(Ok(piece)) => {
+                // Its swarm is active: the cache keeps it while it seeds.
+                self.downloads.cache.peer_read(digest);
+                Some(piece.data().clone())
+            }
             _ => {
                 self.metainfo.remove(&digest);
                 self.downloads.quarantine(digest, &file);

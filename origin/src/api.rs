@@ -41,6 +41,50 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     pub prefetch_sync: bool,
     pub prefetch_sizes: crate::prefetch::SizeFilter,
+    /// The upstream registries (`REGISTRY=URL`), for the status page.
+    pub upstream_names: Vec<String>,
+    pub started: std::time::Instant,
+}
+
+/// Ready when the store takes writes (a probe file in its temp directory).
+async fn readyz(state: State) -> HttpResponse {
+    let store = state.store.clone();
+    let writable = tokio::task::spawn_blocking(move || {
+        let probe = store.temp_path("readyz");
+        let result = std::fs::write(&probe, b"ok");
+        let _ = std::fs::remove_file(&probe);
+        result
+    })
+    .await;
+    match writable {
+        Ok(Ok(())) => HttpResponse::Ok().body("ready\n"),
+        _ => HttpResponse::ServiceUnavailable().body("not ready: the store does not take writes\n"),
+    }
+}
+
+/// Upstreams, uploads in progress, and the blobs peers fetched recently.
+async fn status(state: State) -> HttpResponse {
+    use shoal_shared::status::Page;
+    let mut page = Page::new(&format!("shoal-origin {}", state.peer_addr));
+    let up = std::time::Duration::from_secs(state.started.elapsed().as_secs());
+    page.facts(&[
+        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        ("up", shoal_shared::config::Span(up).to_string()),
+        ("uploads in progress", state.uploads.len().to_string()),
+        ("writes", if state.upload_token.is_some() { "token required".into() } else { "open".into() }),
+    ]);
+    let rows: Vec<Vec<String>> = state.upstream_names.iter().map(|u| vec![u.clone()]).collect();
+    page.table(
+        "Upstream registries",
+        &["registry=url"],
+        &rows,
+        "None: this origin holds only what is pushed to it.",
+    );
+    let mut hot = state.seeder.hot_set(crate::HOT_WINDOW);
+    hot.sort();
+    let rows: Vec<Vec<String>> = hot.iter().take(100).map(|d| vec![d.to_string()]).collect();
+    page.table("Blobs peers fetched in the last 10 minutes", &["digest"], &rows, "None.");
+    page.response()
 }
 
 /// True when the request carries the upload token (or none is configured).
@@ -67,7 +111,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
     .route("/shoal/v1/info", web::get().to(info))
     .route("/metrics", web::get().to(metrics))
-    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+    .route("/readyz", web::get().to(readyz))
+    .route("/", web::get().to(status))
+    .route("/status", web::get().to(status));
 }
 
 type State = web::Data<AppState>;

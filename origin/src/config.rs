@@ -64,6 +64,15 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_timeout: Option<u64>,
+    /// On SIGTERM, how long responses in flight (uploads included) may take to finish
+    /// [default: 30s].
+    #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<shoal_shared::config::Span>,
+    /// Log format: `text` or `json` (one object per line, for log shippers) [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<shoal_shared::telemetry::LogFormat>,
     /// Most bytes all uploads in progress may hold together, e.g. `20GiB`; 0 for no bound
     /// (default: a quarter of the data directory's filesystem). A chunk past it ends its
     /// upload.
@@ -137,6 +146,10 @@ pub struct Config {
     pub http_workers: usize,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: u64,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: shoal_shared::config::Span,
+    #[serde(default)]
+    pub log_format: shoal_shared::telemetry::LogFormat,
     /// `None`: a quarter of the data filesystem.
     #[serde(default)]
     pub max_upload_bytes: Option<ByteRate>,
@@ -184,6 +197,9 @@ fn default_workers() -> usize {
 fn default_send_timeout() -> u64 {
     shoal_shared::http::SEND_TIMEOUT.as_secs()
 }
+fn default_drain_timeout() -> shoal_shared::config::Span {
+    shoal_shared::config::Span(std::time::Duration::from_secs(30))
+}
 fn default_tag_ttl() -> u64 {
     300
 }
@@ -211,6 +227,8 @@ impl Config {
             upload_queue: 0,
             http_workers: default_workers(),
             send_timeout: default_send_timeout(),
+            drain_timeout: default_drain_timeout(),
+            log_format: Default::default(),
             max_upload_bytes: None,
             upload_token: None,
             allow_anonymous_writes: false,

@@ -132,6 +132,16 @@ pub async fn run(
         upstreams: Arc::new(upstreams),
         prefetch_sync: config.prefetch_sync,
         prefetch_sizes: prefetch::SizeFilter { min: config.prefetch_min_size, max: config.prefetch_max_size },
+        // Credentials never reach the page, even when written into a URL.
+        upstream_names: config
+            .upstream
+            .iter()
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &u[..scheme], &u[at..]),
+                _ => u.clone(),
+            })
+            .collect(),
+        started: std::time::Instant::now(),
     });
 
     let peer_task = tokio::spawn(peer::serve(
@@ -143,7 +153,13 @@ pub async fn run(
     ));
     let server = HttpServer::new({
         let state = state.clone();
-        move || App::new().app_data(state.clone()).configure(api::configure).configure(prefetch::configure)
+        move || {
+            App::new()
+                .wrap(actix_web::middleware::from_fn(shoal_shared::http::request_span))
+                .app_data(state.clone())
+                .configure(api::configure)
+                .configure(prefetch::configure)
+        }
     })
     .on_connect({
         let timeout = std::time::Duration::from_secs(config.send_timeout.max(1));
@@ -151,7 +167,7 @@ pub async fn run(
     })
     .workers(config.http_workers.max(1))
     .disable_signals()
-    .shutdown_timeout(2)
+    .shutdown_timeout(config.drain_timeout.0.as_secs().max(1))
     .listen(listeners.http)?
     .run();
     tracing::info!(peer = %peer_addr, "origin serving");
@@ -175,7 +191,7 @@ pub async fn run(
 }
 
 /// How long after its last fetch a blob is still announced.
-const HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+pub(crate) const HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// With `--tracker`: announces, as a seeder, every blob peers fetched from this origin
 /// recently, so trackers list this origin even when it is not among their `--origin`s.

@@ -79,10 +79,15 @@ enum CaCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    shoal_shared::telemetry::init_tracing();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if !matches!(command, Command::Serve { .. }) {
+        // `serve` installs it once its configuration (the log format) is read.
+        shoal_shared::telemetry::init_tracing(Default::default());
+    }
+    match command {
         Command::Serve { flags, config } => {
             let config: Config = shoal_shared::config::layered(&flags, config.as_deref())?;
+            shoal_shared::telemetry::init_tracing(config.log_format);
             let listeners = shoal_origin::Listeners::bind(&config)
                 .with_context(|| format!("bind {} / {}", config.http, config.peer))?;
             let shutdown = CancellationToken::new();

@@ -40,6 +40,132 @@ pub fn layered<T: DeserializeOwned>(flags: &impl Serialize, file: Option<&Path>)
     toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))
 }
 
+/// A duration written the way people write them: `30s`, `15m`, `6h`, `7d`, `1h 30m`; a bare
+/// number is seconds. `0` turns off what it bounds, where the flag says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span(pub std::time::Duration);
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if let Ok(secs) = t.parse::<u64>() {
+            return Ok(Span(std::time::Duration::from_secs(secs)));
+        }
+        humantime::parse_duration(t).map(Span).map_err(|e| {
+            format!(
+                "invalid duration {:?}: {e} (e.g. 30s, 15m, 6h, 7d)",
+                t.chars().take(64).collect::<String>()
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_zero() {
+            return f.write_str("0s");
+        }
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Read from an integer (seconds) or a string with units.
+impl<'de> serde::Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Span(std::time::Duration::from_secs(n))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How much disk something may take: a size (`50GiB`, `500MB`, `1073741824`) or a share of
+/// the filesystem it lives on (`80%`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskShare {
+    Bytes(u64),
+    /// Per cent of the filesystem's size, 1 to 100.
+    Percent(u8),
+}
+
+impl DiskShare {
+    /// The bytes this share allows on a filesystem of `filesystem` bytes.
+    pub fn bytes_of(self, filesystem: u64) -> u64 {
+        match self {
+            DiskShare::Bytes(b) => b,
+            DiskShare::Percent(p) => (u128::from(filesystem) * u128::from(p) / 100) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for DiskShare {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(p @ 1..=100) => Ok(DiskShare::Percent(p)),
+                _ => Err(format!("invalid share {t:?}: a percentage from 1% to 100%")),
+            };
+        }
+        match t.parse::<crate::ratelimit::ByteRate>() {
+            Ok(b) if t.to_ascii_lowercase().contains("bit") => {
+                Err(format!("invalid size {t:?}: give bytes, not bits ({b})"))
+            }
+            Ok(b) if b.0 > 0 => Ok(DiskShare::Bytes(b.0)),
+            _ => Err(format!(
+                "invalid size {:?}: e.g. 50GiB, 500MB or 80%",
+                t.chars().take(64).collect::<String>()
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskShare::Bytes(b) => write!(f, "{b}"),
+            DiskShare::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for DiskShare {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DiskShare {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => format!("{n}").parse().map_err(serde::de::Error::custom),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +208,27 @@ mod tests {
         assert_eq!(c.tracker, vec!["http://t".to_string()]);
         let c: Config = layered(&Flags::default(), None).expect("load");
         assert_eq!(c.http, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn spans_and_disk_shares_parse_as_people_write_them() {
+        use std::time::Duration;
+        assert_eq!("90".parse::<Span>(), Ok(Span(Duration::from_secs(90))));
+        assert_eq!("6h".parse::<Span>(), Ok(Span(Duration::from_secs(6 * 3600))));
+        assert_eq!("1h 30m".parse::<Span>(), Ok(Span(Duration::from_secs(5400))));
+        assert!("soon".parse::<Span>().is_err());
+        assert!("-5s".parse::<Span>().is_err());
+        assert_eq!(Span(Duration::from_secs(7200)).to_string(), "2h");
+        assert_eq!(Span::default().to_string(), "0s");
+
+        assert_eq!("50GiB".parse::<DiskShare>(), Ok(DiskShare::Bytes(50 << 30)));
+        assert_eq!("1048576".parse::<DiskShare>(), Ok(DiskShare::Bytes(1 << 20)));
+        assert_eq!("80%".parse::<DiskShare>(), Ok(DiskShare::Percent(80)));
+        for bad in ["0", "0%", "101%", "lots", "100Mbit", "-1GiB", ""] {
+            assert!(bad.parse::<DiskShare>().is_err(), "{bad}");
+        }
+        assert_eq!(DiskShare::Percent(50).bytes_of(1000), 500);
+        assert_eq!(DiskShare::Bytes(7).bytes_of(1000), 7);
     }
 
     #[test]

@@ -280,6 +280,19 @@ pub fn set_send_timeout(conn: &dyn std::any::Any, timeout: std::time::Duration) 
     }
 }
 
+/// Middleware (`actix_web::middleware::from_fn(request_span)`): one tracing span per
+/// request, with its method and path (bounded), so every event logged while serving it,
+/// JSON logs included, says which request it belongs to.
+pub async fn request_span(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use tracing::Instrument as _;
+    let path: String = req.path().chars().take(256).collect();
+    let span = tracing::info_span!("request", method = %req.method(), path = %path);
+    next.call(req).instrument(span).await
+}
+
 /// Runs an actix server until `shutdown` fires, then stops it gracefully. If the server
 /// stops on its own, `shutdown` is fired so the node's other tasks stop too.
 pub async fn run_server(

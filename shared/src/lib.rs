@@ -14,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod peer;
 pub mod ratelimit;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -238,6 +238,46 @@ impl BlobStore {
         Ok(Some(bytes))
     }
 
+    /// What the store holds per digest, on disk: whole blobs with their metainfo and partial
+    /// downloads, each as the bytes the filesystem allocated for it and when it was last
+    /// modified. Only the store's own files count (named by a digest in its own
+    /// directories); anything else on the filesystem is not the cache's. Blocking (three
+    /// directory listings); call it at startup.
+    pub fn usage(&self) -> Result<Vec<Usage>, StoreError> {
+        use std::collections::HashMap;
+        use std::os::unix::fs::MetadataExt as _;
+        let mut by_digest: HashMap<Digest, Usage> = HashMap::new();
+        for sub in ["blobs", "meta", "partial"] {
+            let dir = self.inner.root.join(sub);
+            for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let entry = entry.map_err(io_err(&dir))?;
+                let Some(digest) =
+                    entry.file_name().to_str().and_then(|n| format!("sha256:{n}").parse().ok())
+                else {
+                    continue;
+                };
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                let u =
+                    by_digest.entry(digest).or_insert(Usage { digest, bytes: 0, modified, complete: false });
+                u.bytes += meta.blocks() * 512;
+                u.modified = u.modified.max(modified);
+                u.complete |= sub == "blobs";
+            }
+        }
+        Ok(by_digest.into_values().collect())
+    }
+
+    /// Removes everything the store holds of `digest`: the blob, its metainfo and any
+    /// partial download (a cache eviction). Blocking: a few unlinks.
+    pub fn remove_all(&self, digest: &Digest) {
+        self.remove(digest);
+        let _ = std::fs::remove_file(self.partial_path(digest));
+    }
+
     /// Removes a committed blob and its metainfo (used when a cached copy turns out to be
     /// damaged). Two unlinks, done at once so that a fresh copy fetched right after cannot
     /// be the one removed.
@@ -245,6 +285,18 @@ impl BlobStore {
         let _ = std::fs::remove_file(self.blob_path(digest));
         let _ = std::fs::remove_file(self.meta_path(digest));
     }
+}
+
+/// One digest's files in the store (see [`BlobStore::usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub digest: Digest,
+    /// Bytes allocated on disk for the blob, its metainfo and its partial download.
+    pub bytes: u64,
+    /// The latest modification of any of them.
+    pub modified: SystemTime,
+    /// Whether the whole blob is there (else only a partial download or a stray metainfo).
+    pub complete: bool,
 }
 
 /// Reads exactly `len` bytes at `offset`. Positional (`pread`), so any number of readers

@@ -187,4 +187,33 @@ impl TrackerClient {
         })
         .await
     }
+
+    /// Tells the trackers this peer no longer holds `leave.digests`.
+    pub async fn leave(&self, leave: &client::Leave) -> Result<(), LookupError> {
+        self.first(|base| {
+            let url = format!("{base}/shoal/v1/leave");
+            async move {
+                let transport =
+                    |e: reqwest::Error| ClientError::Transport { url: url.clone(), cause: e.to_string() };
+                let resp = self.http.post(&url).json(leave).send().await.map_err(transport)?;
+                client::check(resp).await.map(drop)
+            }
+        })
+        .await
+    }
+
+    /// Whether some tracker answers its liveness check within `timeout`; the error says
+    /// why none did.
+    pub async fn reachable(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let mut last = String::from("no tracker configured");
+        for base in &self.urls {
+            let url = format!("{base}/healthz");
+            match self.http.get(&url).timeout(timeout).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{url}: {}", r.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        Err(last)
+    }
 }

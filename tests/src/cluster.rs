@@ -119,6 +119,8 @@ pub struct AgentOptions {
     pub ingress_limit: u64,
     /// The agent's data directory (none: one in the cluster's temp dir).
     pub data_dir: Option<PathBuf>,
+    /// The agent's `--cache-size` in bytes (none: its default).
+    pub cache_size: Option<u64>,
 }
 
 /// One running agent.
@@ -361,6 +363,9 @@ impl Cluster {
         config.send_timeout = self.options.send_timeout;
         config.egress_limit = ByteRate(opts.egress_limit);
         config.ingress_limit = ByteRate(opts.ingress_limit);
+        if let Some(bytes) = opts.cache_size {
+            config.cache_size = shoal_shared::config::DiskShare::Bytes(bytes);
+        }
         let (registry, peer) = bind()?;
         let registry_url = format!("http://{}", registry.local_addr()?);
         let peer_addr = peer.local_addr()?;
@@ -376,7 +381,11 @@ impl Cluster {
                     Ok(r) => r,
                     Err(e) => return tracing::error!(agent = index, cause = %e, "agent runtime"),
                 };
-                let run = shoal_agent::run(config, shoal_agent::Listeners { registry, peer }, shutdown);
+                let run = shoal_agent::run(
+                    config,
+                    shoal_agent::Listeners { registry, peer, metrics: None },
+                    shutdown,
+                );
                 if let Err(e) = runtime.block_on(run) {
                     tracing::error!(agent = index, cause = %e, "agent failed");
                 }
@@ -406,11 +415,21 @@ impl Cluster {
         down_for: Duration,
         origins: Vec<String>,
     ) -> anyhow::Result<()> {
+        self.stop_tracker().await;
+        tokio::time::sleep(down_for).await;
+        self.start_tracker(origins).await
+    }
+
+    /// Stops the tracker and waits until its socket is closed.
+    pub async fn stop_tracker(&mut self) {
         self.tracker_shutdown.cancel();
         if let Some(task) = self.tracker_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
-        tokio::time::sleep(down_for).await;
+    }
+
+    /// Starts a fresh tracker on the stopped one's address, asking `origins`.
+    pub async fn start_tracker(&mut self, origins: Vec<String>) -> anyhow::Result<()> {
         let addr = self.tracker_url.trim_start_matches("http://").to_owned();
         let deadline = tokio::time::Instant::now() + STARTUP;
         let listener = loop {

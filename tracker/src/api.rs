@@ -9,8 +9,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use shoal_shared::client::{
-    Announce, AnnounceBatch, AnnounceBatchResponse, AnnounceResponse, BlobPeers, PeerInfo, TagResponse,
-    MAX_BATCH, MAX_BATCH_DOWNLOADING,
+    Announce, AnnounceBatch, AnnounceBatchResponse, AnnounceResponse, BlobPeers, Leave, PeerInfo,
+    TagResponse, MAX_BATCH, MAX_BATCH_DOWNLOADING,
 };
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::{valid_ns, HintQuery};
@@ -30,6 +30,7 @@ pub struct AppState {
     pub trust_announced_addresses: bool,
     pub announces: Counter,
     pub registry: Registry,
+    pub started: Instant,
 }
 
 type State = web::Data<AppState>;
@@ -44,6 +45,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ))
     .route("/shoal/v1/announce", web::post().to(announce))
     .route("/shoal/v1/announce/batch", web::post().to(announce_batch))
+    .route("/shoal/v1/leave", web::post().to(leave))
     .route("/shoal/v1/metainfo/{digest}", web::get().to(metainfo))
     .route("/shoal/v1/peers/{digest}", web::get().to(peers))
     .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
@@ -52,7 +54,43 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         "/metrics",
         web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
     )
-    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }));
+    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+    .route("/readyz", web::get().to(readyz))
+    .route("/", web::get().to(status))
+    .route("/status", web::get().to(status));
+}
+
+/// Ready when an origin answers: without one no lookup can succeed.
+async fn readyz(state: State) -> HttpResponse {
+    match state.origins.reachable(Duration::from_secs(2)).await {
+        Ok(()) => HttpResponse::Ok().body("ready\n"),
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("not ready: no origin reachable ({e})\n")),
+    }
+}
+
+/// Swarms and their peer counts.
+async fn status(state: State) -> HttpResponse {
+    use shoal_shared::status::Page;
+    let now = Instant::now();
+    let mut page = Page::new("shoal-tracker");
+    page.facts(&[
+        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        (
+            "up",
+            shoal_shared::config::Span(Duration::from_secs(state.started.elapsed().as_secs())).to_string(),
+        ),
+        ("swarms", state.swarms.len().to_string()),
+        ("announces", state.announces.get().to_string()),
+        ("origins", state.origins.urls().join(", ")),
+    ]);
+    let rows: Vec<Vec<String>> = state
+        .swarms
+        .largest(100, now)
+        .into_iter()
+        .map(|(d, seeders, downloading)| vec![d.to_string(), seeders.to_string(), downloading.to_string()])
+        .collect();
+    page.table("Largest swarms", &["digest", "seeders", "downloading"], &rows, "No peer has announced yet.");
+    page.response()
 }
 
 fn error(status: StatusCode, message: &str) -> HttpResponse {
@@ -158,6 +196,20 @@ async fn announce_batch(req: HttpRequest, body: web::Json<AnnounceBatch>, state:
         }
     }
     HttpResponse::Ok().json(AnnounceBatchResponse { interval: state.interval.as_secs(), swarms })
+}
+
+/// A peer that no longer holds some blobs (evicted from its cache) leaves their swarms.
+async fn leave(req: HttpRequest, body: web::Json<Leave>, state: State) -> HttpResponse {
+    let mut leave = body.into_inner();
+    leave.peer = SocketAddr::new(canonical(leave.peer.ip()), leave.peer.port());
+    if let Err(resp) = check_announced(leave.peer, req.peer_addr(), state.trust_announced_addresses) {
+        return resp;
+    }
+    if leave.digests.len() > MAX_BATCH {
+        return error(StatusCode::BAD_REQUEST, &format!("at most {MAX_BATCH} digests"));
+    }
+    let left = leave.digests.iter().filter(|d| state.swarms.remove(d, leave.peer)).count();
+    HttpResponse::Ok().json(serde_json::json!({ "left": left }))
 }
 
 async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state: State) -> HttpResponse {

@@ -33,6 +33,14 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_ORIGIN_TOKEN", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_token: Option<String>,
+    /// On SIGTERM, how long responses in flight may take to finish [default: 30s].
+    #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<shoal_shared::config::Span>,
+    /// Log format: `text` or `json` (one object per line, for log shippers) [default: text].
+    #[arg(long, env = "SHOAL_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<shoal_shared::telemetry::LogFormat>,
 }
 
 /// The tracker's validated configuration.
@@ -51,6 +59,10 @@ pub struct Config {
     pub trust_announced_addresses: bool,
     #[serde(default)]
     pub origin_token: Option<String>,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: shoal_shared::config::Span,
+    #[serde(default)]
+    pub log_format: shoal_shared::telemetry::LogFormat,
 }
 
 impl std::fmt::Debug for Config {
@@ -63,6 +75,8 @@ impl std::fmt::Debug for Config {
             .field("max_peers", &self.max_peers)
             .field("trust_announced_addresses", &self.trust_announced_addresses)
             .field("origin_token", &self.origin_token.as_ref().map(|_| "<redacted>"))
+            .field("drain_timeout", &self.drain_timeout)
+            .field("log_format", &self.log_format)
             .finish()
     }
 }
@@ -76,6 +90,9 @@ fn default_interval() -> u64 {
 fn default_max_peers() -> usize {
     50
 }
+fn default_drain_timeout() -> shoal_shared::config::Span {
+    shoal_shared::config::Span(std::time::Duration::from_secs(30))
+}
 
 impl Config {
     /// Defaults with the given origins (for tests).
@@ -87,6 +104,8 @@ impl Config {
             max_peers: default_max_peers(),
             trust_announced_addresses: false,
             origin_token: None,
+            drain_timeout: default_drain_timeout(),
+            log_format: Default::default(),
         }
     }
 }

@@ -39,13 +39,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         trust_announced_addresses: config.trust_announced_addresses,
         announces,
         registry,
+        started: Instant::now(),
     });
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
-        .workers(2)
-        .disable_signals()
-        .shutdown_timeout(2)
-        .listen(listener)?
-        .run();
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(actix_web::middleware::from_fn(shoal_shared::http::request_span))
+            .app_data(state.clone())
+            .configure(api::configure)
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(config.drain_timeout.0.as_secs().max(1))
+    .listen(listener)?
+    .run();
     let sweeper = tokio::spawn(shoal_shared::http::every(interval, shutdown.clone(), move || {
         swarms.sweep(Instant::now());
         std::future::ready(())

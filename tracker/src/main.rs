@@ -27,9 +27,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    shoal_shared::telemetry::init_tracing();
     let Command::Serve { flags, config } = Cli::parse().command;
     let config: Config = shoal_shared::config::layered(&flags, config.as_deref())?;
+    shoal_shared::telemetry::init_tracing(config.log_format);
     let listener =
         std::net::TcpListener::bind(config.http).with_context(|| format!("bind {}", config.http))?;
     let shutdown = CancellationToken::new();

@@ -67,6 +67,26 @@ struct Info {
 impl Origins {
     /// The origins at `urls`, asked with `token` (the origins' upload token: pull-through
     /// lookups reach upstreams and fill the origins' disks, so they take it).
+    /// The origins' base URLs.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// Whether some origin answers its liveness check within `timeout`; the error says why
+    /// none did.
+    pub async fn reachable(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let mut last = String::from("no origin configured");
+        for base in &self.urls {
+            let url = format!("{base}/healthz");
+            match self.http.get(&url).timeout(timeout).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{url}: {}", r.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
     pub fn new(urls: Vec<String>, token: Option<&str>) -> Self {
         let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
         let known = moka::sync::Cache::builder()

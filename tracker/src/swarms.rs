@@ -128,6 +128,21 @@ impl Swarms {
         out
     }
 
+    /// Forgets that `peer` holds `digest` (it left the swarm). Returns whether it was listed.
+    pub fn remove(&self, digest: &Digest, peer: SocketAddr) -> bool {
+        let Some(mut peers) = self.blobs.get_mut(digest) else { return false };
+        let removed = peers.remove(&peer).is_some();
+        let empty = peers.is_empty();
+        drop(peers);
+        if empty {
+            self.blobs.remove_if(digest, |_, p| p.is_empty());
+        }
+        if removed {
+            self.drop_ips([peer.ip()]);
+        }
+        removed
+    }
+
     /// Drops expired peers and empty blobs.
     pub fn sweep(&self, now: Instant) {
         let mut expired = Vec::new();
@@ -136,6 +151,22 @@ impl Swarms {
             !peers.is_empty()
         });
         self.drop_ips(expired);
+    }
+
+    /// The `n` largest swarms: digest, live seeders, live downloaders.
+    pub fn largest(&self, n: usize, now: Instant) -> Vec<(Digest, usize, usize)> {
+        let mut all: Vec<(Digest, usize, usize)> = self
+            .blobs
+            .iter()
+            .map(|e| {
+                let live = e.value().values().filter(|p| p.expires > now);
+                let (seeders, total) = live.fold((0, 0), |(s, t), p| (s + usize::from(p.complete), t + 1));
+                (*e.key(), seeders, total - seeders)
+            })
+            .collect();
+        all.sort_by(|a, b| (b.1 + b.2).cmp(&(a.1 + a.2)).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
     }
 
     /// Number of blobs with live peers.

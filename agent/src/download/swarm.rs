@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::{store_err, Active, DownloadError, Downloads};
+use crate::delivery::Source;
 
 /// How long to wait for a peer's bitfield.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +41,8 @@ pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.
 const HAVE_QUEUE: usize = 256;
 
-type Fetch = (SocketAddr, u32, Result<VerifiedPiece, PeerError>);
+/// A piece request's outcome, with how long it took.
+type Fetch = (SocketAddr, u32, Result<VerifiedPiece, PeerError>, Duration);
 type Probe = (PeerInfo, Result<(Bitfield, Option<HaveStream>), PeerError>);
 
 /// Fetches every piece of the blob into `active`.
@@ -100,8 +102,11 @@ pub(super) async fn run(
             match action {
                 Action::Request { peer, index } => {
                     let (client, m) = (dl.peers.clone(), metainfo.clone());
-                    let handle =
-                        fetches.spawn(async move { (peer, index, client.piece(peer, &m, index).await) });
+                    let handle = fetches.spawn(async move {
+                        let asked = Instant::now();
+                        let result = client.piece(peer, &m, index).await;
+                        (peer, index, result, asked.elapsed())
+                    });
                     handles.insert((peer, index), handle);
                 }
                 Action::Cancel { peer, index } => {
@@ -130,14 +135,20 @@ pub(super) async fn run(
             }
             Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
                 // Aborted (cancelled) requests come back as join errors.
-                let Ok((peer, index, result)) = joined else { continue };
+                let Ok((peer, index, result, took)) = joined else { continue };
                 handles.remove(&(peer, index));
                 let now = started.elapsed();
                 match result {
                     Ok(piece) => {
                         if !active.have.borrow().get(index) {
                             active.partial.write_piece(piece).await.map_err(store_err)?;
+                            let source = if sched.is_origin(peer) { Source::Origin } else { Source::Peer };
+                            active.sources.set(index, source);
+                            if let Ok(mut by_peer) = active.by_peer.lock() {
+                                *by_peer.entry(peer).or_default() += 1;
+                            }
                             active.have.send_modify(|have| have.set(index));
+                            dl.metrics.piece_seconds.observe(took.as_secs_f64());
                             prefix_pieces = advance_prefix(metainfo, active, prefix_pieces);
                             dl.metrics.pieces.inc();
                             replanned = false;

@@ -61,6 +61,15 @@ pub struct AnnounceBatch {
     pub blobs: Vec<BlobState>,
 }
 
+/// Blobs a peer no longer holds (`POST /shoal/v1/leave`), e.g. evicted from its cache: the
+/// tracker stops listing it for them at once instead of when its announce expires. At most
+/// [`MAX_BATCH`] digests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Leave {
+    pub peer: std::net::SocketAddr,
+    pub digests: Vec<Digest>,
+}
+
 /// Peers of one blob the announcer is still downloading.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BlobPeers {
