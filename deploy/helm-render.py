@@ -3,15 +3,17 @@
 it: no helm binary), like `helm template` / `helm install --dry-run`.
 
     helm-render.py CHART [--values FILE]... [--name shoal] [--namespace shoal]
-                   [--out DIR] [--notes FILE] [--lint]
+                   [--out DIR] [--notes FILE] [--json FILE] [--lint]
 
 Without --out, prints every manifest as one YAML stream, each under a `# Source:` line.
 With --out, writes one file per template to DIR (a fresh directory), named after the
-template, each with a header saying so. --notes writes the rendered NOTES.txt. --lint
+template, each with a header saying so. --notes writes the rendered NOTES.txt; --json
+writes every rendered object as a JSON list of {"source": ..., "object": ...}. --lint
 runs Helm's linter (strict: warnings are errors) with the same values first.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,6 +29,7 @@ def main() -> int:
     ap.add_argument("--namespace", default="shoal")
     ap.add_argument("--out")
     ap.add_argument("--notes")
+    ap.add_argument("--json")
     ap.add_argument("--lint", action="store_true")
     args = ap.parse_args()
 
@@ -55,6 +58,16 @@ def main() -> int:
     if args.notes:
         with open(args.notes, "w", encoding="utf-8") as f:
             f.write("".join(notes.values()))
+
+    if args.json:
+        objects = [
+            {"source": source, "object": obj}
+            for source, text in manifests.items()
+            for obj in yaml.safe_load_all(text)
+            if obj
+        ]
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(objects, f, indent=1)
 
     chart_name = os.path.basename(os.path.normpath(args.chart))
     if args.out:
