@@ -297,11 +297,9 @@ pub fn unmerged(text: &str, path: &Path) -> Result<Option<String>, ContainerdCon
         return Ok(None);
     }
     let rest = strip_block(text, path)?;
-    if rest.starts_with(CREATED) {
-        let body = &rest[CREATED.len()..];
+    if let Some(body) = rest.strip_prefix(CREATED) {
         // Only the marker, the `server` line this tool wrote and blank lines left.
-        let ours = body.lines().all(|l| l.trim().is_empty() || l.starts_with("server = \""));
-        if ours {
+        if body.lines().all(|l| l.trim().is_empty() || l.starts_with("server = \"")) {
             return Ok(None);
         }
     }
