@@ -39,6 +39,10 @@ enum Command {
         /// Print the files instead of writing them.
         #[arg(long)]
         dry_run: bool,
+        /// Take the agent out of the files again: what was there before comes back byte for
+        /// byte, and files it created are deleted.
+        #[arg(long, conflicts_with = "dry_run")]
+        remove: bool,
     },
     /// Ask an agent to pull an image into its cache ahead of a rollout.
     Preload {
@@ -77,8 +81,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match Cli::parse().command {
         Command::Serve { flags, config } => runtime()?.block_on(serve(*flags, config)),
-        Command::ContainerdConfig { dir, endpoint, registries, dry_run } => {
-            containerd_config(&dir, &endpoint, &registries, dry_run)
+        Command::ContainerdConfig { dir, endpoint, registries, dry_run, remove } => {
+            containerd_config(&dir, &endpoint, &registries, dry_run, remove)
         }
         Command::Preload { image, agent, platform, no_wait } => {
             runtime()?.block_on(preload(&agent, image, platform, !no_wait))
@@ -86,19 +90,27 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn containerd_config(dir: &Path, endpoint: &str, registries: &[String], dry_run: bool) -> anyhow::Result<()> {
+fn containerd_config(
+    dir: &Path,
+    endpoint: &str,
+    registries: &[String],
+    dry_run: bool,
+    remove: bool,
+) -> anyhow::Result<()> {
     use shoal_agent::containerd;
+    if remove {
+        for (path, action) in containerd::remove(dir, registries)? {
+            println!("{action} {}", path.display());
+        }
+        return Ok(());
+    }
     if dry_run {
-        for r in registries {
-            println!(
-                "# {}\n{}",
-                dir.join(r).join("hosts.toml").display(),
-                containerd::hosts_toml(r, endpoint)?
-            );
+        for (path, body) in containerd::preview(dir, registries, endpoint)? {
+            println!("# {}\n{body}", path.display());
         }
     } else {
-        for path in containerd::write(dir, registries, endpoint)? {
-            println!("wrote {}", path.display());
+        for (path, action) in containerd::apply(dir, registries, endpoint)? {
+            println!("{action} {}", path.display());
         }
     }
     println!("\n{}", containerd::containerd_snippet(dir));

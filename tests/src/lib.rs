@@ -5,4 +5,5 @@ pub mod netns;
 pub mod quic_ceiling;
 pub mod registry;
 pub mod sim;
+pub mod tools;
 pub mod upstream_bench;
