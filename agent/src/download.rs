@@ -465,7 +465,15 @@ impl Downloads {
             let admitted = tokio::task::spawn_blocking(move || cache.admit(digest, length))
                 .await
                 .map_err(|e| DownloadError::Store(e.to_string()))?;
-            let (hold, evicted) = admitted.map_err(|e| DownloadError::CacheFull(e.to_string()))?;
+            // A blob larger than the whole cache can never fit: that is the disk having no
+            // room for it (507), not a cache momentarily full of blobs in use (503).
+            let (hold, evicted) = admitted.map_err(|e| {
+                if e.wanted > e.limit {
+                    DownloadError::OutOfSpace
+                } else {
+                    DownloadError::CacheFull(e.to_string())
+                }
+            })?;
             self.evicted(evicted);
             hold
         };

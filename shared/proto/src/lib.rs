@@ -10,7 +10,8 @@
 //! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
 //! [`scheduler`] (the download session), [`oci`] (references, manifests, media types, error
 //! codes), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
-//! pull is for), [`messages`] (tracker messages),
+//! pull is for), [`messages`] (tracker messages), [`ring`] (who owns a blob among origins or
+//! trackers),
 //! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses).
 
 pub mod bitfield;
@@ -22,5 +23,6 @@ pub mod messages;
 pub mod metainfo;
 pub mod oci;
 pub mod registry_auth;
+pub mod ring;
 pub mod scheduler;
 pub mod wire;
