@@ -22,6 +22,7 @@ use shoal_shared::oci::{
 };
 use shoal_shared::store::{BlobStore, Staged, StoreError};
 
+use crate::cluster::Cluster;
 use crate::seeder::Seeder;
 use crate::tags::TagStore;
 use crate::uploads::{Held, Upload, Uploads};
@@ -41,6 +42,8 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     pub prefetch_sync: bool,
     pub prefetch_sizes: crate::prefetch::SizeFilter,
+    /// The origin cluster this origin is a member of, if any.
+    pub cluster: Option<Arc<Cluster>>,
     /// The upstream registries (`REGISTRY=URL`), for the status page.
     pub upstream_names: Vec<String>,
     pub started: std::time::Instant,
@@ -73,6 +76,17 @@ async fn status(state: State) -> HttpResponse {
         ("uploads in progress", state.uploads.len().to_string()),
         ("writes", if state.upload_token.is_some() { "token required".into() } else { "open".into() }),
     ]);
+    if let Some(cluster) = &state.cluster {
+        let rows: Vec<Vec<String>> = cluster
+            .members()
+            .into_iter()
+            .map(|(url, up)| {
+                let role = if url == cluster.me() { "this origin" } else { "" };
+                vec![url, if up { "up".into() } else { "down".into() }, role.into()]
+            })
+            .collect();
+        page.table("Ring members", &["member", "health", ""], &rows, "No member.");
+    }
     let rows: Vec<Vec<String>> = state.upstream_names.iter().map(|u| vec![u.clone()]).collect();
     page.table(
         "Upstream registries",
@@ -183,19 +197,28 @@ async fn v2(
     if ns.as_deref().is_some_and(|ns| !valid_ns(ns)) {
         return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "invalid ns");
     }
+    // A request from another origin is answered from local state only.
+    let hop = Cluster::is_hop(&req);
     match (path, method) {
         (V2Path::Base, _) => v2_base().await,
-        (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => get_blob(&req, digest, &state).await,
+        (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => {
+            get_blob(&req, digest, hop, &state).await
+        }
         (V2Path::Manifest { name, reference }, Method::GET | Method::HEAD) => {
             let may_fetch = authorized(&req, state.upload_token.as_deref());
+            if let Some(resp) = forward_manifest(&req, name, reference, hop, may_fetch, &state).await {
+                return resp;
+            }
             get_manifest(name, reference, ns.as_deref(), may_fetch, &state).await
         }
         (V2Path::Manifest { name, reference }, Method::PUT) => {
-            put_manifest(name, reference, payload, &state).await
+            put_manifest(&req, name, reference, payload, hop, &state).await
         }
-        (V2Path::UploadStart { name }, Method::POST) => start_upload(name, query, payload, &state).await,
+        (V2Path::UploadStart { name }, Method::POST) => start_upload(name, query, payload, hop, &state).await,
         (V2Path::Upload { name, id }, Method::PATCH) => patch_upload(&req, name, id, payload, &state).await,
-        (V2Path::Upload { name, id }, Method::PUT) => finish_upload(name, id, query, payload, &state).await,
+        (V2Path::Upload { name, id }, Method::PUT) => {
+            finish_upload(name, id, query, payload, hop, &state).await
+        }
         (V2Path::Upload { name, id }, Method::GET) => upload_status(name, id, &state).await,
         (V2Path::Upload { id, .. }, Method::DELETE) => cancel_upload(id, &state).await,
         (V2Path::TagsList { name }, Method::GET) => match state.tags.list(name).await {
@@ -209,7 +232,7 @@ async fn v2(
     }
 }
 
-async fn get_blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResponse {
+async fn get_blob(req: &HttpRequest, digest: &str, hop: bool, state: &AppState) -> HttpResponse {
     let digest: Digest = match digest.parse() {
         Ok(d) => d,
         Err(e) => return bad_digest(e),
@@ -218,7 +241,74 @@ async fn get_blob(req: &HttpRequest, digest: &str, state: &AppState) -> HttpResp
         Some((file, len)) => {
             serve_file(req, std::sync::Arc::new(file), len, &digest, "application/octet-stream", None)
         }
-        None => oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown"),
+        None => {
+            // Held by its owners: one hop to the first that answers.
+            if let (Some(cluster), false) = (&state.cluster, hop) {
+                let item = digest.to_string();
+                let path = req.uri().path_and_query().map_or(req.path(), |p| p.as_str());
+                if let Some(resp) =
+                    cluster.forward(req.method(), path, item.as_bytes(), req.headers(), false).await
+                {
+                    return proxied(req, resp);
+                }
+            }
+            oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown")
+        }
+    }
+}
+
+/// A manifest this origin does not hold, asked of the owners (of the repository for a tag,
+/// of the digest for a digest). `None`: answer locally (held here, a request from another
+/// origin, no cluster, or no owner had it).
+async fn forward_manifest(
+    req: &HttpRequest,
+    name: &str,
+    reference: &str,
+    hop: bool,
+    may_fetch: bool,
+    state: &AppState,
+) -> Option<HttpResponse> {
+    let cluster = state.cluster.as_ref().filter(|_| !hop)?;
+    let item = match reference.parse::<Reference>().ok()? {
+        Reference::Tag(tag) if state.tags.get(name, &tag).await.is_none() => name.as_bytes().to_vec(),
+        Reference::Digest(d) if state.store.size(&d).await.is_none() => d.to_string().into_bytes(),
+        _ => return None,
+    };
+    let path = req.uri().path_and_query().map_or(req.path(), |p| p.as_str());
+    let resp = cluster.forward(req.method(), path, &item, req.headers(), may_fetch).await?;
+    Some(proxied(req, resp))
+}
+
+/// Another origin's answer, passed on: status, the registry headers and the body, streamed.
+fn proxied(req: &HttpRequest, resp: reqwest::Response) -> HttpResponse {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut builder = HttpResponse::build(status);
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_RANGE,
+        header::ACCEPT_RANGES,
+        header::ETAG,
+        header::WWW_AUTHENTICATE,
+        header::RETRY_AFTER,
+    ] {
+        if let Some(v) = resp.headers().get(name.as_str()).and_then(|v| v.to_str().ok()) {
+            builder.insert_header((name, v.to_owned()));
+        }
+    }
+    if let Some(v) = resp.headers().get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()) {
+        builder.insert_header((DOCKER_CONTENT_DIGEST, v.to_owned()));
+    }
+    let len = resp
+        .content_length()
+        .or_else(|| resp.headers().get(reqwest::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok());
+    match (req.method() == Method::HEAD, len) {
+        (true, Some(len)) => shoal_shared::http::head_body(&mut builder, len),
+        (true, None) => builder.finish(),
+        (false, Some(len)) => builder.body(actix_web::body::SizedStream::new(
+            len,
+            resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)),
+        )),
+        (false, None) => builder.streaming(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other))),
     }
 }
 
@@ -314,7 +404,15 @@ async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>
     Ok(body)
 }
 
-async fn put_manifest(name: &str, reference: &str, payload: web::Payload, state: &AppState) -> HttpResponse {
+async fn put_manifest(
+    req: &HttpRequest,
+    name: &str,
+    reference: &str,
+    payload: web::Payload,
+    hop: bool,
+    state: &AppState,
+) -> HttpResponse {
+    let reference_text = reference;
     let reference: Reference = match reference.parse() {
         Ok(r) => r,
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
@@ -334,7 +432,9 @@ async fn put_manifest(name: &str, reference: &str, payload: web::Payload, state:
         Ok(r) => r,
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
     };
-    for r in refs {
+    // A copy from another origin was checked there: the blobs it references live on their
+    // own owners, not necessarily here.
+    for r in refs.into_iter().filter(|_| !hop) {
         if state.store.size(&r).await.is_none() {
             return oci_error(
                 StatusCode::BAD_REQUEST,
@@ -365,6 +465,17 @@ async fn put_manifest(name: &str, reference: &str, payload: web::Payload, state:
         }
     }
     tracing::info!(%name, %reference, %digest, "manifest stored");
+    if let (Some(cluster), false) = (&state.cluster, hop) {
+        let media_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| manifest_media_type(&body).as_deref() == Some(*t))
+            .map(str::to_owned)
+            .or_else(|| manifest_media_type(&body))
+            .unwrap_or_default();
+        cluster.replicate_manifest(name, reference_text, &digest, &body, &media_type).await;
+    }
     HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/v2/{name}/manifests/{digest}")))
         .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
@@ -419,12 +530,18 @@ fn parse_query_digest(query: Option<String>) -> Result<Option<Digest>, HttpRespo
     query.map(|q| q.parse::<Digest>().map_err(bad_digest)).transpose()
 }
 
-async fn commit(staged: Staged, digest: &Digest, name: &str) -> HttpResponse {
+async fn commit(staged: Staged, digest: &Digest, name: &str, hop: bool, state: &AppState) -> HttpResponse {
     match staged.commit(digest).await {
-        Ok(_) => HttpResponse::Created()
-            .insert_header((header::LOCATION, format!("/v2/{name}/blobs/{digest}")))
-            .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
-            .finish(),
+        Ok(_) => {
+            // On every healthy owner before the push is answered.
+            if let (Some(cluster), false) = (&state.cluster, hop) {
+                cluster.replicate_blob(&state.store, digest).await;
+            }
+            HttpResponse::Created()
+                .insert_header((header::LOCATION, format!("/v2/{name}/blobs/{digest}")))
+                .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
+                .finish()
+        }
         Err(StoreError::DigestMismatch { expected, actual }) => {
             bad_digest(format!("content has digest {actual}, expected {expected}; nothing stored"))
         }
@@ -450,6 +567,7 @@ async fn start_upload(
     name: &str,
     query: Option<String>,
     mut payload: web::Payload,
+    hop: bool,
     state: &AppState,
 ) -> HttpResponse {
     let digest = match parse_query_digest(query) {
@@ -467,7 +585,7 @@ async fn start_upload(
             staged.abort().await;
             return e.response();
         }
-        return commit(staged, &digest, name).await;
+        return commit(staged, &digest, name, hop, state).await;
     }
     match state.uploads.open(Upload { staged, held: state.uploads.hold() }) {
         Ok(id) => upload_accepted(name, &id, 0),
@@ -529,6 +647,7 @@ async fn finish_upload(
     id: &str,
     query: Option<String>,
     mut payload: web::Payload,
+    hop: bool,
     state: &AppState,
 ) -> HttpResponse {
     let digest = match parse_query_digest(query) {
@@ -544,7 +663,7 @@ async fn finish_upload(
         staged.abort().await;
         return e.response();
     }
-    commit(staged, &digest, name).await
+    commit(staged, &digest, name, hop, state).await
 }
 
 async fn upload_status(name: &str, id: &str, state: &AppState) -> HttpResponse {

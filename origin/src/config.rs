@@ -64,6 +64,24 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_timeout: Option<u64>,
+    /// Base URL of every origin of the cluster, this one included, written the same on every
+    /// member and tracker (repeatable). Without it the origin stands alone.
+    #[arg(long = "cluster", env = "SHOAL_CLUSTER", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<String>,
+    /// This origin's base URL as it appears in --cluster [default: http://<--http address>].
+    #[arg(long = "self", env = "SHOAL_SELF")]
+    #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
+    pub self_url: Option<String>,
+    /// Origins that hold each blob (its owners on the ring) [default: 2].
+    #[arg(long, env = "SHOAL_REPLICAS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
+    /// Key of the ring's hash, the same on every origin and tracker (keeps anyone without it
+    /// from choosing digests that all land on one origin) [default: a built-in key].
+    #[arg(long, env = "SHOAL_RING_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ring_key: Option<String>,
     /// On SIGTERM, how long responses in flight (uploads included) may take to finish
     /// [default: 30s].
     #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
@@ -146,6 +164,14 @@ pub struct Config {
     pub http_workers: usize,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: u64,
+    #[serde(default)]
+    pub cluster: Vec<String>,
+    #[serde(default, rename = "self")]
+    pub self_url: Option<String>,
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    #[serde(default)]
+    pub ring_key: Option<String>,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: shoal_shared::config::Span,
     #[serde(default)]
@@ -197,6 +223,9 @@ fn default_workers() -> usize {
 fn default_send_timeout() -> u64 {
     shoal_shared::http::SEND_TIMEOUT.as_secs()
 }
+fn default_replicas() -> usize {
+    2
+}
 fn default_drain_timeout() -> shoal_shared::config::Span {
     shoal_shared::config::Span(std::time::Duration::from_secs(30))
 }
@@ -227,6 +256,10 @@ impl Config {
             upload_queue: 0,
             http_workers: default_workers(),
             send_timeout: default_send_timeout(),
+            cluster: Vec::new(),
+            self_url: None,
+            replicas: default_replicas(),
+            ring_key: None,
             drain_timeout: default_drain_timeout(),
             log_format: Default::default(),
             max_upload_bytes: None,

@@ -5,6 +5,7 @@
 //! that are already bound and a shutdown token, so tests run whole clusters in one process.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod prefetch;
 pub mod push;
@@ -49,6 +50,8 @@ pub enum OriginError {
          or pass --allow-anonymous-writes"
     )]
     AnonymousWrites(SocketAddr),
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// The bound sockets the origin serves on.
@@ -120,6 +123,29 @@ pub async fn run(
     let stats = PeerStats::default();
     let mut registry = Registry::default();
     stats.register(&mut registry);
+    let cluster = if config.cluster.is_empty() {
+        None
+    } else {
+        let me = config.self_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
+        let key =
+            config.ring_key.as_deref().map(shoal_shared::ring::RingKey::from_passphrase).unwrap_or_default();
+        let c = cluster::Cluster::new(cluster::Settings {
+            members: config.cluster.clone(),
+            me,
+            replicas: config.replicas,
+            key,
+            token: config.upload_token.clone(),
+        })
+        .map_err(OriginError::Cluster)?;
+        c.metrics.register(&mut registry);
+        tracing::info!(
+            me = c.me(),
+            members = config.cluster.len(),
+            replicas = config.replicas,
+            "origin cluster"
+        );
+        Some(Arc::new(c))
+    };
     let state = web::Data::new(api::AppState {
         tags: tags::TagStore::new(&store),
         store,
@@ -133,6 +159,7 @@ pub async fn run(
         prefetch_sync: config.prefetch_sync,
         prefetch_sizes: prefetch::SizeFilter { min: config.prefetch_min_size, max: config.prefetch_max_size },
         // Credentials never reach the page, even when written into a URL.
+        cluster: cluster.clone(),
         upstream_names: config
             .upstream
             .iter()
@@ -171,6 +198,15 @@ pub async fn run(
     .listen(listeners.http)?
     .run();
     tracing::info!(peer = %peer_addr, "origin serving");
+    let maintainer = cluster.map(|c| {
+        tokio::spawn(cluster::maintain(
+            c,
+            state.store.clone(),
+            state.tags.clone(),
+            config.data.clone(),
+            shutdown.clone(),
+        ))
+    });
     let sweeper = tokio::spawn(shoal_shared::http::every(UPLOAD_IDLE / 4, shutdown.clone(), move || {
         let state = state.clone();
         async move { state.uploads.expire(UPLOAD_IDLE).await }
@@ -187,6 +223,9 @@ pub async fn run(
     let _ = announcer.await;
     let _ = peer_task.await;
     let _ = reloader.await;
+    if let Some(m) = maintainer {
+        let _ = m.await;
+    }
     result.map_err(OriginError::from)
 }
 

@@ -176,8 +176,10 @@ async fn prefetch(body: &[u8], state: &AppState, wait: bool) -> HttpResponse {
             failed.len(),
             skipped.len()
         );
+        // Every blob held or on its way: a success, `prefetched: true` as Kraken answers (a
+        // client written against Kraken reads `false` as a failure).
         let Some(first) = failed.first() else {
-            return answer(StatusCode::OK, &tag, &trace_id, held == wanted.len(), message);
+            return answer(StatusCode::OK, &tag, &trace_id, true, message);
         };
         // Busy or a recent failure: the client should retry (prefetch is idempotent).
         message.push_str(&format!("; first failure: {first}"));

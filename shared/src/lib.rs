@@ -6,7 +6,7 @@
 //! [`telemetry`], [`ratelimit`].
 
 pub use shoal_proto::{
-    bitfield, codec, digest, hint, image, messages, metainfo, oci, registry_auth, scheduler, wire,
+    bitfield, codec, digest, hint, image, messages, metainfo, oci, registry_auth, ring, scheduler, wire,
 };
 
 pub mod client;

@@ -64,14 +64,27 @@ impl TrackerClient {
         Self { urls, http: client::http_client() }
     }
 
-    async fn first<T, F, Fut>(&self, call: F) -> Result<T, LookupError>
+    /// The trackers in the order to ask them about `item` (a digest, a repository name):
+    /// rendezvous hashing spreads blobs over the trackers, every agent asks the same one
+    /// about the same blob (so its swarm meets there), and when that one does not answer the
+    /// next on the ring takes over.
+    fn order(&self, item: &[u8]) -> Vec<&str> {
+        let members: Vec<crate::ring::Member> =
+            self.urls.iter().map(|u| crate::ring::Member::new(u.clone())).collect();
+        crate::ring::rank(&crate::ring::RingKey::default(), &members, item)
+            .into_iter()
+            .map(|i| self.urls[i].as_str())
+            .collect()
+    }
+
+    async fn first<T, F, Fut>(&self, item: &[u8], call: F) -> Result<T, LookupError>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         let mut last = String::from("no tracker configured");
-        for base in &self.urls {
-            match call(base.clone()).await {
+        for base in self.order(item) {
+            match call(base.to_owned()).await {
                 Ok(v) => return Ok(v),
                 Err(ClientError::NotFound { .. }) => return Err(LookupError::NotFound),
                 Err(ClientError::Status { status: 401, body, .. }) => return Err(LookupError::Denied(body)),
@@ -98,7 +111,7 @@ impl TrackerClient {
         let deadline = tokio::time::Instant::now() + PULL_THROUGH_WAIT;
         let m = loop {
             let answer = self
-                .first(|base| {
+                .first(digest.to_string().as_bytes(), |base| {
                     let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
                     async move { get_metainfo(&self.http, &url).await }
                 })
@@ -132,7 +145,7 @@ impl TrackerClient {
     pub async fn tag_in(&self, name: &str, tag: &str, ns: Option<&str>) -> Result<Digest, LookupError> {
         let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let r: TagResponse = self
-            .first(|base| {
+            .first(name.as_bytes(), |base| {
                 let url = format!("{base}/shoal/v1/tags/{name}/{tag}{query}");
                 async move { client::get_json(&self.http, &url, 4096).await }
             })
@@ -143,7 +156,7 @@ impl TrackerClient {
     /// The tags of `name` known to the cluster, sorted.
     pub async fn tag_list(&self, name: &str) -> Result<Vec<String>, LookupError> {
         let list: TagList = self
-            .first(|base| {
+            .first(name.as_bytes(), |base| {
                 let url = format!("{base}/shoal/v1/taglist/{name}");
                 async move { client::get_json(&self.http, &url, 4 << 20).await }
             })
@@ -153,7 +166,7 @@ impl TrackerClient {
 
     /// Announces and returns the peers to fetch from.
     pub async fn announce(&self, announce: &Announce) -> Result<AnnounceResponse, LookupError> {
-        self.first(|base| {
+        self.first(announce.digest.to_string().as_bytes(), |base| {
             let url = format!("{base}/shoal/v1/announce");
             async move {
                 let transport =
@@ -173,7 +186,42 @@ impl TrackerClient {
         &self,
         batch: &client::AnnounceBatch,
     ) -> Result<client::AnnounceBatchResponse, LookupError> {
-        self.first(|base| {
+        // Each blob goes to its own tracker (the first on its ring), so one batch becomes one
+        // request per tracker; the answers are merged.
+        let mut groups: Vec<(&str, Vec<client::BlobState>)> = Vec::new();
+        for blob in &batch.blobs {
+            let primary = self.order(blob.digest.to_string().as_bytes()).first().copied().unwrap_or_default();
+            match groups.iter_mut().find(|(t, _)| *t == primary) {
+                Some((_, blobs)) => blobs.push(*blob),
+                None => groups.push((primary, vec![*blob])),
+            }
+        }
+        let mut merged: Option<client::AnnounceBatchResponse> = None;
+        let mut last_error = None;
+        for (_, blobs) in groups {
+            let part = client::AnnounceBatch { peer: batch.peer, blobs };
+            match self.announce_group(&part).await {
+                Ok(resp) => match &mut merged {
+                    Some(m) => m.swarms.extend(resp.swarms),
+                    None => merged = Some(resp),
+                },
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match (merged, last_error) {
+            (Some(m), _) => Ok(m),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(client::AnnounceBatchResponse { interval: 10, swarms: Vec::new() }),
+        }
+    }
+
+    /// One batch whose blobs share their first tracker, with fail-over along its ring.
+    async fn announce_group(
+        &self,
+        batch: &client::AnnounceBatch,
+    ) -> Result<client::AnnounceBatchResponse, LookupError> {
+        let item = batch.blobs.first().map(|b| b.digest.to_string()).unwrap_or_default();
+        self.first(item.as_bytes(), |base| {
             let url = format!("{base}/shoal/v1/announce/batch");
             async move {
                 let transport =
@@ -188,18 +236,25 @@ impl TrackerClient {
         .await
     }
 
-    /// Tells the trackers this peer no longer holds `leave.digests`.
+    /// Tells every tracker this peer no longer holds `leave.digests` (they may be spread
+    /// over all of them). Fails only when no tracker took it.
     pub async fn leave(&self, leave: &client::Leave) -> Result<(), LookupError> {
-        self.first(|base| {
+        let mut last = None;
+        let mut taken = false;
+        for base in &self.urls {
             let url = format!("{base}/shoal/v1/leave");
-            async move {
-                let transport =
-                    |e: reqwest::Error| ClientError::Transport { url: url.clone(), cause: e.to_string() };
-                let resp = self.http.post(&url).json(leave).send().await.map_err(transport)?;
-                client::check(resp).await.map(drop)
+            match self.http.post(&url).json(leave).send().await {
+                Ok(resp) => match client::check(resp).await {
+                    Ok(_) => taken = true,
+                    Err(e) => last = Some(e.to_string()),
+                },
+                Err(e) => last = Some(format!("{url}: {e}")),
             }
-        })
-        .await
+        }
+        match (taken, last) {
+            (true, _) | (false, None) => Ok(()),
+            (false, Some(e)) => Err(LookupError::Unavailable(e)),
+        }
     }
 
     /// Whether some tracker answers its liveness check within `timeout`; the error says

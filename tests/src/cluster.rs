@@ -204,14 +204,14 @@ pub struct Cluster {
     dir: TempDir,
 }
 
-fn bind() -> anyhow::Result<(TcpListener, UdpSocket)> {
+pub(crate) fn bind() -> anyhow::Result<(TcpListener, UdpSocket)> {
     let tcp = TcpListener::bind("127.0.0.1:0").context("binding TCP")?;
     let udp = UdpSocket::bind("127.0.0.1:0").context("binding UDP")?;
     Ok((tcp, udp))
 }
 
 /// Polls `url` until it answers 2xx.
-async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + STARTUP;
     loop {
         match client.get(url).send().await {
@@ -357,48 +357,8 @@ impl Cluster {
         tls: PathBuf,
         opts: &AgentOptions,
     ) -> anyhow::Result<AgentNode> {
-        let mut config =
-            shoal_agent::Config::new(data_dir.clone(), tls.clone(), vec![self.tracker_url.clone()]);
-        config.progress_timeout = self.options.progress_timeout;
-        config.send_timeout = self.options.send_timeout;
-        config.egress_limit = ByteRate(opts.egress_limit);
-        config.ingress_limit = ByteRate(opts.ingress_limit);
-        if let Some(bytes) = opts.cache_size {
-            config.cache_size = shoal_shared::config::DiskShare::Bytes(bytes);
-        }
-        let (registry, peer) = bind()?;
-        let registry_url = format!("http://{}", registry.local_addr()?);
-        let peer_addr = peer.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let thread = std::thread::Builder::new().name(format!("agent-{index}")).spawn({
-            let shutdown = shutdown.clone();
-            move || {
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
-                    Err(e) => return tracing::error!(agent = index, cause = %e, "agent runtime"),
-                };
-                let run = shoal_agent::run(
-                    config,
-                    shoal_agent::Listeners { registry, peer, metrics: None },
-                    shutdown,
-                );
-                if let Err(e) = runtime.block_on(run) {
-                    tracing::error!(agent = index, cause = %e, "agent failed");
-                }
-                // Ends the tasks still running (downloads), as a process exit would.
-                runtime.shutdown_timeout(Duration::from_secs(5));
-            }
-        })?;
-        if let Err(e) = wait_ready(&self.client, &format!("{registry_url}/v2/")).await {
-            // Not left running behind the error (its thread ends on its own).
-            shutdown.cancel();
-            return Err(e.context(format!("agent {index} did not start")));
-        }
-        Ok(AgentNode { registry_url, peer_addr, shutdown, data_dir, tls_dir: tls, thread: Some(thread) })
+        let trackers = vec![self.tracker_url.clone()];
+        launch_agent(index, data_dir, tls, trackers, &self.options, opts, &self.client).await
     }
 
     /// Stops the tracker (losing everything it learnt) and starts a fresh one on the same
@@ -733,4 +693,52 @@ pub fn image_pieces(image: &GeneratedImage, piece_length: u32) -> anyhow::Result
         pieces(image.manifest_bytes.len() as u64, piece_length) + pieces(config_len, piece_length);
     total += image.layers.iter().map(|(_, size)| pieces(*size, piece_length)).sum::<u64>();
     Ok(total)
+}
+
+/// Starts agent `index` on its own runtime (thread), asking `trackers`, and waits until its
+/// registry answers.
+pub(crate) async fn launch_agent(
+    index: usize,
+    data_dir: PathBuf,
+    tls: PathBuf,
+    trackers: Vec<String>,
+    cluster: &ClusterOptions,
+    opts: &AgentOptions,
+    client: &reqwest::Client,
+) -> anyhow::Result<AgentNode> {
+    let mut config = shoal_agent::Config::new(data_dir.clone(), tls.clone(), trackers);
+    config.progress_timeout = cluster.progress_timeout;
+    config.send_timeout = cluster.send_timeout;
+    config.egress_limit = ByteRate(opts.egress_limit);
+    config.ingress_limit = ByteRate(opts.ingress_limit);
+    if let Some(bytes) = opts.cache_size {
+        config.cache_size = shoal_shared::config::DiskShare::Bytes(bytes);
+    }
+    let (registry, peer) = bind()?;
+    let registry_url = format!("http://{}", registry.local_addr()?);
+    let peer_addr = peer.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let thread = std::thread::Builder::new().name(format!("agent-{index}")).spawn({
+        let shutdown = shutdown.clone();
+        move || {
+            let runtime =
+                match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => return tracing::error!(agent = index, cause = %e, "agent runtime"),
+                };
+            let run =
+                shoal_agent::run(config, shoal_agent::Listeners { registry, peer, metrics: None }, shutdown);
+            if let Err(e) = runtime.block_on(run) {
+                tracing::error!(agent = index, cause = %e, "agent failed");
+            }
+            // Ends the tasks still running (downloads), as a process exit would.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+    })?;
+    if let Err(e) = wait_ready(client, &format!("{registry_url}/v2/")).await {
+        // Not left running behind the error (its thread ends on its own).
+        shutdown.cancel();
+        return Err(e.context(format!("agent {index} did not start")));
+    }
+    Ok(AgentNode { registry_url, peer_addr, shutdown, data_dir, tls_dir: tls, thread: Some(thread) })
 }

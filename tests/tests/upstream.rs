@@ -296,6 +296,8 @@ async fn prefetch_v1_and_v2_good_and_bad_bodies() {
         prefetch(client, origin, 2, &json!({"tag": tag, "trace_id": "t-2"}).to_string()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "success");
+    // As Kraken answers: started is a success, and a success says prefetched.
+    assert_eq!(body["prefetched"], true, "{body}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !origin_has(client, origin, "deep/other", &big.layers[0].0).await {
         assert!(Instant::now() < deadline, "v2 prefetch did not complete");

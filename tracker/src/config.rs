@@ -33,6 +33,15 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_ORIGIN_TOKEN", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_token: Option<String>,
+    /// The origins form a ring with this key (their `--ring-key`): lookups go to a blob's
+    /// owners first. Give it (or `--replicas`) when the origins run with `--cluster`.
+    #[arg(long, env = "SHOAL_RING_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ring_key: Option<String>,
+    /// The origins' `--replicas`; with it (or `--ring-key`) the origins are treated as a ring.
+    #[arg(long, env = "SHOAL_REPLICAS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
     /// On SIGTERM, how long responses in flight may take to finish [default: 30s].
     #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,6 +68,10 @@ pub struct Config {
     pub trust_announced_addresses: bool,
     #[serde(default)]
     pub origin_token: Option<String>,
+    #[serde(default)]
+    pub ring_key: Option<String>,
+    #[serde(default)]
+    pub replicas: Option<usize>,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: shoal_shared::config::Span,
     #[serde(default)]
@@ -75,6 +88,8 @@ impl std::fmt::Debug for Config {
             .field("max_peers", &self.max_peers)
             .field("trust_announced_addresses", &self.trust_announced_addresses)
             .field("origin_token", &self.origin_token.as_ref().map(|_| "<redacted>"))
+            .field("ring_key", &self.ring_key.as_ref().map(|_| "<redacted>"))
+            .field("replicas", &self.replicas)
             .field("drain_timeout", &self.drain_timeout)
             .field("log_format", &self.log_format)
             .finish()
@@ -104,6 +119,8 @@ impl Config {
             max_peers: default_max_peers(),
             trust_announced_addresses: false,
             origin_token: None,
+            ring_key: None,
+            replicas: None,
             drain_timeout: default_drain_timeout(),
             log_format: Default::default(),
         }

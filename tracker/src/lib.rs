@@ -25,7 +25,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let announces = Counter::default();
     let mut registry = Registry::default();
     registry.register("shoal_tracker_announces", "Announces received", announces.clone());
-    let origins = origins::Origins::new(config.origin.clone(), config.origin_token.as_deref());
+    let mut origins = origins::Origins::new(config.origin.clone(), config.origin_token.as_deref());
+    if config.ring_key.is_some() || config.replicas.is_some() {
+        let key =
+            config.ring_key.as_deref().map(shoal_shared::ring::RingKey::from_passphrase).unwrap_or_default();
+        origins = origins.with_ring(key, config.replicas.unwrap_or(2));
+    }
     registry.register(
         "shoal_tracker_origin_lookups",
         "Metainfo requests sent to origins",

@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use shoal_shared::client::{self, ClientError, MAX_METAINFO_JSON};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
@@ -21,6 +20,9 @@ pub const MAX_TAG_LIST: usize = 4 << 20;
 const METAINFO_CACHE_BYTES: u64 = 256 << 20;
 /// How long "no origin has it" is remembered for a digest (and hint).
 pub const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long an origin's peer address is trusted before it is asked again (a dead origin
+/// stops being handed out as a holder within this).
+pub const PEER_ADDR_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most misses remembered.
 const MISS_CACHE: u64 = 100_000;
 
@@ -51,7 +53,12 @@ struct Known {
 pub struct Origins {
     urls: Vec<String>,
     http: reqwest::Client,
-    peer_addrs: DashMap<usize, SocketAddr>,
+    /// Origins' peer addresses, asked again after [`PEER_ADDR_TTL`]: an origin that stops
+    /// answering drops out of the holders handed to agents.
+    peer_addrs: moka::sync::Cache<usize, SocketAddr>,
+    /// The origins form a ring (`--ring-key`, `--replicas`): lookups go to a blob's owners
+    /// first, and every live owner is a holder.
+    ring: Option<(shoal_shared::ring::RingKey, usize)>,
     known: moka::sync::Cache<Digest, Known>,
     /// Digests (with the hint's query) no origin had, moments ago.
     misses: moka::sync::Cache<(Digest, String), ()>,
@@ -65,8 +72,6 @@ struct Info {
 }
 
 impl Origins {
-    /// The origins at `urls`, asked with `token` (the origins' upload token: pull-through
-    /// lookups reach upstreams and fill the origins' disks, so they take it).
     /// The origins' base URLs.
     pub fn urls(&self) -> &[String] {
         &self.urls
@@ -87,6 +92,8 @@ impl Origins {
         Err(last)
     }
 
+    /// The origins at `urls`, asked with `token` (the origins' upload token: pull-through
+    /// lookups reach upstreams and fill the origins' disks, so they take it).
     pub fn new(urls: Vec<String>, token: Option<&str>) -> Self {
         let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
         let known = moka::sync::Cache::builder()
@@ -99,10 +106,31 @@ impl Origins {
         Self {
             urls,
             http: client::http_client_with_token(token),
-            peer_addrs: DashMap::new(),
+            peer_addrs: moka::sync::Cache::builder().max_capacity(4096).time_to_live(PEER_ADDR_TTL).build(),
+            ring: None,
             known,
             misses,
             lookups: Default::default(),
+        }
+    }
+
+    /// Treats the origins as one ring with `replicas` owners per blob, hashed with `key` (the
+    /// same `--ring-key` and `--replicas` as the origins').
+    pub fn with_ring(mut self, key: shoal_shared::ring::RingKey, replicas: usize) -> Self {
+        self.ring = Some((key, replicas.max(1)));
+        self
+    }
+
+    /// The order to ask the origins in for `item` (a digest, a repository name): its owners
+    /// first on a ring, else as configured.
+    fn order(&self, item: &[u8]) -> Vec<usize> {
+        match &self.ring {
+            Some((key, _)) => {
+                let members: Vec<shoal_shared::ring::Member> =
+                    self.urls.iter().map(|u| shoal_shared::ring::Member::new(u.clone())).collect();
+                shoal_shared::ring::rank(key, &members, item)
+            }
+            None => (0..self.urls.len()).collect(),
         }
     }
 
@@ -130,7 +158,8 @@ impl Origins {
         }
         let query = &miss.1;
         let (mut last_error, mut denied, mut pending) = (None, None, false);
-        for (i, base) in self.urls.iter().enumerate() {
+        for i in self.order(digest.to_string().as_bytes()) {
+            let base = &self.urls[i];
             let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
             self.lookups.inc();
             let resp = match self.http.get(&url).send().await {
@@ -179,18 +208,34 @@ impl Origins {
         }
     }
 
-    /// Peer addresses of the origins known to hold `digest` (after a metainfo lookup).
+    /// Peer addresses of the origins known to hold `digest` (after a metainfo lookup): the
+    /// one that answered, and on a ring every live owner (an agent asks each; one that lacks
+    /// the blob says so at once).
     pub async fn holders(&self, digest: Digest) -> Vec<SocketAddr> {
         if self.metainfo(digest).await.is_err() {
             return Vec::new();
         }
         let Some(origin) = self.known.get(&digest).map(|k| k.origin) else { return Vec::new() };
-        self.peer_addr(origin).await.into_iter().collect()
+        let mut candidates = vec![origin];
+        if let Some((_, replicas)) = &self.ring {
+            candidates.extend(self.order(digest.to_string().as_bytes()).into_iter().take(*replicas));
+        }
+        candidates.dedup();
+        let mut out = Vec::new();
+        for (i, c) in candidates.iter().enumerate() {
+            if candidates[..i].contains(c) {
+                continue;
+            }
+            if let Some(addr) = self.peer_addr(*c).await {
+                out.push(addr);
+            }
+        }
+        out
     }
 
     async fn peer_addr(&self, origin: usize) -> Option<SocketAddr> {
         if let Some(a) = self.peer_addrs.get(&origin) {
-            return Some(*a);
+            return Some(a);
         }
         let url = format!("{}/shoal/v1/info", self.urls.get(origin)?);
         match client::get_json::<Info>(&self.http, &url, 64 << 10).await {
@@ -233,7 +278,8 @@ impl Origins {
         let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
         let (mut last_error, mut denied) = (None, None);
-        for base in &self.urls {
+        for i in self.order(name.as_bytes()) {
+            let base = &self.urls[i];
             let url = format!("{base}/v2/{name}/manifests/{tag}{query}");
             let resp = match self.http.get(&url).header("Accept", &accept).send().await {
                 Ok(r) => r,

@@ -1,0 +1,653 @@
+//! Origins as a cluster: every origin knows the members, a blob's owners are the first
+//! `--replicas` healthy members by rendezvous hashing of its digest (a tag's, of its
+//! repository name), writes land on every healthy owner before they are acknowledged, reads
+//! of what this origin does not hold are forwarded once to an owner, and a repair pass copies
+//! what this origin holds to owners that lack it.
+//!
+//! [`Cluster`] owns the membership and each member's health. Health is active (a `/healthz`
+//! probe every [`PROBE_EVERY`]; [`FAILS_TO_DOWN`] failures mark a member down,
+//! [`PASSES_TO_UP`] passes bring it back) and passive (a failed request marks it down at
+//! once). Requests between origins carry [`HOP_HEADER`]; a request that carries it is
+//! answered from local state only and never forwarded or replicated again, so members that
+//! disagree about the membership cannot make a request loop.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::HttpRequest;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use shoal_shared::digest::Digest;
+use shoal_shared::ring::{self, Member, RingKey};
+use shoal_shared::store::BlobStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::tags::TagStore;
+
+/// Marks a request between origins: answer it from local state, never pass it on.
+pub const HOP_HEADER: &str = "X-Shoal-Hop";
+/// How often every other member's `/healthz` is probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// Consecutive failed probes before a member is down.
+const FAILS_TO_DOWN: u32 = 2;
+/// Consecutive passed probes before a down member is up again.
+const PASSES_TO_UP: u32 = 2;
+/// Timeout of a health probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the repair pass runs.
+pub const REPAIR_EVERY: Duration = Duration::from_secs(10);
+/// Repository name under which blobs are copied between origins (blobs are content
+/// addressed: any name reaches the same store).
+const REPLICA_REPO: &str = "shoal/replica";
+
+/// The cluster's settings (`--cluster`, `--self`, `--replicas`, `--ring-key`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Every origin's base URL, this one included, written the same on every member.
+    pub members: Vec<String>,
+    /// This origin's base URL as the others list it.
+    pub me: String,
+    pub replicas: usize,
+    pub key: RingKey,
+    /// The upload token, sent on writes to other members.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    up: bool,
+    fails: u32,
+    passes: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self { up: true, fails: 0, passes: 0 }
+    }
+}
+
+/// Counters of the cluster (`shoal_origin_cluster_*`).
+#[derive(Debug, Default, Clone)]
+pub struct ClusterMetrics {
+    pub replicated: Counter,
+    pub replication_failures: Counter,
+    pub forwarded: Counter,
+    pub repaired: Counter,
+    pub repair_backlog: Gauge,
+    pub members_up: Gauge,
+}
+
+impl ClusterMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("shoal_origin_cluster");
+        r.register(
+            "replicated",
+            "Blobs, manifests and tags copied to another owner on write",
+            self.replicated.clone(),
+        );
+        r.register(
+            "replication_failures",
+            "Copies to another owner that failed (repaired later)",
+            self.replication_failures.clone(),
+        );
+        r.register("forwarded", "Reads forwarded to an owner", self.forwarded.clone());
+        r.register("repaired", "Copies made by the repair pass", self.repaired.clone());
+        r.register(
+            "repair_backlog",
+            "Copies the last repair pass found missing and has not made yet",
+            self.repair_backlog.clone(),
+        );
+        r.register("members_up", "Members (this one included) currently healthy", self.members_up.clone());
+    }
+}
+
+/// The membership, health and the calls between origins.
+#[derive(Debug)]
+pub struct Cluster {
+    members: Vec<Member>,
+    me: usize,
+    replicas: usize,
+    key: RingKey,
+    token: Option<String>,
+    health: Mutex<HashMap<usize, Health>>,
+    http: reqwest::Client,
+    pub metrics: ClusterMetrics,
+}
+
+/// Why a cluster could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("--self {0} is not among the --cluster members")]
+    NotAMember(String),
+    #[error("--replicas must be at least 1")]
+    NoReplicas,
+}
+
+/// A member's base URL in the one form every member compares: no trailing slash.
+pub fn normalize(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_owned()
+}
+
+impl Cluster {
+    pub fn new(settings: Settings) -> Result<Self, ClusterError> {
+        if settings.replicas == 0 {
+            return Err(ClusterError::NoReplicas);
+        }
+        let mut ids: Vec<String> = settings.members.iter().map(|m| normalize(m)).collect();
+        ids.sort();
+        ids.dedup();
+        let me = normalize(&settings.me);
+        let index = ids.iter().position(|m| *m == me).ok_or(ClusterError::NotAMember(me))?;
+        let members = ids.into_iter().map(Member::new).collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .unwrap_or_default();
+        let cluster = Self {
+            members,
+            me: index,
+            replicas: settings.replicas,
+            key: settings.key,
+            token: settings.token,
+            health: Mutex::new(HashMap::new()),
+            http,
+            metrics: ClusterMetrics::default(),
+        };
+        cluster.metrics.members_up.set(cluster.members.len() as i64);
+        Ok(cluster)
+    }
+
+    fn health(&self) -> MutexGuard<'_, HashMap<usize, Health>> {
+        self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_up(&self, member: usize) -> bool {
+        member == self.me || self.health().get(&member).is_none_or(|h| h.up)
+    }
+
+    /// This origin's base URL.
+    pub fn me(&self) -> &str {
+        &self.members[self.me].id
+    }
+
+    /// Every member with its health, for the status page.
+    pub fn members(&self) -> Vec<(String, bool)> {
+        (0..self.members.len()).map(|i| (self.members[i].id.clone(), self.is_up(i))).collect()
+    }
+
+    /// The healthy owners of `item` (a digest's bytes or a repository name), best first.
+    fn owners_of(&self, item: &[u8]) -> Vec<usize> {
+        ring::owners(&self.key, &self.members, item, self.replicas, |i| self.is_up(i))
+    }
+
+    /// The owners of a blob.
+    pub fn blob_owners(&self, digest: &Digest) -> Vec<usize> {
+        self.owners_of(digest.to_string().as_bytes())
+    }
+
+    /// The owners of a repository's tags.
+    pub fn repo_owners(&self, name: &str) -> Vec<usize> {
+        self.owners_of(name.as_bytes())
+    }
+
+    /// Whether this origin owns `digest`.
+    pub fn owns_blob(&self, digest: &Digest) -> bool {
+        self.blob_owners(digest).contains(&self.me)
+    }
+
+    fn url(&self, member: usize) -> &str {
+        &self.members[member].id
+    }
+
+    /// A failed request to `member`: it is down until its probes pass again.
+    fn suspect(&self, member: usize) {
+        if member == self.me {
+            return;
+        }
+        let mut health = self.health();
+        let h = health.entry(member).or_default();
+        if h.up {
+            tracing::warn!(member = %self.members[member].id, "origin marked down after a failed request");
+        }
+        *h = Health { up: false, fails: FAILS_TO_DOWN, passes: 0 };
+        drop(health);
+        self.publish_up();
+    }
+
+    fn publish_up(&self) {
+        let up = (0..self.members.len()).filter(|&i| self.is_up(i)).count();
+        self.metrics.members_up.set(up as i64);
+    }
+
+    /// Whether `req` came from another origin (answer it from local state only).
+    pub fn is_hop(req: &HttpRequest) -> bool {
+        req.headers().contains_key(HOP_HEADER)
+    }
+
+    fn authorized(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let builder = builder.header(HOP_HEADER, self.me());
+        match &self.token {
+            Some(t) => builder.bearer_auth(t),
+            None => builder,
+        }
+    }
+
+    /// Probes every other member once and updates their health.
+    pub async fn probe_all(&self) {
+        let others: Vec<usize> = (0..self.members.len()).filter(|&i| i != self.me).collect();
+        let probes = others.iter().map(|&i| {
+            let url = format!("{}/healthz", self.url(i));
+            let req = self.http.get(url).timeout(PROBE_TIMEOUT).send();
+            async move { (i, matches!(req.await, Ok(r) if r.status().is_success())) }
+        });
+        for (i, passed) in futures_util::future::join_all(probes).await {
+            let mut health = self.health();
+            let h = health.entry(i).or_default();
+            if passed {
+                h.fails = 0;
+                h.passes += 1;
+                if !h.up && h.passes >= PASSES_TO_UP {
+                    h.up = true;
+                    tracing::info!(member = %self.members[i].id, "origin back up");
+                }
+            } else {
+                h.passes = 0;
+                h.fails += 1;
+                if h.up && h.fails >= FAILS_TO_DOWN {
+                    h.up = false;
+                    tracing::warn!(member = %self.members[i].id, "origin down (health probes failed)");
+                }
+            }
+        }
+        self.publish_up();
+    }
+
+    /// Copies blob `digest` from `store` to `member` unless it holds it already.
+    async fn copy_blob(&self, store: &BlobStore, digest: &Digest, member: usize) -> Result<bool, String> {
+        let base = self.url(member);
+        let head = format!("{base}/v2/{REPLICA_REPO}/blobs/{digest}");
+        match self.authorized(self.http.head(&head)).send().await {
+            Ok(r) if r.status().is_success() => return Ok(false),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{head}: {e}")),
+        }
+        let path = store.blob_path(digest);
+        let file = tokio::fs::File::open(&path).await.map_err(|e| format!("{digest}: {e}"))?;
+        let len = file.metadata().await.map_err(|e| format!("{digest}: {e}"))?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let url = format!("{base}/v2/{REPLICA_REPO}/blobs/uploads/?digest={digest}");
+        let resp = self
+            .authorized(self.http.post(&url))
+            .header(header::CONTENT_LENGTH.as_str(), len)
+            .header(header::CONTENT_TYPE.as_str(), "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if resp.status().is_success() {
+            Ok(true)
+        } else {
+            Err(format!("{url}: {}", resp.status()))
+        }
+    }
+
+    /// Copies a manifest (and with `tag`, the tag) to `member`.
+    async fn copy_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+        body: &[u8],
+        media_type: &str,
+        member: usize,
+    ) -> Result<(), String> {
+        let url = format!("{}/v2/{name}/manifests/{reference}", self.url(member));
+        let resp = self
+            .authorized(self.http.put(&url))
+            .header(header::CONTENT_TYPE.as_str(), media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("{url}: {}", resp.status()))
+        }
+    }
+
+    /// Writes blob `digest` (just stored here) to its other healthy owners, before the push
+    /// is answered. An owner that fails is marked down and its place goes to the next member
+    /// on the ring, once; what is still missing is left to the repair pass.
+    pub async fn replicate_blob(&self, store: &BlobStore, digest: &Digest) {
+        let mut tried = Vec::new();
+        for _ in 0..2 {
+            let targets: Vec<usize> = self
+                .blob_owners(digest)
+                .into_iter()
+                .filter(|&m| m != self.me && !tried.contains(&m))
+                .collect();
+            if targets.is_empty() {
+                return;
+            }
+            let copies = targets.iter().map(|&m| async move { (m, self.copy_blob(store, digest, m).await) });
+            let mut failed = false;
+            for (m, result) in futures_util::future::join_all(copies).await {
+                tried.push(m);
+                match result {
+                    Ok(copied) => {
+                        if copied {
+                            self.metrics.replicated.inc();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, cause = %e, "replicating a blob failed");
+                        self.metrics.replication_failures.inc();
+                        self.suspect(m);
+                        failed = true;
+                    }
+                }
+            }
+            if !failed {
+                return;
+            }
+        }
+    }
+
+    /// Writes a manifest, and its tag, to the other healthy owners of the digest and of the
+    /// repository, before the push is answered.
+    pub async fn replicate_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+        digest: &Digest,
+        body: &[u8],
+        media_type: &str,
+    ) {
+        let mut targets = self.blob_owners(digest);
+        for m in self.repo_owners(name) {
+            if !targets.contains(&m) {
+                targets.push(m);
+            }
+        }
+        targets.retain(|&m| m != self.me);
+        let copies = targets
+            .iter()
+            .map(|&m| async move { (m, self.copy_manifest(name, reference, body, media_type, m).await) });
+        for (m, result) in futures_util::future::join_all(copies).await {
+            match result {
+                Ok(()) => {
+                    self.metrics.replicated.inc();
+                }
+                Err(e) => {
+                    tracing::warn!(%name, %reference, cause = %e, "replicating a manifest failed");
+                    self.metrics.replication_failures.inc();
+                    self.suspect(m);
+                }
+            }
+        }
+    }
+
+    /// Forwards a read this origin cannot answer to the owners of `item`, in order; the first
+    /// answer that is not a 404 (or a transport failure) is returned. `path_and_query` starts
+    /// with `/v2/`.
+    pub async fn forward(
+        &self,
+        method: &actix_web::http::Method,
+        path_and_query: &str,
+        item: &[u8],
+        headers: &actix_web::http::header::HeaderMap,
+        with_token: bool,
+    ) -> Option<reqwest::Response> {
+        let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).ok()?;
+        for m in self.owners_of(item).into_iter().filter(|&m| m != self.me) {
+            let url = format!("{}{path_and_query}", self.url(m));
+            // The token travels only when the client gave it: forwarding never lets a
+            // caller without it make an owner pull from an upstream.
+            let mut req = self.http.request(method.clone(), &url).header(HOP_HEADER, self.me());
+            if let (true, Some(t)) = (with_token, &self.token) {
+                req = req.bearer_auth(t);
+            }
+            for name in [header::RANGE, header::ACCEPT] {
+                if let Some(v) = headers.get(&name).and_then(|v| v.to_str().ok()) {
+                    req = req.header(name.as_str(), v);
+                }
+            }
+            match req.send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => continue,
+                Ok(r) => {
+                    self.metrics.forwarded.inc();
+                    return Some(r);
+                }
+                Err(e) => {
+                    tracing::warn!(%url, cause = %e, "forwarding to an owner failed");
+                    self.suspect(m);
+                }
+            }
+        }
+        None
+    }
+
+    /// One repair pass: every blob and tag this origin holds is copied to each healthy owner
+    /// that lacks it, one copy at a time (throttled by construction). Returns copies made.
+    pub async fn repair(&self, store: &BlobStore, tags: &TagStore, data: &Path) -> usize {
+        let usage = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.usage())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        };
+        let blobs: Vec<Digest> = usage.into_iter().filter(|u| u.complete).map(|u| u.digest).collect();
+        let mut work: Vec<(Digest, usize)> = Vec::new();
+        for d in &blobs {
+            for m in self.blob_owners(d).into_iter().filter(|&m| m != self.me) {
+                work.push((*d, m));
+            }
+        }
+        let tag_files = {
+            let root = data.join("tags");
+            tokio::task::spawn_blocking(move || list_tags(&root)).await.unwrap_or_default()
+        };
+        let mut tag_work = Vec::new();
+        for (name, tag) in tag_files {
+            for m in self.repo_owners(&name).into_iter().filter(|&m| m != self.me) {
+                tag_work.push((name.clone(), tag.clone(), m));
+            }
+        }
+        self.metrics.repair_backlog.set((work.len() + tag_work.len()) as i64);
+        let mut copied = 0;
+        for (digest, m) in work {
+            if !self.is_up(m) {
+                continue;
+            }
+            match self.copy_blob(store, &digest, m).await {
+                Ok(true) => {
+                    copied += 1;
+                    self.metrics.repaired.inc();
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%digest, cause = %e, "repair copy failed");
+                    self.suspect(m);
+                }
+            }
+            self.metrics.repair_backlog.dec();
+        }
+        for (name, tag, m) in tag_work {
+            if self.is_up(m) {
+                match self.repair_tag(store, tags, &name, &tag, m).await {
+                    Ok(true) => {
+                        copied += 1;
+                        self.metrics.repaired.inc();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(%name, %tag, cause = %e, "repair of a tag failed");
+                        self.suspect(m);
+                    }
+                }
+            }
+            self.metrics.repair_backlog.dec();
+        }
+        if copied > 0 {
+            tracing::info!(copied, "repair copied blobs and tags to their owners");
+        }
+        copied
+    }
+
+    /// Copies tag `name:tag` (and its manifest) to `member` unless it points at the same
+    /// digest there already.
+    async fn repair_tag(
+        &self,
+        store: &BlobStore,
+        tags: &TagStore,
+        name: &str,
+        tag: &str,
+        member: usize,
+    ) -> Result<bool, String> {
+        let Some(digest) = tags.get(name, tag).await else { return Ok(false) };
+        let url = format!("{}/v2/{name}/manifests/{tag}", self.url(member));
+        let accept = shoal_shared::oci::MANIFEST_ACCEPT;
+        let resp = self.authorized(self.http.head(&url)).header("Accept", accept).send().await;
+        let there = resp
+            .map_err(|e| format!("{url}: {e}"))?
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        if there == Some(digest) {
+            return Ok(false);
+        }
+        let size = store.size(&digest).await.ok_or_else(|| format!("{digest}: manifest not held"))?;
+        let body = store
+            .read_range(&digest, 0, size as usize)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{digest}: manifest not held"))?;
+        let media_type = shoal_shared::oci::manifest_media_type(&body).ok_or("not a manifest")?;
+        self.copy_manifest(name, tag, &body, &media_type, member).await?;
+        Ok(true)
+    }
+}
+
+/// Every `(repository, tag)` under a tag directory (`<name...>/<tag>.tag`).
+fn list_tags(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let (Some(tag), Ok(rel)) = (
+                path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix(".tag")),
+                dir.strip_prefix(root),
+            ) {
+                if let Some(name) = rel.to_str().filter(|n| !n.is_empty()) {
+                    out.push((name.to_owned(), tag.to_owned()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs the health probes and the repair pass until `shutdown`.
+pub async fn maintain(
+    cluster: Arc<Cluster>,
+    store: BlobStore,
+    tags: TagStore,
+    data: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    let mut repair = tokio::time::interval(REPAIR_EVERY);
+    repair.reset();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = probe.tick() => cluster.probe_all().await,
+            _ = repair.tick() => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = cluster.repair(&store, &tags, &data) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(n: usize, me: usize) -> Settings {
+        let members: Vec<String> = (0..n).map(|i| format!("http://o{i}:5000/")).collect();
+        Settings { me: members[me].clone(), members, replicas: 2, key: RingKey::default(), token: None }
+    }
+
+    #[test]
+    fn every_member_computes_the_same_owners() {
+        let digest = Digest::of(b"blob");
+        let owners: Vec<Vec<String>> = (0..3)
+            .map(|me| {
+                let c = Cluster::new(settings(3, me)).expect("cluster");
+                c.blob_owners(&digest).into_iter().map(|i| c.url(i).to_owned()).collect()
+            })
+            .collect();
+        assert_eq!(owners[0].len(), 2);
+        assert!(owners.iter().all(|o| *o == owners[0]), "{owners:?}");
+    }
+
+    #[test]
+    fn a_suspect_member_is_skipped_until_its_probes_pass() {
+        let c = Cluster::new(settings(3, 0)).expect("cluster");
+        let digest = (0..100u32)
+            .map(|i| Digest::of(&i.to_le_bytes()))
+            .find(|d| !c.owns_blob(d))
+            .expect("a blob this member does not own");
+        let owners = c.blob_owners(&digest);
+        c.suspect(owners[0]);
+        let now = c.blob_owners(&digest);
+        assert!(!now.contains(&owners[0]));
+        assert_eq!(now.len(), 2, "the next member takes its place");
+        c.suspect(c.me);
+        assert!(c.is_up(c.me), "this origin is never down to itself");
+    }
+
+    #[test]
+    fn self_must_be_a_member() {
+        let mut s = settings(3, 0);
+        s.me = "http://elsewhere:5000".into();
+        assert!(matches!(Cluster::new(s), Err(ClusterError::NotAMember(_))));
+        let mut s = settings(3, 0);
+        s.replicas = 0;
+        assert!(matches!(Cluster::new(s), Err(ClusterError::NoReplicas)));
+    }
+
+    #[test]
+    fn tags_are_listed_with_their_repository() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (name, tag) in [("app", "v1"), ("team/app", "v2"), ("team/app", "latest")] {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).expect("dir");
+            std::fs::write(d.join(format!("{tag}.tag")), "x").expect("tag");
+        }
+        assert_eq!(
+            list_tags(dir.path()),
+            vec![
+                ("app".to_owned(), "v1".to_owned()),
+                ("team/app".to_owned(), "latest".to_owned()),
+                ("team/app".to_owned(), "v2".to_owned())
+            ]
+        );
+    }
+}

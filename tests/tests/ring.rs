@@ -1,0 +1,109 @@
+//! A cluster with no single point of failure: three origins on a ring (two owners per blob)
+//! and two trackers, with an owner and a tracker killed under the pulls; membership the
+//! origins disagree about.
+
+use std::time::{Duration, Instant};
+
+use shoal_tests::cluster::{parse_counter, pull_image};
+use shoal_tests::ring_cluster::{RingCluster, RingOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pulls_survive_an_owner_and_a_tracker_dying_and_repair_restores_two_copies() {
+    let mut c = RingCluster::start(RingOptions::default()).await.expect("cluster");
+    let image = c.push_image(0, "team/app:v1", &[3 << 20, 5 << 20], 7).await.expect("push");
+    let mut blobs: Vec<String> = image.layers.iter().map(|l| l.0.clone()).collect();
+    blobs.push(image.config.clone());
+    blobs.push(image.manifest.clone());
+    // Every blob is on its two owners before the push was answered (and on the origin it
+    // was pushed through).
+    for b in &blobs {
+        assert!(c.holders(b).len() >= 2, "{b} on {:?}", c.holders(b));
+    }
+
+    // Kill the other owner of a blob that origin 0 owns (so one copy is left and the repair
+    // has work to do), and a tracker.
+    let lonely = blobs.iter().find(|b| c.holders(b).len() == 2).expect("a blob origin 0 owns");
+    let victim = *c.holders(lonely).iter().find(|&&i| i != 0).expect("an owner besides origin 0");
+    c.stop_origin(victim).await;
+    c.stop_tracker(0).await;
+
+    let started = Instant::now();
+    let pulls = c.agents.iter().map(|a| {
+        let (client, url) = (c.client.clone(), a.registry_url.clone());
+        tokio::spawn(async move { pull_image(&client, &url, "team/app", "v1").await })
+    });
+    for pull in futures_util::future::join_all(pulls).await {
+        let pulled = pull.expect("join").expect("every pull completes with the right digests");
+        assert_eq!(pulled.manifest_digest, image.manifest);
+    }
+    eprintln!("3 pulls with an owner and a tracker down: {:?}", started.elapsed());
+
+    // Repair: every blob is back on two live origins.
+    let live = |c: &RingCluster, b: &str| c.holders(b).into_iter().filter(|&i| i != victim).count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while blobs.iter().any(|b| live(&c, b) < 2) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for b in &blobs {
+        assert!(live(&c, b) >= 2, "{b} has {} live copies after repair", live(&c, b));
+    }
+    let mut repaired = 0;
+    for (i, o) in c.origins.iter().enumerate().filter(|(i, _)| *i != victim) {
+        let text = c
+            .client
+            .get(format!("{}/metrics", o.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        repaired += parse_counter(&text, "shoal_origin_cluster_repaired_total");
+        assert!(text.contains("shoal_origin_cluster_repair_backlog"), "origin {i}: {text}");
+    }
+    assert!(repaired > 0, "the repair pass copied nothing");
+
+    // The dead owner comes back: pulls still work and its copies count again.
+    c.restart_origin(victim).await.expect("restart");
+    let agent = c.agents[0].registry_url.clone();
+    pull_image(&c.client, &agent, "team/app", "v1").await.expect("pull after the owner is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origins_that_disagree_about_membership_never_loop() {
+    // Origin 0 lists both; origin 1 lists only itself.
+    let options = RingOptions {
+        origins: 2,
+        trackers: 1,
+        agents: 1,
+        membership: Some(vec![vec![0, 1], vec![1]]),
+        ..Default::default()
+    };
+    let c = RingCluster::start(options).await.expect("cluster");
+    // Pushed through origin 1: it keeps it (it knows no other member).
+    let image = c.push_image(1, "solo/app:v1", &[1 << 20], 3).await.expect("push");
+    let layer = image.layers[0].0.clone();
+    assert_eq!(c.holders(&layer), vec![1]);
+
+    // Origin 0 does not hold it and forwards once to the owner that does.
+    let url = format!("{}/v2/solo/app/blobs/{layer}", c.origins[0].url);
+    let resp = c.client.get(&url).send().await.expect("GET");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.expect("body").len() as u64, image.layers[0].1);
+
+    // A blob nobody holds: a prompt 404 from either, never a loop.
+    let unknown = format!("sha256:{}", "ab".repeat(32));
+    for o in &c.origins {
+        let started = Instant::now();
+        let resp = c.client.get(format!("{}/v2/solo/app/blobs/{unknown}", o.url)).send().await.expect("GET");
+        assert_eq!(resp.status(), 404);
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        let resp = c.client.get(format!("{}/v2/solo/app/manifests/nope", o.url)).send().await.expect("GET");
+        assert_eq!(resp.status(), 404);
+    }
+    // A request that already hopped is answered from local state only.
+    let resp = c.client.get(&url).header("X-Shoal-Hop", "http://elsewhere").send().await.expect("GET");
+    assert_eq!(resp.status(), 404, "a hopped request is not forwarded again");
+    // And the agent pulls it through the tracker from whichever origin holds it.
+    pull_image(&c.client, &c.agents[0].registry_url, "solo/app", "v1").await.expect("pull");
+}
