@@ -9,6 +9,8 @@
 # Environment (defaults in brackets):
 #   SHOAL_DEV_DIR [/tmp/shoal-dev]  all data, certificates, logs and the PID file (wiped on start)
 #   SHOAL_DEV_NO_BUILD [unset]      set to 1 to skip `cargo build --release --workspace`
+#   SHOAL_DEV_ORIGINS [1]           origins; more than 1 forms a ring (two owners per blob):
+#                                   origin N listens on ORIGIN_PORT+2N, its peer on +2N+1
 #   SHOAL_DEV_TRACKER_PORT [5100]
 #   SHOAL_DEV_ORIGIN_PORT [5000]    SHOAL_DEV_ORIGIN_PEER_PORT [5001]
 #   SHOAL_DEV_AGENT1_PORT [5050]    SHOAL_DEV_AGENT1_PEER_PORT [5051]
@@ -25,6 +27,7 @@ AGENT1_PORT="${SHOAL_DEV_AGENT1_PORT:-5050}"
 AGENT1_PEER_PORT="${SHOAL_DEV_AGENT1_PEER_PORT:-5051}"
 AGENT2_PORT="${SHOAL_DEV_AGENT2_PORT:-5060}"
 AGENT2_PEER_PORT="${SHOAL_DEV_AGENT2_PEER_PORT:-5061}"
+ORIGINS="${SHOAL_DEV_ORIGINS:-1}"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 PIDS="$DIR/pids"
 IMAGE=demo/hello
@@ -35,7 +38,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # Refuse to wipe anything that does not look like a dedicated directory.
@@ -165,6 +168,7 @@ main() {
             ;;
     esac
     check_dir
+    [[ "$ORIGINS" =~ ^[1-9]$ ]] || die "SHOAL_DEV_ORIGINS must be 1 to 9, not $ORIGINS"
 
     if [[ "${SHOAL_DEV_NO_BUILD:-}" != 1 ]]; then
         log "building (cargo build --release --workspace)"
@@ -191,21 +195,40 @@ main() {
     {
         NO_COLOR=1 "$BIN/shoal-origin" ca init "$DIR/tls/ca"
         NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name origin --role origin "$DIR/tls/origin"
+        for ((i = 2; i <= ORIGINS; i++)); do
+            NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name "origin$i" --role origin "$DIR/tls/origin$i"
+        done
         for b in agent1 agent2; do
             NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name "$b" --role agent "$DIR/tls/$b"
         done
     } >"$DIR/logs/ca.log" 2>&1 || { cat "$DIR/logs/ca.log" >&2; die "certificate setup failed"; }
 
     local origin_url="http://$HOST:$ORIGIN_PORT" tracker_url="http://$HOST:$TRACKER_PORT"
-    start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --origin "$origin_url"
-    start origin shoal-origin serve --http "$HOST:$ORIGIN_PORT" --peer "$HOST:$ORIGIN_PEER_PORT" \
-        --data "$DIR/origin" --tls "$DIR/tls/origin"
+    # Origin 1 is "origin" (as with one origin); the others origin2, origin3, ...
+    local names=(origin) urls=("$origin_url") ring=() i
+    for ((i = 2; i <= ORIGINS; i++)); do
+        names+=("origin$i")
+        urls+=("http://$HOST:$((ORIGIN_PORT + 2 * (i - 1)))")
+    done
+    if [[ $ORIGINS -gt 1 ]]; then
+        for i in "${urls[@]}"; do ring+=(--cluster "$i"); done
+        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" "${urls[@]/#/--origin=}" --replicas 2
+    else
+        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --origin "$origin_url"
+    fi
+    for ((i = 0; i < ORIGINS; i++)); do
+        start "${names[$i]}" shoal-origin serve --http "${urls[$i]#http://}" \
+            --peer "$HOST:$((ORIGIN_PEER_PORT + 2 * i))" --data "$DIR/${names[$i]}" \
+            --tls "$DIR/tls/${names[$i]}" "${ring[@]+"${ring[@]}"}"
+    done
     start agent1 shoal-agent serve --registry "$HOST:$AGENT1_PORT" --peer "$HOST:$AGENT1_PEER_PORT" \
         --data "$DIR/agent1" --tls "$DIR/tls/agent1" --tracker "$tracker_url"
     start agent2 shoal-agent serve --registry "$HOST:$AGENT2_PORT" --peer "$HOST:$AGENT2_PEER_PORT" \
         --data "$DIR/agent2" --tls "$DIR/tls/agent2" --tracker "$tracker_url"
     wait_http tracker "$tracker_url/healthz"
-    wait_http origin "$origin_url/healthz"
+    for ((i = 0; i < ORIGINS; i++)); do
+        wait_http "${names[$i]}" "${urls[$i]}/healthz"
+    done
     wait_http agent1 "http://$HOST:$AGENT1_PORT/v2/"
     wait_http agent2 "http://$HOST:$AGENT2_PORT/v2/"
 
@@ -220,6 +243,17 @@ main() {
 
     pull_via agent1 "$AGENT1_PORT"
     pull_via agent2 "$AGENT2_PORT"
+
+    if [[ $ORIGINS -gt 1 ]]; then
+        # Every blob on its two owners: count the copies each origin holds.
+        local copies=0 n
+        for ((i = 0; i < ORIGINS; i++)); do
+            n="$(find "$DIR/${names[$i]}/blobs" -type f | wc -l)"
+            echo "OK  ${names[$i]} holds $n blobs"
+            copies=$((copies + n))
+        done
+        log "the ring holds $copies copies of the image's blobs (two owners each, plus the origin pushed through)"
+    fi
 
     if command -v skopeo >/dev/null; then
         log "skopeo inspect through agent1"
@@ -237,7 +271,10 @@ main() {
 Shoal dev cluster is up (data in $DIR).
 
   tracker  $tracker_url              pid $(pid_of tracker)  log $DIR/logs/tracker.log
-  origin   $origin_url (peer udp $ORIGIN_PEER_PORT)  pid $(pid_of origin)  log $DIR/logs/origin.log
+$(for ((i = 0; i < ORIGINS; i++)); do
+    printf '  %-8s %s (peer udp %s)  pid %s  log %s\n' "${names[$i]}" "${urls[$i]}" \
+        "$((ORIGIN_PEER_PORT + 2 * i))" "$(pid_of "${names[$i]}")" "$DIR/logs/${names[$i]}.log"
+done)
   agent1   http://$HOST:$AGENT1_PORT (peer udp $AGENT1_PEER_PORT)  pid $(pid_of agent1)  log $DIR/logs/agent1.log
   agent2   http://$HOST:$AGENT2_PORT (peer udp $AGENT2_PEER_PORT)  pid $(pid_of agent2)  log $DIR/logs/agent2.log
 

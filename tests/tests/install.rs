@@ -285,7 +285,7 @@ fn chart_with_default_values_renders_and_validates() {
     assert!(!r.objects.iter().any(|o| o["kind"] == "ServiceMonitor"));
 
     assert!(r.notes.contains("kubectl -n shoal rollout status daemonset/shoal-agent"), "{}", r.notes);
-    assert!(!r.notes.contains("independent stores"), "one origin: no ring caveat");
+    assert!(!r.notes.contains("form a ring"), "one origin: no ring note");
     if let Some(bins) = bin_dir() {
         flags_exist(&r, &bins);
     }
@@ -320,6 +320,19 @@ fn chart_with_three_origins_renders_and_validates() {
         .map(|i| format!("http://shoal-origin-{i}.shoal-origin-headless.shoal.svc.cluster.local:5000"))
         .collect();
     assert_eq!(flag_values(&targs, "--origin"), want);
+    // The origins form a ring: the same members (as the trackers name them) on every origin,
+    // each naming itself by its pod's stable name, two owners per blob on both sides.
+    assert_eq!(flag_values(&args, "--cluster"), want);
+    assert_eq!(
+        flag_values(&args, "--self"),
+        ["http://$(POD_NAME).shoal-origin-headless.shoal.svc.cluster.local:5000"]
+    );
+    let env = origin["containers"][0]["env"].as_array().unwrap();
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "POD_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"));
+    assert_eq!(flag_values(&args, "--replicas"), ["2"]);
+    assert_eq!(flag_values(&targs, "--replicas"), ["2"]);
 
     // Operator-provided certificates: no Job, their Secret mounted (with the CRL).
     assert!(!r.objects.iter().any(|o| o["kind"] == "Job"), "{:?}", kinds(&r));
@@ -351,7 +364,7 @@ fn chart_with_three_origins_renders_and_validates() {
     {
         assert!(svc["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == "metrics"), "{svc}");
     }
-    assert!(r.notes.contains("3 origins run as independent stores"), "{}", r.notes);
+    assert!(r.notes.contains("3 origins form a ring"), "{}", r.notes);
     if let Some(bins) = bin_dir() {
         flags_exist(&r, &bins);
     }
