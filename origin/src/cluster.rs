@@ -44,10 +44,15 @@ pub const REPAIR_EVERY: Duration = Duration::from_secs(10);
 /// addressed: any name reaches the same store).
 const REPLICA_REPO: &str = "shoal/replica";
 
+/// How often `dns:` members are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
 /// The cluster's settings (`--cluster`, `--self`, `--replicas`, `--ring-key`).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Every origin's base URL, this one included, written the same on every member.
+    /// Every origin's base URL, this one included, written the same on every member; or
+    /// `dns:NAME:PORT`, every address of a name (a Kubernetes headless Service) as
+    /// `http://IP:PORT`, resolved again every [`RESOLVE_EVERY`].
     pub members: Vec<String>,
     /// This origin's base URL as the others list it.
     pub me: String,
@@ -108,12 +113,15 @@ impl ClusterMetrics {
 /// The membership, health and the calls between origins.
 #[derive(Debug)]
 pub struct Cluster {
-    members: Vec<Member>,
-    me: usize,
+    /// What `--cluster` said: URLs and `dns:` names.
+    sources: Vec<String>,
+    /// The members now, sorted by id (their base URLs).
+    members: std::sync::RwLock<Vec<Member>>,
+    me: String,
     replicas: usize,
     key: RingKey,
     token: Option<String>,
-    health: Mutex<HashMap<usize, Health>>,
+    health: Mutex<HashMap<String, Health>>,
     http: reqwest::Client,
     pub metrics: ClusterMetrics,
 }
@@ -125,6 +133,20 @@ pub enum ClusterError {
     NotAMember(String),
     #[error("--replicas must be at least 1")]
     NoReplicas,
+    #[error("--cluster {0}: expected a base URL or dns:NAME:PORT")]
+    BadMember(String),
+    #[error(
+        "--http {0} listens on every address: give --self URL, this origin's URL as the others reach it"
+    )]
+    NoSelf(std::net::SocketAddr),
+}
+
+/// A `dns:NAME:PORT` member source, split.
+fn dns_source(source: &str) -> Option<(&str, u16)> {
+    let rest = source.strip_prefix("dns:")?;
+    let (name, port) = rest.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!name.is_empty()).then_some((name, port))
 }
 
 /// A member's base URL in the one form every member compares: no trailing slash.
@@ -137,11 +159,23 @@ impl Cluster {
         if settings.replicas == 0 {
             return Err(ClusterError::NoReplicas);
         }
-        let mut ids: Vec<String> = settings.members.iter().map(|m| normalize(m)).collect();
+        for source in &settings.members {
+            let url_like = source.starts_with("http://") || source.starts_with("https://");
+            if !url_like && dns_source(source).is_none() {
+                return Err(ClusterError::BadMember(source.clone()));
+            }
+        }
+        let sources: Vec<String> = settings.members.iter().map(|m| normalize(m)).collect();
+        let me = normalize(&settings.me);
+        // Named members must include this origin; `dns:` ones are checked once resolved.
+        let all_named = sources.iter().all(|s| dns_source(s).is_none());
+        if all_named && !sources.contains(&me) {
+            return Err(ClusterError::NotAMember(me));
+        }
+        let mut ids: Vec<String> = sources.iter().filter(|s| dns_source(s).is_none()).cloned().collect();
+        ids.push(me.clone());
         ids.sort();
         ids.dedup();
-        let me = normalize(&settings.me);
-        let index = ids.iter().position(|m| *m == me).ok_or(ClusterError::NotAMember(me))?;
         let members = ids.into_iter().map(Member::new).collect();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
@@ -149,8 +183,9 @@ impl Cluster {
             .build()
             .unwrap_or_default();
         let cluster = Self {
-            members,
-            me: index,
+            sources,
+            members: std::sync::RwLock::new(members),
+            me,
             replicas: settings.replicas,
             key: settings.key,
             token: settings.token,
@@ -158,40 +193,48 @@ impl Cluster {
             http,
             metrics: ClusterMetrics::default(),
         };
-        cluster.metrics.members_up.set(cluster.members.len() as i64);
+        cluster.publish_up();
         Ok(cluster)
     }
 
-    fn health(&self) -> MutexGuard<'_, HashMap<usize, Health>> {
+    fn health(&self) -> MutexGuard<'_, HashMap<String, Health>> {
         self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn is_up(&self, member: usize) -> bool {
-        member == self.me || self.health().get(&member).is_none_or(|h| h.up)
+    fn snapshot(&self) -> Vec<Member> {
+        self.members.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn is_up(&self, member: &str) -> bool {
+        member == self.me || self.health().get(member).is_none_or(|h| h.up)
     }
 
     /// This origin's base URL.
     pub fn me(&self) -> &str {
-        &self.members[self.me].id
+        &self.me
     }
 
     /// Every member with its health, for the status page.
     pub fn members(&self) -> Vec<(String, bool)> {
-        (0..self.members.len()).map(|i| (self.members[i].id.clone(), self.is_up(i))).collect()
+        self.snapshot().into_iter().map(|m| (m.id.clone(), self.is_up(&m.id))).collect()
     }
 
     /// The healthy owners of `item` (a digest's bytes or a repository name), best first.
-    fn owners_of(&self, item: &[u8]) -> Vec<usize> {
-        ring::owners(&self.key, &self.members, item, self.replicas, |i| self.is_up(i))
+    fn owners_of(&self, item: &[u8]) -> Vec<String> {
+        let members = self.snapshot();
+        ring::owners(&self.key, &members, item, self.replicas, |i| self.is_up(&members[i].id))
+            .into_iter()
+            .map(|i| members[i].id.clone())
+            .collect()
     }
 
     /// The owners of a blob.
-    pub fn blob_owners(&self, digest: &Digest) -> Vec<usize> {
+    pub fn blob_owners(&self, digest: &Digest) -> Vec<String> {
         self.owners_of(digest.to_string().as_bytes())
     }
 
     /// The owners of a repository's tags.
-    pub fn repo_owners(&self, name: &str) -> Vec<usize> {
+    pub fn repo_owners(&self, name: &str) -> Vec<String> {
         self.owners_of(name.as_bytes())
     }
 
@@ -200,19 +243,15 @@ impl Cluster {
         self.blob_owners(digest).contains(&self.me)
     }
 
-    fn url(&self, member: usize) -> &str {
-        &self.members[member].id
-    }
-
     /// A failed request to `member`: it is down until its probes pass again.
-    fn suspect(&self, member: usize) {
+    fn suspect(&self, member: &str) {
         if member == self.me {
             return;
         }
         let mut health = self.health();
-        let h = health.entry(member).or_default();
+        let h = health.entry(member.to_owned()).or_default();
         if h.up {
-            tracing::warn!(member = %self.members[member].id, "origin marked down after a failed request");
+            tracing::warn!(%member, "origin marked down after a failed request");
         }
         *h = Health { up: false, fails: FAILS_TO_DOWN, passes: 0 };
         drop(health);
@@ -220,8 +259,45 @@ impl Cluster {
     }
 
     fn publish_up(&self) {
-        let up = (0..self.members.len()).filter(|&i| self.is_up(i)).count();
+        let up = self.snapshot().iter().filter(|m| self.is_up(&m.id)).count();
         self.metrics.members_up.set(up as i64);
+    }
+
+    /// Resolves the `dns:` members again (every address of each name, as
+    /// `http://IP:PORT`); named members and this origin stay. A name that does not resolve
+    /// keeps its last addresses.
+    pub async fn resolve(&self) {
+        let mut ids: Vec<String> = Vec::new();
+        let mut any_dns = false;
+        for source in &self.sources {
+            match dns_source(source) {
+                None => ids.push(source.clone()),
+                Some((name, port)) => {
+                    any_dns = true;
+                    match tokio::net::lookup_host((name, port)).await {
+                        Ok(addrs) => ids.extend(addrs.map(|a| format!("http://{a}"))),
+                        Err(e) => {
+                            tracing::warn!(%name, cause = %e, "cannot resolve cluster members; keeping the last ones");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if !any_dns {
+            return;
+        }
+        ids.push(self.me.clone());
+        ids.sort();
+        ids.dedup();
+        let members: Vec<Member> = ids.into_iter().map(Member::new).collect();
+        let mut current = self.members.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current != members {
+            tracing::info!(members = members.len(), "cluster membership changed");
+            *current = members;
+        }
+        drop(current);
+        self.publish_up();
     }
 
     /// Whether `req` came from another origin (answer it from local state only).
@@ -239,28 +315,28 @@ impl Cluster {
 
     /// Probes every other member once and updates their health.
     pub async fn probe_all(&self) {
-        let others: Vec<usize> = (0..self.members.len()).filter(|&i| i != self.me).collect();
-        let probes = others.iter().map(|&i| {
-            let url = format!("{}/healthz", self.url(i));
-            let req = self.http.get(url).timeout(PROBE_TIMEOUT).send();
-            async move { (i, matches!(req.await, Ok(r) if r.status().is_success())) }
+        let others: Vec<String> =
+            self.snapshot().into_iter().map(|m| m.id).filter(|m| *m != self.me).collect();
+        let probes = others.into_iter().map(|m| {
+            let req = self.http.get(format!("{m}/healthz")).timeout(PROBE_TIMEOUT).send();
+            async move { (m, matches!(req.await, Ok(r) if r.status().is_success())) }
         });
-        for (i, passed) in futures_util::future::join_all(probes).await {
+        for (m, passed) in futures_util::future::join_all(probes).await {
             let mut health = self.health();
-            let h = health.entry(i).or_default();
+            let h = health.entry(m.clone()).or_default();
             if passed {
                 h.fails = 0;
                 h.passes += 1;
                 if !h.up && h.passes >= PASSES_TO_UP {
                     h.up = true;
-                    tracing::info!(member = %self.members[i].id, "origin back up");
+                    tracing::info!(member = %m, "origin back up");
                 }
             } else {
                 h.passes = 0;
                 h.fails += 1;
                 if h.up && h.fails >= FAILS_TO_DOWN {
                     h.up = false;
-                    tracing::warn!(member = %self.members[i].id, "origin down (health probes failed)");
+                    tracing::warn!(member = %m, "origin down (health probes failed)");
                 }
             }
         }
@@ -268,8 +344,8 @@ impl Cluster {
     }
 
     /// Copies blob `digest` from `store` to `member` unless it holds it already.
-    async fn copy_blob(&self, store: &BlobStore, digest: &Digest, member: usize) -> Result<bool, String> {
-        let base = self.url(member);
+    async fn copy_blob(&self, store: &BlobStore, digest: &Digest, member: &str) -> Result<bool, String> {
+        let base = member;
         let head = format!("{base}/v2/{REPLICA_REPO}/blobs/{digest}");
         match self.authorized(self.http.head(&head)).send().await {
             Ok(r) if r.status().is_success() => return Ok(false),
@@ -303,9 +379,9 @@ impl Cluster {
         reference: &str,
         body: &[u8],
         media_type: &str,
-        member: usize,
+        member: &str,
     ) -> Result<(), String> {
-        let url = format!("{}/v2/{name}/manifests/{reference}", self.url(member));
+        let url = format!("{member}/v2/{name}/manifests/{reference}");
         let resp = self
             .authorized(self.http.put(&url))
             .header(header::CONTENT_TYPE.as_str(), media_type)
@@ -324,20 +400,22 @@ impl Cluster {
     /// is answered. An owner that fails is marked down and its place goes to the next member
     /// on the ring, once; what is still missing is left to the repair pass.
     pub async fn replicate_blob(&self, store: &BlobStore, digest: &Digest) {
-        let mut tried = Vec::new();
+        let mut tried: Vec<String> = Vec::new();
         for _ in 0..2 {
-            let targets: Vec<usize> = self
+            let targets: Vec<String> = self
                 .blob_owners(digest)
                 .into_iter()
-                .filter(|&m| m != self.me && !tried.contains(&m))
+                .filter(|m| *m != self.me && !tried.contains(m))
                 .collect();
             if targets.is_empty() {
                 return;
             }
-            let copies = targets.iter().map(|&m| async move { (m, self.copy_blob(store, digest, m).await) });
+            let copies = targets.into_iter().map(|m| async move {
+                let result = self.copy_blob(store, digest, &m).await;
+                (m, result)
+            });
             let mut failed = false;
             for (m, result) in futures_util::future::join_all(copies).await {
-                tried.push(m);
                 match result {
                     Ok(copied) => {
                         if copied {
@@ -347,10 +425,11 @@ impl Cluster {
                     Err(e) => {
                         tracing::warn!(%digest, cause = %e, "replicating a blob failed");
                         self.metrics.replication_failures.inc();
-                        self.suspect(m);
+                        self.suspect(&m);
                         failed = true;
                     }
                 }
+                tried.push(m);
             }
             if !failed {
                 return;
@@ -374,10 +453,11 @@ impl Cluster {
                 targets.push(m);
             }
         }
-        targets.retain(|&m| m != self.me);
-        let copies = targets
-            .iter()
-            .map(|&m| async move { (m, self.copy_manifest(name, reference, body, media_type, m).await) });
+        targets.retain(|m| *m != self.me);
+        let copies = targets.into_iter().map(|m| async move {
+            let result = self.copy_manifest(name, reference, body, media_type, &m).await;
+            (m, result)
+        });
         for (m, result) in futures_util::future::join_all(copies).await {
             match result {
                 Ok(()) => {
@@ -386,7 +466,7 @@ impl Cluster {
                 Err(e) => {
                     tracing::warn!(%name, %reference, cause = %e, "replicating a manifest failed");
                     self.metrics.replication_failures.inc();
-                    self.suspect(m);
+                    self.suspect(&m);
                 }
             }
         }
@@ -404,8 +484,8 @@ impl Cluster {
         with_token: bool,
     ) -> Option<reqwest::Response> {
         let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).ok()?;
-        for m in self.owners_of(item).into_iter().filter(|&m| m != self.me) {
-            let url = format!("{}{path_and_query}", self.url(m));
+        for m in self.owners_of(item).into_iter().filter(|m| *m != self.me) {
+            let url = format!("{m}{path_and_query}");
             // The token travels only when the client gave it: forwarding never lets a
             // caller without it make an owner pull from an upstream.
             let mut req = self.http.request(method.clone(), &url).header(HOP_HEADER, self.me());
@@ -425,7 +505,7 @@ impl Cluster {
                 }
                 Err(e) => {
                     tracing::warn!(%url, cause = %e, "forwarding to an owner failed");
-                    self.suspect(m);
+                    self.suspect(&m);
                 }
             }
         }
@@ -444,9 +524,9 @@ impl Cluster {
                 .unwrap_or_default()
         };
         let blobs: Vec<Digest> = usage.into_iter().filter(|u| u.complete).map(|u| u.digest).collect();
-        let mut work: Vec<(Digest, usize)> = Vec::new();
+        let mut work: Vec<(Digest, String)> = Vec::new();
         for d in &blobs {
-            for m in self.blob_owners(d).into_iter().filter(|&m| m != self.me) {
+            for m in self.blob_owners(d).into_iter().filter(|m| *m != self.me) {
                 work.push((*d, m));
             }
         }
@@ -456,17 +536,18 @@ impl Cluster {
         };
         let mut tag_work = Vec::new();
         for (name, tag) in tag_files {
-            for m in self.repo_owners(&name).into_iter().filter(|&m| m != self.me) {
+            for m in self.repo_owners(&name).into_iter().filter(|m| *m != self.me) {
                 tag_work.push((name.clone(), tag.clone(), m));
             }
         }
         self.metrics.repair_backlog.set((work.len() + tag_work.len()) as i64);
         let mut copied = 0;
         for (digest, m) in work {
-            if !self.is_up(m) {
+            if !self.is_up(&m) {
+                self.metrics.repair_backlog.dec();
                 continue;
             }
-            match self.copy_blob(store, &digest, m).await {
+            match self.copy_blob(store, &digest, &m).await {
                 Ok(true) => {
                     copied += 1;
                     self.metrics.repaired.inc();
@@ -474,14 +555,14 @@ impl Cluster {
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(%digest, cause = %e, "repair copy failed");
-                    self.suspect(m);
+                    self.suspect(&m);
                 }
             }
             self.metrics.repair_backlog.dec();
         }
         for (name, tag, m) in tag_work {
-            if self.is_up(m) {
-                match self.repair_tag(store, tags, &name, &tag, m).await {
+            if self.is_up(&m) {
+                match self.repair_tag(store, tags, &name, &tag, &m).await {
                     Ok(true) => {
                         copied += 1;
                         self.metrics.repaired.inc();
@@ -489,7 +570,7 @@ impl Cluster {
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(%name, %tag, cause = %e, "repair of a tag failed");
-                        self.suspect(m);
+                        self.suspect(&m);
                     }
                 }
             }
@@ -509,10 +590,10 @@ impl Cluster {
         tags: &TagStore,
         name: &str,
         tag: &str,
-        member: usize,
+        member: &str,
     ) -> Result<bool, String> {
         let Some(digest) = tags.get(name, tag).await else { return Ok(false) };
-        let url = format!("{}/v2/{name}/manifests/{tag}", self.url(member));
+        let url = format!("{member}/v2/{name}/manifests/{tag}");
         let accept = shoal_shared::oci::MANIFEST_ACCEPT;
         let resp = self.authorized(self.http.head(&url)).header("Accept", accept).send().await;
         let there = resp
@@ -570,10 +651,12 @@ pub async fn maintain(
 ) {
     let mut probe = tokio::time::interval(PROBE_EVERY);
     let mut repair = tokio::time::interval(REPAIR_EVERY);
+    let mut resolve = tokio::time::interval(RESOLVE_EVERY);
     repair.reset();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = resolve.tick() => cluster.resolve().await,
             _ = probe.tick() => cluster.probe_all().await,
             _ = repair.tick() => {
                 tokio::select! {
@@ -600,7 +683,7 @@ mod tests {
         let owners: Vec<Vec<String>> = (0..3)
             .map(|me| {
                 let c = Cluster::new(settings(3, me)).expect("cluster");
-                c.blob_owners(&digest).into_iter().map(|i| c.url(i).to_owned()).collect()
+                c.blob_owners(&digest)
             })
             .collect();
         assert_eq!(owners[0].len(), 2);
@@ -615,12 +698,12 @@ mod tests {
             .find(|d| !c.owns_blob(d))
             .expect("a blob this member does not own");
         let owners = c.blob_owners(&digest);
-        c.suspect(owners[0]);
+        c.suspect(&owners[0]);
         let now = c.blob_owners(&digest);
         assert!(!now.contains(&owners[0]));
         assert_eq!(now.len(), 2, "the next member takes its place");
-        c.suspect(c.me);
-        assert!(c.is_up(c.me), "this origin is never down to itself");
+        c.suspect(c.me());
+        assert!(c.is_up(c.me()), "this origin is never down to itself");
     }
 
     #[test]
@@ -631,6 +714,29 @@ mod tests {
         let mut s = settings(3, 0);
         s.replicas = 0;
         assert!(matches!(Cluster::new(s), Err(ClusterError::NoReplicas)));
+        let mut s = settings(3, 0);
+        s.members.push("origin-9:5000".into());
+        assert!(matches!(Cluster::new(s), Err(ClusterError::BadMember(_))));
+    }
+
+    #[tokio::test]
+    async fn dns_members_are_every_address_of_the_name() {
+        assert_eq!(dns_source("dns:shoal-origin.ns.svc:5000"), Some(("shoal-origin.ns.svc", 5000)));
+        assert_eq!(dns_source("dns::5000"), None);
+        assert_eq!(dns_source("dns:name"), None);
+        let s = Settings {
+            members: vec!["dns:localhost:5000".into()],
+            me: "http://10.9.9.9:5000".into(),
+            replicas: 2,
+            key: RingKey::default(),
+            token: None,
+        };
+        let c = Cluster::new(s).expect("cluster");
+        assert_eq!(c.members().len(), 1, "only itself until resolved");
+        c.resolve().await;
+        let ids: Vec<String> = c.members().into_iter().map(|(id, _)| id).collect();
+        assert!(ids.contains(&"http://127.0.0.1:5000".to_owned()), "{ids:?}");
+        assert!(ids.contains(&"http://10.9.9.9:5000".to_owned()), "{ids:?}");
     }
 
     #[test]

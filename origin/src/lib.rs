@@ -126,7 +126,14 @@ pub async fn run(
     let cluster = if config.cluster.is_empty() {
         None
     } else {
-        let me = config.self_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
+        let me = match &config.self_url {
+            Some(url) => url.clone(),
+            // Listening on every address says nothing about which one the others dial.
+            None if http_addr.ip().is_unspecified() => {
+                return Err(OriginError::Cluster(cluster::ClusterError::NoSelf(http_addr)))
+            }
+            None => format!("http://{http_addr}"),
+        };
         let key =
             config.ring_key.as_deref().map(shoal_shared::ring::RingKey::from_passphrase).unwrap_or_default();
         let c = cluster::Cluster::new(cluster::Settings {

@@ -121,6 +121,9 @@ pub struct AgentOptions {
     pub data_dir: Option<PathBuf>,
     /// The agent's `--cache-size` in bytes (none: its default).
     pub cache_size: Option<u64>,
+    /// The agent's `--drain-timeout` in seconds (none: its default, 30 s). A short one makes
+    /// a stop close to a kill: responses in flight are cut.
+    pub drain_timeout: Option<u64>,
 }
 
 /// One running agent.
@@ -713,6 +716,9 @@ pub(crate) async fn launch_agent(
     config.ingress_limit = ByteRate(opts.ingress_limit);
     if let Some(bytes) = opts.cache_size {
         config.cache_size = shoal_shared::config::DiskShare::Bytes(bytes);
+    }
+    if let Some(secs) = opts.drain_timeout {
+        config.drain_timeout = shoal_shared::config::Span(Duration::from_secs(secs));
     }
     let (registry, peer) = bind()?;
     let registry_url = format!("http://{}", registry.local_addr()?);

@@ -99,8 +99,11 @@ async fn agent_restarted_mid_download_fetches_only_what_it_lacks() {
     let image = c.push_image("faults/resume:v1", &[6 * MIB], 11).await.expect("push");
     let (layer, size) = image.layers[0].clone();
     let total = pieces(size, PIECE);
-    // 1 MiB/s in: the download lasts about six seconds.
-    c.start_agent(AgentOptions { ingress_limit: MIB as u64, ..Default::default() }).await.expect("agent");
+    // 1 MiB/s in: the download lasts about six seconds. A 1 s drain: the restart cuts the
+    // download off (the default drain would let the client's response, and so the
+    // download, finish).
+    let opts = AgentOptions { ingress_limit: MIB as u64, drain_timeout: Some(1), ..Default::default() };
+    c.start_agent(opts).await.expect("agent");
     let served_before = origin_served(&c).await;
     let cut = spawn_fetch(&c, 0, "faults/resume", &layer, size);
     let cr = &c;
