@@ -4,6 +4,7 @@ pub mod load;
 pub mod netns;
 pub mod quic_ceiling;
 pub mod registry;
+pub mod ring_bench;
 pub mod ring_cluster;
 pub mod sim;
 pub mod tools;

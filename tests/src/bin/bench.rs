@@ -77,6 +77,9 @@ enum Cmd {
     /// Load test: many clients at once on an agent (and the origin as the baseline), and a
     /// sustained announce rate on the tracker; latency percentiles and resident memory.
     Load(LoadArgs),
+    /// A ring of 3 origins vs one origin (push, cold pull), then an owner killed: time until
+    /// pulls succeed and until repair restores two copies of every blob.
+    Ring(shoal_tests::ring_bench::Options),
     /// Multi-host swarm benchmark in Linux network namespaces (root, iproute2): N hosts on
     /// capped links pull one blob at once, from the origin over HTTP and through their agents.
     Swarm(shoal_tests::netns::SwarmArgs),
@@ -160,6 +163,15 @@ fn main() -> anyhow::Result<()> {
             .build()
             .context("tokio runtime")?
             .block_on(load(args)),
+        Cmd::Ring(opts) => {
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(shoal_tests::ring_bench::run(opts))?;
+            print!("{report}");
+            Ok(())
+        }
         Cmd::Swarm(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
