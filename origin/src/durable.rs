@@ -173,7 +173,7 @@ fn write_options() -> ClientOptions {
 }
 
 fn retry() -> RetryConfig {
-    RetryConfig { max_retries: 5, retry_timeout: RETRY_FOR, backoff: Default::default() }
+    RetryConfig { max_retries: 10, retry_timeout: RETRY_FOR, backoff: Default::default() }
 }
 
 /// The environment variables starting with `prefix`, keys lowercased (how the builders'
