@@ -27,6 +27,12 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_DATA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
+    /// Where blobs, metainfo and tags are kept for good: `s3://BUCKET/PREFIX` (standard
+    /// `AWS_*` environment), `gs://`, `az://` or `file:///DIR`; --data is then a cache
+    /// [default: the data directory itself].
+    #[arg(long, env = "SHOAL_STORE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
     /// Directory with ca.pem, cert.pem, key.pem (from `shoal-origin ca issue`).
     #[arg(long, env = "SHOAL_TLS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,6 +159,9 @@ pub struct Config {
     #[serde(default)]
     pub advertise_peer: Option<SocketAddr>,
     pub data: PathBuf,
+    /// `None`: the data directory is the store.
+    #[serde(default)]
+    pub store: Option<String>,
     pub tls: PathBuf,
     #[serde(default = "default_piece_length")]
     pub piece_length: u32,
@@ -250,6 +259,7 @@ impl Config {
             peer: default_peer(),
             advertise_peer: None,
             data,
+            store: None,
             tls,
             piece_length: default_piece_length(),
             upload_budget: default_upload_budget(),
@@ -287,6 +297,7 @@ impl std::fmt::Debug for Config {
             .field("peer", &self.peer)
             .field("advertise_peer", &self.advertise_peer)
             .field("data", &self.data)
+            .field("store", &self.store)
             .field("tls", &self.tls)
             .field("piece_length", &self.piece_length)
             .field("tracker", &self.tracker)
@@ -320,6 +331,7 @@ http = "0.0.0.0:5000"
 peer = "0.0.0.0:5001"
 advertise_peer = "10.0.0.5:5001"
 data = "/var/lib/shoal/origin"
+store = "s3://shoal-blobs/prod"
 tls = "/etc/shoal/tls"
 piece_length = 1048576
 upload_budget = "64MiB"
@@ -348,6 +360,7 @@ prefetch_max_size = 1000
         assert!(c.prefetch_sync);
         assert_eq!((c.prefetch_min_size, c.prefetch_max_size), (1, 1000));
         assert_eq!(c.piece_length, 65536);
+        assert_eq!(c.store.as_deref(), Some("s3://shoal-blobs/prod"));
         assert_eq!((c.http_workers, c.send_timeout), (4, 7));
         assert_eq!(c.max_upload_bytes, Some(ByteRate(2 << 30)));
         assert_eq!(c.tracker, vec!["http://tracker:5100".to_string()]);

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod durable;
 pub mod prefetch;
 pub mod push;
 pub mod seeder;
@@ -42,6 +43,8 @@ pub enum OriginError {
     Tls(#[from] TlsError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error(transparent)]
+    Durable(#[from] durable::DurableError),
     #[error("upstream: {0}")]
     Upstream(String),
     #[error(
@@ -78,7 +81,16 @@ pub async fn run(
     if config.upload_token.is_none() && !config.allow_anonymous_writes && !http_addr.ip().is_loopback() {
         return Err(OriginError::AnonymousWrites(http_addr));
     }
-    let store = BlobStore::open(&config.data)?;
+    let store = match &config.store {
+        Some(url) => match durable::connect(url, &config.data).await? {
+            Some(backing) => {
+                tracing::info!(store = %backing.url(), "durable store");
+                BlobStore::open_backed(&config.data, backing)?
+            }
+            None => BlobStore::open(&config.data)?,
+        },
+        None => BlobStore::open(&config.data)?,
+    };
     let max_upload_bytes = match config.max_upload_bytes {
         Some(ByteRate(0)) => u64::MAX,
         Some(ByteRate(b)) => b,

@@ -10,6 +10,12 @@
 //! the digest is checked, the file is fsynced, its metainfo saved, and it is atomically
 //! renamed into `blobs/`. File names
 //! come from [`Digest::hex`], so no input can name a path outside the store.
+//!
+//! A store may have a durable [`Backing`] (the origin's `--store`): commits are written
+//! through to it before they are acknowledged, and blobs missing on disk are filled from it
+//! (see [`backing`]).
+
+pub mod backing;
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -23,7 +29,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::bitfield::Bitfield;
 use crate::digest::{Digest, DigestHasher};
-use crate::metainfo::{Metainfo, MetainfoBuilder, MetainfoError, VerifiedPiece};
+use crate::metainfo::{Metainfo, MetainfoBuilder, MetainfoError, VerifiedPiece, DEFAULT_PIECE_LENGTH};
+
+pub use backing::{Backing, BackingError};
 
 /// Read size used when streaming blobs from disk.
 pub const READ_CHUNK: usize = 1 << 20;
@@ -41,6 +49,9 @@ pub enum StoreError {
     Metainfo(#[from] MetainfoError),
     #[error("stored metainfo for {0} is unreadable")]
     BadMetainfo(Digest),
+    /// The durable store failed (clients see 503; nothing of the write is visible).
+    #[error(transparent)]
+    Backing(#[from] BackingError),
 }
 
 impl StoreError {
@@ -74,12 +85,25 @@ pub struct BlobStore {
 struct Inner {
     root: PathBuf,
     next_tmp: AtomicU64,
+    backing: Option<Arc<dyn Backing>>,
+    /// One fill from the backing per digest at a time.
+    fills: std::sync::Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl BlobStore {
     /// Opens (creating if needed) a store under `root`, discarding unfinished uploads.
     /// Partial downloads are kept; they are checked when next opened.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
+        Self::open_with(root, None)
+    }
+
+    /// Opens the store under `root` with a durable copy in `backing`: commits are written
+    /// through to it and blobs missing on disk are filled from it.
+    pub fn open_backed(root: &Path, backing: Arc<dyn Backing>) -> Result<Self, StoreError> {
+        Self::open_with(root, Some(backing))
+    }
+
+    fn open_with(root: &Path, backing: Option<Arc<dyn Backing>>) -> Result<Self, StoreError> {
         for sub in ["blobs", "meta", "partial"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
@@ -89,7 +113,74 @@ impl BlobStore {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        Ok(Self { inner: Arc::new(Inner { root: root.to_path_buf(), next_tmp: AtomicU64::new(0) }) })
+        let inner = Inner {
+            root: root.to_path_buf(),
+            next_tmp: AtomicU64::new(0),
+            backing,
+            fills: Default::default(),
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The durable copy, if the store has one.
+    pub fn backing(&self) -> Option<&Arc<dyn Backing>> {
+        self.inner.backing.as_ref()
+    }
+
+    /// Makes sure the blob `digest` is on disk, filling it from the backing if it is not:
+    /// true when it is there. Without a backing, whether it is on disk.
+    pub async fn ensure_local(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let path = self.blob_path(digest);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(true);
+        }
+        let Some(backing) = self.inner.backing.clone() else { return Ok(false) };
+        let turn = {
+            let mut fills = self.inner.fills.lock().unwrap_or_else(|p| p.into_inner());
+            fills.entry(*digest).or_default().clone()
+        };
+        let (store, digest) = (self.clone(), *digest);
+        // Spawned: a request that goes away does not cancel the fill others wait for.
+        let fill = tokio::spawn(async move {
+            let result = {
+                let _turn = turn.lock().await;
+                if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                    Ok(true)
+                } else {
+                    store.fill(&*backing, &digest).await
+                }
+            };
+            let mut fills = store.inner.fills.lock().unwrap_or_else(|p| p.into_inner());
+            if fills.get(&digest).is_some_and(|t| Arc::ptr_eq(t, &turn)) {
+                fills.remove(&digest);
+            }
+            result
+        });
+        fill.await.unwrap_or_else(|join| Err(StoreError::Backing(BackingError(join.to_string()))))
+    }
+
+    /// Fetches blob `digest` from the backing: streamed into a temp file with its sha256
+    /// and metainfo computed on the way (at the piece length of the metainfo stored with it),
+    /// checked, then published locally only (it is in the backing already).
+    async fn fill(&self, backing: &dyn Backing, digest: &Digest) -> Result<bool, StoreError> {
+        use futures_util::StreamExt as _;
+        let Some(mut blob) = backing.get(&backing::blob_key(digest)).await? else { return Ok(false) };
+        let piece_length = match backing.get(&backing::meta_key(digest)).await? {
+            Some(meta) => backing::read_small(meta, backing::MAX_META)
+                .await
+                .ok()
+                .and_then(|json| serde_json::from_slice::<Metainfo>(&json).ok())
+                .filter(|m| m.digest() == *digest)
+                .map_or(DEFAULT_PIECE_LENGTH, |m| m.piece_length()),
+            None => DEFAULT_PIECE_LENGTH,
+        };
+        let mut staged = self.stage(piece_length).await?;
+        while let Some(chunk) = blob.body.next().await {
+            staged.write(&chunk?).await?;
+        }
+        let m = staged.publish(digest, false).await?;
+        tracing::info!(%digest, bytes = m.length(), "blob filled from the durable store");
+        Ok(true)
     }
 
     pub fn root(&self) -> &Path {
@@ -135,9 +226,14 @@ impl BlobStore {
         self.inner.root.join("meta").join(digest.hex())
     }
 
-    /// The metainfo saved with a committed blob, whatever its piece length.
+    /// The metainfo saved with a committed blob, whatever its piece length (the blob is
+    /// filled from the backing first when it is not on disk).
     pub async fn stored_metainfo(&self, digest: &Digest) -> Option<Metainfo> {
-        let bytes = tokio::fs::read(self.meta_path(digest)).await.ok()?;
+        let path = self.meta_path(digest);
+        if self.inner.backing.is_some() && !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            self.filled(digest).await;
+        }
+        let bytes = tokio::fs::read(path).await.ok()?;
         let m = serde_json::from_slice::<Metainfo>(&bytes).ok()?;
         (m.digest() == *digest).then_some(m)
     }
@@ -148,13 +244,34 @@ impl BlobStore {
         self.inner.root.join("tmp").join(format!("{label}-{}-{n}", std::process::id()))
     }
 
-    /// Size of the committed blob, or `None` if absent.
+    /// Whether the blob is on disk after a fill from the backing (if any); a failing
+    /// backing counts as "absent", logged.
+    async fn filled(&self, digest: &Digest) -> bool {
+        match self.ensure_local(digest).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::error!(%digest, cause = %e, "cannot fill blob from the durable store");
+                false
+            }
+        }
+    }
+
+    /// Size of the committed blob, or `None` if absent (filled from the backing first).
     pub async fn size(&self, digest: &Digest) -> Option<u64> {
+        if let Ok(m) = tokio::fs::metadata(self.blob_path(digest)).await {
+            return Some(m.len());
+        }
+        if self.inner.backing.is_none() || !self.filled(digest).await {
+            return None;
+        }
         tokio::fs::metadata(self.blob_path(digest)).await.ok().map(|m| m.len())
     }
 
-    /// Opens the committed blob for reading.
+    /// Opens the committed blob for reading (filled from the backing first).
     pub async fn open_blob(&self, digest: &Digest) -> Option<(File, u64)> {
+        if self.inner.backing.is_some() && !self.filled(digest).await {
+            return None;
+        }
         let path = self.blob_path(digest);
         blocking(move || {
             let f = File::open(&path).map_err(io_err(&path))?;
@@ -429,9 +546,14 @@ impl Staged {
     }
 
     /// Writes what is pending, proves the file holds exactly the hashed bytes, verifies the
-    /// content against `expected`, fsyncs and publishes it. On any failure the temp file is
-    /// removed and nothing is stored.
-    pub async fn commit(mut self, expected: &Digest) -> Result<Metainfo, StoreError> {
+    /// content against `expected`, fsyncs, writes it through to the store's backing (if
+    /// any) and publishes it. On any failure the temp file is removed and nothing is stored.
+    pub async fn commit(self, expected: &Digest) -> Result<Metainfo, StoreError> {
+        self.publish(expected, true).await
+    }
+
+    /// [`commit`](Self::commit), with the write to the backing only if `write_through`.
+    async fn publish(mut self, expected: &Digest, write_through: bool) -> Result<Metainfo, StoreError> {
         self.flush().await?;
         let Staged { store, path, state, mut guard, .. } = self;
         let Some((file, builder)) = state else {
@@ -452,6 +574,13 @@ impl Staged {
             Ok(m)
         })
         .await?;
+        if let Some(backing) = store.inner.backing.as_ref().filter(|_| write_through) {
+            // Durable before it is visible anywhere: the metainfo first, then the blob, whose
+            // object appears whole or not at all. A failure drops the temp file (`guard`).
+            let json = serde_json::to_vec(&m).map_err(|e| BackingError(e.to_string()))?;
+            backing.put_bytes(&backing::meta_key(&expected), json.into()).await?;
+            backing.put_file(&backing::blob_key(&expected), &path).await?;
+        }
         // The metainfo first: a blob is never visible without it (readers check pieces
         // against it).
         store.put_metainfo(&m).await?;
@@ -882,6 +1011,107 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), m.length());
         partial.commit().await.expect("commit");
         assert_eq!(std::fs::read(store.blob_path(&m.digest())).expect("blob"), data);
+    }
+
+    mod backed {
+        use super::super::backing::testing::MemoryBacking;
+        use super::super::backing::{blob_key, meta_key};
+        use super::*;
+        use std::sync::atomic::Ordering;
+
+        fn backed(dir: &Path, backing: &Arc<MemoryBacking>) -> BlobStore {
+            BlobStore::open_backed(dir, backing.clone() as Arc<dyn Backing>).expect("open")
+        }
+
+        async fn push(store: &BlobStore, data: &[u8]) -> Result<Metainfo, StoreError> {
+            let mut staged = store.stage(MIN_PIECE_LENGTH).await?;
+            staged.write(data).await?;
+            staged.commit(&Digest::of(data)).await
+        }
+
+        #[test]
+        fn keys_are_named_by_the_digest() {
+            let d = Digest::of(b"x");
+            assert_eq!(blob_key(&d), format!("blobs/sha256/{}", d.hex()));
+            assert_eq!(meta_key(&d), format!("meta/{}", d.hex()));
+        }
+
+        #[tokio::test]
+        async fn a_commit_is_in_the_backing_and_an_empty_disk_is_filled_from_it() {
+            let backing = Arc::new(MemoryBacking::default());
+            let (data, _) = blob_of(MIN_PIECE_LENGTH * 3 + 5);
+            let digest = Digest::of(&data);
+            let first = tempfile::tempdir().expect("tmp");
+            let m = push(&backed(first.path(), &backing), &data).await.expect("commit");
+            assert_eq!(backing.object(&blob_key(&digest)).as_deref(), Some(&data[..]));
+            let meta: Metainfo =
+                serde_json::from_slice(&backing.object(&meta_key(&digest)).expect("meta")).expect("json");
+            assert_eq!(meta, m);
+
+            // Another (or the same, wiped) disk: nothing there until it is asked for.
+            let second = tempfile::tempdir().expect("tmp");
+            let store = backed(second.path(), &backing);
+            assert!(!store.blob_path(&digest).exists());
+            assert_eq!(store.size(&digest).await, Some(data.len() as u64));
+            assert_eq!(std::fs::read(store.blob_path(&digest)).expect("blob"), data);
+            assert_eq!(store.stored_metainfo(&digest).await, Some(m));
+            // Filling wrote nothing back.
+            assert_eq!(backing.keys().len(), 2);
+            // Absent in both: absent.
+            assert_eq!(store.size(&Digest::of(b"nothing")).await, None);
+        }
+
+        #[tokio::test]
+        async fn concurrent_requests_fill_once() {
+            let backing = Arc::new(MemoryBacking::default());
+            let (data, _) = blob_of(MIN_PIECE_LENGTH * 2);
+            let digest = Digest::of(&data);
+            let first = tempfile::tempdir().expect("tmp");
+            push(&backed(first.path(), &backing), &data).await.expect("commit");
+            let second = tempfile::tempdir().expect("tmp");
+            let store = backed(second.path(), &backing);
+            backing.calls.store(0, Ordering::Relaxed);
+            let sizes = futures_util::future::join_all((0..8).map(|_| store.size(&digest))).await;
+            assert!(sizes.iter().all(|s| *s == Some(data.len() as u64)));
+            // One get of the blob and one of its metainfo.
+            assert_eq!(backing.calls.load(Ordering::Relaxed), 2);
+        }
+
+        #[tokio::test]
+        async fn a_failing_backing_fails_the_commit_and_leaves_nothing() {
+            let backing = Arc::new(MemoryBacking::default());
+            let dir = tempfile::tempdir().expect("tmp");
+            let store = backed(dir.path(), &backing);
+            backing.fail.store(true, Ordering::Relaxed);
+            let data = b"pushed while the store is down";
+            let err = push(&store, data).await.expect_err("must fail");
+            assert!(matches!(err, StoreError::Backing(_)), "{err}");
+            let digest = Digest::of(data);
+            assert!(!store.blob_path(&digest).exists());
+            assert!(!dir.path().join("meta").join(digest.hex()).exists());
+            assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0);
+            backing.fail.store(false, Ordering::Relaxed);
+            assert!(backing.object(&blob_key(&digest)).is_none());
+            assert_eq!(store.size(&digest).await, None);
+        }
+
+        #[tokio::test]
+        async fn damaged_objects_are_not_served() {
+            let backing = Arc::new(MemoryBacking::default());
+            let data = vec![7u8; 5000];
+            let digest = Digest::of(&data);
+            let first = tempfile::tempdir().expect("tmp");
+            push(&backed(first.path(), &backing), &data).await.expect("commit");
+            let mut bad = data.clone();
+            bad[4000] ^= 1;
+            backing.insert(&blob_key(&digest), bad.into());
+            let second = tempfile::tempdir().expect("tmp");
+            let store = backed(second.path(), &backing);
+            assert_eq!(store.size(&digest).await, None);
+            assert!(matches!(store.ensure_local(&digest).await, Err(StoreError::DigestMismatch { .. })));
+            assert!(!store.blob_path(&digest).exists());
+            assert_eq!(std::fs::read_dir(second.path().join("tmp")).expect("tmp").count(), 0);
+        }
     }
 
     #[tokio::test]
