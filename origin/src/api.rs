@@ -44,6 +44,8 @@ pub struct AppState {
     pub prefetch_sizes: crate::prefetch::SizeFilter,
     /// The origin cluster this origin is a member of, if any.
     pub cluster: Option<Arc<Cluster>>,
+    /// What the origin keeps (pulled-through retention, the local bound).
+    pub retention: Arc<crate::retention::Retention>,
     /// The upstream registries (`REGISTRY=URL`), for the status page.
     pub upstream_names: Vec<String>,
     pub started: std::time::Instant,
@@ -237,6 +239,12 @@ async fn get_blob(req: &HttpRequest, digest: &str, hop: bool, state: &AppState) 
         Ok(d) => d,
         Err(e) => return bad_digest(e),
     };
+    // Filled from the durable store when the disk lacks it; a store that cannot answer is a
+    // 503, not a 404 that a client would take for "no such blob".
+    if let Err(e) = state.store.ensure_local(&digest).await {
+        return store_failure(&e);
+    }
+    state.retention.touch(digest);
     match state.store.open_blob(&digest).await {
         Some((file, len)) => {
             serve_file(req, std::sync::Arc::new(file), len, &digest, "application/octet-stream", None)
@@ -368,6 +376,7 @@ async fn get_manifest(
         Err(resp) => return resp,
     };
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "manifest unknown");
+    state.retention.touch(digest);
     match state.store.size(&digest).await {
         Some(len) if len <= MAX_MANIFEST as u64 => {}
         _ => return unknown(),
@@ -465,6 +474,7 @@ async fn put_manifest(
         }
     }
     tracing::info!(%name, %reference, %digest, "manifest stored");
+    crate::retention::unmark_pulled(&state.store, &digest).await;
     if let (Some(cluster), false) = (&state.cluster, hop) {
         let media_type = req
             .headers()
@@ -533,6 +543,7 @@ fn parse_query_digest(query: Option<String>) -> Result<Option<Digest>, HttpRespo
 async fn commit(staged: Staged, digest: &Digest, name: &str, hop: bool, state: &AppState) -> HttpResponse {
     match staged.commit(digest).await {
         Ok(_) => {
+            crate::retention::unmark_pulled(&state.store, digest).await;
             // On every healthy owner before the push is answered.
             if let (Some(cluster), false) = (&state.cluster, hop) {
                 cluster.replicate_blob(&state.store, digest).await;

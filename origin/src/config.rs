@@ -88,6 +88,18 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_RING_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_key: Option<String>,
+    /// With --store, most disk the local copies of blobs may take: a size (`500GiB`) or a
+    /// share of the data directory's filesystem (`80%`); least recently used copies are
+    /// dropped locally (they stay in the store) [default: 50%].
+    #[arg(long, env = "SHOAL_CACHE_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<shoal_shared::config::DiskShare>,
+    /// Pulled-through blobs no one asked for this long are dropped, locally and from the
+    /// store (the upstream still has them); pushed blobs are kept for good. `0` keeps them
+    /// [default: 7d].
+    #[arg(long, env = "SHOAL_PULL_THROUGH_RETENTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull_through_retention: Option<shoal_shared::config::Span>,
     /// On SIGTERM, how long responses in flight (uploads included) may take to finish
     /// [default: 30s].
     #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
@@ -181,6 +193,10 @@ pub struct Config {
     pub replicas: usize,
     #[serde(default)]
     pub ring_key: Option<String>,
+    #[serde(default = "default_cache_size")]
+    pub cache_size: shoal_shared::config::DiskShare,
+    #[serde(default = "default_pull_through_retention")]
+    pub pull_through_retention: shoal_shared::config::Span,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: shoal_shared::config::Span,
     #[serde(default)]
@@ -232,6 +248,13 @@ fn default_workers() -> usize {
 fn default_send_timeout() -> u64 {
     shoal_shared::http::SEND_TIMEOUT.as_secs()
 }
+fn default_cache_size() -> shoal_shared::config::DiskShare {
+    shoal_shared::config::DiskShare::Percent(50)
+}
+/// A week, as Harbor's proxy caches keep what they pulled.
+fn default_pull_through_retention() -> shoal_shared::config::Span {
+    shoal_shared::config::Span(std::time::Duration::from_secs(7 * 86400))
+}
 fn default_replicas() -> usize {
     2
 }
@@ -266,6 +289,8 @@ impl Config {
             upload_queue: 0,
             http_workers: default_workers(),
             send_timeout: default_send_timeout(),
+            cache_size: default_cache_size(),
+            pull_through_retention: default_pull_through_retention(),
             cluster: Vec::new(),
             self_url: None,
             replicas: default_replicas(),

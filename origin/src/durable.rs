@@ -346,6 +346,25 @@ impl Backing for ObjectBacking {
             }
         })
     }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BackingError>> {
+        Box::pin(async move {
+            match self.writes.head(&self.key(key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.error("head", key, e)),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackingError>> {
+        Box::pin(async move {
+            match self.writes.delete(&self.key(key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.error("delete", key, e)),
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod durable;
 pub mod prefetch;
 pub mod push;
+pub mod retention;
 pub mod seeder;
 pub mod spread;
 pub mod tags;
@@ -131,10 +132,17 @@ pub async fn run(
     )
     .map_err(OriginError::Upstream)?;
     let seeder = Arc::new(seeder::Seeder::new(store.clone(), config.piece_length));
+    let retention = Arc::new(retention::Retention::new(
+        store.clone(),
+        config.cache_size.bytes_of(store.filesystem_bytes()?),
+        (!config.pull_through_retention.0.is_zero()).then_some(config.pull_through_retention.0),
+        seeder.clone(),
+    ));
     let seeder_for_announce = seeder.clone();
     let stats = PeerStats::default();
     let mut registry = Registry::default();
     stats.register(&mut registry);
+    retention.register(&mut registry);
     let cluster = if config.cluster.is_empty() {
         None
     } else {
@@ -179,6 +187,7 @@ pub async fn run(
         prefetch_sizes: prefetch::SizeFilter { min: config.prefetch_min_size, max: config.prefetch_max_size },
         // Credentials never reach the page, even when written into a URL.
         cluster: cluster.clone(),
+        retention: retention.clone(),
         upstream_names: config
             .upstream
             .iter()
@@ -226,6 +235,7 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let retainer = tokio::spawn(retention::maintain(retention, shutdown.clone()));
     let sweeper = tokio::spawn(shoal_shared::http::every(UPLOAD_IDLE / 4, shutdown.clone(), move || {
         let state = state.clone();
         async move { state.uploads.expire(UPLOAD_IDLE).await }
@@ -242,6 +252,7 @@ pub async fn run(
     let _ = announcer.await;
     let _ = peer_task.await;
     let _ = reloader.await;
+    let _ = retainer.await;
     if let Some(m) = maintainer {
         let _ = m.await;
     }

@@ -33,6 +33,11 @@ impl Seeder {
         Self { store, piece_length, cache: DashMap::new(), hot: DashMap::new(), spread: Default::default() }
     }
 
+    /// When a peer last asked for `digest`'s metainfo or pieces, if lately.
+    pub fn last_fetch(&self, digest: &Digest) -> Option<Instant> {
+        self.hot.get(digest).map(|t| *t)
+    }
+
     /// Blobs fetched within `window`: the ones worth announcing as seeded.
     pub fn hot_set(&self, window: Duration) -> Vec<Digest> {
         let now = Instant::now();

@@ -93,6 +93,9 @@ async fn concurrent_agents_cause_one_upstream_get_per_blob_and_cached_tags_survi
     }
     for (digest, _) in image.layers.iter().chain(std::iter::once(&(image.config.clone(), 0))) {
         assert_eq!(registry.blob_gets(digest), 1, "upstream GETs of {digest}");
+        // Marked as pulled through: the retention may drop it once nobody asks for it.
+        let marker = cluster.dir().join("origin/data/pulled").join(digest.trim_start_matches("sha256:"));
+        assert!(marker.exists(), "{digest} not marked as pulled through");
     }
 
     registry.stop().await;

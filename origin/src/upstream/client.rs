@@ -326,7 +326,10 @@ impl Upstream {
         }
         let len = staged.len();
         match staged.commit(digest).await {
-            Ok(_) => Ok(len),
+            Ok(_) => {
+                crate::retention::mark_pulled(store, digest).await;
+                Ok(len)
+            }
             Err(StoreError::DigestMismatch { actual, .. }) => {
                 Err(UpstreamError::Invalid(format!("{}: {digest} has digest {actual}", self.host)))
             }

@@ -265,6 +265,12 @@ impl Upstreams {
         self.store.blob_path(digest).exists()
     }
 
+    /// Whether the origin holds `digest` on disk or in its durable store (filling the disk
+    /// from the store): a pulled-through manifest survives the loss of the local disk.
+    async fn held_anywhere(&self, digest: &Digest) -> bool {
+        self.store.size(digest).await.is_some()
+    }
+
     /// Resolves `name:tag` at upstream `index`: from the tag cache while it is younger than
     /// the TTL, else with a HEAD (and a GET when it changed); when the upstream is down or
     /// busy (unreachable, 5xx, 429, stalled), the cached answer however old.
@@ -295,7 +301,10 @@ impl Upstreams {
 
     async fn resolve_tag_now(&self, index: usize, name: &str, tag: &str) -> Result<Digest, UpstreamError> {
         let (up, tags) = (&self.list[index], &self.tags[index]);
-        let cached = tags.get_with_age(name, tag).await.filter(|(d, _)| self.held(d));
+        let cached = match tags.get_with_age(name, tag).await {
+            Some((d, age)) if self.held_anywhere(&d).await => Some((d, age)),
+            _ => None,
+        };
         if let Some((digest, age)) = cached {
             if age < self.tag_ttl {
                 return Ok(digest);
@@ -343,7 +352,7 @@ impl Upstreams {
         }
         let children = child_manifests(&body);
         for child in children.iter().take(MAX_CHILDREN) {
-            if self.held(child) {
+            if self.held_anywhere(child).await {
                 continue;
             }
             let (child_body, child_digest) = up.get_manifest(name, &child.to_string()).await?;
@@ -361,12 +370,14 @@ impl Upstreams {
     }
 
     async fn put(&self, body: &[u8], digest: &Digest) -> Result<(), UpstreamError> {
-        if self.held(digest) {
+        if self.held_anywhere(digest).await {
             return Ok(());
         }
         let mut staged = self.store.stage(self.piece_length).await.map_err(UpstreamError::Store)?;
         staged.write(body).await.map_err(UpstreamError::Store)?;
-        staged.commit(digest).await.map(drop).map_err(UpstreamError::Store)
+        staged.commit(digest).await.map_err(UpstreamError::Store)?;
+        crate::retention::mark_pulled(&self.store, digest).await;
+        Ok(())
     }
 
     /// Where blob `digest` stands; starts its fetch from the upstream `hint` names unless one

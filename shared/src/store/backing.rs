@@ -59,6 +59,12 @@ pub trait Backing: std::fmt::Debug + Send + Sync + 'static {
 
     /// The names of the objects directly under the directory `dir` (not those further down).
     fn list<'a>(&'a self, dir: &'a str) -> BoxFuture<'a, Result<Vec<String>, BackingError>>;
+
+    /// Whether an object exists under `key` (a metadata request, no body).
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BackingError>>;
+
+    /// Deletes the object under `key`; deleting what is not there is not an error.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackingError>>;
 }
 
 /// The key of a blob: `blobs/sha256/<hex>`.
@@ -178,6 +184,21 @@ pub mod testing {
                     .filter(|rest| !rest.contains('/'))
                     .map(str::to_owned)
                     .collect())
+            })
+        }
+
+        fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BackingError>> {
+            Box::pin(async move {
+                self.check()?;
+                Ok(self.objects.lock().expect("lock").contains_key(key))
+            })
+        }
+
+        fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BackingError>> {
+            Box::pin(async move {
+                self.check()?;
+                self.objects.lock().expect("lock").remove(key);
+                Ok(())
             })
         }
     }
