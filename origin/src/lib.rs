@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod durable;
+pub mod outcomes;
 pub mod prefetch;
 pub mod push;
 pub mod retention;
@@ -82,11 +83,14 @@ pub async fn run(
     if config.upload_token.is_none() && !config.allow_anonymous_writes && !http_addr.ip().is_loopback() {
         return Err(OriginError::AnonymousWrites(http_addr));
     }
+    let mut store_metrics = None;
     let store = match &config.store {
         Some(url) => match durable::connect(url, &config.data).await? {
             Some(backing) => {
                 tracing::info!(store = %backing.url(), "durable store");
-                BlobStore::open_backed(&config.data, backing)?
+                let counted = Arc::new(outcomes::CountedBacking::new(backing));
+                store_metrics = Some(counted.requests.clone());
+                BlobStore::open_backed(&config.data, counted)?
             }
             None => BlobStore::open(&config.data)?,
         },
@@ -143,6 +147,14 @@ pub async fn run(
     let mut registry = Registry::default();
     stats.register(&mut registry);
     retention.register(&mut registry);
+    upstreams.metrics.register(&mut registry);
+    if let Some(requests) = store_metrics {
+        registry.register(
+            "shoal_origin_store_requests",
+            "Requests to the durable store (--store), by operation and outcome",
+            requests,
+        );
+    }
     let cluster = if config.cluster.is_empty() {
         None
     } else {

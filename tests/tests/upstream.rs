@@ -97,6 +97,11 @@ async fn concurrent_agents_cause_one_upstream_get_per_blob_and_cached_tags_survi
         let marker = cluster.dir().join("origin/data/pulled").join(digest.trim_start_matches("sha256:"));
         assert!(marker.exists(), "{digest} not marked as pulled through");
     }
+    // The origin counts what it asked of the upstream, by outcome, and the bytes it got.
+    let blobs_ok = cluster.origin_counter("shoal_origin_upstream_requests_total").await.expect("metrics");
+    assert!(blobs_ok >= image.layers.len() as u64 + 2, "{blobs_ok} upstream requests");
+    let bytes = cluster.origin_counter("shoal_origin_upstream_bytes_total").await.expect("metrics");
+    assert!(bytes >= image.layers.iter().map(|l| l.1).sum::<u64>(), "{bytes} bytes from the upstream");
 
     registry.stop().await;
     // A fresh agent (empty cache) still pulls: the tag from the origin's cache, the blobs

@@ -199,6 +199,8 @@ pub struct Upstreams {
     /// lookups that waited for a resolution take its outcome.
     resolving: DashMap<TagKey, Arc<tokio::sync::Mutex<TagOutcome>>>,
     failures: Arc<DashMap<FailureKey, (Arc<UpstreamError>, Instant)>>,
+    /// Requests and bytes by upstream and outcome.
+    pub metrics: crate::outcomes::UpstreamMetrics,
 }
 
 impl Upstreams {
@@ -241,6 +243,7 @@ impl Upstreams {
             flights: Arc::new(DashMap::new()),
             resolving: DashMap::new(),
             failures: Arc::new(DashMap::new()),
+            metrics: Default::default(),
         })
     }
 
@@ -341,7 +344,9 @@ impl Upstreams {
         reference: &Reference,
     ) -> Result<Digest, UpstreamError> {
         let up = &self.list[index];
-        let (body, digest) = up.get_manifest(name, &reference.to_string()).await?;
+        let got = up.get_manifest(name, &reference.to_string()).await;
+        self.metrics.request(&up.host, "manifest", got.is_ok());
+        let (body, digest) = got?;
         if let Reference::Digest(want) = reference {
             if *want != digest {
                 return Err(UpstreamError::Invalid(format!(
@@ -355,7 +360,9 @@ impl Upstreams {
             if self.held_anywhere(child).await {
                 continue;
             }
-            let (child_body, child_digest) = up.get_manifest(name, &child.to_string()).await?;
+            let got = up.get_manifest(name, &child.to_string()).await;
+            self.metrics.request(&up.host, "manifest", got.is_ok());
+            let (child_body, child_digest) = got?;
             if child_digest != *child {
                 return Err(UpstreamError::Invalid(format!(
                     "{}: manifest {child} has digest {child_digest}",
@@ -424,12 +431,15 @@ impl Upstreams {
                 let guard = FlightGuard { flights: self.flights.clone(), digest, rx: rx.clone(), tx };
                 let (up, store, name) = (self.list[index].clone(), self.store.clone(), hint.name.clone());
                 let failures = self.failures.clone();
+                let metrics = self.metrics.clone();
                 let (piece_length, attempts) = (self.piece_length, self.attempts);
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let mut attempt = 1;
                     let result = loop {
-                        match up.fetch_blob(&store, piece_length, &name, &digest).await {
+                        let fetched = up.fetch_blob(&store, piece_length, &name, &digest).await;
+                        metrics.request(&up.host, "blob", fetched.is_ok());
+                        match fetched {
                             Ok(bytes) => break Ok(bytes),
                             Err(e) if e.transient() && attempt < attempts => {
                                 tracing::warn!(upstream = %up.host, %digest, attempt, cause = %e, "upstream fetch failed, retrying");
@@ -441,6 +451,8 @@ impl Upstreams {
                     };
                     let result = match result {
                         Ok(bytes) => {
+                            let host = crate::outcomes::HostLabel { upstream: up.host.clone() };
+                            metrics.bytes.get_or_create(&host).inc_by(bytes);
                             let secs = started.elapsed().as_secs_f64();
                             tracing::info!(upstream = %up.host, %name, %digest, bytes, secs, "blob pulled through");
                             Ok(())
