@@ -26,6 +26,8 @@ pub enum Source {
     Peer = 1,
     /// An origin.
     Origin = 2,
+    /// An origin that pulled the blob through from its upstream registry for this pull.
+    Upstream = 3,
 }
 
 impl EncodeLabelValue for Source {
@@ -35,17 +37,19 @@ impl EncodeLabelValue for Source {
             Source::Cache => "cache",
             Source::Peer => "peer",
             Source::Origin => "origin",
+            Source::Upstream => "upstream",
         })
     }
 }
 
 impl Source {
-    const ALL: [Source; 3] = [Source::Cache, Source::Peer, Source::Origin];
+    const ALL: [Source; 4] = [Source::Cache, Source::Peer, Source::Origin, Source::Upstream];
 
     fn from_u8(v: u8) -> Self {
         match v {
             1 => Source::Peer,
             2 => Source::Origin,
+            3 => Source::Upstream,
             _ => Source::Cache,
         }
     }
@@ -66,6 +70,9 @@ pub type Delivered = Family<SourceLabel, Counter>;
 pub struct Sources {
     piece_length: u64,
     by_piece: Box<[AtomicU8]>,
+    /// What a piece from an origin counts as: `Upstream` when the origin pulled the blob
+    /// through for this pull.
+    from_origin: Source,
 }
 
 impl Sources {
@@ -73,7 +80,19 @@ impl Sources {
         Self {
             piece_length: u64::from(piece_length.max(1)),
             by_piece: (0..pieces).map(|_| AtomicU8::new(Source::Cache as u8)).collect(),
+            from_origin: Source::Origin,
         }
+    }
+
+    /// Pieces from origins count as the upstream's (the origin pulled the blob through).
+    pub fn from_upstream(mut self) -> Self {
+        self.from_origin = Source::Upstream;
+        self
+    }
+
+    /// What a piece sent by an origin counts as.
+    pub fn origin(&self) -> Source {
+        self.from_origin
     }
 
     /// Records who sent piece `index`.
@@ -85,7 +104,7 @@ impl Sources {
 
     /// Adds `[start, start + len)` to `delivered`, each byte under its piece's source.
     pub fn count(&self, delivered: &Delivered, start: u64, len: u64) {
-        let mut split = [0u64; 3];
+        let mut split = [0u64; 4];
         let (mut offset, end) = (start, start.saturating_add(len));
         while offset < end {
             let index = offset / self.piece_length;

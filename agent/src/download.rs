@@ -456,7 +456,7 @@ impl Downloads {
         hint: Option<&Hint>,
         phase: &watch::Sender<Phase>,
     ) -> Result<Arc<Sources>, DownloadError> {
-        let metainfo = self.tracker.metainfo_for(digest, hint).await?;
+        let (metainfo, pulled_through) = self.tracker.metainfo_sourced(digest, hint).await?;
         let started = Instant::now();
         // Room in the cache first: the whole blob is charged before a byte is fetched.
         let hold = {
@@ -493,7 +493,14 @@ impl Downloads {
             have: watch::Sender::new(held),
             // The swarm loop moves the prefix past the pieces already held before it fetches.
             prefix: watch::Sender::new(Prefix::default()),
-            sources: Arc::new(Sources::new(metainfo.piece_length(), metainfo.piece_count())),
+            sources: Arc::new({
+                let sources = Sources::new(metainfo.piece_length(), metainfo.piece_count());
+                if pulled_through {
+                    sources.from_upstream()
+                } else {
+                    sources
+                }
+            }),
             by_peer: Default::default(),
             started,
             _hold: hold,

@@ -713,7 +713,7 @@ async fn metainfo(
         Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, e),
     };
     if let Some(m) = state.seeder.metainfo(digest).await {
-        return HttpResponse::Ok().json(&*m);
+        return metainfo_answer(&state.store, &m).await;
     }
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown");
     let Some(hint) = hint.filter(|_| !state.upstreams.is_empty()) else { return unknown() };
@@ -726,7 +726,7 @@ async fn metainfo(
     // when the wait times out.
     match tokio::time::timeout(LONG_POLL, state.upstreams.wait_blob(digest, &hint)).await {
         Ok(Ok(())) => match state.seeder.metainfo(digest).await {
-            Some(m) => HttpResponse::Ok().json(&*m),
+            Some(m) => metainfo_answer(&state.store, &m).await,
             None => unknown(),
         },
         Ok(Err(e)) => upstream_error(&e, ErrorCode::BlobUnknown),
@@ -734,6 +734,17 @@ async fn metainfo(
             .insert_header((header::RETRY_AFTER, "1"))
             .json(serde_json::json!({ "status": "pulling from upstream" })),
     }
+}
+
+/// A metainfo answer, saying whether the blob was pulled through lately (so agents count
+/// the bytes they get from origins as the upstream's).
+async fn metainfo_answer(store: &BlobStore, m: &shoal_shared::metainfo::Metainfo) -> HttpResponse {
+    use shoal_shared::client::{PULLED_THROUGH_HEADER, PULLED_THROUGH_RECENT};
+    let mut resp = HttpResponse::Ok();
+    if crate::retention::pulled_within(store, &m.digest(), PULLED_THROUGH_RECENT).await {
+        resp.insert_header((PULLED_THROUGH_HEADER, "1"));
+    }
+    resp.json(m)
 }
 
 /// How long a metainfo request for a blob being pulled through waits before answering 202.

@@ -40,6 +40,14 @@ pub async fn mark_pulled(store: &BlobStore, digest: &Digest) {
     }
 }
 
+/// Whether `digest` was pulled through from an upstream within `window` (its mark is that
+/// recent).
+pub async fn pulled_within(store: &BlobStore, digest: &Digest, window: Duration) -> bool {
+    let marker = store.root().join("pulled").join(digest.hex());
+    let Ok(meta) = tokio::fs::metadata(&marker).await else { return false };
+    meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age < window)
+}
+
 /// `digest` was pushed: it is kept for good, whatever an upstream fill said.
 pub async fn unmark_pulled(store: &BlobStore, digest: &Digest) {
     let _ = tokio::fs::remove_file(store.root().join("pulled").join(digest.hex())).await;

@@ -16,7 +16,8 @@ const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A metainfo answer: ready, or come back after a while (202).
 enum Pending {
-    Ready(Metainfo),
+    /// The metainfo, and whether an origin pulled the blob through from an upstream lately.
+    Ready(Metainfo, bool),
     Wait(std::time::Duration),
 }
 
@@ -33,9 +34,10 @@ async fn get_metainfo(http: &reqwest::Client, url: &str) -> Result<Pending, Clie
             .unwrap_or(1);
         return Ok(Pending::Wait(std::time::Duration::from_secs(secs.max(1)).min(MAX_RETRY_AFTER)));
     }
+    let pulled = resp.headers().contains_key(client::PULLED_THROUGH_HEADER);
     let body = client::read_limited(resp, MAX_METAINFO_JSON).await?;
     serde_json::from_slice(&body)
-        .map(Pending::Ready)
+        .map(|m| Pending::Ready(m, pulled))
         .map_err(|e| ClientError::Malformed { url: url.to_owned(), cause: e.to_string() })
 }
 
@@ -107,9 +109,19 @@ impl TrackerClient {
     /// with `Retry-After`; this waits (up to [`PULL_THROUGH_WAIT`]) so callers see only the
     /// final answer.
     pub async fn metainfo_for(&self, digest: Digest, hint: Option<&Hint>) -> Result<Metainfo, LookupError> {
+        self.metainfo_sourced(digest, hint).await.map(|(m, _)| m)
+    }
+
+    /// [`metainfo_for`](Self::metainfo_for), and whether an origin pulled the blob through
+    /// from an upstream lately (for this pull: the bytes from origins are the upstream's).
+    pub async fn metainfo_sourced(
+        &self,
+        digest: Digest,
+        hint: Option<&Hint>,
+    ) -> Result<(Metainfo, bool), LookupError> {
         let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
         let deadline = tokio::time::Instant::now() + PULL_THROUGH_WAIT;
-        let m = loop {
+        let (m, pulled) = loop {
             let answer = self
                 .first(digest.to_string().as_bytes(), |base| {
                     let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
@@ -117,7 +129,7 @@ impl TrackerClient {
                 })
                 .await?;
             match answer {
-                Pending::Ready(m) => break m,
+                Pending::Ready(m, pulled) => break (m, pulled),
                 Pending::Wait(after) if tokio::time::Instant::now() + after < deadline => {
                     tokio::time::sleep(after).await
                 }
@@ -132,7 +144,7 @@ impl TrackerClient {
         if m.digest() != digest {
             return Err(LookupError::Unavailable("tracker sent metainfo for another blob".into()));
         }
-        Ok(m)
+        Ok((m, pulled))
     }
 
     /// The digest `name:tag` points at.

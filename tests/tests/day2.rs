@@ -247,7 +247,7 @@ async fn bytes_delivered_by_source_add_up_to_what_clients_got() {
     let two = c.agents[1].registry_url.clone();
     let pulled = pull_image(&c.client, &two, "app/src", "v1").await.expect("second agent");
     let text = metrics(&c.client, &two).await;
-    let sum: u64 = ["cache", "peer", "origin"].iter().map(|s| delivered(&text, s)).sum();
+    let sum: u64 = ["cache", "peer", "origin", "upstream"].iter().map(|s| delivered(&text, s)).sum();
     assert_eq!(sum, pulled.total_bytes, "{text}");
     // And a ranged read counts only the bytes it sent.
     let (layer, _) = &image.layers[1];
@@ -260,7 +260,7 @@ async fn bytes_delivered_by_source_add_up_to_what_clients_got() {
         .expect("range");
     assert_eq!(resp.bytes().await.expect("body").len(), 1000);
     let text = metrics(&c.client, &two).await;
-    let after: u64 = ["cache", "peer", "origin"].iter().map(|s| delivered(&text, s)).sum();
+    let after: u64 = ["cache", "peer", "origin", "upstream"].iter().map(|s| delivered(&text, s)).sum();
     assert_eq!(after, sum + 1000);
     fetch_blob(&c.client, &two, "app/src", layer, None).await.expect("whole");
 }

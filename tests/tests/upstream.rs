@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context as _};
 use futures_util::StreamExt as _;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
-use shoal_tests::cluster::{Cluster, ClusterOptions, UpstreamOptions, MANIFEST_ACCEPT};
+use shoal_tests::cluster::{parse_counter, Cluster, ClusterOptions, UpstreamOptions, MANIFEST_ACCEPT};
 use shoal_tests::registry::Registry;
 
 fn options(agents: usize, upstream: UpstreamOptions) -> ClusterOptions {
@@ -102,6 +102,18 @@ async fn concurrent_agents_cause_one_upstream_get_per_blob_and_cached_tags_survi
     assert!(blobs_ok >= image.layers.len() as u64 + 2, "{blobs_ok} upstream requests");
     let bytes = cluster.origin_counter("shoal_origin_upstream_bytes_total").await.expect("metrics");
     assert!(bytes >= image.layers.iter().map(|l| l.1).sum::<u64>(), "{bytes} bytes from the upstream");
+    // And the agents count what origins sent them of this fresh pull-through as the
+    // upstream's, never as an origin's own.
+    let (mut upstream, mut origin) = (0, 0);
+    for a in &cluster.agents {
+        let url = format!("{}/metrics", a.registry_url);
+        let text = cluster.client.get(&url).send().await.expect("metrics").text().await.expect("text");
+        let delivered =
+            |s: &str| parse_counter(&text, &format!("shoal_agent_delivered_bytes_total{{source=\"{s}\"}}"));
+        upstream += delivered("upstream");
+        origin += delivered("origin");
+    }
+    assert!(upstream > 0 && origin == 0, "upstream {upstream}, origin {origin}");
 
     registry.stop().await;
     // A fresh agent (empty cache) still pulls: the tag from the origin's cache, the blobs

@@ -220,8 +220,14 @@ async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    match state.origins.metainfo_for(digest, hint.as_ref()).await {
-        Ok(m) => HttpResponse::Ok().json(&*m),
+    match state.origins.metainfo_sourced(digest, hint.as_ref()).await {
+        Ok((m, pulled)) => {
+            let mut resp = HttpResponse::Ok();
+            if pulled {
+                resp.insert_header((shoal_shared::client::PULLED_THROUGH_HEADER, "1"));
+            }
+            resp.json(&*m)
+        }
         Err(e) => lookup_error(&e),
     }
 }

@@ -7,8 +7,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use shoal_shared::client::{self, ClientError, MAX_METAINFO_JSON};
+use shoal_shared::client::{
+    self, ClientError, MAX_METAINFO_JSON, PULLED_THROUGH_HEADER, PULLED_THROUGH_RECENT,
+};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
 use shoal_shared::metainfo::Metainfo;
@@ -46,6 +49,8 @@ pub enum LookupError {
 struct Known {
     metainfo: Arc<Metainfo>,
     origin: usize,
+    /// The origin said it pulled the blob through from an upstream lately, then.
+    pulled_through: Option<Instant>,
 }
 
 /// The configured origins.
@@ -148,8 +153,19 @@ impl Origins {
         digest: Digest,
         hint: Option<&Hint>,
     ) -> Result<Arc<Metainfo>, LookupError> {
+        self.metainfo_sourced(digest, hint).await.map(|(m, _)| m)
+    }
+
+    /// [`metainfo_for`](Self::metainfo_for), and whether the origin pulled the blob through
+    /// from an upstream within [`PULLED_THROUGH_RECENT`].
+    pub async fn metainfo_sourced(
+        &self,
+        digest: Digest,
+        hint: Option<&Hint>,
+    ) -> Result<(Arc<Metainfo>, bool), LookupError> {
+        let recent = |k: &Known| k.pulled_through.is_some_and(|at| at.elapsed() < PULLED_THROUGH_RECENT);
         if let Some(k) = self.known.get(&digest) {
-            return Ok(k.metainfo);
+            return Ok((k.metainfo.clone(), recent(&k)));
         }
         let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
         let miss = (digest, query);
@@ -174,6 +190,7 @@ impl Origins {
                 pending = true;
                 continue;
             }
+            let pulled = resp.headers().contains_key(PULLED_THROUGH_HEADER);
             let body = match client::check(resp).await {
                 Ok(resp) => client::read_limited(resp, MAX_METAINFO_JSON).await,
                 Err(e) => Err(e),
@@ -184,8 +201,9 @@ impl Origins {
             }) {
                 Ok(m) if m.digest() == digest => {
                     let m = Arc::new(m);
-                    self.known.insert(digest, Known { metainfo: m.clone(), origin: i });
-                    return Ok(m);
+                    let pulled_through = pulled.then(Instant::now);
+                    self.known.insert(digest, Known { metainfo: m.clone(), origin: i, pulled_through });
+                    return Ok((m, pulled));
                 }
                 Ok(_) => last_error = Some(format!("{url}: metainfo for another digest")),
                 Err(ClientError::NotFound { .. }) => {}

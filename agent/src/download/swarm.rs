@@ -142,7 +142,7 @@ pub(super) async fn run(
                     Ok(piece) => {
                         if !active.have.borrow().get(index) {
                             active.partial.write_piece(piece).await.map_err(store_err)?;
-                            let source = if sched.is_origin(peer) { Source::Origin } else { Source::Peer };
+                            let source = if sched.is_origin(peer) { active.sources.origin() } else { Source::Peer };
                             active.sources.set(index, source);
                             if let Ok(mut by_peer) = active.by_peer.lock() {
                                 *by_peer.entry(peer).or_default() += 1;

@@ -7,6 +7,13 @@ use crate::digest::Digest;
 
 /// Largest metainfo document accepted (JSON of `MAX_PIECES` hashes).
 pub const MAX_METAINFO_JSON: usize = 96 << 20;
+/// Set (`1`) on a metainfo answer when an origin pulled the blob through from an upstream
+/// registry within [`PULLED_THROUGH_RECENT`]: the bytes an agent then gets from origins came
+/// from the upstream for this pull.
+pub const PULLED_THROUGH_HEADER: &str = "X-Shoal-Pulled-Through";
+/// How recent a pull-through must be for [`PULLED_THROUGH_HEADER`].
+pub const PULLED_THROUGH_RECENT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Largest announce request or response accepted.
 pub const MAX_ANNOUNCE_JSON: usize = 256 << 10;
 
