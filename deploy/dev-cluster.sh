@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a local Shoal cluster (tracker, origin, two agents) on 127.0.0.1, pushes a small
-# demo image and pulls it back through both agents.
+# demo image and pulls it back through both agents. The tracker serves HTTPS with mutual TLS
+# (a tracker certificate; agents call it with theirs), as a production cluster should.
 #
 #   deploy/dev-cluster.sh            build, start, push, verify; leave the cluster running
 #   deploy/dev-cluster.sh --check    same, then stop everything (self-test; exit status tells)
@@ -103,12 +104,13 @@ start() {
 
 pid_of() { awk -v n="$1" '$1 == n { print $2 }' "$PIDS"; }
 
-# wait_http NAME URL: waits up to 30 s for URL to answer 2xx while NAME is alive.
+# wait_http NAME URL [CURL ARGS...]: waits up to 30 s for URL to answer 2xx while NAME is alive.
 wait_http() {
     local name=$1 url=$2 pid
+    shift 2
     pid="$(pid_of "$name")"
     for _ in $(seq 300); do
-        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+        if curl -fsS -o /dev/null --max-time 2 "$@" "$url" 2>/dev/null; then
             log "$name is up ($url)"
             return 0
         fi
@@ -194,6 +196,7 @@ main() {
     log "certificates in $DIR/tls"
     {
         NO_COLOR=1 "$BIN/shoal-origin" ca init "$DIR/tls/ca"
+        NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name tracker --role tracker "$DIR/tls/tracker"
         NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name origin --role origin "$DIR/tls/origin"
         for ((i = 2; i <= ORIGINS; i++)); do
             NO_COLOR=1 "$BIN/shoal-origin" ca issue --ca "$DIR/tls/ca" --name "origin$i" --role origin "$DIR/tls/origin$i"
@@ -203,7 +206,9 @@ main() {
         done
     } >"$DIR/logs/ca.log" 2>&1 || { cat "$DIR/logs/ca.log" >&2; die "certificate setup failed"; }
 
-    local origin_url="http://$HOST:$ORIGIN_PORT" tracker_url="http://$HOST:$TRACKER_PORT"
+    local origin_url="http://$HOST:$ORIGIN_PORT" tracker_url="https://$HOST:$TRACKER_PORT"
+    # The tracker admits only agent and origin certificates of this CA: curl shows agent1's.
+    local as_agent=(--cacert "$DIR/tls/agent1/ca.pem" --cert "$DIR/tls/agent1/cert.pem" --key "$DIR/tls/agent1/key.pem")
     # Origin 1 is "origin" (as with one origin); the others origin2, origin3, ...
     local names=(origin) urls=("$origin_url") ring=() i
     for ((i = 2; i <= ORIGINS; i++)); do
@@ -212,9 +217,10 @@ main() {
     done
     if [[ $ORIGINS -gt 1 ]]; then
         for i in "${urls[@]}"; do ring+=(--cluster "$i"); done
-        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" "${urls[@]/#/--origin=}" --replicas 2
+        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --tls "$DIR/tls/tracker" \
+            "${urls[@]/#/--origin=}" --replicas 2
     else
-        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --origin "$origin_url"
+        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --tls "$DIR/tls/tracker" --origin "$origin_url"
     fi
     for ((i = 0; i < ORIGINS; i++)); do
         start "${names[$i]}" shoal-origin serve --http "${urls[$i]#http://}" \
@@ -225,7 +231,12 @@ main() {
         --data "$DIR/agent1" --tls "$DIR/tls/agent1" --tracker "$tracker_url"
     start agent2 shoal-agent serve --registry "$HOST:$AGENT2_PORT" --peer "$HOST:$AGENT2_PEER_PORT" \
         --data "$DIR/agent2" --tls "$DIR/tls/agent2" --tracker "$tracker_url"
-    wait_http tracker "$tracker_url/healthz"
+    wait_http tracker "$tracker_url/healthz" "${as_agent[@]}"
+    # Without a cluster certificate the tracker refuses the handshake.
+    if curl -fsS -o /dev/null --max-time 2 --cacert "$DIR/tls/ca/ca.pem" "$tracker_url/healthz" 2>/dev/null; then
+        die "the tracker answered a caller without a certificate"
+    fi
+    echo "OK  tracker refuses callers without a cluster certificate (mutual TLS)"
     for ((i = 0; i < ORIGINS; i++)); do
         wait_http "${names[$i]}" "${urls[$i]}/healthz"
     done
@@ -270,7 +281,8 @@ main() {
 
 Shoal dev cluster is up (data in $DIR).
 
-  tracker  $tracker_url              pid $(pid_of tracker)  log $DIR/logs/tracker.log
+  tracker  $tracker_url             pid $(pid_of tracker)  log $DIR/logs/tracker.log
+           (mutual TLS: curl ${as_agent[*]} $tracker_url/status)
 $(for ((i = 0; i < ORIGINS; i++)); do
     printf '  %-8s %s (peer udp %s)  pid %s  log %s\n' "${names[$i]}" "${urls[$i]}" \
         "$((ORIGIN_PEER_PORT + 2 * i))" "$(pid_of "${names[$i]}")" "$DIR/logs/${names[$i]}.log"

@@ -109,10 +109,20 @@ pub async fn run(
         tls::reload::RELOAD_INTERVAL,
         shutdown.clone(),
     ));
+    // Trackers are called with the same certificate (mutual TLS when their URL is https://).
+    let control_tls = tls::http::HttpTls::new(&identity)?;
+    let tracker = shoal_shared::tracker::TrackerClient::with_tls(&config.tracker, &control_tls)?;
+    let control_reloader = tokio::spawn(tls::reload::watch_http(
+        config.tls.clone(),
+        tls::Role::Agent,
+        control_tls,
+        tls::reload::RELOAD_INTERVAL,
+        shutdown.clone(),
+    ));
     let downloads = Arc::new(download::Downloads::new(
         store,
         cache.clone(),
-        shoal_shared::tracker::TrackerClient::new(&config.tracker),
+        tracker,
         PeerClient::new(endpoint.clone())
             .with_client_tls(client_tls)
             .with_ingress_limit(RateLimiter::for_rate(config.ingress_limit)),
@@ -209,6 +219,7 @@ pub async fn run(
     let _ = announcer.await;
     let _ = peer_task.await;
     let _ = reloader.await;
+    let _ = control_reloader.await;
     let _ = sweeper.await;
     if let Some(ops) = ops {
         let _ = ops.await;

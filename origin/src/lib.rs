@@ -104,6 +104,9 @@ pub async fn run(
     let identity = TlsIdentity::load(&config.tls)?;
     identity.require_role(tls::Role::Origin)?;
     tls::reload::log_expiry(&identity);
+    // `--tracker`s are called with the origin's certificate (mutual TLS when https://).
+    let control_tls = tls::http::HttpTls::new(&identity)?;
+    let trackers = shoal_shared::tracker::TrackerClient::with_tls(&config.tracker, &control_tls)?;
     let peer_addr: SocketAddr = match config.advertise_peer {
         Some(a) => a,
         None => listeners.peer.local_addr()?,
@@ -253,7 +256,8 @@ pub async fn run(
         async move { state.uploads.expire(UPLOAD_IDLE).await }
     }));
     let announcer = tokio::spawn(announce_hot_blobs(
-        config.tracker.clone(),
+        (trackers, config.tracker.len()),
+        (config.tls.clone(), control_tls),
         seeder_for_announce,
         peer_addr,
         shutdown.clone(),
@@ -277,19 +281,25 @@ pub(crate) const HOT_WINDOW: std::time::Duration = std::time::Duration::from_sec
 /// With `--tracker`: announces, as a seeder, every blob peers fetched from this origin
 /// recently, so trackers list this origin even when it is not among their `--origin`s.
 async fn announce_hot_blobs(
-    trackers: Vec<String>,
+    (client, trackers): (shoal_shared::tracker::TrackerClient, usize),
+    (tls_dir, control_tls): (std::path::PathBuf, tls::http::HttpTls),
     seeder: Arc<seeder::Seeder>,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    if trackers.is_empty() {
+    if trackers == 0 {
         return;
     }
-    let client = shoal_shared::tracker::TrackerClient::new(&trackers);
+    let every = tls::reload::RELOAD_INTERVAL;
+    let reload = tls::reload::watch_http(tls_dir, tls::Role::Origin, control_tls, every, shutdown.clone());
+    let reloader = tokio::spawn(reload);
     let mut wait = std::time::Duration::from_secs(1);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                let _ = reloader.await;
+                return;
+            }
             _ = tokio::time::sleep(wait) => {}
         }
         for digest in seeder.hot_set(HOT_WINDOW) {

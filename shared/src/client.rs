@@ -31,6 +31,12 @@ pub fn http_client() -> reqwest::Client {
 /// [`http_client`] that sends `token` as a bearer token with every request (never logged:
 /// the header is marked sensitive).
 pub fn http_client_with_token(token: Option<&str>) -> reqwest::Client {
+    builder(token).build().unwrap_or_default()
+}
+
+/// The client builder behind [`http_client_with_token`], for callers that add TLS settings
+/// (`tls::http::tracker_client`).
+pub fn builder(token: Option<&str>) -> reqwest::ClientBuilder {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(mut value) =
         token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
@@ -43,8 +49,6 @@ pub fn http_client_with_token(token: Option<&str>) -> reqwest::Client {
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(60))
         .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-        .unwrap_or_default()
 }
 
 /// Reads a response body of at most `limit` bytes.

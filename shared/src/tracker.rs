@@ -1,5 +1,6 @@
 //! The client for the tracker(s), used by agents and origins: metainfo, tags and announces,
-//! trying each configured tracker in turn when one is unreachable.
+//! trying each configured tracker in turn when one is unreachable. Nodes call `https://`
+//! trackers with their certificate ([`TrackerClient::with_tls`], mutual TLS).
 
 use crate::client::{
     self, Announce, AnnounceResponse, ClientError, TagResponse, MAX_ANNOUNCE_JSON, MAX_METAINFO_JSON,
@@ -61,9 +62,30 @@ pub struct TrackerClient {
 }
 
 impl TrackerClient {
+    /// Trackers called without a client certificate: `http://` ones, or `https://` ones
+    /// whose certificate the system trusts (tests, tools). Nodes use [`with_tls`](Self::with_tls).
     pub fn new(urls: &[String]) -> Self {
+        Self::with_http(urls, client::http_client())
+    }
+
+    /// Trackers called as this node: `https://` ones with `tls`'s certificate as client
+    /// identity, trusting only tracker certificates from the cluster CA (mutual TLS);
+    /// `http://` ones in the clear.
+    pub fn with_tls(urls: &[String], tls: &crate::tls::http::HttpTls) -> Result<Self, crate::tls::TlsError> {
+        let plain: Vec<&String> = urls.iter().filter(|u| !u.starts_with("https://")).collect();
+        if !plain.is_empty() {
+            tracing::warn!(
+                trackers = ?plain,
+                "tracker called over plain HTTP: its announces and lookups are not authenticated; \
+                 give the tracker --tls and call it with https://"
+            );
+        }
+        Ok(Self::with_http(urls, crate::tls::http::tracker_client(tls)?))
+    }
+
+    fn with_http(urls: &[String], http: reqwest::Client) -> Self {
         let urls = urls.iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
-        Self { urls, http: client::http_client() }
+        Self { urls, http }
     }
 
     /// The trackers in the order to ask them about `item` (a digest, a repository name):

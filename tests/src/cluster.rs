@@ -64,6 +64,9 @@ pub struct ClusterOptions {
     pub send_timeout: u64,
     /// The origin's bound on bytes held by open chunked uploads (none: its default).
     pub max_upload_bytes: Option<u64>,
+    /// Serve the tracker over HTTPS with mutual TLS (`--tls`, a tracker certificate from
+    /// the cluster CA); agents and the origin call it with `https://` and their certificates.
+    pub tracker_tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -77,6 +80,7 @@ impl Default for ClusterOptions {
             origin_data: None,
             send_timeout: shoal_shared::http::SEND_TIMEOUT.as_secs(),
             max_upload_bytes: None,
+            tracker_tls: false,
         }
     }
 }
@@ -197,6 +201,11 @@ pub struct Cluster {
     pub ca_dir: PathBuf,
     /// A plain HTTP client.
     pub client: reqwest::Client,
+    /// A client the tracker admits: [`Cluster::client`], or with `tracker_tls` one that
+    /// presents an agent certificate from the cluster CA.
+    pub tracker_client: reqwest::Client,
+    /// The tracker's TLS directory (with `tracker_tls`).
+    tracker_tls: Option<PathBuf>,
     /// The options the cluster was started with.
     pub options: ClusterOptions,
     origin_shutdown: CancellationToken,
@@ -240,7 +249,17 @@ impl Cluster {
 
         // The tracker's socket first: the origin announces to it.
         let listener = TcpListener::bind("127.0.0.1:0").context("binding tracker")?;
-        let tracker_url = format!("http://{}", listener.local_addr()?);
+        let (tracker_url, tracker_tls, tracker_client) = if opts.tracker_tls {
+            let tls = dir.path().join("tracker/tls");
+            shoal_shared::tls::issue(&ca_dir, "tracker", Role::Tracker, &tls)?;
+            let caller = dir.path().join("harness/tls");
+            shoal_shared::tls::issue(&ca_dir, "harness", Role::Agent, &caller)?;
+            let http = shoal_shared::tls::http::HttpTls::load(&caller, Role::Agent)?;
+            let client = shoal_shared::tls::http::tracker_client(&http)?;
+            (format!("https://{}", listener.local_addr()?), Some(tls), client)
+        } else {
+            (format!("http://{}", listener.local_addr()?), None, client.clone())
+        };
 
         // Origin.
         let origin_tls = dir.path().join("origin/tls");
@@ -281,6 +300,7 @@ impl Cluster {
         let tracker_task = spawn_tracker(
             std::slice::from_ref(&origin_url),
             opts.upload_token.as_deref(),
+            tracker_tls.clone(),
             listener,
             tracker_shutdown.clone(),
         );
@@ -292,6 +312,8 @@ impl Cluster {
             agents: Vec::new(),
             ca_dir,
             client,
+            tracker_client,
+            tracker_tls,
             options: opts.clone(),
             origin_shutdown,
             origin_task: Some(origin_task),
@@ -300,7 +322,7 @@ impl Cluster {
             dir,
         };
         wait_ready(&cluster.client, &format!("{}/healthz", cluster.origin_url)).await?;
-        wait_ready(&cluster.client, &format!("{}/healthz", cluster.tracker_url)).await?;
+        wait_ready(&cluster.tracker_client, &format!("{}/healthz", cluster.tracker_url)).await?;
         for _ in 0..opts.agents {
             cluster.start_extra_agent(None).await?;
         }
@@ -393,7 +415,7 @@ impl Cluster {
 
     /// Starts a fresh tracker on the stopped one's address, asking `origins`.
     pub async fn start_tracker(&mut self, origins: Vec<String>) -> anyhow::Result<()> {
-        let addr = self.tracker_url.trim_start_matches("http://").to_owned();
+        let addr = self.tracker_url.split_once("://").map_or(&*self.tracker_url, |(_, a)| a).to_owned();
         let deadline = tokio::time::Instant::now() + STARTUP;
         let listener = loop {
             match TcpListener::bind(&addr) {
@@ -404,9 +426,9 @@ impl Cluster {
         };
         self.tracker_shutdown = CancellationToken::new();
         let token = self.options.upload_token.clone();
-        self.tracker_task =
-            Some(spawn_tracker(&origins, token.as_deref(), listener, self.tracker_shutdown.clone()));
-        wait_ready(&self.client, &format!("{}/healthz", self.tracker_url)).await
+        let (tls, shutdown) = (self.tracker_tls.clone(), self.tracker_shutdown.clone());
+        self.tracker_task = Some(spawn_tracker(&origins, token.as_deref(), tls, listener, shutdown));
+        wait_ready(&self.tracker_client, &format!("{}/healthz", self.tracker_url)).await
     }
 
     /// Starts a peer serving `source` with a certificate from the cluster CA, and keeps
@@ -434,7 +456,8 @@ impl Cluster {
         ));
         // The guard first: if the announce below fails, dropping it stops the server.
         let mut peer = RoguePeer { addr, stats, shutdown: shutdown.clone(), tasks: vec![server] };
-        let tracker = TrackerClient::new(std::slice::from_ref(&self.tracker_url));
+        let http = shoal_shared::tls::http::HttpTls::new(&identity)?;
+        let tracker = TrackerClient::with_tls(std::slice::from_ref(&self.tracker_url), &http)?;
         for digest in &digests {
             tracker.announce(&Announce { digest: *digest, peer: addr, complete: true }).await?;
         }
@@ -529,11 +552,13 @@ impl Drop for RoguePeer {
 fn spawn_tracker(
     origins: &[String],
     origin_token: Option<&str>,
+    tls: Option<PathBuf>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     let mut config = shoal_tracker::Config::new(origins.to_vec());
     config.origin_token = origin_token.map(str::to_owned);
+    config.tls = tls;
     config.announce_interval = 2;
     tokio::spawn(async move {
         if let Err(e) = shoal_tracker::run(config, listener, shutdown).await {

@@ -1,4 +1,8 @@
 //! The tracker's HTTP API: announce, metainfo and tag lookups, metrics.
+//!
+//! With `--tls` every caller has passed mutual TLS before a handler runs (an agent or
+//! origin certificate from the cluster CA, not revoked); handlers read its role from the
+//! connection ([`Caller`]) where it matters: only an origin's announce lists it as an origin.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,9 +19,11 @@ use shoal_shared::client::{
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::{valid_ns, HintQuery};
 use shoal_shared::oci::{valid_name, valid_tag, TagList};
+use shoal_shared::tls::http::Caller;
+use shoal_shared::tls::Role;
 
 use crate::origins::{LookupError, Origins};
-use crate::swarms::Swarms;
+use crate::swarms::{Held, Swarms};
 
 /// Shared handler state.
 #[derive(Debug)]
@@ -146,6 +152,15 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What an announcer holds: a complete blob announced by a caller whose certificate
+/// carries the origin role (mutual TLS) is listed as an origin; no other announce ever is.
+fn held(req: &HttpRequest, complete: bool) -> Held {
+    match req.conn_data::<Caller>() {
+        Some(Caller { role: Role::Origin }) if complete => Held::Origin,
+        _ => Held::of(complete),
+    }
+}
+
 async fn announce(req: HttpRequest, body: web::Json<Announce>, state: State) -> HttpResponse {
     let mut a = body.into_inner();
     a.peer = SocketAddr::new(canonical(a.peer.ip()), a.peer.port());
@@ -153,15 +168,15 @@ async fn announce(req: HttpRequest, body: web::Json<Announce>, state: State) -> 
         return resp;
     }
     state.announces.inc();
-    let peers = record(&state, a.digest, a.peer, a.complete).await;
+    let peers = record(&state, a.digest, a.peer, held(&req, a.complete)).await;
     HttpResponse::Ok().json(AnnounceResponse { interval: state.interval.as_secs(), peers })
 }
 
 /// Records that `peer` holds (part of) `digest` and returns the peers it may fetch from.
-async fn record(state: &AppState, digest: Digest, peer: SocketAddr, complete: bool) -> Vec<PeerInfo> {
+async fn record(state: &AppState, digest: Digest, peer: SocketAddr, held: Held) -> Vec<PeerInfo> {
     let origins = state.origins.holders(digest).await;
     let others =
-        state.swarms.announce(digest, peer, complete, state.interval * 3, state.max_peers, Instant::now());
+        state.swarms.announce(digest, peer, held, state.interval * 3, state.max_peers, Instant::now());
     // Origins that also announce themselves (`shoal-origin serve --tracker`) are listed once.
     origins
         .iter()
@@ -189,9 +204,15 @@ async fn announce_batch(req: HttpRequest, body: web::Json<AnnounceBatch>, state:
     let mut swarms = Vec::with_capacity(downloading);
     for blob in batch.blobs {
         if blob.complete {
-            state.swarms.record(blob.digest, batch.peer, true, state.interval * 3, Instant::now());
+            state.swarms.record(
+                blob.digest,
+                batch.peer,
+                held(&req, true),
+                state.interval * 3,
+                Instant::now(),
+            );
         } else {
-            let peers = record(&state, blob.digest, batch.peer, false).await;
+            let peers = record(&state, blob.digest, batch.peer, Held::Part).await;
             swarms.push(BlobPeers { digest: blob.digest, peers });
         }
     }

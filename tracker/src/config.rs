@@ -11,6 +11,12 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_HTTP")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
+    /// TLS directory (`ca.pem`, `cert.pem`, `key.pem` from `shoal-origin ca issue --role
+    /// tracker`, `crl.pem` if any): serve HTTPS and require every caller's certificate from
+    /// the cluster CA with the agent or origin role (mutual TLS). Without it, plain HTTP.
+    #[arg(long, env = "SHOAL_TLS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<std::path::PathBuf>,
     /// Base URL of an origin (repeatable; asked in order).
     #[arg(long = "origin", env = "SHOAL_ORIGIN", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -59,6 +65,8 @@ pub struct Config {
     #[serde(default = "default_http")]
     pub http: SocketAddr,
     #[serde(default)]
+    pub tls: Option<std::path::PathBuf>,
+    #[serde(default)]
     pub origin: Vec<String>,
     #[serde(default = "default_interval")]
     pub announce_interval: u64,
@@ -83,6 +91,7 @@ impl std::fmt::Debug for Config {
         // Never print the token.
         f.debug_struct("Config")
             .field("http", &self.http)
+            .field("tls", &self.tls)
             .field("origin", &self.origin)
             .field("announce_interval", &self.announce_interval)
             .field("max_peers", &self.max_peers)
@@ -114,6 +123,7 @@ impl Config {
     pub fn new(origin: Vec<String>) -> Self {
         Self {
             http: default_http(),
+            tls: None,
             origin,
             announce_interval: default_interval(),
             max_peers: default_max_peers(),

@@ -1,6 +1,9 @@
 //! The Shoal tracker: tells peers who has which blob, and resolves metainfo and tags by
 //! asking the origins. It holds no blob data and its state is soft: peers re-announce, so
 //! a restarted tracker is whole again within one announce interval.
+//!
+//! With `--tls` it serves HTTPS with mutual TLS: callers prove with a cluster certificate
+//! that they are agents or origins before anything is read (`shoal_shared::tls::http`).
 
 pub mod api;
 pub mod config;
@@ -14,12 +17,51 @@ use std::time::{Duration, Instant};
 use actix_web::{web, App, HttpServer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
+use shoal_shared::tls::{self, http::HttpTls, Role, TlsError, TlsIdentity};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// Runs the tracker on `listener` until `shutdown` is cancelled.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Why the tracker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Roles that may call a tracker served with `--tls`: the nodes that announce and look up.
+/// A tracker's own certificate (or any other role) is refused at the handshake.
+pub const CALLERS: &[Role] = &[Role::Agent, Role::Origin];
+
+/// Runs the tracker on `listener` until `shutdown` is cancelled. With `config.tls` it
+/// serves HTTPS and admits only callers with a certificate from the cluster CA carrying
+/// one of the [`CALLERS`] roles.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), TrackerError> {
+    let tls = match &config.tls {
+        Some(dir) => {
+            let identity = TlsIdentity::load(dir)?;
+            identity.require_role(Role::Tracker)?;
+            tls::reload::log_expiry(&identity);
+            Some(HttpTls::new(&identity)?)
+        }
+        None => {
+            let addr = listener.local_addr()?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "serving plain HTTP beyond loopback: anyone who reaches the tracker can announce \
+                     and look up; give it --tls (a certificate from `shoal-origin ca issue --role tracker`)"
+                );
+            }
+            None
+        }
+    };
     let interval = Duration::from_secs(config.announce_interval.max(1));
     let swarms = Arc::new(swarms::Swarms::default());
     let announces = Counter::default();
@@ -54,15 +96,32 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     })
     .workers(2)
     .disable_signals()
-    .shutdown_timeout(config.drain_timeout.0.as_secs().max(1))
-    .listen(listener)?
+    .shutdown_timeout(config.drain_timeout.0.as_secs().max(1));
+    let server = match &tls {
+        Some(tls) => server
+            .on_connect(tls::http::record_caller)
+            .listen_rustls_0_23(listener, tls.server_config(CALLERS)?)?,
+        None => server.listen(listener)?,
+    }
     .run();
+    let reloader = tls.map(|tls| {
+        tokio::spawn(tls::reload::watch_http(
+            config.tls.clone().unwrap_or_default(),
+            Role::Tracker,
+            tls,
+            tls::reload::RELOAD_INTERVAL,
+            shutdown.clone(),
+        ))
+    });
     let sweeper = tokio::spawn(shoal_shared::http::every(interval, shutdown.clone(), move || {
         swarms.sweep(Instant::now());
         std::future::ready(())
     }));
-    tracing::info!(origins = ?config.origin, "tracker serving");
+    tracing::info!(origins = ?config.origin, tls = config.tls.is_some(), "tracker serving");
     let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = sweeper.await;
-    result
+    if let Some(reloader) = reloader {
+        let _ = reloader.await;
+    }
+    Ok(result?)
 }

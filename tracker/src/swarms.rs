@@ -25,10 +25,40 @@ pub const MAX_ENTRIES_PER_IP: usize = MAX_BLOBS / 16;
 /// ten thousand "seeders" on one host are a flood, not a swarm.
 pub const MAX_PER_IP_PER_BLOB: usize = 64;
 
+/// What an announcer holds of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Some pieces: it is downloading.
+    Part,
+    /// All of it: a seeder.
+    Whole,
+    /// All of it, and the announcer proved with its certificate that it is an origin
+    /// (mutual TLS): listed as an origin. Without TLS no announcer is.
+    Origin,
+}
+
+impl Held {
+    /// `Whole` or `Part`.
+    pub fn of(complete: bool) -> Self {
+        if complete {
+            Self::Whole
+        } else {
+            Self::Part
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     complete: bool,
+    origin: bool,
     expires: Instant,
+}
+
+impl Entry {
+    fn info(&self, addr: SocketAddr) -> PeerInfo {
+        PeerInfo { addr, complete: self.complete, origin: self.origin }
+    }
 }
 
 /// Announced peers per blob, and how many entries each IP holds.
@@ -57,14 +87,7 @@ impl Swarms {
     /// Records that `peer` holds (part of) `digest` for `ttl`, within the bounds: the table,
     /// the blob's swarm, the IP's share of the table and of the swarm. Returns whether it
     /// is recorded.
-    pub fn record(
-        &self,
-        digest: Digest,
-        peer: SocketAddr,
-        complete: bool,
-        ttl: Duration,
-        now: Instant,
-    ) -> bool {
+    pub fn record(&self, digest: Digest, peer: SocketAddr, held: Held, ttl: Duration, now: Instant) -> bool {
         if self.blobs.len() >= MAX_BLOBS && !self.blobs.contains_key(&digest) {
             return false;
         }
@@ -78,7 +101,8 @@ impl Swarms {
                 && self.per_ip.get(&ip).map_or(0, |n| *n) < MAX_ENTRIES_PER_IP
                 && peers.keys().filter(|a| a.ip() == ip).count() < MAX_PER_IP_PER_BLOB);
         if fits {
-            peers.insert(peer, Entry { complete, expires: now + ttl });
+            let (complete, origin) = (held != Held::Part, held == Held::Origin);
+            peers.insert(peer, Entry { complete, origin, expires: now + ttl });
         }
         let empty = peers.is_empty();
         drop(peers);
@@ -98,15 +122,15 @@ impl Swarms {
         &self,
         digest: Digest,
         peer: SocketAddr,
-        complete: bool,
+        held: Held,
         ttl: Duration,
         max: usize,
         now: Instant,
     ) -> Vec<PeerInfo> {
-        self.record(digest, peer, complete, ttl, now);
+        self.record(digest, peer, held, ttl, now);
         let Some(peers) = self.blobs.get(&digest) else { return Vec::new() };
         let live = || peers.iter().filter(move |(a, e)| **a != peer && e.expires > now);
-        let info = |(a, e): (&SocketAddr, &Entry)| PeerInfo { addr: *a, complete: e.complete, origin: false };
+        let info = |(a, e): (&SocketAddr, &Entry)| e.info(*a);
         let mut rng = rand::rng();
         let mut out: Vec<PeerInfo> =
             live().filter(|(_, e)| e.complete).map(info).choose_multiple(&mut rng, max);
@@ -118,11 +142,8 @@ impl Swarms {
     /// The live peers of `digest` (at most `max`), seeders first, without recording anything.
     pub fn peers(&self, digest: &Digest, max: usize, now: Instant) -> Vec<PeerInfo> {
         let Some(peers) = self.blobs.get(digest) else { return Vec::new() };
-        let mut out: Vec<PeerInfo> = peers
-            .iter()
-            .filter(|(_, e)| e.expires > now)
-            .map(|(addr, e)| PeerInfo { addr: *addr, complete: e.complete, origin: false })
-            .collect();
+        let mut out: Vec<PeerInfo> =
+            peers.iter().filter(|(_, e)| e.expires > now).map(|(addr, e)| e.info(*addr)).collect();
         out.sort_by_key(|p| (!p.complete, p.addr));
         out.truncate(max);
         out
@@ -204,18 +225,36 @@ mod tests {
     }
 
     #[test]
+    fn only_origin_announces_are_listed_as_origins() {
+        let s = Swarms::default();
+        let d = Digest::of(b"o");
+        let (now, ttl) = (Instant::now(), Duration::from_secs(30));
+        s.announce(d, addr(1), Held::Origin, ttl, 10, now);
+        s.announce(d, addr(2), Held::Whole, ttl, 10, now);
+        let mut peers = s.announce(d, addr(3), Held::Part, ttl, 10, now);
+        peers.sort_by_key(|p| p.addr);
+        assert_eq!(
+            peers,
+            vec![
+                PeerInfo { addr: addr(1), complete: true, origin: true },
+                PeerInfo { addr: addr(2), complete: true, origin: false },
+            ]
+        );
+    }
+
+    #[test]
     fn never_returns_the_announcer_and_seeders_come_first() {
         let s = Swarms::default();
         let d = Digest::of(b"x");
         let now = Instant::now();
         let ttl = Duration::from_secs(30);
-        assert!(s.announce(d, addr(1), false, ttl, 10, now).is_empty());
-        s.announce(d, addr(2), true, ttl, 10, now);
-        let peers = s.announce(d, addr(3), false, ttl, 10, now);
+        assert!(s.announce(d, addr(1), Held::Part, ttl, 10, now).is_empty());
+        s.announce(d, addr(2), Held::Whole, ttl, 10, now);
+        let peers = s.announce(d, addr(3), Held::Part, ttl, 10, now);
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[0], PeerInfo { addr: addr(2), complete: true, origin: false });
         assert!(peers.iter().all(|p| p.addr != addr(3)));
-        assert_eq!(s.announce(d, addr(3), false, ttl, 1, now).len(), 1);
+        assert_eq!(s.announce(d, addr(3), Held::Part, ttl, 1, now).len(), 1);
     }
 
     #[test]
@@ -225,20 +264,26 @@ mod tests {
         let now = Instant::now();
         let ttl = Duration::from_secs(30);
         let flood = |port: u16| SocketAddr::from(([10, 0, 0, 66], port));
-        let recorded = (1..=10_000u16).filter(|&p| s.record(d, flood(p), true, ttl, now)).count();
+        let recorded = (1..=10_000u16).filter(|&p| s.record(d, flood(p), Held::Whole, ttl, now)).count();
         assert_eq!(recorded, MAX_PER_IP_PER_BLOB);
         // Another host still joins the swarm, and gets every seeder it may.
-        assert!(s.record(d, SocketAddr::from(([10, 0, 0, 7], 5051)), false, ttl, now));
-        assert_eq!(s.announce(d, addr(9), false, ttl, 100, now).len(), MAX_PER_IP_PER_BLOB + 1);
+        assert!(s.record(d, SocketAddr::from(([10, 0, 0, 7], 5051)), Held::Part, ttl, now));
+        assert_eq!(s.announce(d, addr(9), Held::Part, ttl, 100, now).len(), MAX_PER_IP_PER_BLOB + 1);
 
         // Across blobs, one IP holds at most its share of the table.
         let mut n = 0u64;
-        while s.record(Digest::of(&n.to_le_bytes()), flood(1), true, ttl, now) {
+        while s.record(Digest::of(&n.to_le_bytes()), flood(1), Held::Whole, ttl, now) {
             n += 1;
             assert!(n <= MAX_ENTRIES_PER_IP as u64, "no bound");
         }
         assert_eq!(s.entries_of(flood(1).ip()), MAX_ENTRIES_PER_IP);
-        assert!(s.record(Digest::of(b"newcomer"), SocketAddr::from(([10, 0, 0, 7], 5051)), true, ttl, now));
+        assert!(s.record(
+            Digest::of(b"newcomer"),
+            SocketAddr::from(([10, 0, 0, 7], 5051)),
+            Held::Whole,
+            ttl,
+            now
+        ));
         // Expiry gives the share back.
         s.sweep(now + Duration::from_secs(31));
         assert_eq!(s.entries_of(flood(1).ip()), 0);
@@ -251,9 +296,9 @@ mod tests {
         let d = Digest::of(b"x");
         let now = Instant::now();
         let ttl = Duration::from_secs(30);
-        s.announce(d, addr(1), true, ttl, 10, now);
-        assert_eq!(s.announce(d, addr(2), false, ttl, 10, now + Duration::from_secs(10)).len(), 1);
-        assert!(s.announce(d, addr(2), false, ttl, 10, now + Duration::from_secs(31)).is_empty());
+        s.announce(d, addr(1), Held::Whole, ttl, 10, now);
+        assert_eq!(s.announce(d, addr(2), Held::Part, ttl, 10, now + Duration::from_secs(10)).len(), 1);
+        assert!(s.announce(d, addr(2), Held::Part, ttl, 10, now + Duration::from_secs(31)).is_empty());
         s.sweep(now + Duration::from_secs(100));
         assert!(s.is_empty());
     }

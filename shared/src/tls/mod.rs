@@ -16,6 +16,7 @@
 //! for lack of) a process-wide default crypto provider.
 
 pub mod ca;
+pub mod http;
 pub mod reload;
 pub mod role;
 
@@ -133,6 +134,9 @@ pub enum TlsError {
     /// A time outside what a certificate can say.
     #[error("time {0} is out of range for a certificate")]
     TimeRange(i64),
+    /// The HTTPS client for the control plane could not be built.
+    #[error("cannot build the control plane's HTTPS client: {0}")]
+    HttpClient(#[source] reqwest::Error),
     /// The node's certificate is another role's.
     #[error("this node needs a certificate with role {expected}, but its certificate is for {actual}")]
     WrongRole {
@@ -274,17 +278,35 @@ impl TlsIdentity {
         Ok(Arc::new(roots))
     }
 
+    /// Checks a client's chain against the cluster CA and the revocation list (end entity),
+    /// not its role: callers wrap it in a [`role::RoleClientVerifier`].
+    fn client_verifier(&self) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+        let mut builder = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider());
+        if !self.crls.is_empty() {
+            builder = builder.with_crls(self.crls.clone()).only_check_end_entity_revocation();
+        }
+        builder.build().map_err(TlsError::Verifier)
+    }
+
+    /// Checks a server's chain against the cluster CA and the revocation list (end entity),
+    /// not its role: callers wrap it in a [`role::RoleServerVerifier`].
+    fn server_verifier(&self) -> Result<Arc<dyn rustls::client::danger::ServerCertVerifier>, TlsError> {
+        let mut builder = WebPkiServerVerifier::builder_with_provider(self.roots()?, provider());
+        if !self.crls.is_empty() {
+            builder = builder.with_crls(self.crls.clone()).only_check_end_entity_revocation();
+        }
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
+            builder.build().map_err(TlsError::Verifier)?;
+        Ok(verifier)
+    }
+
     /// QUIC server configuration: presents this node's certificate and requires a client
     /// certificate chaining to the cluster CA, not revoked, with a peer role (mutual TLS).
     /// ALPN `shoal/1`.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let provider = provider();
-        let mut builder = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone());
-        if !self.crls.is_empty() {
-            builder = builder.with_crls(self.crls.clone()).only_check_end_entity_revocation();
-        }
-        let webpki = builder.build().map_err(TlsError::Verifier)?;
-        let verifier = Arc::new(role::RoleClientVerifier { inner: webpki, allowed: Role::PEERS });
+        let verifier =
+            Arc::new(role::RoleClientVerifier { inner: self.client_verifier()?, allowed: Role::PEERS });
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Config)?
@@ -303,12 +325,8 @@ impl TlsIdentity {
     /// [`PEER_SERVER_NAME`] as server name.
     pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
         let provider = provider();
-        let mut builder = WebPkiServerVerifier::builder_with_provider(self.roots()?, provider.clone());
-        if !self.crls.is_empty() {
-            builder = builder.with_crls(self.crls.clone()).only_check_end_entity_revocation();
-        }
-        let webpki = builder.build().map_err(TlsError::Verifier)?;
-        let verifier = Arc::new(role::RoleServerVerifier { inner: webpki, allowed: Role::PEERS });
+        let verifier =
+            Arc::new(role::RoleServerVerifier { inner: self.server_verifier()?, allowed: Role::PEERS });
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Config)?

@@ -2,7 +2,8 @@
 //!
 //! A node's TLS directory is looked at every [`RELOAD_INTERVAL`]: when `ca.pem`, `cert.pem`,
 //! `key.pem` or `crl.pem` changed (size or modification time), the identity is loaded again
-//! and the QUIC endpoint's server and client configurations are replaced. New connections
+//! and the QUIC endpoint's server and client configurations ([`watch`]) or the control
+//! plane's HTTPS material ([`watch_http`], see [`super::http`]) are replaced. New connections
 //! use the new certificate and revocation list at once; established ones keep theirs until
 //! they close (a revoked peer's live connections are not cut: they end when idle for 30 s,
 //! or when the node restarts). A directory caught half-written (a key that does not match the certificate)
@@ -98,6 +99,34 @@ pub async fn watch(
     every: Duration,
     shutdown: CancellationToken,
 ) {
+    watch_with(dir, "peer", every, shutdown, |dir| apply(dir, role, &endpoint, &client)).await
+}
+
+/// Reloads `dir` into `tls` (the control plane's HTTPS identity and verifiers) whenever it
+/// changes and still holds a certificate for `role`, looking every `every`, until `shutdown`.
+pub async fn watch_http(
+    dir: PathBuf,
+    role: Role,
+    tls: super::http::HttpTls,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    watch_with(dir, "control", every, shutdown, |dir| {
+        let identity = TlsIdentity::load(dir)?;
+        identity.require_role(role)?;
+        tls.replace(&identity)?;
+        Ok(identity)
+    })
+    .await
+}
+
+async fn watch_with(
+    dir: PathBuf,
+    plane: &'static str,
+    every: Duration,
+    shutdown: CancellationToken,
+    mut apply: impl FnMut(&Path) -> Result<TlsIdentity, TlsError>,
+) {
     let mut seen = fingerprint(&dir);
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -110,15 +139,15 @@ pub async fn watch(
         if now == seen {
             continue;
         }
-        match apply(&dir, role, &endpoint, &client) {
+        match apply(&dir) {
             Ok(identity) => {
                 seen = now;
-                tracing::info!(dir = %dir.display(), "TLS directory changed: certificate and revocation list reloaded");
+                tracing::info!(dir = %dir.display(), plane, "TLS directory changed: certificate and revocation list reloaded");
                 log_expiry(&identity);
             }
             // Maybe caught mid-write: the next look tries again.
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), cause = %e, "TLS directory changed but does not load; keeping the old one")
+                tracing::warn!(dir = %dir.display(), plane, cause = %e, "TLS directory changed but does not load; keeping the old one")
             }
         }
     }
