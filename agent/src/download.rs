@@ -158,6 +158,8 @@ pub struct DownloadMetrics {
     pub bad_pieces: Counter,
     pub damaged_blobs: Counter,
     pub active: Gauge,
+    /// Peers (agents and origins) this agent holds a connection to.
+    pub peers: Gauge,
     /// Bytes sent to local clients, by where they came from.
     pub delivered: Delivered,
     pub piece_seconds: Histogram,
@@ -174,6 +176,7 @@ impl Default for DownloadMetrics {
             bad_pieces: Counter::default(),
             damaged_blobs: Counter::default(),
             active: Gauge::default(),
+            peers: Gauge::default(),
             delivered: Delivered::default(),
             // 1 ms to ~65 s.
             piece_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
@@ -197,6 +200,11 @@ impl DownloadMetrics {
             self.damaged_blobs.clone(),
         );
         r.register("active_downloads", "Downloads in progress", self.active.clone());
+        r.register(
+            "peers",
+            "Peers (agents and origins) this agent holds a connection to",
+            self.peers.clone(),
+        );
         r.register(
             "delivered_bytes",
             "Blob bytes sent to local clients, by where they came from (cache, peer, origin)",
@@ -420,6 +428,7 @@ impl Downloads {
     /// seeding period and every download in progress (whose loops get the peer lists back);
     /// returns the interval to wait.
     pub async fn announce_all(&self) -> Duration {
+        self.metrics.peers.set(self.peers.connected() as i64);
         let now = Instant::now();
         self.seeding.retain(|_, until| *until > now);
         let seeded: Vec<Digest> = self.seeding.iter().map(|e| *e.key()).collect();

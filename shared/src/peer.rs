@@ -454,6 +454,11 @@ impl PeerClient {
     /// connection idle longest (no request for [`IDLE_BEFORE_EVICT`]) is closed to make room;
     /// if none is idle, a download that needs one more is refused ([`PeerError::Connect`])
     /// and backs that peer off.
+    /// Peers this host holds a connection (or a dial) to now.
+    pub fn connected(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
         self
