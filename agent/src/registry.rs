@@ -64,15 +64,7 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Ready when the agent can do its job: its data directory takes writes and a tracker
 /// answers. 503 with the reason otherwise.
 async fn readyz(state: State) -> HttpResponse {
-    let store = state.downloads.store.clone();
-    let writable = tokio::task::spawn_blocking(move || {
-        let probe = store.temp_path("readyz");
-        let result = std::fs::write(&probe, b"ok");
-        let _ = std::fs::remove_file(&probe);
-        result
-    })
-    .await;
-    if !matches!(writable, Ok(Ok(()))) {
+    if !state.downloads.store.writable().await {
         return HttpResponse::ServiceUnavailable()
             .body("not ready: the data directory does not take writes\n");
     }

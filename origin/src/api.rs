@@ -53,17 +53,10 @@ pub struct AppState {
 
 /// Ready when the store takes writes (a probe file in its temp directory).
 async fn readyz(state: State) -> HttpResponse {
-    let store = state.store.clone();
-    let writable = tokio::task::spawn_blocking(move || {
-        let probe = store.temp_path("readyz");
-        let result = std::fs::write(&probe, b"ok");
-        let _ = std::fs::remove_file(&probe);
-        result
-    })
-    .await;
-    match writable {
-        Ok(Ok(())) => HttpResponse::Ok().body("ready\n"),
-        _ => HttpResponse::ServiceUnavailable().body("not ready: the store does not take writes\n"),
+    if state.store.writable().await {
+        HttpResponse::Ok().body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable().body("not ready: the store does not take writes\n")
     }
 }
 

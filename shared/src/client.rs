@@ -52,6 +52,26 @@ pub fn builder(token: Option<&str>) -> reqwest::ClientBuilder {
 }
 
 /// Reads a response body of at most `limit` bytes.
+/// Whether one of `bases` answers `GET <base>/healthz` with a 2xx within `timeout`; the
+/// error says why none did (`what` names them when there are none).
+pub async fn any_healthy(
+    http: &reqwest::Client,
+    bases: &[String],
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<(), String> {
+    let mut last = format!("no {what} configured");
+    for base in bases {
+        let url = format!("{base}/healthz");
+        match http.get(&url).timeout(timeout).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("{url}: {}", r.status()),
+            Err(e) => last = format!("{url}: {e}"),
+        }
+    }
+    Err(last)
+}
+
 pub async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, ClientError> {
     let url = resp.url().to_string();
     if resp.content_length().is_some_and(|n| n > limit as u64) {

@@ -77,19 +77,31 @@ impl Serialize for Span {
     }
 }
 
+/// A value written as an integer or as text (`30`, `"30s"`; `1024`, `"1KiB"`): TOML integers
+/// stop at i64 and units need text. The integer is parsed as its decimal text.
+pub fn int_or_text<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    let text = match <Raw as serde::Deserialize>::deserialize(d)? {
+        Raw::Int(n) => n.to_string(),
+        Raw::Text(s) => s,
+    };
+    text.parse().map_err(serde::de::Error::custom)
+}
+
 /// Read from an integer (seconds) or a string with units.
 impl<'de> serde::Deserialize<'de> for Span {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Span(std::time::Duration::from_secs(n))),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        int_or_text(d)
     }
 }
 
@@ -151,18 +163,10 @@ impl Serialize for DiskShare {
     }
 }
 
+/// Read from an integer (bytes) or a string with units or a percentage.
 impl<'de> serde::Deserialize<'de> for DiskShare {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => format!("{n}").parse().map_err(serde::de::Error::custom),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        int_or_text(d)
     }
 }
 

@@ -104,16 +104,7 @@ impl serde::Serialize for ByteRate {
 /// Read from an integer (bytes per second) or a string with units.
 impl<'de> serde::Deserialize<'de> for ByteRate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteRate(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        crate::config::int_or_text(d)
     }
 }
 

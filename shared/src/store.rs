@@ -355,6 +355,15 @@ impl BlobStore {
         Ok(Some(bytes))
     }
 
+    /// Whether the store's directory takes writes (a probe file in `tmp/`, written and
+    /// removed): what readiness checks.
+    pub async fn writable(&self) -> bool {
+        let probe = self.temp_path("readyz");
+        let ok = tokio::fs::write(&probe, b"ok").await.is_ok();
+        let _ = tokio::fs::remove_file(&probe).await;
+        ok
+    }
+
     /// What the store holds per digest, on disk: whole blobs with their metainfo and partial
     /// downloads, each as the bytes the filesystem allocated for it and when it was last
     /// modified. Only the store's own files count (named by a digest in its own

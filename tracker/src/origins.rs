@@ -85,16 +85,7 @@ impl Origins {
     /// Whether some origin answers its liveness check within `timeout`; the error says why
     /// none did.
     pub async fn reachable(&self, timeout: std::time::Duration) -> Result<(), String> {
-        let mut last = String::from("no origin configured");
-        for base in &self.urls {
-            let url = format!("{base}/healthz");
-            match self.http.get(&url).timeout(timeout).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
-                Ok(r) => last = format!("{url}: {}", r.status()),
-                Err(e) => last = format!("{url}: {e}"),
-            }
-        }
-        Err(last)
+        client::any_healthy(&self.http, &self.urls, timeout, "origin").await
     }
 
     /// The origins at `urls`, asked with `token` (the origins' upload token: pull-through
