@@ -1,0 +1,20 @@
+//! The built `shoal-agent` binary runs and documents its flags (this test also makes
+//! `cargo test --workspace` build the binary, which the install tests package and run).
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal-agent")).args(args).output().expect("run shoal-agent");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+#[test]
+fn version_and_flags() {
+    assert!(run(&["--version"]).contains(env!("CARGO_PKG_VERSION")));
+    let help = run(&["serve", "--help"]);
+    for flag in ["--cache-size", "--cache-ttl", "--drain-timeout", "--metrics", "--log-format", "--tracker"] {
+        assert!(help.contains(flag), "{flag} missing from serve --help:\n{help}");
+    }
+    assert!(run(&["containerd-config", "--help"]).contains("--remove"));
+}
