@@ -325,11 +325,14 @@ impl Upstream {
             }
         }
         let len = staged.len();
-        match staged.commit(digest).await {
-            Ok(_) => {
-                crate::retention::mark_pulled(store, digest).await;
-                Ok(len)
-            }
+        // Marked before it becomes visible: no metainfo answer for it can miss the mark.
+        crate::retention::mark_pulled(store, digest).await;
+        let committed = staged.commit(digest).await;
+        if committed.is_err() {
+            crate::retention::unmark_pulled(store, digest).await;
+        }
+        match committed {
+            Ok(_) => Ok(len),
             Err(StoreError::DigestMismatch { actual, .. }) => {
                 Err(UpstreamError::Invalid(format!("{}: {digest} has digest {actual}", self.host)))
             }

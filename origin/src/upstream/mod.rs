@@ -382,8 +382,12 @@ impl Upstreams {
         }
         let mut staged = self.store.stage(self.piece_length).await.map_err(UpstreamError::Store)?;
         staged.write(body).await.map_err(UpstreamError::Store)?;
-        staged.commit(digest).await.map_err(UpstreamError::Store)?;
+        // Marked before it becomes visible: no metainfo answer for it can miss the mark.
         crate::retention::mark_pulled(&self.store, digest).await;
+        if let Err(e) = staged.commit(digest).await {
+            crate::retention::unmark_pulled(&self.store, digest).await;
+            return Err(UpstreamError::Store(e));
+        }
         Ok(())
     }
 
