@@ -193,7 +193,9 @@ async fn v2(
         return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "invalid ns");
     }
     // A request from another origin is answered from local state only.
-    let hop = Cluster::is_hop(&req);
+    // Only a member of a cluster honours the header: on a standalone origin it would let a
+    // writer skip the "referenced blobs are here" check of a manifest PUT.
+    let hop = state.cluster.is_some() && Cluster::is_hop(&req);
     match (path, method) {
         (V2Path::Base, _) => v2_base().await,
         (V2Path::Blob { digest, .. }, Method::GET | Method::HEAD) => {
@@ -237,9 +239,10 @@ async fn get_blob(req: &HttpRequest, digest: &str, hop: bool, state: &AppState) 
     if let Err(e) = state.store.ensure_local(&digest).await {
         return store_failure(&e);
     }
-    state.retention.touch(digest);
     match state.store.open_blob(&digest).await {
         Some((file, len)) => {
+            // Only what is held is remembered: digests nobody has cost no memory.
+            state.retention.touch(digest);
             serve_file(req, std::sync::Arc::new(file), len, &digest, "application/octet-stream", None)
         }
         None => {
@@ -369,9 +372,8 @@ async fn get_manifest(
         Err(resp) => return resp,
     };
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "manifest unknown");
-    state.retention.touch(digest);
     match state.store.size(&digest).await {
-        Some(len) if len <= MAX_MANIFEST as u64 => {}
+        Some(len) if len <= MAX_MANIFEST as u64 => state.retention.touch(digest),
         _ => return unknown(),
     }
     let Ok(Some(bytes)) =

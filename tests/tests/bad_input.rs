@@ -196,6 +196,17 @@ async fn origin_uploads_validate_digests_and_references() {
     .await;
     assert_eq!(got, 400, "{resp}");
     assert_eq!(code(&resp).as_deref(), Some("MANIFEST_BLOB_UNKNOWN"), "{resp}");
+    // Posing as another origin of a ring changes nothing on a standalone origin.
+    let (got, resp) = send(
+        c.client
+            .put(format!("{origin}/v2/x/manifests/v1"))
+            .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            .header("X-Shoal-Hop", "http://127.0.0.1:1")
+            .body(serde_json::to_vec(&manifest).expect("json")),
+    )
+    .await;
+    assert_eq!(got, 400, "{resp}");
+    assert_eq!(code(&resp).as_deref(), Some("MANIFEST_BLOB_UNKNOWN"), "{resp}");
 
     // Schema 1 and garbage manifests are refused.
     let schema1 = serde_json::json!({
