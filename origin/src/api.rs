@@ -211,7 +211,17 @@ async fn v2(
         (V2Path::Manifest { name, reference }, Method::PUT) => {
             put_manifest(&req, name, reference, payload, hop, &state).await
         }
-        (V2Path::UploadStart { name }, Method::POST) => start_upload(name, query, payload, hop, &state).await,
+        (V2Path::UploadStart { name }, Method::POST) => {
+            // A ring member's copy of a blob it pulled through stays subject to the
+            // pull-through retention here too.
+            let pulled = hop && req.headers().contains_key(shoal_shared::client::PULLED_THROUGH_HEADER);
+            let copied = query.clone().filter(|_| pulled).and_then(|q| q.parse::<Digest>().ok());
+            let resp = start_upload(name, query, payload, hop, &state).await;
+            if let (Some(digest), StatusCode::CREATED) = (copied, resp.status()) {
+                crate::retention::mark_pulled(&state.store, &digest).await;
+            }
+            resp
+        }
         (V2Path::Upload { name, id }, Method::PATCH) => patch_upload(&req, name, id, payload, &state).await,
         (V2Path::Upload { name, id }, Method::PUT) => {
             finish_upload(name, id, query, payload, hop, &state).await

@@ -28,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tags::TagStore;
 
+mod handoff;
+use handoff::Handoff;
+
 /// Marks a request between origins: answer it from local state, never pass it on.
 pub const HOP_HEADER: &str = "X-Shoal-Hop";
 /// How often every other member's `/healthz` is probed.
@@ -44,15 +47,15 @@ pub const REPAIR_EVERY: Duration = Duration::from_secs(10);
 /// addressed: any name reaches the same store).
 const REPLICA_REPO: &str = "shoal/replica";
 
-/// How often `dns:` members are resolved again.
-pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+use shoal_shared::members::{Members, RESOLVE_EVERY};
 
 /// The cluster's settings (`--cluster`, `--self`, `--replicas`, `--ring-key`).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Every origin's base URL, this one included, written the same on every member; or
     /// `dns:NAME:PORT`, every address of a name (a Kubernetes headless Service) as
-    /// `http://IP:PORT`, resolved again every [`RESOLVE_EVERY`].
+    /// `http://IP:PORT`, resolved again every [`RESOLVE_EVERY`]. A URL may carry a weight
+    /// (`#weight=N`): the member owns a share of blobs proportional to it.
     pub members: Vec<String>,
     /// This origin's base URL as the others list it.
     pub me: String,
@@ -60,6 +63,8 @@ pub struct Settings {
     pub key: RingKey,
     /// The upload token, sent on writes to other members.
     pub token: Option<String>,
+    /// How long a copy this origin no longer owns is kept (`--handoff-grace`).
+    pub handoff_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +89,8 @@ pub struct ClusterMetrics {
     pub repaired: Counter,
     pub repair_backlog: Gauge,
     pub members_up: Gauge,
+    pub handed_off: Counter,
+    pub unowned: Gauge,
 }
 
 impl ClusterMetrics {
@@ -107,22 +114,27 @@ impl ClusterMetrics {
             self.repair_backlog.clone(),
         );
         r.register("members_up", "Members (this one included) currently healthy", self.members_up.clone());
+        r.register(
+            "handed_off",
+            "Local copies of blobs this origin no longer owns, dropped after the handoff grace",
+            self.handed_off.clone(),
+        );
+        r.register("unowned", "Blobs held here that this origin does not own", self.unowned.clone());
     }
 }
 
 /// The membership, health and the calls between origins.
 #[derive(Debug)]
 pub struct Cluster {
-    /// What `--cluster` said: URLs and `dns:` names.
-    sources: Vec<String>,
-    /// The members now, sorted by id (their base URLs).
-    members: std::sync::RwLock<Vec<Member>>,
+    /// The members now (what `--cluster` said, `dns:` names resolved), sorted by id.
+    members: Members,
     me: String,
     replicas: usize,
     key: RingKey,
     token: Option<String>,
     health: Mutex<HashMap<String, Health>>,
     http: reqwest::Client,
+    handoff: Handoff,
     pub metrics: ClusterMetrics,
 }
 
@@ -141,56 +153,31 @@ pub enum ClusterError {
     NoSelf(std::net::SocketAddr),
 }
 
-/// A `dns:NAME:PORT` member source, split.
-fn dns_source(source: &str) -> Option<(&str, u16)> {
-    let rest = source.strip_prefix("dns:")?;
-    let (name, port) = rest.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    (!name.is_empty()).then_some((name, port))
-}
-
-/// A member's base URL in the one form every member compares: no trailing slash.
-pub fn normalize(url: &str) -> String {
-    url.trim().trim_end_matches('/').to_owned()
-}
-
 impl Cluster {
     pub fn new(settings: Settings) -> Result<Self, ClusterError> {
         if settings.replicas == 0 {
             return Err(ClusterError::NoReplicas);
         }
-        for source in &settings.members {
-            let url_like = source.starts_with("http://") || source.starts_with("https://");
-            if !url_like && dns_source(source).is_none() {
-                return Err(ClusterError::BadMember(source.clone()));
-            }
-        }
-        let sources: Vec<String> = settings.members.iter().map(|m| normalize(m)).collect();
-        let me = normalize(&settings.me);
+        let me = shoal_shared::members::normalize(&settings.me);
+        let members = Members::new(&settings.members, Some(&me)).map_err(|e| ClusterError::BadMember(e.0))?;
         // Named members must include this origin; `dns:` ones are checked once resolved.
-        let all_named = sources.iter().all(|s| dns_source(s).is_none());
-        if all_named && !sources.contains(&me) {
+        if members.all_named() && !members.names(&me) {
             return Err(ClusterError::NotAMember(me));
         }
-        let mut ids: Vec<String> = sources.iter().filter(|s| dns_source(s).is_none()).cloned().collect();
-        ids.push(me.clone());
-        ids.sort();
-        ids.dedup();
-        let members = ids.into_iter().map(Member::new).collect();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(300))
             .build()
             .unwrap_or_default();
         let cluster = Self {
-            sources,
-            members: std::sync::RwLock::new(members),
+            members,
             me,
             replicas: settings.replicas,
             key: settings.key,
             token: settings.token,
             health: Mutex::new(HashMap::new()),
             http,
+            handoff: Handoff::new(settings.handoff_grace),
             metrics: ClusterMetrics::default(),
         };
         cluster.publish_up();
@@ -202,7 +189,7 @@ impl Cluster {
     }
 
     fn snapshot(&self) -> Vec<Member> {
-        self.members.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.members.snapshot()
     }
 
     fn is_up(&self, member: &str) -> bool {
@@ -265,38 +252,9 @@ impl Cluster {
 
     /// Resolves the `dns:` members again (every address of each name, as
     /// `http://IP:PORT`); named members and this origin stay. A name that does not resolve
-    /// keeps its last addresses.
+    /// keeps the last membership.
     pub async fn resolve(&self) {
-        let mut ids: Vec<String> = Vec::new();
-        let mut any_dns = false;
-        for source in &self.sources {
-            match dns_source(source) {
-                None => ids.push(source.clone()),
-                Some((name, port)) => {
-                    any_dns = true;
-                    match tokio::net::lookup_host((name, port)).await {
-                        Ok(addrs) => ids.extend(addrs.map(|a| format!("http://{a}"))),
-                        Err(e) => {
-                            tracing::warn!(%name, cause = %e, "cannot resolve cluster members; keeping the last ones");
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-        if !any_dns {
-            return;
-        }
-        ids.push(self.me.clone());
-        ids.sort();
-        ids.dedup();
-        let members: Vec<Member> = ids.into_iter().map(Member::new).collect();
-        let mut current = self.members.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *current != members {
-            tracing::info!(members = members.len(), "cluster membership changed");
-            *current = members;
-        }
-        drop(current);
+        self.members.resolve().await;
         self.publish_up();
     }
 
@@ -357,8 +315,11 @@ impl Cluster {
         let len = file.metadata().await.map_err(|e| format!("{digest}: {e}"))?.len();
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
         let url = format!("{base}/v2/{REPLICA_REPO}/blobs/uploads/?digest={digest}");
-        let resp = self
-            .authorized(self.http.post(&url))
+        let mut req = self.authorized(self.http.post(&url));
+        if crate::retention::pulled_within(store, digest, Duration::MAX).await {
+            req = req.header(shoal_shared::client::PULLED_THROUGH_HEADER, "1");
+        }
+        let resp = req
             .header(header::CONTENT_LENGTH.as_str(), len)
             .header(header::CONTENT_TYPE.as_str(), "application/octet-stream")
             .body(body)
@@ -513,7 +474,9 @@ impl Cluster {
     }
 
     /// One repair pass: every blob and tag this origin holds is copied to each healthy owner
-    /// that lacks it, one copy at a time (throttled by construction). Returns copies made.
+    /// that lacks it, one copy at a time (throttled by construction), and the local copy of
+    /// a blob this origin has not owned for the handoff grace is dropped once every owner
+    /// holds it. Returns copies made.
     pub async fn repair(&self, store: &BlobStore, tags: &TagStore, data: &Path) -> usize {
         let usage = {
             let store = store.clone();
@@ -524,12 +487,15 @@ impl Cluster {
                 .unwrap_or_default()
         };
         let blobs: Vec<Digest> = usage.into_iter().filter(|u| u.complete).map(|u| u.digest).collect();
-        let mut work: Vec<(Digest, String)> = Vec::new();
+        let mut work: Vec<(Digest, Vec<String>)> = Vec::new();
         for d in &blobs {
-            for m in self.blob_owners(d).into_iter().filter(|m| *m != self.me) {
-                work.push((*d, m));
+            let others: Vec<String> = self.blob_owners(d).into_iter().filter(|m| *m != self.me).collect();
+            if !others.is_empty() {
+                work.push((*d, others));
             }
         }
+        self.handoff.note(&blobs, |d| self.owns_blob(d) || self.nominal_owner(d));
+        self.metrics.unowned.set(self.handoff.len() as i64);
         let tag_files = {
             let root = data.join("tags");
             tokio::task::spawn_blocking(move || list_tags(&root)).await.unwrap_or_default()
@@ -540,25 +506,44 @@ impl Cluster {
                 tag_work.push((name.clone(), tag.clone(), m));
             }
         }
-        self.metrics.repair_backlog.set((work.len() + tag_work.len()) as i64);
+        let copies: usize = work.iter().map(|(_, m)| m.len()).sum();
+        self.metrics.repair_backlog.set((copies + tag_work.len()) as i64);
         let mut copied = 0;
-        for (digest, m) in work {
-            if !self.is_up(&m) {
+        for (digest, owners) in work {
+            // Every owner confirmed to hold it (already, or by this copy).
+            let mut all_hold = owners.len() >= self.replicas;
+            for m in owners {
+                if !self.is_up(&m) {
+                    all_hold = false;
+                    self.metrics.repair_backlog.dec();
+                    continue;
+                }
+                match self.copy_blob(store, &digest, &m).await {
+                    Ok(made) => {
+                        if made {
+                            copied += 1;
+                            self.metrics.repaired.inc();
+                        }
+                    }
+                    Err(e) => {
+                        all_hold = false;
+                        tracing::warn!(%digest, cause = %e, "repair copy failed");
+                        self.suspect(&m);
+                    }
+                }
                 self.metrics.repair_backlog.dec();
-                continue;
             }
-            match self.copy_blob(store, &digest, &m).await {
-                Ok(true) => {
-                    copied += 1;
-                    self.metrics.repaired.inc();
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(%digest, cause = %e, "repair copy failed");
-                    self.suspect(&m);
-                }
+            if all_hold
+                && self.handoff.due(&digest)
+                && !self.owns_blob(&digest)
+                && !self.nominal_owner(&digest)
+            {
+                let (store, d) = (store.clone(), digest);
+                let _ = tokio::task::spawn_blocking(move || store.remove(&d)).await;
+                self.handoff.forget(&digest);
+                self.metrics.handed_off.inc();
+                tracing::info!(%digest, "copy of a blob this origin no longer owns dropped (its owners hold it)");
             }
-            self.metrics.repair_backlog.dec();
         }
         for (name, tag, m) in tag_work {
             if self.is_up(&m) {
@@ -580,6 +565,16 @@ impl Cluster {
             tracing::info!(copied, "repair copied blobs and tags to their owners");
         }
         copied
+    }
+
+    /// Whether this origin is among `digest`'s owners when every member is up (a member
+    /// standing in for a down owner is not one, and keeps its copy until the owner is back
+    /// and holds it).
+    fn nominal_owner(&self, digest: &Digest) -> bool {
+        let members = self.snapshot();
+        ring::owners(&self.key, &members, digest.to_string().as_bytes(), self.replicas, |_| true)
+            .into_iter()
+            .any(|i| members[i].id == self.me)
     }
 
     /// Copies tag `name:tag` (and its manifest) to `member` unless it points at the same
@@ -641,6 +636,27 @@ fn list_tags(root: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// Copies every blob an upstream fill stored here to its owners as it arrives (a fill has
+/// no client waiting on a 201, so the copies run after it, not before it is answered), until
+/// `shutdown`.
+pub async fn replicate_fills(
+    cluster: Arc<Cluster>,
+    store: BlobStore,
+    mut filled: tokio::sync::mpsc::Receiver<Digest>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let digest = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = filled.recv() => match d { Some(d) => d, None => return },
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = cluster.replicate_blob(&store, &digest) => {}
+        }
+    }
+}
+
 /// Runs the health probes and the repair pass until `shutdown`.
 pub async fn maintain(
     cluster: Arc<Cluster>,
@@ -674,7 +690,14 @@ mod tests {
 
     fn settings(n: usize, me: usize) -> Settings {
         let members: Vec<String> = (0..n).map(|i| format!("http://o{i}:5000/")).collect();
-        Settings { me: members[me].clone(), members, replicas: 2, key: RingKey::default(), token: None }
+        Settings {
+            me: members[me].clone(),
+            members,
+            replicas: 2,
+            key: RingKey::default(),
+            token: None,
+            handoff_grace: Duration::from_secs(3600),
+        }
     }
 
     #[test]
@@ -721,16 +744,9 @@ mod tests {
 
     #[tokio::test]
     async fn dns_members_are_every_address_of_the_name() {
-        assert_eq!(dns_source("dns:shoal-origin.ns.svc:5000"), Some(("shoal-origin.ns.svc", 5000)));
-        assert_eq!(dns_source("dns::5000"), None);
-        assert_eq!(dns_source("dns:name"), None);
-        let s = Settings {
-            members: vec!["dns:localhost:5000".into()],
-            me: "http://10.9.9.9:5000".into(),
-            replicas: 2,
-            key: RingKey::default(),
-            token: None,
-        };
+        let mut s = settings(1, 0);
+        s.members = vec!["dns:localhost:5000".into()];
+        s.me = "http://10.9.9.9:5000".into();
         let c = Cluster::new(s).expect("cluster");
         assert_eq!(c.members().len(), 1, "only itself until resolved");
         c.resolve().await;

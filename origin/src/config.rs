@@ -88,6 +88,12 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_RING_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_key: Option<String>,
+    /// How long this origin keeps a copy of a blob it no longer owns once every owner holds
+    /// it (the repair pass copies it there first); then the local copy is dropped (with
+    /// --store, the store's object stays: several origins may share one store) [default: 1h].
+    #[arg(long, env = "SHOAL_HANDOFF_GRACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff_grace: Option<shoal_shared::config::Span>,
     /// With --store, most disk the local copies of blobs may take: a size (`500GiB`) or a
     /// share of the data directory's filesystem (`80%`); least recently used copies are
     /// dropped locally (they stay in the store) [default: 50%].
@@ -193,6 +199,8 @@ pub struct Config {
     pub replicas: usize,
     #[serde(default)]
     pub ring_key: Option<String>,
+    #[serde(default = "default_handoff_grace")]
+    pub handoff_grace: shoal_shared::config::Span,
     #[serde(default = "default_cache_size")]
     pub cache_size: shoal_shared::config::DiskShare,
     #[serde(default = "default_pull_through_retention")]
@@ -255,6 +263,9 @@ fn default_cache_size() -> shoal_shared::config::DiskShare {
 fn default_pull_through_retention() -> shoal_shared::config::Span {
     shoal_shared::config::Span(std::time::Duration::from_secs(7 * 86400))
 }
+fn default_handoff_grace() -> shoal_shared::config::Span {
+    shoal_shared::config::Span(std::time::Duration::from_secs(3600))
+}
 fn default_replicas() -> usize {
     2
 }
@@ -295,6 +306,7 @@ impl Config {
             self_url: None,
             replicas: default_replicas(),
             ring_key: None,
+            handoff_grace: default_handoff_grace(),
             drain_timeout: default_drain_timeout(),
             log_format: Default::default(),
             max_upload_bytes: None,

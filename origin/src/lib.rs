@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
+/// Upstream fills waiting to be copied to their owners (beyond it, the repair pass).
+const FILL_QUEUE: usize = 4096;
 /// Most upload sessions open at once.
 const MAX_UPLOAD_SESSIONS: usize = 1024;
 /// An upload session unused for this long is cancelled and its temp file deleted.
@@ -125,7 +127,7 @@ pub async fn run(
     shoal_shared::metainfo::piece_count(0, config.piece_length)
         .map_err(|e| OriginError::Http(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
 
-    let upstreams = upstream::Upstreams::new(
+    let mut upstreams = upstream::Upstreams::new(
         &upstream::Settings {
             urls: config.upstream.clone(),
             auth_file: config.upstream_auth.clone(),
@@ -177,6 +179,7 @@ pub async fn run(
             replicas: config.replicas,
             key,
             token: config.upload_token.clone(),
+            handoff_grace: config.handoff_grace.0,
         })
         .map_err(OriginError::Cluster)?;
         c.metrics.register(&mut registry);
@@ -188,6 +191,12 @@ pub async fn run(
         );
         Some(Arc::new(c))
     };
+    // Upstream fills reach the other owners at once, not at the next repair pass.
+    let fills = cluster.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::mpsc::channel(FILL_QUEUE);
+        upstreams.notify_fills(tx);
+        rx
+    });
     let state = web::Data::new(api::AppState {
         tags: tags::TagStore::new(&store),
         store,
@@ -241,6 +250,10 @@ pub async fn run(
     .listen(listeners.http)?
     .run();
     tracing::info!(peer = %peer_addr, "origin serving");
+    let replicator = cluster
+        .clone()
+        .zip(fills)
+        .map(|(c, rx)| tokio::spawn(cluster::replicate_fills(c, state.store.clone(), rx, shutdown.clone())));
     let maintainer = cluster.map(|c| {
         tokio::spawn(cluster::maintain(
             c,
@@ -271,6 +284,9 @@ pub async fn run(
     let _ = retainer.await;
     if let Some(m) = maintainer {
         let _ = m.await;
+    }
+    if let Some(r) = replicator {
+        let _ = r.await;
     }
     result.map_err(OriginError::from)
 }

@@ -3,7 +3,7 @@
 //! The pure modules are re-exported from `shoal-proto` under their old paths ([`digest`],
 //! [`metainfo`], [`bitfield`], [`codec`], [`wire`], [`scheduler`], [`oci`], [`hint`]). Built
 //! on them here: [`store`], [`tls`], [`peer`], [`http`], [`client`], [`tracker`], [`config`],
-//! [`telemetry`], [`ratelimit`].
+//! [`telemetry`], [`ratelimit`], [`members`].
 
 pub use shoal_proto::{
     bitfield, codec, digest, hint, image, messages, metainfo, oci, registry_auth, ring, scheduler, wire,
@@ -12,6 +12,7 @@ pub use shoal_proto::{
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod members;
 pub mod peer;
 pub mod ratelimit;
 pub mod status;

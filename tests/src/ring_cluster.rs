@@ -28,11 +28,28 @@ pub struct RingOptions {
     /// Per origin, the members it is told about (`--cluster`); `None`: every origin. For
     /// tests of inconsistent membership.
     pub membership: Option<Vec<Vec<usize>>>,
+    /// The origins' `--handoff-grace`.
+    pub handoff_grace: Duration,
+    /// An upstream registry the origins pull through from (`--upstream`).
+    pub upstream: Option<String>,
+    /// Trackers find the origins by this `dns:NAME:PORT` instead of their URLs (`{port}`
+    /// stands for origin 0's HTTP port).
+    pub tracker_origins: Option<String>,
 }
 
 impl Default for RingOptions {
     fn default() -> Self {
-        Self { origins: 3, trackers: 2, agents: 3, replicas: 2, piece_length: 1 << 20, membership: None }
+        Self {
+            origins: 3,
+            trackers: 2,
+            agents: 3,
+            replicas: 2,
+            piece_length: 1 << 20,
+            membership: None,
+            handoff_grace: Duration::from_secs(3600),
+            upstream: None,
+            tracker_origins: None,
+        }
     }
 }
 
@@ -67,7 +84,8 @@ pub struct RingCluster {
     dir: TempDir,
 }
 
-const TOKEN: &str = "ring-test-token";
+/// The origins' upload token.
+pub const TOKEN: &str = "ring-test-token";
 
 impl RingCluster {
     pub async fn start(options: RingOptions) -> anyhow::Result<Self> {
@@ -111,7 +129,14 @@ impl RingCluster {
             let listener = TcpListener::bind("127.0.0.1:0")?;
             let url = format!("http://{}", listener.local_addr()?);
             let shutdown = CancellationToken::new();
-            let task = spawn_tracker(&urls, options.replicas, listener, shutdown.clone());
+            let origins = match &options.tracker_origins {
+                Some(dns) => {
+                    let port = origins[0].url.rsplit(':').next().unwrap_or_default().to_owned();
+                    vec![dns.replace("{port}", &port)]
+                }
+                None => urls.clone(),
+            };
+            let task = spawn_tracker(&origins, options.replicas, listener, shutdown.clone());
             trackers.push(TrackerNode { url, shutdown, task: Some(task) });
         }
         for o in &origins {
@@ -204,6 +229,18 @@ impl RingCluster {
         }
     }
 
+    /// The owners of `item` (a digest, a repository name) as the origins rank them, best
+    /// first (every origin up).
+    pub fn owners(&self, item: &str) -> Vec<usize> {
+        let members: Vec<shoal_shared::ring::Member> =
+            self.origins.iter().map(|o| shoal_shared::ring::Member::new(o.url.clone())).collect();
+        let key = shoal_shared::ring::RingKey::default();
+        let mut owners = shoal_shared::ring::rank(&key, &members, item.as_bytes());
+        owners.truncate(self.options.replicas);
+        owners.sort_unstable();
+        owners
+    }
+
     /// Which origins hold blob `digest` on disk.
     pub fn holders(&self, digest: &str) -> Vec<usize> {
         let hex = digest.trim_start_matches("sha256:");
@@ -223,6 +260,9 @@ fn spawn_origin(
     config.cluster = node.members.clone();
     config.self_url = Some(node.url.clone());
     config.replicas = options.replicas;
+    config.handoff_grace = shoal_shared::config::Span(options.handoff_grace);
+    config.upstream = options.upstream.iter().cloned().collect();
+    config.prefetch_sync = true;
     let shutdown = node.shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = shoal_origin::run(config, shoal_origin::Listeners { http, peer }, shutdown).await {

@@ -1,11 +1,13 @@
 //! A cluster with no single point of failure: three origins on a ring (two owners per blob)
 //! and two trackers, with an owner and a tracker killed under the pulls; membership the
-//! origins disagree about.
+//! origins disagree about; upstream fills that reach every owner; copies handed off after
+//! the grace; trackers that find the origins by a DNS name.
 
 use std::time::{Duration, Instant};
 
 use shoal_tests::cluster::{parse_counter, pull_image};
-use shoal_tests::ring_cluster::{RingCluster, RingOptions};
+use shoal_tests::registry::Registry;
+use shoal_tests::ring_cluster::{RingCluster, RingOptions, TOKEN};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pulls_survive_an_owner_and_a_tracker_dying_and_repair_restores_two_copies() {
@@ -106,4 +108,92 @@ async fn origins_that_disagree_about_membership_never_loop() {
     assert_eq!(resp.status(), 404, "a hopped request is not forwarded again");
     // And the agent pulls it through the tracker from whichever origin holds it.
     pull_image(&c.client, &c.agents[0].registry_url, "solo/app", "v1").await.expect("pull");
+}
+
+async fn metrics(c: &RingCluster, i: usize) -> String {
+    let url = format!("{}/metrics", c.origins[i].url);
+    c.client.get(url).send().await.expect("metrics").text().await.expect("text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefetched_blobs_reach_every_owner_and_copies_no_longer_owned_are_handed_off() {
+    let registry = Registry::start(None).await.expect("registry");
+    let image = registry.push_image("team/pf:v1", &[1 << 20, 2 << 20, 512 << 10], 23).await.expect("push");
+    let options = RingOptions {
+        trackers: 1,
+        agents: 1,
+        handoff_grace: Duration::from_secs(1),
+        upstream: Some(registry.url()),
+        ..Default::default()
+    };
+    let c = RingCluster::start(options).await.expect("cluster");
+    let mut blobs: Vec<String> = image.layers.iter().map(|l| l.0.clone()).collect();
+    blobs.push(image.config.clone());
+    blobs.push(image.manifest.clone());
+
+    // Prefetched through origin 0, which owns some of these blobs and not others.
+    let tag = format!("{}/team/pf:v1", registry.host);
+    let resp = c
+        .client
+        .post(format!("{}/proxy/v1/registry/prefetch", c.origins[0].url))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"tag": tag, "trace_id": "ring"}))
+        .send()
+        .await
+        .expect("prefetch");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["prefetched"], true, "{body}");
+    assert!(blobs.iter().any(|b| !c.owners(b).contains(&0)), "some blob is not origin 0's");
+
+    // Every owner receives each fill as it lands, not at the next repair pass: the copies
+    // are counted as replication (the repair counts its own).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let on_owners = |c: &RingCluster, b: &String| c.owners(b).iter().all(|o| c.holders(b).contains(o));
+    while !blobs.iter().all(|b| on_owners(&c, b)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for b in &blobs {
+        assert!(on_owners(&c, b), "{b}: owners {:?}, holders {:?}", c.owners(b), c.holders(b));
+    }
+    let replicated = parse_counter(&metrics(&c, 0).await, "shoal_origin_cluster_replicated_total");
+    assert!(replicated > 0, "fills were not replicated by origin 0");
+
+    // After the grace, origin 0 drops what it does not own; the owners keep it, and the
+    // copy on the owners is still a pulled-through one (subject to the retention).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let exact = |c: &RingCluster, b: &String| c.holders(b) == c.owners(b);
+    while !blobs.iter().all(|b| exact(&c, b)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for b in &blobs {
+        assert_eq!(c.holders(b), c.owners(b), "{b}: copies beyond the owners after the grace");
+        for o in c.owners(b) {
+            let mark = c.origins[o].data.join("pulled").join(b.trim_start_matches("sha256:"));
+            assert!(mark.exists(), "{b} on origin {o} is not marked pulled through");
+        }
+    }
+    let handed = parse_counter(&metrics(&c, 0).await, "shoal_origin_cluster_handed_off_total");
+    assert!(handed > 0, "origin 0 dropped nothing");
+
+    // And the image pulls through an agent.
+    pull_image(&c.client, &c.agents[0].registry_url, "team/pf", "v1").await.expect("pull");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trackers_find_origins_by_dns_name() {
+    // One origin, reached by the trackers only through `dns:localhost:PORT` (every address
+    // of the name; ::1 may be among them and answers nothing: the next one is asked).
+    let options = RingOptions {
+        origins: 1,
+        trackers: 1,
+        agents: 1,
+        replicas: 1,
+        tracker_origins: Some("dns:localhost:{port}".into()),
+        ..Default::default()
+    };
+    let c = RingCluster::start(options).await.expect("cluster");
+    let image = c.push_image(0, "dns/app:v1", &[1 << 20], 5).await.expect("push");
+    let pulled = pull_image(&c.client, &c.agents[0].registry_url, "dns/app", "v1").await.expect("pull");
+    assert_eq!(pulled.manifest_digest, image.manifest);
 }

@@ -17,8 +17,10 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_TLS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<std::path::PathBuf>,
-    /// Base URL of an origin (repeatable; asked in order).
-    #[arg(long = "origin", env = "SHOAL_ORIGIN", value_delimiter = ',')]
+    /// An origin (repeatable; asked in order, or on a ring a blob's owners first): a base URL
+    /// (optionally weighted, `http://o1:5000#weight=2`, as in the origins' --cluster) or
+    /// `dns:NAME:PORT`, every address of a name (a headless Service), resolved every 30 s.
+    #[arg(long = "origin", visible_alias = "cluster", env = "SHOAL_ORIGIN", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub origin: Vec<String>,
     /// Seconds between a peer's announces; a peer is forgotten after three missed.

@@ -29,6 +29,8 @@ pub enum TrackerError {
     Tls(#[from] TlsError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("--origin {0}")]
+    Origin(#[from] shoal_shared::members::BadSource),
 }
 
 /// Roles that may call a tracker served with `--tls`: the nodes that announce and look up.
@@ -67,7 +69,8 @@ pub async fn run(
     let announces = Counter::default();
     let mut registry = Registry::default();
     registry.register("shoal_tracker_announces", "Announces received", announces.clone());
-    let mut origins = origins::Origins::new(config.origin.clone(), config.origin_token.as_deref());
+    let mut origins = origins::Origins::new(&config.origin, config.origin_token.as_deref())?;
+    origins.resolve().await;
     if config.ring_key.is_some() || config.replicas.is_some() {
         let key =
             config.ring_key.as_deref().map(shoal_shared::ring::RingKey::from_passphrase).unwrap_or_default();
@@ -88,6 +91,7 @@ pub async fn run(
         registry,
         started: Instant::now(),
     });
+    let resolver_state = state.clone();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(shoal_shared::http::request_span))
@@ -117,9 +121,20 @@ pub async fn run(
         swarms.sweep(Instant::now());
         std::future::ready(())
     }));
+    let resolver = tokio::spawn(shoal_shared::http::every(
+        shoal_shared::members::RESOLVE_EVERY,
+        shutdown.clone(),
+        move || {
+            let state = resolver_state.clone();
+            async move {
+                state.origins.resolve().await;
+            }
+        },
+    ));
     tracing::info!(origins = ?config.origin, tls = config.tls.is_some(), "tracker serving");
     let result = shoal_shared::http::run_server(server, shutdown).await;
     let _ = sweeper.await;
+    let _ = resolver.await;
     if let Some(reloader) = reloader {
         let _ = reloader.await;
     }

@@ -1,6 +1,9 @@
 //! The tracker's view of the origins: which one holds a blob, its metainfo, tag lookups.
 //!
-//! Origins are asked in the configured order. Metainfo is immutable for a digest, so it is
+//! The origins are `--origin` URLs (optionally weighted, `#weight=N`) and `dns:NAME:PORT`
+//! names resolved again every [`shoal_shared::members::RESOLVE_EVERY`], read as the origins
+//! read their `--cluster`. They are asked in the configured order, or on a ring a blob's
+//! owners first. Metainfo is immutable for a digest, so it is
 //! cached (bounded by bytes, least recently used out); so, briefly, is "no origin has it",
 //! so that a flood of lookups for unknown digests costs the origins one request per digest
 //! and [`MISS_TTL`]. Tags are mutable and always asked afresh.
@@ -48,7 +51,8 @@ pub enum LookupError {
 #[derive(Debug, Clone)]
 struct Known {
     metainfo: Arc<Metainfo>,
-    origin: usize,
+    /// The base URL of the origin that answered.
+    origin: String,
     /// The origin said it pulled the blob through from an upstream lately, then.
     pulled_through: Option<Instant>,
 }
@@ -56,11 +60,11 @@ struct Known {
 /// The configured origins.
 #[derive(Debug)]
 pub struct Origins {
-    urls: Vec<String>,
+    members: shoal_shared::members::Members,
     http: reqwest::Client,
     /// Origins' peer addresses, asked again after [`PEER_ADDR_TTL`]: an origin that stops
     /// answering drops out of the holders handed to agents.
-    peer_addrs: moka::sync::Cache<usize, SocketAddr>,
+    peer_addrs: moka::sync::Cache<String, SocketAddr>,
     /// The origins form a ring (`--ring-key`, `--replicas`): lookups go to a blob's owners
     /// first, and every live owner is a holder.
     ring: Option<(shoal_shared::ring::RingKey, usize)>,
@@ -77,21 +81,27 @@ struct Info {
 }
 
 impl Origins {
-    /// The origins' base URLs.
-    pub fn urls(&self) -> &[String] {
-        &self.urls
+    /// The origins' base URLs now.
+    pub fn urls(&self) -> Vec<String> {
+        self.members.snapshot().into_iter().map(|m| m.id).collect()
+    }
+
+    /// Resolves `dns:` origins again (see [`shoal_shared::members::Members::resolve`]).
+    pub async fn resolve(&self) -> bool {
+        self.members.resolve().await
     }
 
     /// Whether some origin answers its liveness check within `timeout`; the error says why
     /// none did.
     pub async fn reachable(&self, timeout: std::time::Duration) -> Result<(), String> {
-        client::any_healthy(&self.http, &self.urls, timeout, "origin").await
+        client::any_healthy(&self.http, &self.urls(), timeout, "origin").await
     }
 
-    /// The origins at `urls`, asked with `token` (the origins' upload token: pull-through
-    /// lookups reach upstreams and fill the origins' disks, so they take it).
-    pub fn new(urls: Vec<String>, token: Option<&str>) -> Self {
-        let urls = urls.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
+    /// The origins at `urls` (base URLs or `dns:NAME:PORT`), asked with `token` (the
+    /// origins' upload token: pull-through lookups reach upstreams and fill the origins'
+    /// disks, so they take it).
+    pub fn new(urls: &[String], token: Option<&str>) -> Result<Self, shoal_shared::members::BadSource> {
+        let members = shoal_shared::members::Members::new(urls, None)?;
         let known = moka::sync::Cache::builder()
             .weigher(|_, k: &Known| {
                 u32::try_from(k.metainfo.piece_count() as u64 * 32 + 256).unwrap_or(u32::MAX)
@@ -99,15 +109,15 @@ impl Origins {
             .max_capacity(METAINFO_CACHE_BYTES)
             .build();
         let misses = moka::sync::Cache::builder().max_capacity(MISS_CACHE).time_to_live(MISS_TTL).build();
-        Self {
-            urls,
+        Ok(Self {
+            members,
             http: client::http_client_with_token(token),
             peer_addrs: moka::sync::Cache::builder().max_capacity(4096).time_to_live(PEER_ADDR_TTL).build(),
             ring: None,
             known,
             misses,
             lookups: Default::default(),
-        }
+        })
     }
 
     /// Treats the origins as one ring with `replicas` owners per blob, hashed with `key` (the
@@ -117,16 +127,16 @@ impl Origins {
         self
     }
 
-    /// The order to ask the origins in for `item` (a digest, a repository name): its owners
-    /// first on a ring, else as configured.
-    fn order(&self, item: &[u8]) -> Vec<usize> {
+    /// The origins' base URLs in the order to ask them for `item` (a digest, a repository
+    /// name): its owners first on a ring, else as configured.
+    fn order(&self, item: &[u8]) -> Vec<String> {
+        let members = self.members.snapshot();
         match &self.ring {
-            Some((key, _)) => {
-                let members: Vec<shoal_shared::ring::Member> =
-                    self.urls.iter().map(|u| shoal_shared::ring::Member::new(u.clone())).collect();
-                shoal_shared::ring::rank(key, &members, item)
-            }
-            None => (0..self.urls.len()).collect(),
+            Some((key, _)) => shoal_shared::ring::rank(key, &members, item)
+                .into_iter()
+                .map(|i| members[i].id.clone())
+                .collect(),
+            None => members.into_iter().map(|m| m.id).collect(),
         }
     }
 
@@ -165,8 +175,7 @@ impl Origins {
         }
         let query = &miss.1;
         let (mut last_error, mut denied, mut pending) = (None, None, false);
-        for i in self.order(digest.to_string().as_bytes()) {
-            let base = &self.urls[i];
+        for base in self.order(digest.to_string().as_bytes()) {
             let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
             self.lookups.inc();
             let resp = match self.http.get(&url).send().await {
@@ -193,7 +202,7 @@ impl Origins {
                 Ok(m) if m.digest() == digest => {
                     let m = Arc::new(m);
                     let pulled_through = pulled.then(Instant::now);
-                    self.known.insert(digest, Known { metainfo: m.clone(), origin: i, pulled_through });
+                    self.known.insert(digest, Known { metainfo: m.clone(), origin: base, pulled_through });
                     return Ok((m, pulled));
                 }
                 Ok(_) => last_error = Some(format!("{url}: metainfo for another digest")),
@@ -235,21 +244,21 @@ impl Origins {
             if candidates[..i].contains(c) {
                 continue;
             }
-            if let Some(addr) = self.peer_addr(*c).await {
+            if let Some(addr) = self.peer_addr(c).await {
                 out.push(addr);
             }
         }
         out
     }
 
-    async fn peer_addr(&self, origin: usize) -> Option<SocketAddr> {
-        if let Some(a) = self.peer_addrs.get(&origin) {
+    async fn peer_addr(&self, origin: &str) -> Option<SocketAddr> {
+        if let Some(a) = self.peer_addrs.get(origin) {
             return Some(a);
         }
-        let url = format!("{}/shoal/v1/info", self.urls.get(origin)?);
+        let url = format!("{origin}/shoal/v1/info");
         match client::get_json::<Info>(&self.http, &url, 64 << 10).await {
             Ok(info) => {
-                self.peer_addrs.insert(origin, info.peer);
+                self.peer_addrs.insert(origin.to_owned(), info.peer);
                 Some(info.peer)
             }
             Err(e) => {
@@ -263,7 +272,7 @@ impl Origins {
     pub async fn tag_list(&self, name: &str) -> Result<Vec<String>, LookupError> {
         let mut tags = std::collections::BTreeSet::new();
         let (mut found, mut last_error) = (false, None);
-        for base in &self.urls {
+        for base in self.urls() {
             let url = format!("{base}/v2/{name}/tags/list");
             match client::get_json::<TagList>(&self.http, &url, MAX_TAG_LIST).await {
                 Ok(list) => {
@@ -287,8 +296,7 @@ impl Origins {
         let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
         let (mut last_error, mut denied) = (None, None);
-        for i in self.order(name.as_bytes()) {
-            let base = &self.urls[i];
+        for base in self.order(name.as_bytes()) {
             let url = format!("{base}/v2/{name}/manifests/{tag}{query}");
             let resp = match self.http.get(&url).header("Accept", &accept).send().await {
                 Ok(r) => r,
@@ -363,7 +371,8 @@ mod tests {
             (origin(404, String::new()), origin(403, "denied".into()), origin(401, "no".into()));
 
         let lookup = |urls: Vec<&String>| {
-            let origins = Origins::new(urls.into_iter().cloned().collect(), None);
+            let urls: Vec<String> = urls.into_iter().cloned().collect();
+            let origins = Origins::new(&urls, None).expect("origins");
             let hint = hint.clone();
             async move { origins.metainfo_for(digest, Some(&hint)).await }
         };

@@ -184,6 +184,13 @@ pub enum BlobState {
     Failed(Arc<UpstreamError>),
 }
 
+/// Passes a fill on without waiting: a full queue leaves it to the repair pass.
+fn notify(filled: Option<&tokio::sync::mpsc::Sender<Digest>>, digest: Digest) {
+    if let Some(tx) = filled {
+        let _ = tx.try_send(digest);
+    }
+}
+
 /// The configured upstreams, their tag caches and the blob fetches in flight.
 #[derive(Debug)]
 pub struct Upstreams {
@@ -199,6 +206,9 @@ pub struct Upstreams {
     /// lookups that waited for a resolution take its outcome.
     resolving: DashMap<TagKey, Arc<tokio::sync::Mutex<TagOutcome>>>,
     failures: Arc<DashMap<FailureKey, (Arc<UpstreamError>, Instant)>>,
+    /// Told of every blob and manifest stored from an upstream (the cluster copies them to
+    /// their owners at once); full or absent, the repair pass finds them instead.
+    filled: Option<tokio::sync::mpsc::Sender<Digest>>,
     /// Requests and bytes by upstream and outcome.
     pub metrics: crate::outcomes::UpstreamMetrics,
 }
@@ -243,6 +253,7 @@ impl Upstreams {
             flights: Arc::new(DashMap::new()),
             resolving: DashMap::new(),
             failures: Arc::new(DashMap::new()),
+            filled: None,
             metrics: Default::default(),
         })
     }
@@ -388,7 +399,13 @@ impl Upstreams {
             crate::retention::unmark_pulled(&self.store, digest).await;
             return Err(UpstreamError::Store(e));
         }
+        notify(self.filled.as_ref(), *digest);
         Ok(())
+    }
+
+    /// Tells `filled` of every blob and manifest stored from an upstream from now on.
+    pub fn notify_fills(&mut self, filled: tokio::sync::mpsc::Sender<Digest>) {
+        self.filled = Some(filled);
     }
 
     /// Where blob `digest` stands; starts its fetch from the upstream `hint` names unless one
@@ -437,6 +454,7 @@ impl Upstreams {
                 let failures = self.failures.clone();
                 let metrics = self.metrics.clone();
                 let (piece_length, attempts) = (self.piece_length, self.attempts);
+                let filled = self.filled.clone();
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let mut attempt = 1;
@@ -459,6 +477,7 @@ impl Upstreams {
                             metrics.bytes.get_or_create(&host).inc_by(bytes);
                             let secs = started.elapsed().as_secs_f64();
                             tracing::info!(upstream = %up.host, %name, %digest, bytes, secs, "blob pulled through");
+                            notify(filled.as_ref(), digest);
                             Ok(())
                         }
                         Err(e) => {
