@@ -1,6 +1,7 @@
 pub mod cluster;
 pub mod image;
 pub mod load;
+pub mod moto;
 pub mod netns;
 pub mod quic_ceiling;
 pub mod registry;

@@ -1,6 +1,8 @@
 //! `shoal-bench ring`: what a ring of origins costs and how it recovers, against one origin
-//! in the same run. Pushes and cold-pulls one blob through an agent on a single-origin
-//! cluster and on a 3-origin ring (2 owners per blob, 2 trackers); then kills an owner of a
+//! in the same run. Pushes and cold-pulls one blob through an agent on a single file-backed
+//! origin, on a 3-origin ring (2 owners per blob, 2 trackers), and on the same ring backed by
+//! a real S3-compatible server (`moto_server`, when the tools virtualenv has it), also after
+//! every origin lost its disk (so the pull fills from the store); then kills an owner of a
 //! set of images and times how long until pulls succeed again and until every blob is back
 //! on two live origins (the repair pass), with the bytes repair copied.
 
@@ -24,6 +26,53 @@ pub struct Options {
     /// Size of each of those images' layer, in MiB.
     #[arg(long, default_value_t = 16)]
     pub image_mib: u64,
+    /// Skip the S3-backed ring.
+    #[arg(long)]
+    pub no_s3: bool,
+}
+
+/// The S3-backed ring's times.
+struct S3Ring {
+    push: Duration,
+    pull: Duration,
+    /// A cold pull through a fresh agent after every origin restarted on an empty disk.
+    pull_from_store: Duration,
+}
+
+/// Pushes a `size`-byte blob to a 3-origin ring sharing one S3 store (a `moto_server` from
+/// `bin`), cold-pulls it through an agent, then wipes every origin's disk, restarts them and
+/// cold-pulls it through another agent.
+async fn s3_ring(bin: &std::path::Path, size: usize, piece: u32) -> anyhow::Result<S3Ring> {
+    let moto = crate::moto::Moto::start(bin).await?;
+    moto.bucket("bench").await?;
+    // Read by the origins' S3 clients as they start; nothing else in this process reads it.
+    crate::moto::set_aws_env(&moto.url());
+    let options = RingOptions {
+        agents: 2,
+        piece_length: piece,
+        store: Some("s3://bench/ring".into()),
+        ..Default::default()
+    };
+    let mut ring = RingCluster::start(options).await?;
+    let started = Instant::now();
+    let image = ring.push_image(0, "bench/s3:v1", &[size], 1).await?;
+    let push = started.elapsed();
+    let started = Instant::now();
+    let pulled = pull_image(&ring.client, &ring.agents[0].registry_url, "bench/s3", "v1").await?;
+    let pull = started.elapsed();
+    anyhow::ensure!(pulled.manifest_digest == image.manifest, "wrong image");
+    for i in 0..ring.origins.len() {
+        ring.stop_origin(i).await;
+        std::fs::remove_dir_all(&ring.origins[i].data).context("wiping an origin's disk")?;
+    }
+    for i in 0..ring.origins.len() {
+        ring.restart_origin(i).await?;
+    }
+    let started = Instant::now();
+    let pulled = pull_image(&ring.client, &ring.agents[1].registry_url, "bench/s3", "v1").await?;
+    let pull_from_store = started.elapsed();
+    anyhow::ensure!(pulled.manifest_digest == image.manifest, "wrong image from the store");
+    Ok(S3Ring { push, pull, pull_from_store })
 }
 
 fn rate(bytes: u64, took: Duration) -> f64 {
@@ -82,6 +131,25 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
         push_ring.as_secs_f64() / push_single.as_secs_f64(),
         pull_ring.as_secs_f64() / pull_single.as_secs_f64()
     )?;
+    match crate::moto::moto_bin().filter(|_| !opts.no_s3) {
+        Some(bin) => {
+            let s3 = s3_ring(&bin, size, piece).await?;
+            let line = |label: &str, push: Option<Duration>, pull: Duration| {
+                let push = push.map_or(String::from("                            "), |p| {
+                    format!("push {:>7.2}s ({:>7.1} MB/s)", p.as_secs_f64(), rate(bytes, p))
+                });
+                format!(
+                    "  {label:<20} {push}  cold pull {:>6.2}s ({:>7.1} MB/s)  {:.2}x one origin's pull time",
+                    pull.as_secs_f64(),
+                    rate(bytes, pull),
+                    pull.as_secs_f64() / pull_single.as_secs_f64()
+                )
+            };
+            writeln!(out, "{}", line("ring over S3 (moto):", Some(s3.push), s3.pull))?;
+            writeln!(out, "{}", line("  origins' disks lost:", None, s3.pull_from_store))?;
+        }
+        None => writeln!(out, "  ring over S3: skipped (no moto_server in $SHOAL_TOOLS_VENV, or --no-s3)")?,
+    }
 
     // An owner dies under a set of images that origin 0 took.
     let mut images = Vec::new();

@@ -32,6 +32,9 @@ pub struct RingOptions {
     pub handoff_grace: Duration,
     /// An upstream registry the origins pull through from (`--upstream`).
     pub upstream: Option<String>,
+    /// The origins' durable store (`--store`), shared by all of them; the `AWS_*`
+    /// environment must be set before the cluster starts for an `s3://` one.
+    pub store: Option<String>,
     /// Trackers find the origins by this `dns:NAME:PORT` instead of their URLs (`{port}`
     /// stands for origin 0's HTTP port).
     pub tracker_origins: Option<String>,
@@ -48,6 +51,7 @@ impl Default for RingOptions {
             membership: None,
             handoff_grace: Duration::from_secs(3600),
             upstream: None,
+            store: None,
             tracker_origins: None,
         }
     }
@@ -263,6 +267,7 @@ fn spawn_origin(
     config.handoff_grace = shoal_shared::config::Span(options.handoff_grace);
     config.upstream = options.upstream.iter().cloned().collect();
     config.prefetch_sync = true;
+    config.store = options.store.clone();
     let shutdown = node.shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = shoal_origin::run(config, shoal_origin::Listeners { http, peer }, shutdown).await {

@@ -17,12 +17,12 @@
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use sha2::{Digest as _, Sha256};
 use shoal_shared::tls::Role;
+use shoal_tests::moto::{set_aws_env, Moto};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -38,73 +38,11 @@ fn missing(what: &str) {
 
 /// `moto_server` of the tools virtualenv.
 fn moto_bin() -> Option<PathBuf> {
-    let venv = std::env::var_os("SHOAL_TOOLS_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/shoal/install-venv")
-    });
-    let bin = venv.join("bin/moto_server");
-    if bin.is_file() {
-        Some(bin)
-    } else {
-        missing(&format!("{} (moto[server] in $SHOAL_TOOLS_VENV)", bin.display()));
-        None
+    let bin = shoal_tests::moto::moto_bin();
+    if bin.is_none() {
+        missing("moto_server (moto[server] in $SHOAL_TOOLS_VENV)");
     }
-}
-
-/// A `moto_server` on a loopback port, killed when dropped.
-struct Moto {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    async fn start(bin: &Path) -> anyhow::Result<Moto> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let moto = Moto { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(moto.addr).await.is_err() {
-            ensure!(Instant::now() < deadline, "moto_server did not listen on {}", moto.addr);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(moto)
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Creates a bucket (moto takes unsigned requests).
-    async fn bucket(&self, name: &str) -> anyhow::Result<()> {
-        let resp = reqwest::Client::new().put(format!("{}/{name}", self.url())).send().await?;
-        ensure!(resp.status().is_success(), "creating bucket {name}: {}", resp.status());
-        Ok(())
-    }
-
-    /// The keys of the bucket under `prefix`.
-    async fn keys(&self, bucket: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
-        let url = format!("{}/{bucket}?list-type=2&prefix={prefix}", self.url());
-        let xml = reqwest::get(url).await?.text().await?;
-        Ok(xml.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_owned).collect())
-    }
-
-    /// Whether a multipart upload is in progress in `bucket`.
-    async fn uploading(&self, bucket: &str) -> anyhow::Result<bool> {
-        let xml = reqwest::get(format!("{}/{bucket}?uploads", self.url())).await?.text().await?;
-        Ok(xml.contains("<Upload>"))
-    }
+    bin
 }
 
 /// A TCP relay in front of the store: stopping it is the store going away for the origin
@@ -246,19 +184,6 @@ impl Origin {
     async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-fn set_aws_env(endpoint: &str) {
-    // Only ever called with `ENV` held; nothing else in this binary reads these.
-    for (k, v) in [
-        ("AWS_ENDPOINT_URL", endpoint),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_ALLOW_HTTP", "true"),
-    ] {
-        std::env::set_var(k, v);
     }
 }
 
