@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::PeerInfo;
 use shoal_shared::digest::Digest;
@@ -15,32 +14,30 @@ use tokio::sync::watch;
 
 use crate::download::Downloads;
 
-/// Most metainfos of cached blobs kept in memory before the cache is refilled from disk.
-const METAINFO_CACHE: usize = 4096;
+/// Most metainfos of cached blobs kept in memory (least recently used out; the rest are
+/// read from disk again when asked for).
+const METAINFO_CACHE: u64 = 4096;
 
 /// Serves pieces out of an agent's downloads and cache.
 #[derive(Debug)]
 pub struct AgentSource {
     downloads: Arc<Downloads>,
-    metainfo: DashMap<Digest, Arc<Metainfo>>,
+    metainfo: moka::sync::Cache<Digest, Arc<Metainfo>>,
 }
 
 impl AgentSource {
     pub fn new(downloads: Arc<Downloads>) -> Self {
-        Self { downloads, metainfo: DashMap::new() }
+        Self { downloads, metainfo: moka::sync::Cache::new(METAINFO_CACHE) }
     }
 
     /// Metainfo of a whole cached blob.
     async fn cached(&self, digest: Digest) -> Option<Arc<Metainfo>> {
         if let Some(m) = self.metainfo.get(&digest) {
-            return Some(m.clone());
+            return Some(m);
         }
         let store = &self.downloads.store;
         let m = Arc::new(store.stored_metainfo(&digest).await?);
         store.size(&digest).await?;
-        if self.metainfo.len() >= METAINFO_CACHE {
-            self.metainfo.clear();
-        }
         self.metainfo.insert(digest, m.clone());
         Some(m)
     }

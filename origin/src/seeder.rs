@@ -4,66 +4,67 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::peer::PieceSource;
 use shoal_shared::store::BlobStore;
 
-/// Most metainfos kept in memory before the cache is dropped and refilled from disk.
-const METAINFO_CACHE: usize = 4096;
-/// Most blobs remembered as recently fetched.
-const HOT_SET: usize = 100_000;
+/// Most metainfos kept in memory (least recently used out; read from disk again when asked).
+const METAINFO_CACHE: u64 = 4096;
+/// Most blobs remembered as recently fetched (least recently fetched out).
+const HOT_SET: u64 = 100_000;
+/// How long a fetch is remembered at most: longer than any retention asks about (the
+/// pull-through retention reads it as "last used").
+const HOT_MEMORY: Duration = Duration::from_secs(30 * 86400);
 
 /// Serves pieces of committed blobs at the origin's piece length.
 #[derive(Debug)]
 pub struct Seeder {
     store: BlobStore,
     piece_length: u32,
-    cache: DashMap<Digest, Arc<Metainfo>>,
+    cache: moka::sync::Cache<Digest, Arc<Metainfo>>,
     /// Blobs whose metainfo or pieces were asked for, and when last.
-    hot: DashMap<Digest, Instant>,
+    hot: moka::sync::Cache<Digest, Instant>,
     /// First copies first across agents pulling a blob at once.
     spread: crate::spread::Spread,
 }
 
 impl Seeder {
     pub fn new(store: BlobStore, piece_length: u32) -> Self {
-        Self { store, piece_length, cache: DashMap::new(), hot: DashMap::new(), spread: Default::default() }
+        Self {
+            store,
+            piece_length,
+            cache: moka::sync::Cache::new(METAINFO_CACHE),
+            hot: moka::sync::Cache::builder().max_capacity(HOT_SET).time_to_live(HOT_MEMORY).build(),
+            spread: Default::default(),
+        }
     }
 
     /// When a peer last asked for `digest`'s metainfo or pieces, if lately.
     pub fn last_fetch(&self, digest: &Digest) -> Option<Instant> {
-        self.hot.get(digest).map(|t| *t)
+        self.hot.get(digest)
     }
 
     /// Blobs fetched within `window`: the ones worth announcing as seeded.
     pub fn hot_set(&self, window: Duration) -> Vec<Digest> {
         let now = Instant::now();
-        self.hot.retain(|_, last| now.duration_since(*last) < window);
-        self.hot.iter().map(|e| *e.key()).collect()
+        self.hot.iter().filter(|(_, last)| now.duration_since(*last) < window).map(|(d, _)| *d).collect()
     }
 
     /// The metainfo of a held blob (cached).
     pub async fn metainfo(&self, digest: Digest) -> Option<Arc<Metainfo>> {
         let m = self.lookup(digest).await?;
-        if self.hot.len() >= HOT_SET {
-            self.hot.clear();
-        }
         self.hot.insert(digest, Instant::now());
         Some(m)
     }
 
     async fn lookup(&self, digest: Digest) -> Option<Arc<Metainfo>> {
         if let Some(m) = self.cache.get(&digest) {
-            return Some(m.clone());
+            return Some(m);
         }
         match self.store.metainfo(&digest, self.piece_length).await {
             Ok(Some(m)) => {
-                if self.cache.len() >= METAINFO_CACHE {
-                    self.cache.clear();
-                }
                 let m = Arc::new(m);
                 self.cache.insert(digest, m.clone());
                 Some(m)

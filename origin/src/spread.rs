@@ -42,8 +42,12 @@ impl Spread {
         let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
         if blobs.len() >= MAX_BLOBS && !blobs.contains_key(&digest) {
             blobs.retain(|_, w| now.saturating_duration_since(w.started) < WAVE);
+            // Every remembered wave still runs: the oldest ends early (its blob's pieces are
+            // then served to anyone), the others keep theirs.
             if blobs.len() >= MAX_BLOBS {
-                blobs.clear();
+                if let Some(oldest) = blobs.iter().min_by_key(|(_, w)| w.started).map(|(d, _)| *d) {
+                    blobs.remove(&oldest);
+                }
             }
         }
         let wave = blobs.entry(digest).or_insert_with(|| Wave {
@@ -87,6 +91,20 @@ mod tests {
         assert!(s.admit(digest(), 0, 3, t));
         assert!(!s.admit(digest(), 0, 3, t));
         assert!(!s.admit(digest(), 3, 3, t), "out of range");
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_oldest_wave_only() {
+        let s = Spread::default();
+        let t = Instant::now();
+        let d = |i: usize| Digest::of(&i.to_le_bytes());
+        for i in 0..MAX_BLOBS {
+            assert!(s.admit(d(i), 0, 2, t + Duration::from_micros(i as u64)));
+        }
+        let later = t + Duration::from_millis(10);
+        assert!(s.admit(Digest::of(b"newcomer"), 0, 2, later));
+        assert!(!s.admit(d(1), 0, 2, later), "a running wave is still remembered");
+        assert!(s.admit(d(0), 0, 2, later), "the oldest wave was forgotten");
     }
 
     #[test]

@@ -31,8 +31,9 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 /// Most blob fetches running at once: a peer asking for many made-up digests must not turn
 /// the origin into a request amplifier against the upstream.
 const MAX_FLIGHTS: usize = 512;
-/// Most failures remembered before the memory is dropped.
-const MAX_FAILURES: usize = 10_000;
+/// Most failures remembered (least recently used out; each for at most
+/// [`FAILURE_MEMORY`]).
+const MAX_FAILURES: u64 = 10_000;
 /// Most platform manifests fetched for one index.
 const MAX_CHILDREN: usize = 256;
 
@@ -205,7 +206,7 @@ pub struct Upstreams {
     /// HEAD and one manifest GET (Docker Hub counts manifest GETs against its rate limit);
     /// lookups that waited for a resolution take its outcome.
     resolving: DashMap<TagKey, Arc<tokio::sync::Mutex<TagOutcome>>>,
-    failures: Arc<DashMap<FailureKey, (Arc<UpstreamError>, Instant)>>,
+    failures: moka::sync::Cache<FailureKey, (Arc<UpstreamError>, Instant)>,
     /// Told of every blob and manifest stored from an upstream (the cluster copies them to
     /// their owners at once); full or absent, the repair pass finds them instead.
     filled: Option<tokio::sync::mpsc::Sender<Digest>>,
@@ -252,7 +253,10 @@ impl Upstreams {
             attempts: settings.attempts.max(1),
             flights: Arc::new(DashMap::new()),
             resolving: DashMap::new(),
-            failures: Arc::new(DashMap::new()),
+            failures: moka::sync::Cache::builder()
+                .max_capacity(MAX_FAILURES)
+                .time_to_live(FAILURE_MEMORY)
+                .build(),
             filled: None,
             metrics: Default::default(),
         })
@@ -448,7 +452,7 @@ impl Upstreams {
                 }
                 let (tx, rx): (_, Flight) = watch::channel(None);
                 v.insert(InFlight { rx: rx.clone(), index, name: hint.name.clone() });
-                self.failures.remove(&key);
+                self.failures.invalidate(&key);
                 let guard = FlightGuard { flights: self.flights.clone(), digest, rx: rx.clone(), tx };
                 let (up, store, name) = (self.list[index].clone(), self.store.clone(), hint.name.clone());
                 let failures = self.failures.clone();
@@ -482,9 +486,6 @@ impl Upstreams {
                         }
                         Err(e) => {
                             tracing::warn!(upstream = %up.host, %name, %digest, cause = %e, "blob pull-through failed");
-                            if failures.len() >= MAX_FAILURES {
-                                failures.clear();
-                            }
                             failures.insert(key, (e.clone(), Instant::now()));
                             Err(e)
                         }
