@@ -243,6 +243,8 @@ pub struct Downloads {
     peers: PeerClient,
     settings: Settings,
     runtime: tokio::runtime::Handle,
+    /// Every task spawned for downloads, preloads and swarm leaves: ended at shutdown.
+    tasks: shoal_shared::tasks::Tasks,
     inflight: DashMap<Digest, watch::Receiver<Phase>>,
     pub active: DashMap<Digest, Arc<Active>>,
     seeding: DashMap<Digest, Instant>,
@@ -264,11 +266,27 @@ impl Downloads {
             peers,
             settings,
             runtime: tokio::runtime::Handle::current(),
+            tasks: shoal_shared::tasks::Tasks::new(),
             inflight: DashMap::new(),
             active: DashMap::new(),
             seeding: DashMap::new(),
             metrics: DownloadMetrics::default(),
         }
+    }
+
+    /// Runs `task` on the agent's runtime until it ends or the agent shuts down (then it is
+    /// dropped where it stands: partial downloads resume at the next start).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn_on(task, &self.runtime);
+    }
+
+    /// Ends every task [`spawn`](Self::spawn)ed and waits for them, at most `within`.
+    /// Returns whether all ended in time.
+    pub async fn shutdown(&self, within: Duration) -> bool {
+        self.tasks.shutdown(within).await
     }
 
     pub fn tracker(&self) -> &TrackerClient {
@@ -289,7 +307,7 @@ impl Downloads {
                 v.insert(rx.clone());
                 let this = self.clone();
                 let hint = hint.cloned();
-                self.runtime.spawn(async move {
+                self.spawn(async move {
                     this.metrics.started.inc();
                     let span = tracing::info_span!("download", %digest);
                     let result = this.download(digest, hint.as_ref(), &tx).instrument(span).await;
@@ -402,7 +420,7 @@ impl Downloads {
             self.seeding.remove(d);
         }
         let (tracker, peer) = (self.tracker.clone(), self.settings.me);
-        self.runtime.spawn(async move {
+        self.spawn(async move {
             for chunk in digests.chunks(MAX_BATCH) {
                 let leave = shoal_shared::client::Leave { peer, digests: chunk.to_vec() };
                 if let Err(e) = tracker.leave(&leave).await {

@@ -62,6 +62,8 @@ impl Listeners {
 
 /// How often the cache's TTL and watermarks are checked.
 const CACHE_SWEEP: Duration = Duration::from_secs(10);
+/// How long downloads and preloads get to end once responses drained at shutdown.
+const TASKS_END: Duration = Duration::from_secs(5);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(
@@ -172,6 +174,7 @@ pub async fn run(
             }
         }
     });
+    let all_downloads = downloads.clone();
     let state = web::Data::new(registry::AppState {
         downloads,
         registry,
@@ -215,6 +218,9 @@ pub async fn run(
     // --drain-timeout); then the peer server and the rest stop.
     let result = shoal_shared::http::run_server(server, shutdown.clone()).await;
     tracing::info!("local responses drained");
+    if !all_downloads.shutdown(TASKS_END).await {
+        tracing::warn!("downloads still running at shutdown were abandoned");
+    }
     peers_stop.cancel();
     let _ = announcer.await;
     let _ = peer_task.await;

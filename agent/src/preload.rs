@@ -308,7 +308,8 @@ pub async fn handle(body: web::Bytes, state: web::Data<AppState>) -> HttpRespons
         };
         let name = req.image.clone();
         let hint = image.hint();
-        tokio::spawn(async move {
+        let tasks = downloads.clone();
+        tasks.spawn(async move {
             match preload(&downloads, digest, &hint, &platform).await {
                 Ok((blobs, bytes)) => tracing::info!(image = %name, blobs, bytes, "preloaded"),
                 Err(e) => tracing::warn!(image = %name, cause = %e, "preload failed"),

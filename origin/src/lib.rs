@@ -264,6 +264,7 @@ pub async fn run(
         ))
     });
     let retainer = tokio::spawn(retention::maintain(retention, shutdown.clone()));
+    let upstreams = state.upstreams.clone();
     let sweeper = tokio::spawn(shoal_shared::http::every(UPLOAD_IDLE / 4, shutdown.clone(), move || {
         let state = state.clone();
         async move { state.uploads.expire(UPLOAD_IDLE).await }
@@ -277,6 +278,9 @@ pub async fn run(
     ));
     let reloader = tokio::spawn(reload);
     let result = shoal_shared::http::run_server(server, shutdown).await;
+    if !upstreams.shutdown(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("upstream fetches still running at shutdown were abandoned");
+    }
     let _ = sweeper.await;
     let _ = announcer.await;
     let _ = peer_task.await;

@@ -3,7 +3,7 @@
 //! The pure modules are re-exported from `shoal-proto` under their old paths ([`digest`],
 //! [`metainfo`], [`bitfield`], [`codec`], [`wire`], [`scheduler`], [`oci`], [`hint`]). Built
 //! on them here: [`store`], [`tls`], [`peer`], [`http`], [`client`], [`tracker`], [`config`],
-//! [`telemetry`], [`ratelimit`], [`members`].
+//! [`telemetry`], [`ratelimit`], [`members`], [`tasks`].
 
 pub use shoal_proto::{
     bitfield, codec, digest, hint, image, messages, metainfo, oci, registry_auth, ring, scheduler, wire,
@@ -17,6 +17,7 @@ pub mod peer;
 pub mod ratelimit;
 pub mod status;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod tracker;

@@ -210,6 +210,9 @@ pub struct Upstreams {
     /// Told of every blob and manifest stored from an upstream (the cluster copies them to
     /// their owners at once); full or absent, the repair pass finds them instead.
     filled: Option<tokio::sync::mpsc::Sender<Digest>>,
+    /// The blob fetches' tasks: ended at shutdown (a fetch cut short leaves only a temp
+    /// file, discarded when the store opens).
+    tasks: shoal_shared::tasks::Tasks,
     /// Requests and bytes by upstream and outcome.
     pub metrics: crate::outcomes::UpstreamMetrics,
 }
@@ -258,6 +261,7 @@ impl Upstreams {
                 .time_to_live(FAILURE_MEMORY)
                 .build(),
             filled: None,
+            tasks: shoal_shared::tasks::Tasks::new(),
             metrics: Default::default(),
         })
     }
@@ -407,6 +411,12 @@ impl Upstreams {
         Ok(())
     }
 
+    /// Ends the blob fetches in flight and waits for them, at most `within`; returns whether
+    /// all ended in time.
+    pub async fn shutdown(&self, within: Duration) -> bool {
+        self.tasks.shutdown(within).await
+    }
+
     /// Tells `filled` of every blob and manifest stored from an upstream from now on.
     pub fn notify_fills(&mut self, filled: tokio::sync::mpsc::Sender<Digest>) {
         self.filled = Some(filled);
@@ -459,7 +469,7 @@ impl Upstreams {
                 let metrics = self.metrics.clone();
                 let (piece_length, attempts) = (self.piece_length, self.attempts);
                 let filled = self.filled.clone();
-                tokio::spawn(async move {
+                let fetch = async move {
                     let started = Instant::now();
                     let mut attempt = 1;
                     let result = loop {
@@ -491,7 +501,8 @@ impl Upstreams {
                         }
                     };
                     guard.finish(result);
-                });
+                };
+                self.tasks.spawn(fetch);
                 (BlobState::Pending(rx), true)
             }
         }
