@@ -67,7 +67,8 @@ pub struct RingCluster {
     dir: TempDir,
 }
 
-const TOKEN: &str = "ring-test-token";
+/// The upload token every origin of the ring takes.
+pub const TOKEN: &str = "ring-test-token";
 
 impl RingCluster {
     pub async fn start(options: RingOptions) -> anyhow::Result<Self> {
