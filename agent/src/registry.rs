@@ -79,11 +79,13 @@ fn download_error(e: &DownloadError, unknown: ErrorCode) -> HttpResponse {
         DownloadError::NotFound => oci_error(StatusCode::NOT_FOUND, unknown, "unknown to the cluster"),
         // As for a tag: a 401 without a challenge sends containerd to the registry itself.
         DownloadError::Denied(m) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
-        DownloadError::OutOfSpace => oci_error(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable, e),
+        // Server-side failures keep their status and carry the code of what was asked for
+        // (the spec has no code of its own for them; see `ErrorCode`).
+        DownloadError::OutOfSpace => oci_error(StatusCode::INSUFFICIENT_STORAGE, unknown, e),
         // Everything cached is in use: the client (containerd) retries or falls back to the
         // registry; the disk is never overshot.
-        DownloadError::CacheFull(m) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m),
-        other => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, other),
+        DownloadError::CacheFull(m) => oci_error(StatusCode::SERVICE_UNAVAILABLE, unknown, m),
+        other => oci_error(StatusCode::SERVICE_UNAVAILABLE, unknown, other),
     }
 }
 
@@ -117,6 +119,7 @@ async fn v2(req: HttpRequest, state: State) -> HttpResponse {
             Err(resp) => resp,
         },
         Ok(V2Path::TagsList { name }) => tag_list(&req, name, &state).await,
+        Ok(V2Path::Referrers { name, digest }) => referrers(&req, name, digest, &state).await,
         Ok(_) | Err(V2PathError::NotFound) => {
             oci_error(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "no such endpoint")
         }
@@ -146,7 +149,7 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
                 oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown")
             }
             Err(LookupError::Denied(m)) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
-            Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
+            Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BlobUnknown, e),
         };
     }
     // A plain GET streams the verified prefix of a download as it grows; a Range request
@@ -180,7 +183,7 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
             Cached::Damaged | Cached::Missing => {
                 return oci_error(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::Unavailable,
+                    ErrorCode::BlobUnknown,
                     "blob evicted, retry",
                 )
             }
@@ -265,9 +268,16 @@ async fn manifest(req: &HttpRequest, reference: &str, hint: &Hint, state: &AppSt
             Err(LookupError::Denied(m)) => {
                 return oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m)
             }
-            Err(e) => return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
+            Err(e) => return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ManifestUnknown, e),
         },
-        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
+        // A reference outside the grammar names no manifest (the spec's pull tests: 404).
+        Err(e) => {
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                ErrorCode::ManifestUnknown,
+                format!("no such manifest: {e}"),
+            )
+        }
     };
     let tally = match downloads.ensure(digest, Some(hint)).await {
         Ok(tally) => tally,
@@ -291,6 +301,42 @@ async fn manifest(req: &HttpRequest, reference: &str, hint: &Hint, state: &AppSt
 }
 
 #[derive(serde::Deserialize)]
+struct ReferrersQuery {
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: asked of the tracker, which merges what the origins
+/// list (as for tags: nothing is cached, so a deleted referrer is gone at once).
+async fn referrers(req: &HttpRequest, name: &str, digest: &str, state: &AppState) -> HttpResponse {
+    use shoal_shared::referrers::{valid_artifact_type, FILTERS_APPLIED};
+    let subject: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, e),
+    };
+    let Ok(query) = web::Query::<ReferrersQuery>::from_query(req.query_string()) else {
+        return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "bad query");
+    };
+    let artifact_type = query.into_inner().artifact_type;
+    if artifact_type.as_deref().is_some_and(|t| !valid_artifact_type(t)) {
+        return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "invalid artifactType");
+    }
+    match state.downloads.tracker().referrers(name, &subject, artifact_type.as_deref()).await {
+        Ok(index) => {
+            let mut resp = HttpResponse::Ok();
+            resp.insert_header((header::CONTENT_TYPE, shoal_shared::oci::OCI_INDEX));
+            if artifact_type.is_some() {
+                resp.insert_header((FILTERS_APPLIED, "artifactType"));
+            }
+            resp.body(serde_json::to_vec(&index).unwrap_or_default())
+        }
+        Err(LookupError::Denied(m)) => oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m),
+        // The spec forbids a 404 from a registry that serves the referrers API.
+        Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ManifestUnknown, e),
+    }
+}
+
+#[derive(serde::Deserialize)]
 struct Page {
     n: Option<usize>,
     last: Option<String>,
@@ -308,7 +354,7 @@ async fn tag_list(req: &HttpRequest, name: &str, state: &AppState) -> HttpRespon
         Err(LookupError::NotFound) => {
             oci_error(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, "repository unknown")
         }
-        Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e),
+        Err(e) => oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NameUnknown, e),
     }
 }
 

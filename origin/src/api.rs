@@ -1,4 +1,5 @@
-//! The origin's HTTP API: the OCI distribution spec (pull and push) plus Shoal's own
+//! The origin's HTTP API: the OCI distribution spec (pull, push, content discovery with the
+//! referrers API in `referrers.rs`, content management in `delete.rs`) plus Shoal's own
 //! endpoints (`/shoal/v1/metainfo/<digest>`, `/shoal/v1/info`) and `/metrics`.
 //!
 //! Every handler validates names, references and digests before touching the store and
@@ -20,6 +21,7 @@ use shoal_shared::oci::{
     manifest_media_type, manifest_references, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path,
     V2PathError, MAX_MANIFEST,
 };
+use shoal_shared::referrers::{referrer_of, FILTERS_APPLIED, OCI_SUBJECT};
 use shoal_shared::store::{BlobStore, Staged, StoreError};
 
 use crate::cluster::Cluster;
@@ -33,6 +35,8 @@ use crate::upstream::{UpstreamError, Upstreams};
 pub struct AppState {
     pub store: BlobStore,
     pub tags: TagStore,
+    /// Which manifests name which subject (the referrers API).
+    pub referrers: crate::referrers::Referrers,
     pub uploads: Uploads,
     pub seeder: Arc<Seeder>,
     pub piece_length: u32,
@@ -141,17 +145,17 @@ fn bad_digest(e: impl std::fmt::Display) -> HttpResponse {
 }
 
 /// A store error as the client sees it: a full disk is 507, anything else 503; never a path
-/// of the host.
-fn store_failure(e: &StoreError) -> HttpResponse {
+/// of the host. `code` is that of what the request was about (see [`ErrorCode`]).
+pub(crate) fn store_failure(e: &StoreError, code: ErrorCode) -> HttpResponse {
     tracing::error!(cause = %e, "store failure");
     if e.is_out_of_space() {
         return oci_error(
             StatusCode::INSUFFICIENT_STORAGE,
-            ErrorCode::Unavailable,
+            code,
             "the origin is out of disk space; nothing of this upload was kept",
         );
     }
-    oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "storage unavailable")
+    oci_error(StatusCode::SERVICE_UNAVAILABLE, code, "storage unavailable")
 }
 
 async fn v2_base() -> HttpResponse {
@@ -165,6 +169,12 @@ struct DigestQuery {
     last: Option<String>,
     /// The upstream registry of a pull-through request (containerd's mirror `?ns=`).
     ns: Option<String>,
+    /// A cross-repository mount (`POST .../blobs/uploads/?mount=<digest>&from=<name>`).
+    mount: Option<String>,
+    from: Option<String>,
+    /// The referrers API's filter.
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
 }
 
 async fn v2(
@@ -188,7 +198,7 @@ async fn v2(
     if writes && !authorized(&req, state.upload_token.as_deref()) {
         return token_required();
     }
-    let DigestQuery { digest: query, n, last, ns } = query.into_inner();
+    let DigestQuery { digest: query, n, last, ns, mount, from, artifact_type } = query.into_inner();
     if ns.as_deref().is_some_and(|ns| !valid_ns(ns)) {
         return oci_error(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, "invalid ns");
     }
@@ -212,6 +222,9 @@ async fn v2(
             put_manifest(&req, name, reference, payload, hop, &state).await
         }
         (V2Path::UploadStart { name }, Method::POST) => {
+            if let Some(resp) = mount_blob(name, mount.as_deref(), from.as_deref(), &state).await {
+                return resp;
+            }
             // A ring member's copy of a blob it pulled through stays subject to the
             // pull-through retention here too.
             let pulled = hop && req.headers().contains_key(shoal_shared::client::PULLED_THROUGH_HEADER);
@@ -221,6 +234,15 @@ async fn v2(
                 crate::retention::mark_pulled(&state.store, &digest).await;
             }
             resp
+        }
+        (V2Path::Manifest { name, reference }, Method::DELETE) => {
+            crate::delete::manifest(name, reference, hop, &state).await
+        }
+        (V2Path::Blob { name, digest }, Method::DELETE) => {
+            crate::delete::blob(name, digest, hop, &state).await
+        }
+        (V2Path::Referrers { name, digest }, Method::GET | Method::HEAD) => {
+            crate::referrers::get(&req, name, digest, artifact_type.as_deref(), hop, &state).await
         }
         (V2Path::Upload { name, id }, Method::PATCH) => patch_upload(&req, name, id, payload, &state).await,
         (V2Path::Upload { name, id }, Method::PUT) => {
@@ -247,7 +269,7 @@ async fn get_blob(req: &HttpRequest, digest: &str, hop: bool, state: &AppState) 
     // Filled from the durable store when the disk lacks it; a store that cannot answer is a
     // 503, not a 404 that a client would take for "no such blob".
     if let Err(e) = state.store.ensure_local(&digest).await {
-        return store_failure(&e);
+        return store_failure(&e, ErrorCode::BlobUnknown);
     }
     match state.store.open_blob(&digest).await {
         Some((file, len)) => {
@@ -294,7 +316,7 @@ async fn forward_manifest(
 }
 
 /// Another origin's answer, passed on: status, the registry headers and the body, streamed.
-fn proxied(req: &HttpRequest, resp: reqwest::Response) -> HttpResponse {
+pub(crate) fn proxied(req: &HttpRequest, resp: reqwest::Response) -> HttpResponse {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut builder = HttpResponse::build(status);
     for name in [
@@ -311,6 +333,9 @@ fn proxied(req: &HttpRequest, resp: reqwest::Response) -> HttpResponse {
     }
     if let Some(v) = resp.headers().get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()) {
         builder.insert_header((DOCKER_CONTENT_DIGEST, v.to_owned()));
+    }
+    if let Some(v) = resp.headers().get(FILTERS_APPLIED).and_then(|v| v.to_str().ok()) {
+        builder.insert_header((FILTERS_APPLIED, v.to_owned()));
     }
     let len = resp
         .content_length()
@@ -342,9 +367,11 @@ async fn resolve(
     may_fetch: bool,
     state: &AppState,
 ) -> Result<Digest, HttpResponse> {
-    let reference = reference
-        .parse::<Reference>()
-        .map_err(|e| oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e))?;
+    // A reference outside the grammar names no manifest: 404, as the spec's pull tests
+    // expect (a PUT with one stays a 400).
+    let reference = reference.parse::<Reference>().map_err(|e| {
+        oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, format!("no such manifest: {e}"))
+    })?;
     let ups = &state.upstreams;
     let upstream = match ns {
         Some(ns) => ups.select(Some(ns)).ok(),
@@ -463,6 +490,11 @@ async fn put_manifest(
             return bad_digest(format!("manifest has digest {digest}, not {claimed}"));
         }
     }
+    // A subject need not exist yet (spec: referrers may be pushed before their subject).
+    let referrer = match referrer_of(&body, &manifest_media_type(&body).unwrap_or_default(), digest) {
+        Ok(r) => r,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e),
+    };
     let result = async {
         let mut staged = state.store.stage(state.piece_length).await?;
         staged.write(&body).await?;
@@ -470,12 +502,32 @@ async fn put_manifest(
     }
     .await;
     if let Err(e) = result {
-        return store_failure(&e);
+        return store_failure(&e, ErrorCode::ManifestInvalid);
     }
     if let Reference::Tag(tag) = &reference {
         if let Err(e) = state.tags.put(name, tag, &digest).await {
             tracing::error!(cause = %e, "cannot write tag");
-            return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "cannot write tag");
+            return oci_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ManifestInvalid,
+                "cannot write tag",
+            );
+        }
+    }
+    if let Some(r) = &referrer {
+        match state.referrers.add(name, r).await {
+            Ok(()) => {}
+            Err(e @ crate::referrers::LinkError::Full { .. }) => {
+                return oci_error(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, e)
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot write a referrer link");
+                return oci_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::ManifestInvalid,
+                    "cannot record subject",
+                );
+            }
         }
     }
     tracing::info!(%name, %reference, %digest, "manifest stored");
@@ -491,10 +543,36 @@ async fn put_manifest(
             .unwrap_or_default();
         cluster.replicate_manifest(name, reference_text, &digest, &body, &media_type).await;
     }
-    HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/v2/{name}/manifests/{digest}")))
-        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
-        .finish()
+    let mut resp = HttpResponse::Created();
+    resp.insert_header((header::LOCATION, format!("/v2/{name}/manifests/{digest}")))
+        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
+    if let Some(r) = &referrer {
+        resp.insert_header((OCI_SUBJECT, r.subject.to_string()));
+    }
+    resp.finish()
+}
+
+/// A cross-repository mount: content is global here, so a blob the origin holds is mounted
+/// at once (201). `None` (an ordinary upload session follows, as the spec allows) when
+/// there is no `mount`, it is not a digest, or the blob is not held; `from` is only checked
+/// against the name grammar.
+async fn mount_blob(
+    name: &str,
+    mount: Option<&str>,
+    from: Option<&str>,
+    state: &AppState,
+) -> Option<HttpResponse> {
+    let digest: Digest = mount?.parse().ok()?;
+    if from.is_some_and(|f| !shoal_shared::oci::valid_name(f)) {
+        return Some(oci_error(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, "invalid from"));
+    }
+    state.store.size(&digest).await?;
+    Some(
+        HttpResponse::Created()
+            .insert_header((header::LOCATION, format!("/v2/{name}/blobs/{digest}")))
+            .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()))
+            .finish(),
+    )
 }
 
 /// Why a request body did not make it into a staged blob.
@@ -527,14 +605,17 @@ async fn drain(payload: &mut web::Payload, staged: &mut Staged, held: &mut Held)
                     format!("uploads in progress may hold {room} more bytes; this upload was ended"),
                 )));
             }
-            Ok(chunk) => staged.write(&chunk).await.map_err(|e| DrainError::Store(store_failure(&e)))?,
+            Ok(chunk) => staged
+                .write(&chunk)
+                .await
+                .map_err(|e| DrainError::Store(store_failure(&e, ErrorCode::BlobUploadInvalid)))?,
             Err(e) => {
                 body_error = Some(format!("body: {e}"));
                 break;
             }
         }
     }
-    staged.flush().await.map_err(|e| DrainError::Store(store_failure(&e)))?;
+    staged.flush().await.map_err(|e| DrainError::Store(store_failure(&e, ErrorCode::BlobUploadInvalid)))?;
     match body_error {
         Some(m) => Err(DrainError::Body(oci_error(StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid, m))),
         None => Ok(()),
@@ -566,7 +647,7 @@ async fn commit(staged: Staged, digest: &Digest, name: &str, hop: bool, state: &
             ErrorCode::BlobUploadInvalid,
             format!("upload holds {actual} bytes on disk, {expected} were sent; nothing stored"),
         ),
-        Err(e) => store_failure(&e),
+        Err(e) => store_failure(&e, ErrorCode::BlobUploadInvalid),
     }
 }
 
@@ -592,7 +673,7 @@ async fn start_upload(
     };
     let mut staged = match state.store.stage(state.piece_length).await {
         Ok(s) => s,
-        Err(e) => return store_failure(&e),
+        Err(e) => return store_failure(&e, ErrorCode::BlobUploadInvalid),
     };
     if let Some(digest) = digest {
         // Monolithic upload in one request.

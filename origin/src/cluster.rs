@@ -433,6 +433,30 @@ impl Cluster {
         }
     }
 
+    /// Sends a deletion (`DELETE <path>`, `/v2/...`) to every other healthy member, not only
+    /// the owners: a copy held by a former owner would otherwise come back with the next
+    /// repair pass. A member that answers 404 had nothing to delete; one that fails is marked
+    /// down (a member down during the deletion keeps its copy, see docs/ARCHITECTURE.md).
+    pub async fn replicate_delete(&self, path: &str) {
+        let members: Vec<String> =
+            self.snapshot().into_iter().map(|m| m.id).filter(|m| *m != self.me && self.is_up(m)).collect();
+        let deletes = members.into_iter().map(|m| async move {
+            let url = format!("{m}{path}");
+            let result = self.authorized(self.http.delete(&url)).send().await;
+            (m, url, result)
+        });
+        for (m, url, result) in futures_util::future::join_all(deletes).await {
+            match result {
+                Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND => {}
+                Ok(r) => tracing::warn!(%url, status = %r.status(), "a member refused a deletion"),
+                Err(e) => {
+                    tracing::warn!(%url, cause = %e, "replicating a deletion failed");
+                    self.suspect(&m);
+                }
+            }
+        }
+    }
+
     /// Forwards a read this origin cannot answer to the owners of `item`, in order; the first
     /// answer that is not a 404 (or a transport failure) is returned. `path_and_query` starts
     /// with `/v2/`.
@@ -498,7 +522,7 @@ impl Cluster {
         self.metrics.unowned.set(self.handoff.len() as i64);
         let tag_files = {
             let root = data.join("tags");
-            tokio::task::spawn_blocking(move || list_tags(&root)).await.unwrap_or_default()
+            tokio::task::spawn_blocking(move || crate::tags::list_tag_files(&root)).await.unwrap_or_default()
         };
         let mut tag_work = Vec::new();
         for (name, tag) in tag_files {
@@ -610,30 +634,6 @@ impl Cluster {
         self.copy_manifest(name, tag, &body, &media_type, member).await?;
         Ok(true)
     }
-}
-
-/// Every `(repository, tag)` under a tag directory (`<name...>/<tag>.tag`).
-fn list_tags(root: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let (Some(tag), Ok(rel)) = (
-                path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix(".tag")),
-                dir.strip_prefix(root),
-            ) {
-                if let Some(name) = rel.to_str().filter(|n| !n.is_empty()) {
-                    out.push((name.to_owned(), tag.to_owned()));
-                }
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Copies every blob an upstream fill stored here to its owners as it arrives (a fill has
@@ -764,7 +764,7 @@ mod tests {
             std::fs::write(d.join(format!("{tag}.tag")), "x").expect("tag");
         }
         assert_eq!(
-            list_tags(dir.path()),
+            crate::tags::list_tag_files(dir.path()),
             vec![
                 ("app".to_owned(), "v1".to_owned()),
                 ("team/app".to_owned(), "latest".to_owned()),

@@ -7,10 +7,12 @@
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod delete;
 pub mod durable;
 pub mod outcomes;
 pub mod prefetch;
 pub mod push;
+pub mod referrers;
 pub mod retention;
 pub mod seeder;
 pub mod spread;
@@ -199,6 +201,7 @@ pub async fn run(
     });
     let state = web::Data::new(api::AppState {
         tags: tags::TagStore::new(&store),
+        referrers: referrers::Referrers::new(&store),
         store,
         uploads: uploads::Uploads::new(MAX_UPLOAD_SESSIONS, max_upload_bytes),
         seeder: seeder.clone(),

@@ -132,6 +132,42 @@ impl TagStore {
         self.write_local(name, tag, digest, None).await
     }
 
+    /// Removes `name:tag`: from the durable store first (if any), then from disk, so a tag
+    /// the store still holds is never filled back after it was deleted. `Ok(false)` when
+    /// there was no such tag.
+    pub async fn remove(&self, name: &str, tag: &str) -> io::Result<bool> {
+        let existed = self.get(name, tag).await.is_some();
+        if let Some(backing) = self.store.backing() {
+            let key = self
+                .key(name, tag)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "invalid name or tag"))?;
+            backing.delete(&key).await.map_err(io::Error::other)?;
+        }
+        match tokio::fs::remove_file(self.path(name, tag)).await {
+            Ok(()) => Ok(existed),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(existed),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every tag on disk under this store's directory that points at `digest`, as
+    /// `(name, tag)` (for pulled-through tags the name starts with the upstream's host).
+    /// Reads every tag file: for deletions, which are rare.
+    pub async fn pointing_at(&self, digest: &Digest) -> Vec<(String, String)> {
+        let root = self.root.clone();
+        let files = tokio::task::spawn_blocking(move || list_tag_files(&root)).await.unwrap_or_default();
+        let mut out = Vec::new();
+        for (name, tag) in files {
+            let path = self.path(&name, &tag);
+            if let Ok(text) = tokio::fs::read_to_string(&path).await {
+                if text.trim().parse::<Digest>().is_ok_and(|d| d == *digest) {
+                    out.push((name, tag));
+                }
+            }
+        }
+        out
+    }
+
     async fn write_local(
         &self,
         name: &str,
@@ -151,6 +187,31 @@ impl TagStore {
         }
         tokio::fs::rename(&tmp, &path).await
     }
+}
+
+/// Every `(name, tag)` whose file lies under `root` (`<root>/<name>/<tag>.tag`), sorted.
+/// Blocking: walks the directory.
+pub fn list_tag_files(root: &std::path::Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let (Some(tag), Ok(rel)) = (
+                path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix(".tag")),
+                dir.strip_prefix(root),
+            ) {
+                if let Some(name) = rel.to_str().filter(|n| !n.is_empty()) {
+                    out.push((name.to_owned(), tag.to_owned()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// A tag object's text (a digest: small).
@@ -227,6 +288,32 @@ mod tests {
         assert_eq!(tags.get("app", "v1").await, Some(a));
         assert_eq!(tags.get("app", "v2").await, None);
         assert_eq!(tags.list("app").await, Some(vec!["v1".into()]));
+    }
+
+    #[tokio::test]
+    async fn removed_tags_are_gone_from_disk_and_store_and_found_by_digest_before() {
+        let backing = Arc::new(MemoryBacking::default());
+        let dir = tempfile::tempdir().expect("tmp");
+        let tags = TagStore::new(&backed(dir.path(), &backing));
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        tags.put("team/app", "v1", &a).await.expect("put");
+        tags.put("team/app", "v2", &b).await.expect("put");
+        tags.put("other", "x", &a).await.expect("put");
+        assert_eq!(
+            tags.pointing_at(&a).await,
+            vec![("other".into(), "x".into()), ("team/app".into(), "v1".into())]
+        );
+        assert!(tags.remove("team/app", "v1").await.expect("remove"));
+        assert!(!tags.remove("team/app", "v1").await.expect("remove again"));
+        assert!(backing.object("tags/team/app/v1.tag").is_none());
+        assert_eq!(tags.get("team/app", "v1").await, None);
+        assert_eq!(tags.list("team/app").await, Some(vec!["v2".into()]));
+        assert_eq!(tags.pointing_at(&a).await, vec![("other".into(), "x".into())]);
+        // A store that cannot delete keeps the tag everywhere.
+        backing.fail.store(true, Ordering::Relaxed);
+        assert!(tags.remove("team/app", "v2").await.is_err());
+        backing.fail.store(false, Ordering::Relaxed);
+        assert_eq!(tags.get("team/app", "v2").await, Some(b));
     }
 
     #[test]

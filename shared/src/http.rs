@@ -58,7 +58,8 @@ pub fn serve_file(
         Err(()) => {
             let mut resp = oci_error(
                 StatusCode::RANGE_NOT_SATISFIABLE,
-                ErrorCode::RangeInvalid,
+                // The spec has no range code: the range asked for lies outside the blob's size.
+                ErrorCode::SizeInvalid,
                 format!("range not satisfiable for a blob of {len} bytes"),
             );
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {

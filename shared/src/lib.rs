@@ -6,7 +6,8 @@
 //! [`telemetry`], [`ratelimit`], [`members`], [`tasks`].
 
 pub use shoal_proto::{
-    bitfield, codec, digest, hint, image, messages, metainfo, oci, registry_auth, ring, scheduler, wire,
+    bitfield, codec, digest, hint, image, messages, metainfo, oci, referrers, registry_auth, ring, scheduler,
+    wire,
 };
 
 pub mod client;

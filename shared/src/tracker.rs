@@ -198,6 +198,22 @@ impl TrackerClient {
         Ok(list.tags)
     }
 
+    /// The referrers of `subject` in `name` known to the cluster (an OCI image index),
+    /// filtered by `artifact_type` when given.
+    pub async fn referrers(
+        &self,
+        name: &str,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<crate::referrers::ReferrersIndex, LookupError> {
+        let query = crate::referrers::filter_query(artifact_type);
+        self.first(name.as_bytes(), |base| {
+            let url = format!("{base}/shoal/v1/referrers/{subject}/{name}{query}");
+            async move { client::get_json(&self.http, &url, crate::referrers::MAX_REFERRERS_JSON).await }
+        })
+        .await
+    }
+
     /// Announces and returns the peers to fetch from.
     pub async fn announce(&self, announce: &Announce) -> Result<AnnounceResponse, LookupError> {
         self.first(announce.digest.to_string().as_bytes(), |base| {

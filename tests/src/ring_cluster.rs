@@ -88,7 +88,7 @@ pub struct RingCluster {
     dir: TempDir,
 }
 
-/// The origins' upload token.
+/// The upload token every origin of the ring takes.
 pub const TOKEN: &str = "ring-test-token";
 
 impl RingCluster {

@@ -75,22 +75,30 @@ async fn bad_paths_on_agent_and_origin() {
             expect(&c, method.clone(), &url, 404, Some("MANIFEST_UNKNOWN")).await;
             // A bad reference.
             let url = format!("{base}/v2/app/bad/manifests/-bad-tag");
-            let (got, body) = send(c.client.request(method.clone(), &url)).await;
-            assert!(got == 400 || got == 404, "{url}: {got} {body}");
+            expect(&c, method.clone(), &url, 404, Some("MANIFEST_UNKNOWN")).await;
         }
         // Unsatisfiable ranges.
         let url = format!("{base}/v2/app/bad/blobs/{layer}");
         for range in [format!("bytes={size}-"), "bytes=5-2".to_owned(), "bytes=-0".to_owned()] {
             let (got, body) = send(c.client.get(&url).header("Range", &range)).await;
             assert_eq!(got, 416, "{range}: {body}");
-            assert_eq!(code(&body).as_deref(), Some("RANGE_INVALID"), "{range}: {body}");
+            assert_eq!(code(&body).as_deref(), Some("SIZE_INVALID"), "{range}: {body}");
         }
         // A satisfiable one still works afterwards.
         let (got, _) = send(c.client.get(&url).header("Range", "bytes=0-0")).await;
         assert_eq!(got, 206);
         // Writes to the agent are refused; unknown endpoints are 404.
-        let (got, _) = send(c.client.get(format!("{base}/v2/app/bad/referrers/{layer}"))).await;
+        let (got, _) = send(c.client.get(format!("{base}/v2/app/bad/catalog/{layer}"))).await;
         assert_eq!(got, 404);
+        // The referrers API never answers 404; a bad digest or filter is a 400.
+        let (got, body) = send(c.client.get(format!("{base}/v2/app/bad/referrers/{layer}"))).await;
+        assert_eq!(got, 200, "{body}");
+        let (got, body) = send(c.client.get(format!("{base}/v2/app/bad/referrers/sha256:nothex"))).await;
+        assert_eq!(got, 400, "{body}");
+        assert_eq!(code(&body).as_deref(), Some("DIGEST_INVALID"), "{body}");
+        let url = format!("{base}/v2/app/bad/referrers/{layer}?artifactType=no%20slash");
+        let (got, body) = send(c.client.get(url)).await;
+        assert_eq!(got, 400, "{body}");
     }
     let (got, body) =
         send(c.client.delete(format!("{}/v2/app/bad/blobs/{layer}", c.agents[0].registry_url))).await;

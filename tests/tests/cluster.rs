@@ -200,7 +200,7 @@ async fn agent_from_foreign_ca_gets_nothing() {
     let body = resp.text().await.unwrap_or_default();
     assert!(status.is_server_error() && status != 500, "{status}: {body}");
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("UNAVAILABLE"), "{body}");
+    assert!(body.contains("BLOB_UNKNOWN"), "{body}");
     assert!(
         elapsed < Duration::from_secs(progress_timeout + 5),
         "request took {elapsed:?}, progress timeout is {progress_timeout}s"

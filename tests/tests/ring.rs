@@ -197,3 +197,74 @@ async fn trackers_find_origins_by_dns_name() {
     let pulled = pull_image(&c.client, &c.agents[0].registry_url, "dns/app", "v1").await.expect("pull");
     assert_eq!(pulled.manifest_digest, image.manifest);
 }
+
+/// A referrer pushed through one origin is listed by every member (the owners of the
+/// repository got the PUT; the others ask them) and through an agent; deleting it on the
+/// origin it was pushed through removes it, and its content, from every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn referrers_and_deletions_reach_every_member() {
+    use sha2::{Digest as _, Sha256};
+    let digest_of = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let c = RingCluster::start(RingOptions { agents: 1, ..Default::default() }).await.expect("cluster");
+    let image = c.push_image(0, "team/app:v1", &[100_000], 5).await.expect("push");
+    let origin = c.origins[0].url.clone();
+    for blob in [&b"{}"[..], b"a signature"] {
+        let url = format!("{origin}/v2/team/app/blobs/uploads/?digest={}", digest_of(blob));
+        let resp = c.client.post(url).bearer_auth(TOKEN).body(blob.to_vec()).send().await.expect("blob");
+        assert_eq!(resp.status(), 201);
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.sig",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest_of(b"{}"), "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": digest_of(b"a signature"), "size": 11}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image.manifest, "size": 1},
+    }))
+    .expect("json");
+    let referrer = digest_of(&manifest);
+    let resp = c
+        .client
+        .put(format!("{origin}/v2/team/app/manifests/{referrer}"))
+        .bearer_auth(TOKEN)
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 201);
+    assert_eq!(
+        resp.headers().get("OCI-Subject").and_then(|v| v.to_str().ok()),
+        Some(image.manifest.as_str())
+    );
+
+    let listed = |base: String| {
+        let (client, url) = (c.client.clone(), format!("{base}/v2/team/app/referrers/{}", image.manifest));
+        async move {
+            let resp = client.get(&url).send().await.expect("referrers");
+            assert_eq!(resp.status(), 200, "{url}");
+            let index: serde_json::Value = resp.json().await.expect("index");
+            index["manifests"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let mut bases: Vec<String> = c.origins.iter().map(|o| o.url.clone()).collect();
+    bases.push(c.agents[0].registry_url.clone());
+    for base in &bases {
+        let found = listed(base.clone()).await;
+        assert_eq!(found.len(), 1, "{base}: {found:?}");
+        assert_eq!(found[0]["digest"], referrer.as_str());
+    }
+
+    let resp = c
+        .client
+        .delete(format!("{origin}/v2/team/app/manifests/{referrer}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status(), 202);
+    assert!(c.holders(&referrer).is_empty(), "deleted on every member: {:?}", c.holders(&referrer));
+    for base in &bases {
+        assert!(listed(base.clone()).await.is_empty(), "{base}");
+    }
+}

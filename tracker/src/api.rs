@@ -56,6 +56,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/shoal/v1/peers/{digest}", web::get().to(peers))
     .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
     .route("/shoal/v1/taglist/{name:.*}", web::get().to(tag_list))
+    .route("/shoal/v1/referrers/{digest}/{name:.*}", web::get().to(referrers))
     .route(
         "/metrics",
         web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
@@ -274,6 +275,36 @@ async fn tag_list(name: web::Path<String>, state: State) -> HttpResponse {
     }
     match state.origins.tag_list(&name).await {
         Ok(tags) => HttpResponse::Ok().json(TagList { name, tags }),
+        Err(e) => lookup_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ReferrersQuery {
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
+}
+
+/// The referrers of a manifest, merged from the origins (agents serve this as
+/// `GET /v2/<name>/referrers/<digest>`).
+async fn referrers(
+    path: web::Path<(String, String)>,
+    query: web::Query<ReferrersQuery>,
+    state: State,
+) -> HttpResponse {
+    let (digest, name) = path.into_inner();
+    if !valid_name(&name) {
+        return error(StatusCode::BAD_REQUEST, "invalid name");
+    }
+    let Ok(digest) = digest.parse::<Digest>() else {
+        return error(StatusCode::BAD_REQUEST, "invalid digest");
+    };
+    let artifact_type = query.into_inner().artifact_type;
+    if artifact_type.as_deref().is_some_and(|t| !shoal_shared::referrers::valid_artifact_type(t)) {
+        return error(StatusCode::BAD_REQUEST, "invalid artifactType");
+    }
+    match state.origins.referrers(&name, &digest, artifact_type.as_deref()).await {
+        Ok(index) => HttpResponse::Ok().json(index),
         Err(e) => lookup_error(&e),
     }
 }

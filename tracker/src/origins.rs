@@ -19,6 +19,7 @@ use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::oci::{valid_tag, TagList, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use shoal_shared::referrers::{filter_query, ReferrersIndex, MAX_REFERRERS_JSON};
 
 /// Largest tag list accepted from an origin.
 pub const MAX_TAG_LIST: usize = 4 << 20;
@@ -265,6 +266,32 @@ impl Origins {
                 tracing::warn!(cause = %e, "origin info unavailable");
                 None
             }
+        }
+    }
+
+    /// The referrers of `subject` in `name` that any reachable origin lists (a union, as for
+    /// tags: a standalone origin holds only what was pushed to it), filtered again here.
+    pub async fn referrers(
+        &self,
+        name: &str,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<ReferrersIndex, LookupError> {
+        let query = filter_query(artifact_type);
+        let (mut all, mut answered, mut last_error) = (Vec::new(), false, None);
+        for base in &self.urls {
+            let url = format!("{base}/v2/{name}/referrers/{subject}{query}");
+            match client::get_json::<ReferrersIndex>(&self.http, &url, MAX_REFERRERS_JSON).await {
+                Ok(index) => {
+                    answered = true;
+                    all.extend(index.manifests);
+                }
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        match (answered, last_error) {
+            (false, Some(e)) => Err(LookupError::Unavailable(e)),
+            _ => Ok(ReferrersIndex::new(all, artifact_type)),
         }
     }
 

@@ -76,7 +76,9 @@ impl UpstreamError {
         }
     }
 
-    /// The registry error this becomes for a client.
+    /// The registry error this becomes for a client: `unknown` is the code of what was asked
+    /// for (`BLOB_UNKNOWN`, `MANIFEST_UNKNOWN`), also carried by the 502/503 answers, since the
+    /// spec has no code of its own for a server-side failure (see [`ErrorCode`]).
     pub fn http(&self, unknown: ErrorCode) -> (StatusCode, ErrorCode) {
         match self {
             Self::UnknownRegistry(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
@@ -84,12 +86,12 @@ impl UpstreamError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             Self::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             Self::Schema1(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
-            Self::Invalid(_) | Self::TooLarge { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+            Self::Invalid(_) | Self::TooLarge { .. } => (StatusCode::BAD_GATEWAY, unknown),
             Self::Status { .. }
             | Self::Unreachable(_)
             | Self::Stalled { .. }
             | Self::Store(_)
-            | Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            | Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, unknown),
         }
     }
 }

@@ -9,7 +9,7 @@
 //! Modules: [`digest`] (OCI content digests), [`metainfo`] (pieces and their hashes),
 //! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
 //! [`scheduler`] (the download session), [`oci`] (references, manifests, media types, error
-//! codes), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
+//! codes), [`referrers`] (the referrers API's index), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
 //! pull is for), [`messages`] (tracker messages), [`ring`] (who owns a blob among origins or
 //! trackers),
 //! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses).
@@ -22,6 +22,7 @@ pub mod image;
 pub mod messages;
 pub mod metainfo;
 pub mod oci;
+pub mod referrers;
 pub mod registry_auth;
 pub mod ring;
 pub mod scheduler;

@@ -21,7 +21,17 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.docker.distribution.manifest.v2+json";
 
-/// Registry API error codes (distribution spec, "Error Codes").
+/// Registry API error codes: exactly the distribution spec's list ("Error Codes"), the only
+/// codes clients may rely on, so no other code can be sent.
+///
+/// The spec has no code for "the server failed" (distribution's `UNAVAILABLE` and `UNKNOWN`
+/// are its own). Server-side failures (a store that cannot write, an upstream or tracker
+/// that does not answer, a full disk) keep a meaningful HTTP status (503, 502, 507: retry
+/// later) and carry the code of what the request was about, as a not-found would: a blob
+/// read answers `BLOB_UNKNOWN`, a manifest read `MANIFEST_UNKNOWN`, an upload
+/// `BLOB_UPLOAD_INVALID`, a manifest or tag write `MANIFEST_INVALID`. `TOOMANYREQUESTS` is
+/// kept for 429 (a client's own rate) and never used for a 503, which is not about the
+/// client's rate; `UNSUPPORTED` is kept for what this registry does not do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     BlobUnknown,
@@ -38,9 +48,6 @@ pub enum ErrorCode {
     Denied,
     Unsupported,
     TooManyRequests,
-    /// Not in the spec's list; used for 416 and 503 answers.
-    RangeInvalid,
-    Unavailable,
 }
 
 impl ErrorCode {
@@ -60,8 +67,6 @@ impl ErrorCode {
             Self::Denied => "DENIED",
             Self::Unsupported => "UNSUPPORTED",
             Self::TooManyRequests => "TOOMANYREQUESTS",
-            Self::RangeInvalid => "RANGE_INVALID",
-            Self::Unavailable => "UNAVAILABLE",
         }
     }
 }
@@ -280,6 +285,11 @@ pub enum V2Path<'a> {
         name: &'a str,
         id: &'a str,
     },
+    /// `/v2/<name>/referrers/<digest>`
+    Referrers {
+        name: &'a str,
+        digest: &'a str,
+    },
 }
 
 /// A `/v2/` path that is not valid.
@@ -312,6 +322,12 @@ pub fn parse_v2_path<'a>(tail: &'a str) -> Result<V2Path<'a>, V2PathError> {
     if let Some((name, id)) = tail.rsplit_once("/blobs/uploads/") {
         return Ok(V2Path::Upload { name: checked(name)?, id });
     }
+    // The digest is the last segment (a repository may have a component named `referrers`).
+    if let Some((name, digest)) =
+        tail.rsplit_once('/').and_then(|(prefix, last)| Some((prefix.strip_suffix("/referrers")?, last)))
+    {
+        return Ok(V2Path::Referrers { name: checked(name)?, digest });
+    }
     if let Some((name, digest)) = tail.rsplit_once("/blobs/") {
         return Ok(V2Path::Blob { name: checked(name)?, digest });
     }
@@ -338,6 +354,15 @@ mod tests {
         assert_eq!(parse_v2_path("../x/blobs/sha256:x"), Err(V2PathError::Name));
         assert_eq!(parse_v2_path("a/b/tags/list"), Ok(V2Path::TagsList { name: "a/b" }));
         assert_eq!(parse_v2_path("a/tags/other"), Err(V2PathError::NotFound));
+        assert_eq!(
+            parse_v2_path("a/b/referrers/sha256:x"),
+            Ok(V2Path::Referrers { name: "a/b", digest: "sha256:x" })
+        );
+        assert_eq!(parse_v2_path("A/referrers/sha256:x"), Err(V2PathError::Name));
+        assert_eq!(
+            parse_v2_path("a/referrers/blobs/sha256:x"),
+            Ok(V2Path::Blob { name: "a/referrers", digest: "sha256:x" })
+        );
     }
 
     #[test]
