@@ -135,6 +135,8 @@ pub struct Cluster {
     health: Mutex<HashMap<String, Health>>,
     http: reqwest::Client,
     handoff: Handoff,
+    /// Membership or some member's health changed since the last repair pass: run one now.
+    changed: std::sync::atomic::AtomicBool,
     pub metrics: ClusterMetrics,
 }
 
@@ -178,6 +180,7 @@ impl Cluster {
             health: Mutex::new(HashMap::new()),
             http,
             handoff: Handoff::new(settings.handoff_grace),
+            changed: std::sync::atomic::AtomicBool::new(false),
             metrics: ClusterMetrics::default(),
         };
         cluster.publish_up();
@@ -239,10 +242,20 @@ impl Cluster {
         let h = health.entry(member.to_owned()).or_default();
         if h.up {
             tracing::warn!(%member, "origin marked down after a failed request");
+            self.note_change();
         }
         *h = Health { up: false, fails: FAILS_TO_DOWN, passes: 0 };
         drop(health);
         self.publish_up();
+    }
+
+    fn note_change(&self) {
+        self.changed.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether membership or health changed since the last call.
+    fn take_change(&self) -> bool {
+        self.changed.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn publish_up(&self) {
@@ -254,7 +267,9 @@ impl Cluster {
     /// `http://IP:PORT`); named members and this origin stay. A name that does not resolve
     /// keeps the last membership.
     pub async fn resolve(&self) {
-        self.members.resolve().await;
+        if self.members.resolve().await {
+            self.note_change();
+        }
         self.publish_up();
     }
 
@@ -288,6 +303,7 @@ impl Cluster {
                 if !h.up && h.passes >= PASSES_TO_UP {
                     h.up = true;
                     tracing::info!(member = %m, "origin back up");
+                    self.note_change();
                 }
             } else {
                 h.passes = 0;
@@ -295,6 +311,7 @@ impl Cluster {
                 if h.up && h.fails >= FAILS_TO_DOWN {
                     h.up = false;
                     tracing::warn!(member = %m, "origin down (health probes failed)");
+                    self.note_change();
                 }
             }
         }
@@ -657,7 +674,8 @@ pub async fn replicate_fills(
     }
 }
 
-/// Runs the health probes and the repair pass until `shutdown`.
+/// Runs the health probes and the repair pass until `shutdown`: every [`REPAIR_EVERY`], and at
+/// once when membership or a member's health changed.
 pub async fn maintain(
     cluster: Arc<Cluster>,
     store: BlobStore,
@@ -675,10 +693,18 @@ pub async fn maintain(
             _ = resolve.tick() => cluster.resolve().await,
             _ = probe.tick() => cluster.probe_all().await,
             _ = repair.tick() => {
+                cluster.take_change();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = cluster.repair(&store, &tags, &data) => {}
                 }
+            }
+        }
+        if cluster.take_change() {
+            repair.reset();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = cluster.repair(&store, &tags, &data) => {}
             }
         }
     }
@@ -721,7 +747,12 @@ mod tests {
             .find(|d| !c.owns_blob(d))
             .expect("a blob this member does not own");
         let owners = c.blob_owners(&digest);
+        assert!(!c.take_change());
         c.suspect(&owners[0]);
+        assert!(c.take_change(), "a member going down calls for a repair pass");
+        assert!(!c.take_change());
+        c.suspect(&owners[0]);
+        assert!(!c.take_change(), "already down: nothing changed");
         let now = c.blob_owners(&digest);
         assert!(!now.contains(&owners[0]));
         assert_eq!(now.len(), 2, "the next member takes its place");
