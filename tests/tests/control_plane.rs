@@ -43,6 +43,8 @@ impl Pki {
 struct Tracker {
     url: String,
     addr: SocketAddr,
+    /// The plain operations listener (`--metrics`).
+    ops: SocketAddr,
     shutdown: CancellationToken,
 }
 
@@ -56,16 +58,19 @@ async fn start_tracker(tls_dir: Option<&Path>) -> Tracker {
     shoal_tests::cluster::init_tracing();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let ops_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ops");
+    let ops = ops_listener.local_addr().expect("ops addr");
+    let listeners = shoal_tracker::Listeners { http: listener, metrics: Some(ops_listener) };
     // Nothing listens on port 9 of loopback: lookups fail at once, announces still work.
     let mut config = shoal_tracker::Config::new(vec!["http://127.0.0.1:9".to_owned()]);
     config.tls = tls_dir.map(Path::to_path_buf);
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { shoal_tracker::run(config, listener, shutdown).await.expect("tracker") }
+        async move { shoal_tracker::run(config, listeners, shutdown).await.expect("tracker") }
     });
     let scheme = if tls_dir.is_some() { "https" } else { "http" };
-    let tracker = Tracker { url: format!("{scheme}://{addr}"), addr, shutdown };
+    let tracker = Tracker { url: format!("{scheme}://{addr}"), addr, ops, shutdown };
     // Up when it accepts TCP (a handshake needs a certificate, which not every test has).
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -192,6 +197,39 @@ async fn only_agents_and_origins_of_the_cluster_get_past_the_handshake() {
         .await
         .expect("metrics");
     assert_eq!(announces, 1);
+}
+
+/// A tracker with `--tls` admits no caller without a certificate on its main port, so
+/// probes and scrapers use its plain operations listener (`--metrics`): liveness, metrics
+/// and the status page answer there without a certificate, and nothing of the control
+/// plane (announces, lookups, the peer table) is served on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_tracker_answers_probes_and_scrapes_on_its_plain_ops_listener() {
+    let pki = Pki::new();
+    let tracker = start_tracker(Some(&pki.issue("tracker", Role::Tracker))).await;
+    let plain = reqwest::Client::new();
+    let ops = format!("http://{}", tracker.ops);
+    let get = |path: &str| plain.get(format!("{ops}{path}")).send();
+    let healthz = get("/healthz").await.expect("healthz");
+    assert_eq!(healthz.status(), 200);
+    let metrics = get("/metrics").await.expect("metrics").text().await.expect("body");
+    assert!(metrics.contains("shoal_tracker_announces"), "{metrics}");
+    assert!(get("/status").await.expect("status").status().is_success());
+    // Its one origin does not exist: not ready, and it says so (503, not a TLS refusal).
+    assert_eq!(get("/readyz").await.expect("readyz").status(), 503);
+    // The control plane is not on the ops listener.
+    let announce_plain = announce(&plain, &ops, peer(3001)).await.expect("answered");
+    assert_eq!(announce_plain.status(), 404);
+    let peers = get(&format!("/shoal/v1/peers/{}", digest())).await.expect("peers");
+    assert_eq!(peers.status(), 404);
+    // The main port still requires a certificate, for the operations routes too.
+    assert_refused(
+        "no certificate",
+        announce(&anonymous_client(&pki.ca()), &tracker.url, peer(3002)).await,
+        &["CertificateRequired"],
+    );
+    let healthz_tls = anonymous_client(&pki.ca()).get(format!("{}/healthz", tracker.url)).send().await;
+    assert!(healthz_tls.is_err(), "the TLS port answered a caller without a certificate");
 }
 
 /// With mutual TLS the tracker knows who announces: an origin's certificate lists it as an
