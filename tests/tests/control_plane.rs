@@ -259,32 +259,51 @@ async fn only_an_origin_certificate_is_listed_as_an_origin() {
 }
 
 /// A certificate revoked while the tracker runs is refused once the tracker has reloaded
-/// its directory (every 10 s), without a restart; a connection made before still works
-/// (established connections keep their handshake).
+/// its directory (every 10 s), without a restart: new connections at the handshake, and a
+/// keep-alive connection made before (which the handshake no longer guards) at its next
+/// request, with 403 and the connection closed. Other callers are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_revoked_while_the_tracker_runs_is_refused_after_reload() {
     let pki = Pki::new();
     let tracker_dir = pki.issue("tracker", Role::Tracker);
     let agent = pki.issue("agent", Role::Agent);
+    let other = node_client(&pki.issue("other", Role::Agent), Role::Agent);
     let tracker = start_tracker(Some(&tracker_dir)).await;
-    let fresh = || node_client(&agent, Role::Agent).get(format!("{}/healthz", tracker.url)).send();
+    let healthz = format!("{}/healthz", tracker.url);
+    let fresh = || node_client(&agent, Role::Agent).get(&healthz).send();
     assert!(fresh().await.expect("before revocation").status().is_success());
+    // One client, so one pooled keep-alive connection, made before the revocation.
+    let kept = node_client(&agent, Role::Agent);
+    assert!(kept.get(&healthz).send().await.expect("kept, before").status().is_success());
 
     tls::revoke(&pki.ca(), RevokeTarget::Name("agent")).expect("revoke");
     std::fs::copy(pki.ca().join("crl.pem"), tracker_dir.join("crl.pem")).expect("hand out crl.pem");
     let deadline = tokio::time::Instant::now() + tls::reload::RELOAD_INTERVAL * 2 + Duration::from_secs(5);
+    // The kept connection is used every 500 ms, so it never idles out: only a check of
+    // each request can stop it.
     loop {
-        match fresh().await {
-            Err(e) if error_chain(&e).contains("CertificateRevoked") => break,
-            other => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "revoked certificate still admitted: {other:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+        let resp = kept.get(&healthz).send().await.expect("kept connection");
+        if resp.status() == reqwest::StatusCode::FORBIDDEN {
+            let body = resp.text().await.unwrap_or_default();
+            assert!(body.contains("no longer trusted"), "{body}");
+            break;
         }
+        assert!(resp.status().is_success(), "kept: {}", resp.status());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a revoked caller's keep-alive connection still served"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The tracker closed that connection: the next request needs a handshake, refused.
+    let again = kept.get(&healthz).send().await.map_err(|e| error_chain(&e));
+    assert_refused("revoked, reconnecting", again, &["CertificateRevoked"]);
+    assert_refused(
+        "revoked, new client",
+        fresh().await.map_err(|e| error_chain(&e)),
+        &["CertificateRevoked"],
+    );
+    assert!(other.get(&healthz).send().await.expect("other").status().is_success());
 }
 
 /// A whole cluster through an mTLS tracker: agents and the origin call it with their

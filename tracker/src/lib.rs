@@ -3,7 +3,8 @@
 //! a restarted tracker is whole again within one announce interval.
 //!
 //! With `--tls` it serves HTTPS with mutual TLS: callers prove with a cluster certificate
-//! that they are agents or origins before anything is read (`shoal_shared::tls::http`). The
+//! that they are agents or origins before anything is read (`shoal_shared::tls::http`), and
+//! each request's certificate is checked again against the current revocation list. The
 //! operations routes are also served on an optional plain listener (`--metrics`) for probes
 //! and scrapers, which have no certificate.
 
@@ -131,11 +132,19 @@ pub async fn run(
         }
         None => None,
     };
+    // With --tls every request is checked against the current revocation list too: a
+    // keep-alive connection outlives its handshake.
+    let live_tls = tls.clone().map(web::Data::new);
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
+            .wrap(actix_web::middleware::from_fn(tls::http::require_trusted_caller))
             .wrap(actix_web::middleware::from_fn(shoal_shared::http::request_span))
-            .app_data(state.clone())
-            .configure(api::configure)
+            .app_data(state.clone());
+        match &live_tls {
+            Some(t) => app.app_data(t.clone()),
+            None => app,
+        }
+        .configure(api::configure)
     })
     .workers(2)
     .disable_signals()
