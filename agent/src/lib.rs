@@ -103,11 +103,14 @@ pub async fn run(
     };
     let endpoint = tls::endpoint(listeners.peer, &identity)?;
     let client_tls = tls::reload::ClientTls::new(identity.client_config()?);
+    // Both ends' connections, so a revocation closes the ones already open.
+    let live = tls::live::LiveConnections::default();
     let reloader = tokio::spawn(tls::reload::watch(
         config.tls.clone(),
         tls::Role::Agent,
         endpoint.clone(),
         client_tls.clone(),
+        live.clone(),
         tls::reload::RELOAD_INTERVAL,
         shutdown.clone(),
     ));
@@ -127,6 +130,7 @@ pub async fn run(
         tracker,
         PeerClient::new(endpoint.clone())
             .with_client_tls(client_tls)
+            .with_live_connections(live.clone())
             .with_ingress_limit(RateLimiter::for_rate(config.ingress_limit)),
         download::Settings {
             me,
@@ -151,6 +155,7 @@ pub async fn run(
         )),
         Arc::new(stats),
         peer::UploadLimits { budget: config.upload_budget.0, queue: config.upload_queue },
+        live,
         peers_stop.clone(),
     ));
     let sweeper = tokio::spawn(shoal_shared::http::every(CACHE_SWEEP, shutdown.clone(), {

@@ -118,11 +118,14 @@ pub async fn run(
     let endpoint = tls::endpoint(listeners.peer, &identity)?;
     // Spawned once nothing can fail before the server runs. The origin dials no peers; its
     // client side follows the directory all the same.
+    // The seeder's connections, so a revocation closes the ones already open.
+    let live = tls::live::LiveConnections::default();
     let reload = tls::reload::watch(
         config.tls.clone(),
         tls::Role::Origin,
         endpoint.clone(),
         tls::reload::ClientTls::new(identity.client_config()?),
+        live.clone(),
         tls::reload::RELOAD_INTERVAL,
         shutdown.clone(),
     );
@@ -231,6 +234,7 @@ pub async fn run(
         seeder,
         Arc::new(stats),
         peer::UploadLimits { budget: config.upload_budget.0, queue: config.upload_queue },
+        live,
         shutdown.clone(),
     ));
     let server = HttpServer::new({

@@ -28,6 +28,7 @@ use crate::bitfield::{Bitfield, BitfieldError};
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
 use crate::ratelimit::RateLimiter;
+use crate::tls::live::{LiveConnections, Side};
 use crate::tls::PEER_SERVER_NAME;
 use crate::wire::{self, FrameError, Refusal, Request, Response, MAX_HAVES, PROTOCOL_VERSION};
 
@@ -140,11 +141,14 @@ impl Uploads {
 }
 
 /// Serves `source` on `endpoint` until `shutdown` fires, within the upload `limits`.
+/// Every accepted connection is recorded in `live`, so a reload of the TLS directory can
+/// close it when its peer's certificate is revoked.
 pub async fn serve<S: PieceSource>(
     endpoint: Endpoint,
     source: Arc<S>,
     stats: Arc<PeerStats>,
     limits: UploadLimits,
+    live: LiveConnections,
     shutdown: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
@@ -157,8 +161,8 @@ pub async fn serve<S: PieceSource>(
                 None => break,
             },
         };
-        let (source, stats, uploads, shutdown) =
-            (source.clone(), stats.clone(), uploads.clone(), shutdown.clone());
+        let (source, stats, uploads, live, shutdown) =
+            (source.clone(), stats.clone(), uploads.clone(), live.clone(), shutdown.clone());
         tasks.spawn(async move {
             let remote = incoming.remote_address();
             // The handshake (and its client-certificate check) runs inside the task.
@@ -170,6 +174,7 @@ pub async fn serve<S: PieceSource>(
                 }
             };
             stats.connections.inc();
+            live.track(&conn, Side::Accepted);
             tracing::debug!(peer = %remote, "peer connected");
             serve_connection(conn, source, stats, uploads, shutdown).await;
         });
@@ -421,6 +426,8 @@ pub struct PeerClient {
     ingress: Option<Arc<RateLimiter>>,
     max_connections: usize,
     idle_before_evict: Duration,
+    /// Where dialled connections are recorded for revocation checks.
+    live: LiveConnections,
 }
 
 /// Default cap on the peers a host keeps connections to at once.
@@ -435,7 +442,15 @@ impl PeerClient {
             ingress: None,
             max_connections: MAX_CONNECTIONS,
             idle_before_evict: IDLE_BEFORE_EVICT,
+            live: LiveConnections::default(),
         }
+    }
+
+    /// Records every connection this client makes in `live`, so a reload of the TLS
+    /// directory can close the ones to a peer whose certificate is revoked.
+    pub fn with_live_connections(mut self, live: LiveConnections) -> Self {
+        self.live = live;
+        self
     }
 
     /// Dials with `tls`, which follows the node's TLS directory as it is reloaded.
@@ -514,7 +529,9 @@ impl PeerClient {
                     None => self.endpoint.connect(addr, PEER_SERVER_NAME),
                 }
                 .map_err(|e| PeerError::Connect { addr, cause: e.to_string() })?;
-                connecting.await.map_err(|e| PeerError::Connect { addr, cause: e.to_string() })
+                let conn = connecting.await.map_err(|e| PeerError::Connect { addr, cause: e.to_string() })?;
+                self.live.track(&conn, Side::Dialled);
+                Ok::<_, PeerError>(conn)
             })
             .await?;
         Ok(conn.clone())
@@ -717,6 +734,7 @@ mod tests {
             source,
             Arc::default(),
             UploadLimits { budget: 4 << 20, queue: 4 },
+            LiveConnections::default(),
             shutdown.clone(),
         ));
         Node { endpoint, have, _shutdown: shutdown.drop_guard() }
@@ -808,7 +826,7 @@ mod tests {
         let _guard = shutdown.clone().drop_guard();
         // Budget for one piece at a time, one request in line.
         let limits = UploadLimits { budget: u64::from(MIN_PIECE_LENGTH), queue: 1 };
-        tokio::spawn(serve(endpoint, source.clone(), stats.clone(), limits, shutdown));
+        tokio::spawn(serve(endpoint, source.clone(), stats.clone(), limits, Default::default(), shutdown));
         let client = node(&dirs[1], &m);
         let peers = Arc::new(PeerClient::new(client.endpoint.clone()));
 
@@ -862,7 +880,14 @@ mod tests {
         let source = Arc::new(Growing { digest: m.digest(), have: have.clone() });
         let shutdown = CancellationToken::new();
         let limits = UploadLimits { budget: 4 << 20, queue: 4 };
-        let server = tokio::spawn(serve(endpoint, source, Arc::default(), limits, shutdown.clone()));
+        let server = tokio::spawn(serve(
+            endpoint,
+            source,
+            Arc::default(),
+            limits,
+            Default::default(),
+            shutdown.clone(),
+        ));
         let client = node(&dirs[1], &m);
         let peers = PeerClient::new(client.endpoint.clone());
         let (_bits, _haves) =

@@ -452,6 +452,7 @@ impl Cluster {
             Arc::new(source),
             stats.clone(),
             shoal_shared::peer::UploadLimits { budget: 64 << 20, queue: 16 },
+            Default::default(),
             shutdown.clone(),
         ));
         // The guard first: if the announce below fails, dropping it stops the server.

@@ -43,6 +43,8 @@ impl Pki {
 struct Tracker {
     url: String,
     addr: SocketAddr,
+    /// The plain operations listener (`--metrics`).
+    ops: SocketAddr,
     shutdown: CancellationToken,
 }
 
@@ -56,16 +58,19 @@ async fn start_tracker(tls_dir: Option<&Path>) -> Tracker {
     shoal_tests::cluster::init_tracing();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let ops_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind ops");
+    let ops = ops_listener.local_addr().expect("ops addr");
+    let listeners = shoal_tracker::Listeners { http: listener, metrics: Some(ops_listener) };
     // Nothing listens on port 9 of loopback: lookups fail at once, announces still work.
     let mut config = shoal_tracker::Config::new(vec!["http://127.0.0.1:9".to_owned()]);
     config.tls = tls_dir.map(Path::to_path_buf);
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { shoal_tracker::run(config, listener, shutdown).await.expect("tracker") }
+        async move { shoal_tracker::run(config, listeners, shutdown).await.expect("tracker") }
     });
     let scheme = if tls_dir.is_some() { "https" } else { "http" };
-    let tracker = Tracker { url: format!("{scheme}://{addr}"), addr, shutdown };
+    let tracker = Tracker { url: format!("{scheme}://{addr}"), addr, ops, shutdown };
     // Up when it accepts TCP (a handshake needs a certificate, which not every test has).
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -194,6 +199,39 @@ async fn only_agents_and_origins_of_the_cluster_get_past_the_handshake() {
     assert_eq!(announces, 1);
 }
 
+/// A tracker with `--tls` admits no caller without a certificate on its main port, so
+/// probes and scrapers use its plain operations listener (`--metrics`): liveness, metrics
+/// and the status page answer there without a certificate, and nothing of the control
+/// plane (announces, lookups, the peer table) is served on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_tracker_answers_probes_and_scrapes_on_its_plain_ops_listener() {
+    let pki = Pki::new();
+    let tracker = start_tracker(Some(&pki.issue("tracker", Role::Tracker))).await;
+    let plain = reqwest::Client::new();
+    let ops = format!("http://{}", tracker.ops);
+    let get = |path: &str| plain.get(format!("{ops}{path}")).send();
+    let healthz = get("/healthz").await.expect("healthz");
+    assert_eq!(healthz.status(), 200);
+    let metrics = get("/metrics").await.expect("metrics").text().await.expect("body");
+    assert!(metrics.contains("shoal_tracker_announces"), "{metrics}");
+    assert!(get("/status").await.expect("status").status().is_success());
+    // Its one origin does not exist: not ready, and it says so (503, not a TLS refusal).
+    assert_eq!(get("/readyz").await.expect("readyz").status(), 503);
+    // The control plane is not on the ops listener.
+    let announce_plain = announce(&plain, &ops, peer(3001)).await.expect("answered");
+    assert_eq!(announce_plain.status(), 404);
+    let peers = get(&format!("/shoal/v1/peers/{}", digest())).await.expect("peers");
+    assert_eq!(peers.status(), 404);
+    // The main port still requires a certificate, for the operations routes too.
+    assert_refused(
+        "no certificate",
+        announce(&anonymous_client(&pki.ca()), &tracker.url, peer(3002)).await,
+        &["CertificateRequired"],
+    );
+    let healthz_tls = anonymous_client(&pki.ca()).get(format!("{}/healthz", tracker.url)).send().await;
+    assert!(healthz_tls.is_err(), "the TLS port answered a caller without a certificate");
+}
+
 /// With mutual TLS the tracker knows who announces: an origin's certificate lists it as an
 /// origin, an agent's announce of a whole blob makes it a seeder and nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,32 +259,51 @@ async fn only_an_origin_certificate_is_listed_as_an_origin() {
 }
 
 /// A certificate revoked while the tracker runs is refused once the tracker has reloaded
-/// its directory (every 10 s), without a restart; a connection made before still works
-/// (established connections keep their handshake).
+/// its directory (every 10 s), without a restart: new connections at the handshake, and a
+/// keep-alive connection made before (which the handshake no longer guards) at its next
+/// request, with 403 and the connection closed. Other callers are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_revoked_while_the_tracker_runs_is_refused_after_reload() {
     let pki = Pki::new();
     let tracker_dir = pki.issue("tracker", Role::Tracker);
     let agent = pki.issue("agent", Role::Agent);
+    let other = node_client(&pki.issue("other", Role::Agent), Role::Agent);
     let tracker = start_tracker(Some(&tracker_dir)).await;
-    let fresh = || node_client(&agent, Role::Agent).get(format!("{}/healthz", tracker.url)).send();
+    let healthz = format!("{}/healthz", tracker.url);
+    let fresh = || node_client(&agent, Role::Agent).get(&healthz).send();
     assert!(fresh().await.expect("before revocation").status().is_success());
+    // One client, so one pooled keep-alive connection, made before the revocation.
+    let kept = node_client(&agent, Role::Agent);
+    assert!(kept.get(&healthz).send().await.expect("kept, before").status().is_success());
 
     tls::revoke(&pki.ca(), RevokeTarget::Name("agent")).expect("revoke");
     std::fs::copy(pki.ca().join("crl.pem"), tracker_dir.join("crl.pem")).expect("hand out crl.pem");
     let deadline = tokio::time::Instant::now() + tls::reload::RELOAD_INTERVAL * 2 + Duration::from_secs(5);
+    // The kept connection is used every 500 ms, so it never idles out: only a check of
+    // each request can stop it.
     loop {
-        match fresh().await {
-            Err(e) if error_chain(&e).contains("CertificateRevoked") => break,
-            other => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "revoked certificate still admitted: {other:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+        let resp = kept.get(&healthz).send().await.expect("kept connection");
+        if resp.status() == reqwest::StatusCode::FORBIDDEN {
+            let body = resp.text().await.unwrap_or_default();
+            assert!(body.contains("no longer trusted"), "{body}");
+            break;
         }
+        assert!(resp.status().is_success(), "kept: {}", resp.status());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a revoked caller's keep-alive connection still served"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The tracker closed that connection: the next request needs a handshake, refused.
+    let again = kept.get(&healthz).send().await.map_err(|e| error_chain(&e));
+    assert_refused("revoked, reconnecting", again, &["CertificateRevoked"]);
+    assert_refused(
+        "revoked, new client",
+        fresh().await.map_err(|e| error_chain(&e)),
+        &["CertificateRevoked"],
+    );
+    assert!(other.get(&healthz).send().await.expect("other").status().is_success());
 }
 
 /// A whole cluster through an mTLS tracker: agents and the origin call it with their

@@ -201,6 +201,64 @@ fn flags_exist(r: &Rendered, bins: &Path) {
     }
 }
 
+/// The trackers run with `--tls` (the tracker certificate from `secret`, with the CRL when
+/// `crl`) and a plain operations listener (`--metrics`) that the probes and the metrics
+/// Service use; agents and origins call them at `https://` URLs with their certificates.
+fn assert_tls_tracker(r: &Rendered, secret: &str, crl: bool) {
+    let tracker = find(r, "Deployment", "shoal-tracker");
+    let pod = &tracker["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args = strs(&c["args"]);
+    assert_eq!(flag_values(&args, "--tls"), ["/etc/shoal/tls"]);
+    assert_eq!(flag_values(&args, "--metrics"), ["0.0.0.0:5101"]);
+    assert_eq!(flag_values(&args, "--http"), ["0.0.0.0:5100"]);
+    let port = |name: &str| {
+        c["ports"].as_array().unwrap().iter().find(|p| p["name"] == name).map(|p| p["containerPort"].clone())
+    };
+    assert_eq!(port("metrics"), Some(5101.into()));
+    assert_eq!(port("http"), Some(5100.into()));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!((&get["port"], &get["path"]), (&"metrics".into(), &path.into()), "{probe}");
+        assert!(get["scheme"].is_null() || get["scheme"] == "HTTP", "{probe}");
+    }
+    let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "tls").unwrap();
+    assert_eq!(mount["mountPath"], "/etc/shoal/tls");
+    let tls = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(tls["secret"]["secretName"], secret);
+    let items: BTreeSet<(String, String)> = tls["secret"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["key"].as_str().unwrap().to_owned(), i["path"].as_str().unwrap().to_owned()))
+        .collect();
+    let mut want: BTreeSet<(String, String)> =
+        [("ca.pem", "ca.pem"), ("tracker-cert.pem", "cert.pem"), ("tracker-key.pem", "key.pem")]
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.to_string()))
+            .collect();
+    if crl {
+        want.insert(("crl.pem".to_owned(), "crl.pem".to_owned()));
+    }
+    assert_eq!(items, want);
+    // The metrics Service (what the ServiceMonitor scrapes) targets the plain port.
+    let svc = find(r, "Service", "shoal-tracker-metrics");
+    let p = &svc["spec"]["ports"][0];
+    assert_eq!(
+        (&p["name"], &p["port"], &p["targetPort"]),
+        (&"metrics".into(), &5101.into(), &"metrics".into())
+    );
+    // Agents and origins call the trackers over HTTPS.
+    let agent = find(r, "DaemonSet", "shoal-agent");
+    let origin = find(r, "StatefulSet", "shoal-origin");
+    for o in [agent, origin] {
+        let args = strs(&o["spec"]["template"]["spec"]["containers"][0]["args"]);
+        let urls = flag_values(&args, "--tracker");
+        assert!(!urls.is_empty() && urls.iter().all(|u| u.starts_with("https://")), "{urls:?}");
+        assert_eq!(flag_values(&args, "--tls"), ["/etc/shoal/tls"]);
+    }
+}
+
 #[test]
 fn chart_with_default_values_renders_and_validates() {
     let Some(python) = venv_python() else { return };
@@ -218,7 +276,8 @@ fn chart_with_default_values_renders_and_validates() {
     let args = strs(&agent["args"]);
     assert_eq!(flag_values(&args, "--registry"), ["127.0.0.1:5050"]);
     assert_eq!(flag_values(&args, "--advertise-peer"), ["$(NODE_IP):5051"]);
-    assert_eq!(flag_values(&args, "--tracker"), ["http://shoal-tracker.shoal.svc.cluster.local:5100"]);
+    assert_eq!(flag_values(&args, "--tracker"), ["https://shoal-tracker.shoal.svc.cluster.local:5100"]);
+    assert_eq!(flag_values(&args, "--tls"), ["/etc/shoal/tls"]);
     assert_eq!(flag_values(&args, "--metrics"), ["$(NODE_IP):5052"]);
     assert!(flag_values(&args, "--cache-size").is_empty(), "empty cacheSize: the agent's default");
     let node_ip = agent["env"].as_array().unwrap().iter().find(|e| e["name"] == "NODE_IP").unwrap();
@@ -250,6 +309,7 @@ fn chart_with_default_values_renders_and_validates() {
         ["http://shoal-origin-0.shoal-origin-headless.shoal.svc.cluster.local:5000"]
     );
     find(&r, "Service", "shoal-tracker");
+    assert_tls_tracker(&r, "shoal-tls", false);
 
     // Origins: a StatefulSet with its volume claims and a headless Service; the upload
     // token from a Secret.
@@ -274,7 +334,11 @@ fn chart_with_default_values_renders_and_validates() {
         .collect();
     assert_eq!(issued[0][1..3], ["ca".to_owned(), "init".to_owned()]);
     let roles: BTreeSet<String> = issued[1..].iter().flat_map(|c| flag_values(c, "--role")).collect();
-    assert_eq!(roles, BTreeSet::from(["agent".to_owned(), "origin".to_owned()]));
+    assert_eq!(roles, BTreeSet::from(["agent".to_owned(), "origin".to_owned(), "tracker".to_owned()]));
+    let stored = strs(&job["spec"]["template"]["spec"]["containers"][0]["command"]);
+    for key in ["tracker-cert.pem=/work/tracker/cert.pem", "tracker-key.pem=/work/tracker/key.pem"] {
+        assert!(stored.contains(&format!("--from-file={key}")), "the Job does not store {key}: {stored:?}");
+    }
     let tls = volumes.iter().find(|v| v["name"] == "tls").unwrap();
     assert_eq!(tls["secret"]["secretName"], "shoal-tls");
 
@@ -333,6 +397,8 @@ fn chart_with_three_origins_renders_and_validates() {
         .any(|e| e["name"] == "POD_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"));
     assert_eq!(flag_values(&args, "--replicas"), ["2"]);
     assert_eq!(flag_values(&targs, "--replicas"), ["2"]);
+    assert_eq!(flag_values(&args, "--tracker"), ["https://shoal-tracker.shoal.svc.cluster.local:5100"]);
+    assert_tls_tracker(&r, "shoal-certificates", true);
 
     // Operator-provided certificates: no Job, their Secret mounted (with the CRL).
     assert!(!r.objects.iter().any(|o| o["kind"] == "Job"), "{:?}", kinds(&r));
@@ -448,6 +514,8 @@ fn systemd_units_verify_and_configs_load() {
     assert_eq!(agent.data, Path::new("/var/lib/shoal/agent"));
     assert_eq!(origin.data, Path::new("/var/lib/shoal/origin"));
     assert_eq!(tracker.origin.len(), 2);
+    assert!(tracker.tls.is_some(), "the example tracker serves mutual TLS");
+    assert_eq!(tracker.metrics, Some("0.0.0.0:5101".parse().unwrap()), "and plain ops for probes");
 
     for name in ["agent", "origin", "tracker"] {
         let unit = std::fs::read_to_string(units.join(format!("shoal-{name}.service"))).unwrap();

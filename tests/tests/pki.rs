@@ -93,3 +93,121 @@ async fn an_agent_certificate_cannot_pose_as_an_origin() {
     let served = impostor.stats.bytes_served.get();
     assert_eq!(served, 0, "the impostor served {served} piece bytes");
 }
+
+/// Serves nothing: the revocation tests need connections, not pieces.
+struct Empty;
+
+impl shoal_shared::peer::PieceSource for Empty {
+    async fn bitfield(
+        &self,
+        _digest: shoal_shared::digest::Digest,
+    ) -> Option<shoal_shared::bitfield::Bitfield> {
+        None
+    }
+    async fn piece(&self, _digest: shoal_shared::digest::Digest, _index: u32) -> Option<bytes::Bytes> {
+        None
+    }
+}
+
+/// A QUIC node on loopback with the certificate in `dir`: a peer server and a peer client
+/// whose connections are recorded, and the TLS directory reloaded every 100 ms.
+struct Node {
+    addr: SocketAddr,
+    client: shoal_shared::peer::PeerClient,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+fn node(dir: &std::path::Path, role: shoal_shared::tls::Role) -> Node {
+    use shoal_shared::tls::{self, live::LiveConnections, reload};
+    let identity = tls::TlsIdentity::load(dir).expect("identity");
+    let endpoint =
+        tls::endpoint(std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    let client_tls = reload::ClientTls::new(identity.client_config().expect("client config"));
+    let live = LiveConnections::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(shoal_shared::peer::serve(
+        endpoint.clone(),
+        std::sync::Arc::new(Empty),
+        Default::default(),
+        shoal_shared::peer::UploadLimits { budget: 1 << 20, queue: 4 },
+        live.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(reload::watch(
+        dir.to_path_buf(),
+        role,
+        endpoint.clone(),
+        client_tls.clone(),
+        live.clone(),
+        Duration::from_millis(100),
+        stop.clone(),
+    ));
+    let client =
+        shoal_shared::peer::PeerClient::new(endpoint).with_client_tls(client_tls).with_live_connections(live);
+    Node { addr, client, _stop: stop.drop_guard() }
+}
+
+/// How the connection ended, waiting at most a few reloads for it.
+async fn closed_within(conn: &quinn::Connection, wait: Duration) -> Option<quinn::ConnectionError> {
+    tokio::time::timeout(wait, conn.closed()).await.ok()
+}
+
+/// Revoking a certificate reaches the connections already open with it, on both ends: the
+/// seeder closes the open connection of an agent whose certificate the new CRL lists, and
+/// an agent's connection pool closes its connection to a seeder whose certificate it lists.
+/// Other connections stay. (Before, established connections kept their handshake's checks
+/// and ran on until idle for 30 s or a restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_the_revoked_peers_open_connections() {
+    use shoal_shared::tls::{self, live::NO_LONGER_TRUSTED, RevokeTarget, Role, CRL_FILE};
+    let tmp = tempfile::TempDir::new().expect("tmp");
+    let ca = tmp.path().join("ca");
+    tls::init_ca(&ca).expect("ca");
+    let issue = |name: &str, role: Role| {
+        let dir = tmp.path().join(name);
+        tls::issue(&ca, name, role, &dir).expect("issue");
+        dir
+    };
+    let (seeder_dir, stolen_dir, honest_dir) =
+        (issue("seeder", Role::Origin), issue("stolen", Role::Agent), issue("honest", Role::Agent));
+    let seeder = node(&seeder_dir, Role::Origin);
+    let stolen = node(&stolen_dir, Role::Agent);
+    let honest = node(&honest_dir, Role::Agent);
+    let stolen_conn = stolen.client.connection(seeder.addr).await.expect("stolen connects");
+    let honest_conn = honest.client.connection(seeder.addr).await.expect("honest connects");
+    // Both stay up across a quiet spell (keep-alives every 5 s; idle timeout 30 s).
+    assert!(closed_within(&stolen_conn, Duration::from_millis(500)).await.is_none());
+
+    // The seeder is handed a CRL listing the stolen agent: its open connection is closed.
+    tls::revoke(&ca, RevokeTarget::Name("stolen")).expect("revoke");
+    std::fs::copy(ca.join(CRL_FILE), seeder_dir.join(CRL_FILE)).expect("hand out crl.pem");
+    match closed_within(&stolen_conn, Duration::from_secs(5)).await {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(NO_LONGER_TRUSTED))
+        }
+        other => panic!("the revoked agent's connection was not closed by the seeder: {other:?}"),
+    }
+    assert!(honest_conn.close_reason().is_none(), "an honest agent's connection was closed");
+    // Nor can it come back: a new handshake is refused (in TLS 1.3 the client may count
+    // its side done before the server has checked its certificate; the server then closes).
+    if let Ok(again) = stolen.client.connection(seeder.addr).await {
+        match closed_within(&again, Duration::from_secs(2)).await {
+            Some(quinn::ConnectionError::ConnectionClosed(close)) => {
+                assert!(format!("{close:?}").to_lowercase().contains("revoked"), "{close:?}")
+            }
+            other => panic!("the revoked agent reconnected: {other:?}"),
+        }
+    }
+
+    // The other direction: the seeder's certificate is revoked and the honest agent gets
+    // the list; its pool closes the connection it holds to the seeder.
+    tls::revoke(&ca, RevokeTarget::Name("seeder")).expect("revoke seeder");
+    std::fs::copy(ca.join(CRL_FILE), honest_dir.join(CRL_FILE)).expect("hand out crl.pem");
+    match closed_within(&honest_conn, Duration::from_secs(5)).await {
+        Some(quinn::ConnectionError::LocallyClosed) => {}
+        other => panic!("the agent kept its connection to a revoked seeder: {other:?}"),
+    }
+    // And it does not dial the revoked seeder again.
+    assert!(honest.client.connection(seeder.addr).await.is_err(), "a revoked seeder was dialled");
+}

@@ -56,8 +56,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/shoal/v1/peers/{digest}", web::get().to(peers))
     .route("/shoal/v1/tags/{name:.*}/{tag}", web::get().to(tag))
     .route("/shoal/v1/taglist/{name:.*}", web::get().to(tag_list))
-    .route("/shoal/v1/referrers/{digest}/{name:.*}", web::get().to(referrers))
-    .route(
+    .route("/shoal/v1/referrers/{digest}/{name:.*}", web::get().to(referrers));
+    configure_ops(cfg);
+}
+
+/// The read-only operations routes alone (the `--metrics` listener, plain HTTP even when
+/// the tracker serves `--tls`): metrics, liveness, readiness and the status page. Nothing
+/// here records, looks up or reveals more than the status page does.
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+    cfg.route(
         "/metrics",
         web::get().to(|s: State| async move { shoal_shared::telemetry::metrics_response(&s.registry) }),
     )

@@ -17,6 +17,12 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_TLS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<std::path::PathBuf>,
+    /// Extra plain-HTTP listener with only the read-only operations routes: /metrics,
+    /// /healthz, /readyz and the status page. For probes and scrapers, which cannot present
+    /// a cluster certificate to a tracker served with `--tls`.
+    #[arg(long, env = "SHOAL_METRICS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
     /// An origin (repeatable; asked in order, or on a ring a blob's owners first): a base URL
     /// (optionally weighted, `http://o1:5000#weight=2`, as in the origins' --cluster) or
     /// `dns:NAME:PORT`, every address of a name (a headless Service), resolved every 30 s.
@@ -69,6 +75,8 @@ pub struct Config {
     #[serde(default)]
     pub tls: Option<std::path::PathBuf>,
     #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    #[serde(default)]
     pub origin: Vec<String>,
     #[serde(default = "default_interval")]
     pub announce_interval: u64,
@@ -94,6 +102,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("http", &self.http)
             .field("tls", &self.tls)
+            .field("metrics", &self.metrics)
             .field("origin", &self.origin)
             .field("announce_interval", &self.announce_interval)
             .field("max_peers", &self.max_peers)
@@ -126,6 +135,7 @@ impl Config {
         Self {
             http: default_http(),
             tls: None,
+            metrics: None,
             origin,
             announce_interval: default_interval(),
             max_peers: default_max_peers(),
@@ -162,11 +172,12 @@ mod tests {
         let file = dir.path().join("tracker.toml");
         std::fs::write(
             &file,
-            "http = \"0.0.0.0:5100\"\norigin = [\"http://o\"]\nannounce_interval = 5\nmax_peers = 20\n",
+            "http = \"0.0.0.0:5100\"\nmetrics = \"0.0.0.0:9090\"\norigin = [\"http://o\"]\nannounce_interval = 5\nmax_peers = 20\n",
         )
         .expect("write");
         let cli = Cli::try_parse_from(["tracker"]).expect("flags");
         let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
         assert_eq!((c.announce_interval, c.max_peers), (5, 20));
+        assert_eq!(c.metrics, Some("0.0.0.0:9090".parse().expect("addr")));
     }
 }

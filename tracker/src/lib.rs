@@ -3,7 +3,10 @@
 //! a restarted tracker is whole again within one announce interval.
 //!
 //! With `--tls` it serves HTTPS with mutual TLS: callers prove with a cluster certificate
-//! that they are agents or origins before anything is read (`shoal_shared::tls::http`).
+//! that they are agents or origins before anything is read (`shoal_shared::tls::http`), and
+//! each request's certificate is checked again against the current revocation list. The
+//! operations routes are also served on an optional plain listener (`--metrics`) for probes
+//! and scrapers, which have no certificate.
 
 pub mod api;
 pub mod config;
@@ -37,14 +40,41 @@ pub enum TrackerError {
 /// A tracker's own certificate (or any other role) is refused at the handshake.
 pub const CALLERS: &[Role] = &[Role::Agent, Role::Origin];
 
-/// Runs the tracker on `listener` until `shutdown` is cancelled. With `config.tls` it
+/// The bound sockets the tracker serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Announces and lookups (HTTPS with `--tls`), and the operations routes too.
+    pub http: TcpListener,
+    /// The plain operations listener (`--metrics`), if any.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            http: TcpListener::bind(config.http)?,
+            metrics: config.metrics.map(TcpListener::bind).transpose()?,
+        })
+    }
+}
+
+impl From<TcpListener> for Listeners {
+    /// The announce listener alone (no operations listener).
+    fn from(http: TcpListener) -> Self {
+        Self { http, metrics: None }
+    }
+}
+
+/// Runs the tracker on `listeners` until `shutdown` is cancelled. With `config.tls` it
 /// serves HTTPS and admits only callers with a certificate from the cluster CA carrying
-/// one of the [`CALLERS`] roles.
+/// one of the [`CALLERS`] roles; the operations listener, if any, stays plain HTTP.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: CancellationToken,
 ) -> Result<(), TrackerError> {
+    let Listeners { http: listener, metrics } = listeners.into();
     let tls = match &config.tls {
         Some(dir) => {
             let identity = TlsIdentity::load(dir)?;
@@ -91,12 +121,34 @@ pub async fn run(
         registry,
         started: Instant::now(),
     });
+    let ops = match metrics {
+        Some(listener) => {
+            let state = state.clone();
+            let server =
+                HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure_ops))
+                    .workers(1)
+                    .disable_signals()
+                    .shutdown_timeout(1)
+                    .listen(listener)?
+                    .run();
+            Some(tokio::spawn(shoal_shared::http::run_server(server, shutdown.clone())))
+        }
+        None => None,
+    };
+    // With --tls every request is checked against the current revocation list too: a
+    // keep-alive connection outlives its handshake.
+    let live_tls = tls.clone().map(web::Data::new);
     let resolver_state = state.clone();
     let server = HttpServer::new(move || {
-        App::new()
+        let app = App::new()
+            .wrap(actix_web::middleware::from_fn(tls::http::require_trusted_caller))
             .wrap(actix_web::middleware::from_fn(shoal_shared::http::request_span))
-            .app_data(state.clone())
-            .configure(api::configure)
+            .app_data(state.clone());
+        match &live_tls {
+            Some(t) => app.app_data(t.clone()),
+            None => app,
+        }
+        .configure(api::configure)
     })
     .workers(2)
     .disable_signals()
@@ -137,6 +189,9 @@ pub async fn run(
     let _ = resolver.await;
     if let Some(reloader) = reloader {
         let _ = reloader.await;
+    }
+    if let Some(ops) = ops {
+        let _ = ops.await;
     }
     Ok(result?)
 }

@@ -30,10 +30,10 @@ async fn main() -> anyhow::Result<()> {
     let Command::Serve { flags, config } = Cli::parse().command;
     let config: Config = shoal_shared::config::layered(&flags, config.as_deref())?;
     shoal_shared::telemetry::init_tracing(config.log_format);
-    let listener =
-        std::net::TcpListener::bind(config.http).with_context(|| format!("bind {}", config.http))?;
+    let listeners = shoal_tracker::Listeners::bind(&config)
+        .with_context(|| format!("bind {} (and --metrics {:?})", config.http, config.metrics))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(shoal_shared::telemetry::cancel_on_signal(shutdown.clone()));
-    shoal_tracker::run(config, listener, shutdown).await?;
+    shoal_tracker::run(config, listeners, shutdown).await?;
     Ok(())
 }

@@ -279,7 +279,7 @@ impl Origins {
     ) -> Result<ReferrersIndex, LookupError> {
         let query = filter_query(artifact_type);
         let (mut all, mut answered, mut last_error) = (Vec::new(), false, None);
-        for base in &self.urls {
+        for base in self.urls() {
             let url = format!("{base}/v2/{name}/referrers/{subject}{query}");
             match client::get_json::<ReferrersIndex>(&self.http, &url, MAX_REFERRERS_JSON).await {
                 Ok(index) => {

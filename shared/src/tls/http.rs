@@ -15,7 +15,11 @@
 //! clients with one certificate send it regardless.
 //!
 //! [`record_caller`] is the `on_connect` hook that puts the verified [`Caller`] (its role)
-//! into each connection's data, where handlers read it with `HttpRequest::conn_data`.
+//! and its certificate chain into each connection's data, where handlers read it with
+//! `HttpRequest::conn_data`. A keep-alive connection outlives its handshake, so the
+//! [`require_trusted_caller`] middleware checks the caller's chain again on every request
+//! against the current CA and revocation list: a caller revoked while connected is refused
+//! (403, connection closed) from the first request after the reload.
 
 use std::any::Any;
 use std::path::Path;
@@ -99,11 +103,18 @@ impl HttpTls {
     /// roles: anything else is refused at the handshake.
     pub fn server_config(&self, clients: &'static [Role]) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = RoleClientVerifier { inner: Arc::new(LiveClients(self.0.clone())), allowed: clients };
-        Ok(rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Config)?
             .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(Arc::new(LiveKey(self.0.clone()))))
+            .with_cert_resolver(Arc::new(LiveKey(self.0.clone())));
+        // No session resumption: a resumed session skips the client-certificate check, so a
+        // caller revoked since its first handshake would get back in with its ticket. This
+        // configuration lives as long as the server (only the cell changes), so its session
+        // store would outlive every reload; a full handshake per connection is cheap here.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(config)
     }
 
     /// An HTTPS client configuration (TLS 1.3) that trusts only servers with a certificate
@@ -247,15 +258,53 @@ pub struct Caller {
     pub role: Role,
 }
 
+/// The certificate chain a caller presented at the handshake of its connection.
+#[derive(Debug, Clone)]
+struct CallerChain(Arc<Vec<CertificateDer<'static>>>);
+
 /// actix-web `on_connect` hook for a listener served with [`HttpTls::server_config`]:
-/// records the connection's [`Caller`]. Connections of other kinds are left alone.
+/// records the connection's [`Caller`] and its certificate chain. Connections of other
+/// kinds are left alone.
 pub fn record_caller(conn: &dyn Any, data: &mut actix_web::dev::Extensions) {
     type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
     let Some(tls) = conn.downcast_ref::<Tls>() else { return };
     let (_, session) = tls.get_ref();
-    if let Some(role) = session.peer_certificates().and_then(|chain| role_of(chain.first()?)) {
+    let Some(chain) = session.peer_certificates() else { return };
+    if let Some(role) = chain.first().and_then(role_of) {
         data.insert(Caller { role });
     }
+    data.insert(CallerChain(Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect())));
+}
+
+impl HttpTls {
+    /// Whether a client chain passes the current CA and revocation list (as at a handshake
+    /// now; the role is not checked again: it cannot change).
+    fn still_trusts(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((leaf, rest)) = chain.split_first() else { return false };
+        current(&self.0).clients.verify_client_cert(leaf, rest, UnixTime::now()).is_ok()
+    }
+}
+
+/// actix-web middleware (`from_fn`) for a server with [`record_caller`] and the server's
+/// [`HttpTls`] as `web::Data`: refuses a request whose connection's client certificate no
+/// longer passes (revoked since the handshake) with 403 and closes the connection. Requests
+/// on connections without a recorded chain (plain HTTP) pass untouched.
+pub async fn require_trusted_caller(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let chain = req.conn_data::<CallerChain>().cloned();
+    let tls = req.app_data::<actix_web::web::Data<HttpTls>>().cloned();
+    if let (Some(chain), Some(tls)) = (chain, tls) {
+        if !tls.still_trusts(&chain.0) {
+            tracing::warn!(peer = ?req.peer_addr(), "refusing a caller whose certificate is no longer trusted (revoked?)");
+            let resp = actix_web::HttpResponse::Forbidden()
+                .force_close()
+                .json(serde_json::json!({ "error": "client certificate no longer trusted (revoked)" }));
+            return Ok(req.into_response(resp));
+        }
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
 }
 
 /// The HTTP client agents and origins call trackers with: [`crate::client::http_client`]'s

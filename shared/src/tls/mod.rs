@@ -17,6 +17,7 @@
 
 pub mod ca;
 pub mod http;
+pub mod live;
 pub mod reload;
 pub mod role;
 

@@ -4,10 +4,12 @@
 //! `key.pem` or `crl.pem` changed (size or modification time), the identity is loaded again
 //! and the QUIC endpoint's server and client configurations ([`watch`]) or the control
 //! plane's HTTPS material ([`watch_http`], see [`super::http`]) are replaced. New connections
-//! use the new certificate and revocation list at once; established ones keep theirs until
-//! they close (a revoked peer's live connections are not cut: they end when idle for 30 s,
-//! or when the node restarts). A directory caught half-written (a key that does not match the certificate)
-//! is logged and tried again at the next look, and the old configuration stays.
+//! use the new certificate and revocation list at once. Established QUIC connections are
+//! checked again ([`super::live`]): those whose peer certificate no longer passes (revoked)
+//! are closed. The control plane's HTTPS connections are checked per request by the
+//! tracker ([`super::http::require_trusted_caller`]). A directory caught half-written (a
+//! key that does not match the certificate) is logged and tried again at the next look,
+//! and the old configuration stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -90,16 +92,26 @@ fn apply(
 
 /// Reloads `dir` into `endpoint` (what it accepts with) and `client` (what it dials with)
 /// whenever it changes and still holds a certificate for `role`, looking every `every`,
-/// until `shutdown`.
+/// until `shutdown`; after each reload, closes the connections of `live` whose peer
+/// certificate no longer passes.
 pub async fn watch(
     dir: PathBuf,
     role: Role,
     endpoint: quinn::Endpoint,
     client: ClientTls,
+    live: super::live::LiveConnections,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    watch_with(dir, "peer", every, shutdown, |dir| apply(dir, role, &endpoint, &client)).await
+    watch_with(dir, "peer", every, shutdown, |dir| {
+        let identity = apply(dir, role, &endpoint, &client)?;
+        let closed = live.close_untrusted(&identity)?;
+        if closed > 0 {
+            tracing::warn!(closed, "closed peer connections whose certificate is no longer trusted");
+        }
+        Ok(identity)
+    })
+    .await
 }
 
 /// Reloads `dir` into `tls` (the control plane's HTTPS identity and verifiers) whenever it

@@ -252,6 +252,7 @@ fn bind_watched(dir: &Path) -> (quinn::Endpoint, tokio_util::sync::CancellationT
         role,
         endpoint.clone(),
         client_tls,
+        Default::default(),
         every,
         shutdown.clone(),
     ));

@@ -73,9 +73,9 @@ app.kubernetes.io/component: {{ .component }}
       {{- end }}
 {{- end -}}
 
-{{/* Tracker URL as agents and origins reach it. */}}
+{{/* Tracker URL as agents and origins reach it: HTTPS with mutual TLS (their node certificates). */}}
 {{- define "shoal.trackerURL" -}}
-{{- printf "http://%s-tracker.%s.svc.%s:%d" (include "shoal.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.tracker.port) -}}
+{{- printf "https://%s-tracker.%s.svc.%s:%d" (include "shoal.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.tracker.port) -}}
 {{- end -}}
 
 {{/* Headless Service of the origins. */}}
