@@ -12,6 +12,8 @@
 //! second task hashes the blob with sha256 along the verified prefix while the download runs,
 //! and the blob enters the cache only if that digest is the one asked for.
 
+#[cfg(test)]
+mod faults;
 mod swarm;
 
 use std::net::SocketAddr;
@@ -537,7 +539,13 @@ impl Downloads {
         phase.send_replace(Phase::Streaming(active.clone()));
         let hasher = tokio::spawn(hash_along(active.clone()));
         let result = async {
-            swarm::run(self, &metainfo, &active, leads_rx).await?;
+            let env = swarm::Env {
+                peers: &self.peers,
+                tracker: &self.tracker,
+                settings: &self.settings,
+                metrics: &self.metrics,
+            };
+            swarm::run(&env, &metainfo, &active, leads_rx).await?;
             let actual = hasher.await.map_err(|e| DownloadError::Store(e.to_string()))??;
             active.partial.commit_hashed(actual).await.map_err(store_err)
         }

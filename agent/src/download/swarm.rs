@@ -17,15 +17,16 @@ use std::time::{Duration, Instant};
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, PeerInfo};
 use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
-use shoal_shared::peer::{HaveStream, PeerClient, PeerError};
+use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
+use shoal_shared::seams::{Announcer, Haves, PeerTransport};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::{store_err, Active, DownloadError, Downloads};
+use super::{store_err, Active, DownloadError, DownloadMetrics, Settings};
 use crate::delivery::Source;
 
 /// How long to wait for a peer's bitfield.
@@ -43,11 +44,20 @@ const HAVE_QUEUE: usize = 256;
 
 /// A piece request's outcome, with how long it took.
 type Fetch = (SocketAddr, u32, Result<VerifiedPiece, PeerError>, Duration);
-type Probe = (PeerInfo, Result<(Bitfield, Option<HaveStream>), PeerError>);
+type Probe<H> = (PeerInfo, Result<(Bitfield, Option<H>), PeerError>);
+
+/// What the swarm loop talks to and reports to: peers, the tracker (real ones or fakes),
+/// the engine's settings and its metrics.
+pub(crate) struct Env<'a, P, T> {
+    pub peers: &'a P,
+    pub tracker: &'a T,
+    pub settings: &'a Settings,
+    pub metrics: &'a DownloadMetrics,
+}
 
 /// Fetches every piece of the blob into `active`.
-pub(super) async fn run(
-    dl: &Downloads,
+pub(crate) async fn run<P: PeerTransport, T: Announcer>(
+    dl: &Env<'_, P, T>,
     metainfo: &Metainfo,
     active: &Active,
     mut leads: mpsc::Receiver<PeerInfo>,
@@ -66,7 +76,7 @@ pub(super) async fn run(
     let mut prefix_pieces = advance_prefix(metainfo, active, 0);
     let mut fetches: JoinSet<Fetch> = JoinSet::new();
     let mut handles: HashMap<(SocketAddr, u32), AbortHandle> = HashMap::new();
-    let mut probes: JoinSet<Probe> = JoinSet::new();
+    let mut probes: JoinSet<Probe<P::Haves>> = JoinSet::new();
     let mut probing: HashSet<SocketAddr> = HashSet::new();
     let mut watchers: JoinSet<SocketAddr> = JoinSet::new();
     let (have_tx, mut have_rx) = mpsc::channel::<(SocketAddr, Vec<u32>)>(HAVE_QUEUE);
@@ -243,11 +253,11 @@ fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 
 }
 
 /// Probes the peers an announce listed that the scheduler would take and is not following.
-fn probe_listed(
-    dl: &Downloads,
+fn probe_listed<P: PeerTransport, T: Announcer>(
+    dl: &Env<'_, P, T>,
     metainfo: &Metainfo,
     sched: &Scheduler<SocketAddr>,
-    probes: &mut JoinSet<Probe>,
+    probes: &mut JoinSet<Probe<P::Haves>>,
     probing: &mut HashSet<SocketAddr>,
     listed: Vec<PeerInfo>,
     now: Duration,
@@ -268,10 +278,10 @@ fn probe_listed(
 }
 
 /// Probes `p` in the background; the loop gets the answer from `probes`.
-fn spawn_probe(
-    dl: &Downloads,
+fn spawn_probe<P: PeerTransport, T: Announcer>(
+    dl: &Env<'_, P, T>,
     metainfo: &Metainfo,
-    probes: &mut JoinSet<Probe>,
+    probes: &mut JoinSet<Probe<P::Haves>>,
     probing: &mut HashSet<SocketAddr>,
     p: PeerInfo,
 ) {
@@ -286,11 +296,11 @@ fn spawn_probe(
 }
 
 /// What `peer` holds: a subscription if it is still downloading, else its bitfield.
-async fn probe(
-    client: &PeerClient,
+async fn probe<P: PeerTransport>(
+    client: &P,
     peer: PeerInfo,
     metainfo: &Metainfo,
-) -> Result<(Bitfield, Option<HaveStream>), PeerError> {
+) -> Result<(Bitfield, Option<P::Haves>), PeerError> {
     // The tracker's word that a peer is an origin (which earns it first copies and a deeper
     // pipeline) must be backed by an origin's certificate.
     if peer.origin && client.role(peer.addr).await? != Some(Role::Origin) {
@@ -311,9 +321,9 @@ async fn probe(
 }
 
 /// Forwards a peer's Have batches to the download loop until the stream ends.
-async fn forward_haves(
+async fn forward_haves<H: Haves>(
     peer: SocketAddr,
-    mut stream: HaveStream,
+    mut stream: H,
     tx: mpsc::Sender<(SocketAddr, Vec<u32>)>,
 ) -> SocketAddr {
     loop {
