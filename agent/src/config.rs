@@ -12,68 +12,73 @@ use shoal_shared::telemetry::LogFormat;
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
 pub struct ServeFlags {
     /// Address of the local registry endpoint containerd pulls from (localhost by default).
+    /// [default: 127.0.0.1:5050].
     #[arg(long, env = "SHOAL_REGISTRY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registry: Option<SocketAddr>,
-    /// UDP address of the QUIC peer endpoint.
+    /// UDP address of the QUIC peer endpoint [default: 127.0.0.1:5051].
     #[arg(long, env = "SHOAL_PEER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<SocketAddr>,
-    /// Address other peers should dial (defaults to --peer).
+    /// Address other peers should dial [default: the --peer address].
     #[arg(long, env = "SHOAL_ADVERTISE_PEER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_peer: Option<SocketAddr>,
-    /// Data directory (the blob cache).
+    /// Data directory (the blob cache) (required).
     #[arg(long, env = "SHOAL_DATA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
     /// Directory with ca.pem, cert.pem, key.pem (from `shoal-origin ca issue`).
+    /// (required).
     #[arg(long, env = "SHOAL_TLS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<PathBuf>,
     /// Base URL of a tracker (repeatable; tried in order).
+    /// (required, at least one).
     #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tracker: Vec<String>,
-    /// Seconds a download may go without progress before it fails.
+    /// How long a download may go without progress before it fails (e.g. `90s`; a bare
+    /// number is seconds) [default: 60s].
     #[arg(long, env = "SHOAL_PROGRESS_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub progress_timeout: Option<u64>,
-    /// Seconds a completed blob keeps being announced as seeded.
+    pub progress_timeout: Option<shoal_shared::config::Span>,
+    /// How long a completed blob keeps being announced as seeded [default: 1h].
     #[arg(long, env = "SHOAL_SEED_TIME")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed_time: Option<u64>,
+    pub seed_time: Option<shoal_shared::config::Span>,
     /// Piece bytes sent to peers at once, e.g. `16MiB` (a piece holds its share until the
-    /// peer has acknowledged it).
+    /// peer has acknowledged it) [default: 16MiB].
     #[arg(long, env = "SHOAL_UPLOAD_BUDGET")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_budget: Option<ByteRate>,
-    /// Piece requests that may wait for upload budget; more are refused as busy.
+    /// Piece requests that may wait for upload budget; more are refused as busy [default: 0].
     #[arg(long, env = "SHOAL_UPLOAD_QUEUE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_queue: Option<usize>,
-    /// Most peers one download fetches from at once.
-    #[arg(long, env = "SHOAL_MAX_PEERS")]
+    /// Most peers one download fetches from at once [default: 10].
+    #[arg(long, env = "SHOAL_AGENT_MAX_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_peers: Option<usize>,
     /// Most bytes per second sent to peers, all together (e.g. `100MiB`, `800Mbit`; 0 = no limit).
+    /// [default: 0].
     #[arg(long, env = "SHOAL_EGRESS_LIMIT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_limit: Option<ByteRate>,
-    /// Most bytes per second received from peers, all together (0 = no limit).
+    /// Most bytes per second received from peers, all together (0 = no limit) [default: 0].
     #[arg(long, env = "SHOAL_INGRESS_LIMIT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ingress_limit: Option<ByteRate>,
-    /// Seconds an unfinished download is kept on disk for resuming; older ones are deleted
-    /// at startup.
+    /// How long an unfinished download is kept on disk for resuming; older ones are deleted
+    /// at startup [default: 24h].
     #[arg(long, env = "SHOAL_PARTIAL_MAX_AGE")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub partial_max_age: Option<u64>,
-    /// Seconds a response may make no progress into a local client's socket before the
-    /// connection is dropped.
+    pub partial_max_age: Option<shoal_shared::config::Span>,
+    /// How long a response may make no progress into a local client's socket before the
+    /// connection is dropped [default: 30s].
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub send_timeout: Option<u64>,
+    pub send_timeout: Option<shoal_shared::config::Span>,
     /// Most disk the blob cache (whole blobs, metainfo, partial downloads) may take: a size
     /// (`50GiB`) or a share of the data directory's filesystem (`80%`) [default: 50%].
     #[arg(long, env = "SHOAL_CACHE_SIZE")]
@@ -90,7 +95,7 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<Span>,
     /// Extra listener for /metrics, /healthz, /readyz and the status page (e.g. the node's
-    /// address, while the registry stays on loopback).
+    /// address, while the registry stays on loopback) [default: none].
     #[arg(long, env = "SHOAL_METRICS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
@@ -113,9 +118,9 @@ pub struct Config {
     pub data: PathBuf,
     pub tls: PathBuf,
     pub tracker: Vec<String>,
-    #[serde(default = "default_progress_timeout")]
+    #[serde(default = "default_progress_timeout", deserialize_with = "shoal_shared::config::secs")]
     pub progress_timeout: u64,
-    #[serde(default = "default_seed_time")]
+    #[serde(default = "default_seed_time", deserialize_with = "shoal_shared::config::secs")]
     pub seed_time: u64,
     #[serde(default = "default_upload_budget")]
     pub upload_budget: ByteRate,
@@ -127,9 +132,9 @@ pub struct Config {
     pub egress_limit: ByteRate,
     #[serde(default)]
     pub ingress_limit: ByteRate,
-    #[serde(default = "default_partial_max_age")]
+    #[serde(default = "default_partial_max_age", deserialize_with = "shoal_shared::config::secs")]
     pub partial_max_age: u64,
-    #[serde(default = "default_send_timeout")]
+    #[serde(default = "default_send_timeout", deserialize_with = "shoal_shared::config::secs")]
     pub send_timeout: u64,
     #[serde(default = "default_cache_size")]
     pub cache_size: DiskShare,

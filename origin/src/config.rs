@@ -11,19 +11,19 @@ use shoal_shared::ratelimit::ByteRate;
 /// `shoal-origin serve` flags. Every flag is optional here; defaults live in [`Config`].
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
 pub struct ServeFlags {
-    /// HTTP address of the registry and seeding API.
+    /// HTTP address of the registry and seeding API [default: 127.0.0.1:5000].
     #[arg(long, env = "SHOAL_HTTP")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
-    /// UDP address of the QUIC peer endpoint.
+    /// UDP address of the QUIC peer endpoint [default: 127.0.0.1:5001].
     #[arg(long, env = "SHOAL_PEER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<SocketAddr>,
-    /// Address other peers should dial (defaults to --peer).
+    /// Address other peers should dial [default: the --peer address].
     #[arg(long, env = "SHOAL_ADVERTISE_PEER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_peer: Option<SocketAddr>,
-    /// Data directory (blobs, metainfo, tags).
+    /// Data directory (blobs, metainfo, tags) (required).
     #[arg(long, env = "SHOAL_DATA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
@@ -34,24 +34,26 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
     /// Directory with ca.pem, cert.pem, key.pem (from `shoal-origin ca issue`).
+    /// (required).
     #[arg(long, env = "SHOAL_TLS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<PathBuf>,
-    /// Piece length in bytes for new metainfo (64 KiB to 64 MiB).
+    /// Piece length of new blobs' metainfo, a power of two from 64KiB to 64MiB (e.g. `4MiB`;
+    /// a bare number is bytes) [default: 4MiB].
     #[arg(long, env = "SHOAL_PIECE_LENGTH")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub piece_length: Option<u32>,
+    pub piece_length: Option<shoal_shared::ratelimit::ByteRate>,
     /// Piece bytes sent to peers at once, e.g. `32MiB` (a piece holds its share until the
-    /// peer has acknowledged it).
+    /// peer has acknowledged it) [default: 32MiB].
     #[arg(long, env = "SHOAL_UPLOAD_BUDGET")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_budget: Option<ByteRate>,
-    /// Piece requests that may wait for upload budget; more are refused as busy.
+    /// Piece requests that may wait for upload budget; more are refused as busy [default: 0].
     #[arg(long, env = "SHOAL_UPLOAD_QUEUE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_queue: Option<usize>,
     /// Tracker base URL (repeatable): the origin announces the blobs peers are fetching
-    /// from it as a seeder there.
+    /// from it as a seeder there [default: none].
     #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tracker: Vec<String>,
@@ -61,17 +63,18 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_token: Option<String>,
     /// Serve beyond loopback with no upload token: anyone who reaches the origin can push,
-    /// overwrite tags and fill its disk from the upstreams.
+    /// overwrite tags and fill its disk from the upstreams [default: false].
     #[arg(long, env = "SHOAL_ALLOW_ANONYMOUS_WRITES", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous_writes: Option<bool>,
-    /// Seconds a response may make no progress into a client's socket before the
-    /// connection is dropped (a client that stops reading costs nothing longer).
+    /// How long a response may make no progress into a client's socket before the connection
+    /// is dropped [default: 30s].
     #[arg(long, env = "SHOAL_SEND_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub send_timeout: Option<u64>,
+    pub send_timeout: Option<shoal_shared::config::Span>,
     /// Base URL of every origin of the cluster, this one included, written the same on every
     /// member and tracker (repeatable). Without it the origin stands alone.
+    /// [default: none: a standalone origin].
     #[arg(long = "cluster", env = "SHOAL_CLUSTER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cluster: Vec<String>,
@@ -121,49 +124,53 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_MAX_UPLOAD_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_upload_bytes: Option<ByteRate>,
-    /// HTTP worker threads.
+    /// HTTP worker threads [default: 2].
     #[arg(long, env = "SHOAL_HTTP_WORKERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_workers: Option<usize>,
     /// Upstream registry to pull images through from (repeatable), e.g.
     /// https://registry-1.docker.io, or REGISTRY=URL (docker.io=https://mirror.example: the
     /// registry named docker.io is served at that URL); plain http only for localhost.
-    /// Requests without `?ns=` go to the first.
+    /// Requests without `?ns=` go to the first [default: none].
     #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstream: Vec<String>,
     /// Docker config.json whose `auths` section holds the upstreams' credentials.
+    /// [default: none: anonymous].
     #[arg(long, env = "SHOAL_UPSTREAM_AUTH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_auth: Option<PathBuf>,
     /// PEM file of extra CA certificates trusted for upstream registries.
+    /// [default: the system's roots].
     #[arg(long, env = "SHOAL_UPSTREAM_CA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca: Option<PathBuf>,
-    /// Seconds a pulled-through tag is served without asking the upstream.
+    /// How long a pulled-through tag is served without asking the upstream again (then a HEAD
+    /// checks it) [default: 5m].
     #[arg(long, env = "SHOAL_TAG_TTL")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tag_ttl: Option<u64>,
-    /// Seconds without progress after which an upstream fetch is cancelled and retried.
+    pub tag_ttl: Option<shoal_shared::config::Span>,
+    /// How long an upstream fetch may make no progress before it is cancelled and retried
+    /// [default: 30s].
     #[arg(long, env = "SHOAL_UPSTREAM_STALL")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_stall: Option<u64>,
-    /// Attempts per upstream blob fetch.
+    pub upstream_stall: Option<shoal_shared::config::Span>,
+    /// Attempts per upstream blob fetch [default: 3].
     #[arg(long, env = "SHOAL_UPSTREAM_ATTEMPTS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_attempts: Option<u32>,
-    /// `/proxy/v1/registry/prefetch` waits until the blobs are stored.
+    /// `/proxy/v1/registry/prefetch` waits until the blobs are stored [default: false].
     #[arg(long, env = "SHOAL_PREFETCH_SYNC", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch_sync: Option<bool>,
-    /// Blobs smaller than this many bytes are not prefetched.
+    /// Blobs smaller than this are not prefetched (e.g. `1MiB`) [default: 0].
     #[arg(long, env = "SHOAL_PREFETCH_MIN_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefetch_min_size: Option<u64>,
-    /// Blobs larger than this many bytes are not prefetched.
+    pub prefetch_min_size: Option<shoal_shared::ratelimit::ByteRate>,
+    /// Blobs larger than this are not prefetched (e.g. `10GiB`) [default: no limit].
     #[arg(long, env = "SHOAL_PREFETCH_MAX_SIZE")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefetch_max_size: Option<u64>,
+    pub prefetch_max_size: Option<shoal_shared::ratelimit::ByteRate>,
 }
 
 /// The origin's validated configuration.
@@ -181,7 +188,7 @@ pub struct Config {
     #[serde(default)]
     pub store: Option<String>,
     pub tls: PathBuf,
-    #[serde(default = "default_piece_length")]
+    #[serde(default = "default_piece_length", deserialize_with = "shoal_shared::config::bytes_u32")]
     pub piece_length: u32,
     #[serde(default = "default_upload_budget")]
     pub upload_budget: ByteRate,
@@ -189,7 +196,7 @@ pub struct Config {
     pub upload_queue: usize,
     #[serde(default = "default_workers")]
     pub http_workers: usize,
-    #[serde(default = "default_send_timeout")]
+    #[serde(default = "default_send_timeout", deserialize_with = "shoal_shared::config::secs")]
     pub send_timeout: u64,
     #[serde(default)]
     pub cluster: Vec<String>,
@@ -224,17 +231,17 @@ pub struct Config {
     pub upstream_auth: Option<PathBuf>,
     #[serde(default)]
     pub upstream_ca: Option<PathBuf>,
-    #[serde(default = "default_tag_ttl")]
+    #[serde(default = "default_tag_ttl", deserialize_with = "shoal_shared::config::secs")]
     pub tag_ttl: u64,
-    #[serde(default = "default_upstream_stall")]
+    #[serde(default = "default_upstream_stall", deserialize_with = "shoal_shared::config::secs")]
     pub upstream_stall: u64,
     #[serde(default = "default_upstream_attempts")]
     pub upstream_attempts: u32,
     #[serde(default)]
     pub prefetch_sync: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shoal_shared::config::bytes")]
     pub prefetch_min_size: u64,
-    #[serde(default = "default_prefetch_max_size")]
+    #[serde(default = "default_prefetch_max_size", deserialize_with = "shoal_shared::config::bytes")]
     pub prefetch_max_size: u64,
 }
 
@@ -355,6 +362,36 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         flags: ServeFlags,
+    }
+
+    #[test]
+    fn durations_and_sizes_take_units_and_bare_numbers() {
+        let cli = Cli::try_parse_from([
+            "origin",
+            "--data",
+            "/d",
+            "--tls",
+            "/t",
+            "--tag-ttl",
+            "5m",
+            "--upstream-stall",
+            "45",
+            "--piece-length",
+            "1MiB",
+            "--prefetch-max-size",
+            "2GiB",
+            "--send-timeout",
+            "1m 30s",
+        ])
+        .expect("flags");
+        let c: Config = shoal_shared::config::layered(&cli.flags, None).expect("config");
+        assert_eq!((c.tag_ttl, c.upstream_stall, c.send_timeout), (300, 45, 90));
+        assert_eq!((c.piece_length, c.prefetch_max_size), (1 << 20, 2 << 30));
+        let cli = Cli::try_parse_from(["origin", "--data", "/d", "--tls", "/t", "--tag-ttl", "1500ms"])
+            .expect("flags");
+        let err = shoal_shared::config::layered::<Config>(&cli.flags, None).expect_err("refused");
+        assert!(err.to_string().contains("whole seconds"), "{err}");
+        assert!(Cli::try_parse_from(["origin", "--tag-ttl", "soon"]).is_err());
     }
 
     #[test]

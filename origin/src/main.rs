@@ -21,7 +21,7 @@ enum Command {
     Serve {
         #[command(flatten)]
         flags: Box<ServeFlags>,
-        /// TOML file with the same keys as the flags.
+        /// TOML file with the same keys as the flags (flags and environment win) [default: none].
         #[arg(long, env = "SHOAL_CONFIG")]
         config: Option<PathBuf>,
     },

@@ -26,3 +26,13 @@ fn version_and_flags() {
     }
     assert!(run(&["ca", "issue", "--help"]).contains("--role"));
 }
+
+#[test]
+fn every_environment_variable_is_shared_alike_or_this_binarys_own() {
+    let help = run(&["serve", "--help"]);
+    let unowned = shoal_shared::config::unowned_env(&help, "SHOAL_ORIGIN_", shoal_shared::config::ORIGIN_ENV);
+    assert!(
+        unowned.is_empty(),
+        "list these in shoal_shared::config (shared with one meaning, or own): {unowned:?}"
+    );
+}

@@ -40,6 +40,85 @@ pub fn layered<T: DeserializeOwned>(flags: &impl Serialize, file: Option<&Path>)
     toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))
 }
 
+/// Environment variables that more than one binary reads, each with the same meaning in
+/// every one that reads it (this node's own address, data directory, certificates, the
+/// cluster's shared settings). Every other variable carries its binary's prefix
+/// (`SHOAL_AGENT_`, `SHOAL_ORIGIN_`, `SHOAL_TRACKER_`) or belongs to one binary alone; the
+/// binaries' CLI tests hold them to this.
+pub const SHARED_ENV: &[&str] = &[
+    "SHOAL_ADVERTISE_PEER",
+    "SHOAL_CACHE_SIZE",
+    "SHOAL_CONFIG",
+    "SHOAL_DATA",
+    "SHOAL_DRAIN_TIMEOUT",
+    "SHOAL_HTTP",
+    "SHOAL_LOG_FORMAT",
+    "SHOAL_METRICS",
+    "SHOAL_ORIGIN",
+    "SHOAL_PEER",
+    "SHOAL_REPLICAS",
+    "SHOAL_RING_KEY",
+    "SHOAL_SEND_TIMEOUT",
+    "SHOAL_TLS",
+    "SHOAL_TRACKER",
+    "SHOAL_UPLOAD_BUDGET",
+    "SHOAL_UPLOAD_QUEUE",
+    "SHOAL_UPLOAD_TOKEN",
+];
+
+/// Variables only the agent reads.
+pub const AGENT_ENV: &[&str] = &[
+    "SHOAL_CACHE_TTL",
+    "SHOAL_EGRESS_LIMIT",
+    "SHOAL_INGRESS_LIMIT",
+    "SHOAL_PARTIAL_MAX_AGE",
+    "SHOAL_PROGRESS_TIMEOUT",
+    "SHOAL_REGISTRY",
+    "SHOAL_SEED_TIME",
+];
+
+/// Variables only the origin reads.
+pub const ORIGIN_ENV: &[&str] = &[
+    "SHOAL_ALLOW_ANONYMOUS_WRITES",
+    "SHOAL_CLUSTER",
+    "SHOAL_HANDOFF_GRACE",
+    "SHOAL_HTTP_WORKERS",
+    "SHOAL_MAX_UPLOAD_BYTES",
+    "SHOAL_PIECE_LENGTH",
+    "SHOAL_PREFETCH_MAX_SIZE",
+    "SHOAL_PREFETCH_MIN_SIZE",
+    "SHOAL_PREFETCH_SYNC",
+    "SHOAL_PULL_THROUGH_RETENTION",
+    "SHOAL_SELF",
+    "SHOAL_STORE",
+    "SHOAL_TAG_TTL",
+    "SHOAL_UPSTREAM",
+    "SHOAL_UPSTREAM_ATTEMPTS",
+    "SHOAL_UPSTREAM_AUTH",
+    "SHOAL_UPSTREAM_CA",
+    "SHOAL_UPSTREAM_STALL",
+];
+
+/// Variables only the tracker reads.
+pub const TRACKER_ENV: &[&str] =
+    &["SHOAL_ANNOUNCE_INTERVAL", "SHOAL_ORIGIN_TOKEN", "SHOAL_TRUST_ANNOUNCED_ADDRESSES"];
+
+/// The `SHOAL_*` variables a `--help` text names (`[env: NAME=...]`) that are neither in
+/// [`SHARED_ENV`] nor among `own` (the variables only this binary reads) nor prefixed with
+/// `prefix`: names that could mean one thing here and another in a sibling binary.
+pub fn unowned_env(help: &str, prefix: &str, own: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .filter(|name| !SHARED_ENV.contains(name) && !own.contains(name) && !name.starts_with(prefix))
+        .map(str::to_owned)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A duration written the way people write them: `30s`, `15m`, `6h`, `7d`, `1h 30m`; a bare
 /// number is seconds. `0` turns off what it bounds, where the flag says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,6 +175,28 @@ where
         Raw::Text(s) => s,
     };
     text.parse().map_err(serde::de::Error::custom)
+}
+
+/// A duration in whole seconds, written as a [`Span`] (`30s`, `5m`) or bare seconds; for
+/// settings kept as seconds. A fraction of a second is refused rather than rounded.
+pub fn secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let span: Span = int_or_text(d)?;
+    if span.0.subsec_nanos() != 0 {
+        return Err(serde::de::Error::custom(format!("{span}: give whole seconds")));
+    }
+    Ok(span.0.as_secs())
+}
+
+/// A byte count written with units (`4MiB`, `512KB`) or bare bytes.
+pub fn bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let size: crate::ratelimit::ByteRate = int_or_text(d)?;
+    Ok(size.0)
+}
+
+/// [`bytes`], for a count that must fit in 32 bits (a piece length).
+pub fn bytes_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = bytes(d)?;
+    u32::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes: at most 4GiB")))
 }
 
 /// Read from an integer (seconds) or a string with units.
@@ -173,6 +274,18 @@ impl<'de> serde::Deserialize<'de> for DiskShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_environment_variable_has_one_meaning() {
+        let lists = [SHARED_ENV, AGENT_ENV, ORIGIN_ENV, TRACKER_ENV];
+        let mut all: Vec<&str> = lists.iter().flat_map(|l| l.iter().copied()).collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a variable is listed twice: shared and own, or own by two binaries");
+        let help = "--x <X>  Thing [env: SHOAL_TLS=]\n--y [env: SHOAL_NEW=] [env: SHOAL_AGENT_Z=]";
+        assert_eq!(unowned_env(help, "SHOAL_AGENT_", AGENT_ENV), vec!["SHOAL_NEW".to_owned()]);
+    }
 
     #[derive(Serialize, Default)]
     struct Flags {

@@ -7,52 +7,57 @@ use serde::{Deserialize, Serialize};
 /// `shoal-tracker serve` flags.
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
 pub struct ServeFlags {
-    /// HTTP address for announces and lookups.
+    /// HTTP address for announces and lookups [default: 127.0.0.1:5100].
     #[arg(long, env = "SHOAL_HTTP")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
     /// TLS directory (`ca.pem`, `cert.pem`, `key.pem` from `shoal-origin ca issue --role
     /// tracker`, `crl.pem` if any): serve HTTPS and require every caller's certificate from
     /// the cluster CA with the agent or origin role (mutual TLS). Without it, plain HTTP.
+    /// [default: none: plain HTTP].
     #[arg(long, env = "SHOAL_TLS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<std::path::PathBuf>,
     /// Extra plain-HTTP listener with only the read-only operations routes: /metrics,
     /// /healthz, /readyz and the status page. For probes and scrapers, which cannot present
-    /// a cluster certificate to a tracker served with `--tls`.
+    /// a cluster certificate to a tracker served with `--tls` [default: none].
     #[arg(long, env = "SHOAL_METRICS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
     /// An origin (repeatable; asked in order, or on a ring a blob's owners first): a base URL
     /// (optionally weighted, `http://o1:5000#weight=2`, as in the origins' --cluster) or
     /// `dns:NAME:PORT`, every address of a name (a headless Service), resolved every 30 s.
+    /// (required, at least one).
     #[arg(long = "origin", visible_alias = "cluster", env = "SHOAL_ORIGIN", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub origin: Vec<String>,
-    /// Seconds between a peer's announces; a peer is forgotten after three missed.
+    /// How often peers announce (e.g. `10s`); a peer is forgotten after three missed
+    /// [default: 10s].
     #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub announce_interval: Option<u64>,
-    /// Most peers returned by one announce.
-    #[arg(long, env = "SHOAL_MAX_PEERS")]
+    pub announce_interval: Option<shoal_shared::config::Span>,
+    /// Most peers returned by one announce [default: 50].
+    #[arg(long, env = "SHOAL_TRACKER_MAX_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_peers: Option<usize>,
     /// Record announced peer addresses whatever IP the announce came from (for agents
-    /// behind NAT). By default an announcer may announce only its own IP.
+    /// behind NAT). By default an announcer may announce only its own IP [default: false].
     #[arg(long, env = "SHOAL_TRUST_ANNOUNCED_ADDRESSES", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trust_announced_addresses: Option<bool>,
     /// The origins' upload token, sent with every lookup: pull-through lookups reach the
-    /// upstreams, so origins with a token require it.
+    /// upstreams, so origins with a token require it [default: none].
     #[arg(long, env = "SHOAL_ORIGIN_TOKEN", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_token: Option<String>,
     /// The origins form a ring with this key (their `--ring-key`): lookups go to a blob's
     /// owners first. Give it (or `--replicas`) when the origins run with `--cluster`.
+    /// [default: a built-in key].
     #[arg(long, env = "SHOAL_RING_KEY", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_key: Option<String>,
     /// The origins' `--replicas`; with it (or `--ring-key`) the origins are treated as a ring.
+    /// [default: none: no ring].
     #[arg(long, env = "SHOAL_REPLICAS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<usize>,
@@ -78,7 +83,7 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     #[serde(default)]
     pub origin: Vec<String>,
-    #[serde(default = "default_interval")]
+    #[serde(default = "default_interval", deserialize_with = "shoal_shared::config::secs")]
     pub announce_interval: u64,
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,

@@ -18,3 +18,14 @@ fn version_and_flags() {
         assert!(help.contains(flag), "{flag} missing from serve --help:\n{help}");
     }
 }
+
+#[test]
+fn every_environment_variable_is_shared_alike_or_this_binarys_own() {
+    let help = run(&["serve", "--help"]);
+    let unowned =
+        shoal_shared::config::unowned_env(&help, "SHOAL_TRACKER_", shoal_shared::config::TRACKER_ENV);
+    assert!(
+        unowned.is_empty(),
+        "list these in shoal_shared::config (shared with one meaning, or own): {unowned:?}"
+    );
+}
