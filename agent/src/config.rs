@@ -35,6 +35,12 @@ pub struct ServeFlags {
     #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tracker: Vec<String>,
+    /// Where an upstream registry is reached, `REGISTRY=URL` (repeatable), for checking a
+    /// client's credentials for private pulled-through content against it; a registry not
+    /// listed is `https://REGISTRY` (`http://` only for loopback).
+    #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<String>,
     /// Seconds a download may go without progress before it fails.
     #[arg(long, env = "SHOAL_PROGRESS_TIMEOUT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -113,6 +119,8 @@ pub struct Config {
     pub data: PathBuf,
     pub tls: PathBuf,
     pub tracker: Vec<String>,
+    #[serde(default)]
+    pub upstream: Vec<String>,
     #[serde(default = "default_progress_timeout")]
     pub progress_timeout: u64,
     #[serde(default = "default_seed_time")]
@@ -191,6 +199,7 @@ impl Config {
             data,
             tls,
             tracker,
+            upstream: Vec::new(),
             progress_timeout: default_progress_timeout(),
             seed_time: default_seed_time(),
             upload_budget: default_upload_budget(),
