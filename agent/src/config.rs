@@ -38,6 +38,13 @@ pub struct ServeFlags {
     #[arg(long = "tracker", env = "SHOAL_TRACKER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tracker: Vec<String>,
+    /// Where an upstream registry is reached, `REGISTRY=URL` (repeatable), for checking a
+    /// client's credentials for private pulled-through content against it; a registry not
+    /// listed is `https://REGISTRY` (`http://` only for loopback)
+    /// [default: none: every registry at `https://REGISTRY`].
+    #[arg(long = "upstream", env = "SHOAL_AGENT_UPSTREAM", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<String>,
     /// How long a download may go without progress before it fails (e.g. `90s`; a bare
     /// number is seconds) [default: 60s].
     #[arg(long, env = "SHOAL_PROGRESS_TIMEOUT")]
@@ -118,6 +125,8 @@ pub struct Config {
     pub data: PathBuf,
     pub tls: PathBuf,
     pub tracker: Vec<String>,
+    #[serde(default)]
+    pub upstream: Vec<String>,
     #[serde(default = "default_progress_timeout", deserialize_with = "shoal_shared::config::secs")]
     pub progress_timeout: u64,
     #[serde(default = "default_seed_time", deserialize_with = "shoal_shared::config::secs")]
@@ -196,6 +205,7 @@ impl Config {
             data,
             tls,
             tracker,
+            upstream: Vec::new(),
             progress_timeout: default_progress_timeout(),
             seed_time: default_seed_time(),
             upload_budget: default_upload_budget(),

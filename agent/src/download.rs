@@ -485,7 +485,13 @@ impl Downloads {
         hint: Option<&Hint>,
         phase: &watch::Sender<Phase>,
     ) -> Result<Arc<Sources>, DownloadError> {
-        let (metainfo, pulled_through) = self.tracker.metainfo_sourced(digest, hint).await?;
+        let sourced = self.tracker.metainfo_sourced(digest, hint).await?;
+        let (metainfo, pulled_through) = (sourced.metainfo, sourced.pulled_through);
+        // Before any byte can be served: whom the blob may be served to (rewritten by every
+        // download, so a blob's marker is what the cluster says of it now).
+        crate::tenant::set_marker(&self.store, &digest, sourced.private.as_ref())
+            .await
+            .map_err(|e| DownloadError::Store(format!("private marker: {}", e.kind())))?;
         let started = Instant::now();
         // Room in the cache first: the whole blob is charged before a byte is fetched.
         let hold = {

@@ -12,6 +12,7 @@ pub mod preload;
 pub mod registry;
 pub mod seeding;
 pub mod status;
+pub mod tenant;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub enum AgentError {
     Http(#[from] std::io::Error),
     #[error("no tracker configured (--tracker URL)")]
     NoTracker,
+    #[error("--upstream: {0}")]
+    Upstream(String),
 }
 
 /// The bound sockets the agent serves on.
@@ -74,6 +77,7 @@ pub async fn run(
     if config.tracker.is_empty() {
         return Err(AgentError::NoTracker);
     }
+    let tenants = Arc::new(tenant::Tenants::new(&config.upstream).map_err(AgentError::Upstream)?);
     // Unfinished downloads stay on disk and resume when their blob is next asked for; their
     // pieces are checked again then, so a half-written piece is never served.
     let store = BlobStore::open(&config.data)?;
@@ -144,6 +148,11 @@ pub async fn run(
     stats.register(&mut registry);
     downloads.metrics.register(&mut registry);
     cache.metrics.register(&mut registry);
+    registry.sub_registry_with_prefix("shoal_agent").register(
+        "tenant_checks",
+        "Checks of a client's credentials for private content sent to an upstream registry",
+        tenants.checks.clone(),
+    );
 
     // Peers keep being served while local responses drain after a SIGTERM; they stop last.
     let peers_stop = CancellationToken::new();
@@ -186,6 +195,7 @@ pub async fn run(
         preloads: Arc::new(tokio::sync::Semaphore::new(preload::MAX_BACKGROUND)),
         started: std::time::Instant::now(),
         me,
+        tenants,
     });
     let send_timeout = std::time::Duration::from_secs(config.send_timeout.max(1));
     let drain = config.drain_timeout.0.as_secs().max(1);

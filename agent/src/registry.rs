@@ -21,6 +21,7 @@ use shoal_shared::store::READ_CHUNK;
 
 use crate::delivery::{Counted, Tally};
 use crate::download::{Active, DownloadError, Downloads, Fetched};
+use crate::tenant::{Probe, Tenants};
 use shoal_shared::tracker::LookupError;
 
 /// Handler state.
@@ -33,6 +34,8 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// This agent's peer address.
     pub me: std::net::SocketAddr,
+    /// Who may have content pulled through from private upstream repositories.
+    pub tenants: Arc<Tenants>,
 }
 
 type State = web::Data<AppState>;
@@ -137,14 +140,22 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
     let downloads = &state.downloads;
     if req.method() == Method::HEAD && downloads.store.size(&digest).await.is_none() {
         // Answer from the metainfo; no need to download to say how large a blob is.
-        return match downloads.tracker().metainfo_for(digest, Some(hint)).await {
-            Ok(m) => head_body(
-                HttpResponse::Ok()
-                    .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
-                    .insert_header((header::ACCEPT_RANGES, "bytes"))
-                    .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string())),
-                m.length(),
-            ),
+        return match downloads.tracker().metainfo_sourced(digest, Some(hint)).await {
+            Ok(sourced) => {
+                if let Some(repo) = &sourced.private {
+                    if let Err(resp) = authorize(req, state, hint, repo, Probe::Blob(&digest)).await {
+                        return resp;
+                    }
+                }
+                let m = sourced.metainfo;
+                head_body(
+                    HttpResponse::Ok()
+                        .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
+                        .insert_header((header::ACCEPT_RANGES, "bytes"))
+                        .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string())),
+                    m.length(),
+                )
+            }
             Err(LookupError::NotFound) => {
                 oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown")
             }
@@ -166,6 +177,10 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
             match downloads.fetch(digest, Some(hint)).await {
                 Ok(Fetched::Cached(tally)) => tally,
                 Ok(Fetched::Streaming(active)) => {
+                    // The download recorded the blob's marker before its first byte.
+                    if let Err(resp) = guard(req, state, hint, &digest, Probe::Blob(&digest)).await {
+                        return resp;
+                    }
                     let len = active.length();
                     let tally = Tally::Download(active.sources.clone());
                     let body = SizedStream::new(len, Box::pin(prefix_stream(active.clone())));
@@ -177,6 +192,9 @@ async fn blob(req: &HttpRequest, digest: &str, hint: &Hint, state: &AppState) ->
                 Err(e) => return download_error(&e, ErrorCode::BlobUnknown),
             }
         };
+        if let Err(resp) = guard(req, state, hint, &digest, Probe::Blob(&digest)).await {
+            return resp;
+        }
         match serve_cached(req, digest, downloads, tally).await {
             Cached::Served(resp) => return resp,
             Cached::Damaged | Cached::Missing if !refetched => refetched = true,
@@ -249,27 +267,70 @@ fn body_start(resp: &HttpResponse) -> u64 {
         .unwrap_or(0)
 }
 
+/// Serves content private to a repository (its marker, [`crate::tenant::marker`]) only to
+/// a client the upstream accepts for it.
+async fn guard(
+    req: &HttpRequest,
+    state: &AppState,
+    hint: &Hint,
+    digest: &Digest,
+    probe: Probe<'_>,
+) -> Result<(), HttpResponse> {
+    match crate::tenant::marker(&state.downloads.store, digest).await {
+        Ok(None) => Ok(()),
+        Ok(Some(repo)) => authorize(req, state, hint, &repo, probe).await,
+        Err(e) => {
+            tracing::error!(%digest, cause = %e.kind(), "cannot read a blob's private marker");
+            Err(oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unauthorized, "cannot check access"))
+        }
+    }
+}
+
+/// Checks the client's credentials for private `repo` (never logged).
+async fn authorize(
+    req: &HttpRequest,
+    state: &AppState,
+    hint: &Hint,
+    repo: &shoal_shared::tenant::PrivateRepo,
+    probe: Probe<'_>,
+) -> Result<(), HttpResponse> {
+    let auth = req.headers().get(header::AUTHORIZATION);
+    state.tenants.authorize(auth, hint.ns.as_deref(), &hint.name, repo, probe).await.map_err(|refusal| {
+        tracing::info!(%repo, %refusal, "private content refused");
+        refusal.response()
+    })
+}
+
 async fn manifest(req: &HttpRequest, reference: &str, hint: &Hint, state: &AppState) -> HttpResponse {
     let name = hint.name.as_str();
     let downloads = &state.downloads;
     let digest = match reference.parse::<Reference>() {
         Ok(Reference::Digest(d)) => d,
-        Ok(Reference::Tag(tag)) => match downloads.tracker().tag_in(name, &tag, hint.ns.as_deref()).await {
-            Ok(d) => d,
-            Err(LookupError::NotFound) => {
-                return oci_error(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::ManifestUnknown,
-                    format!("{name}:{tag} unknown"),
-                )
+        Ok(Reference::Tag(tag)) => {
+            match downloads.tracker().tag_sourced(name, &tag, hint.ns.as_deref()).await {
+                // A tag of a private repository: checked before its manifest is fetched.
+                Ok((d, Some(repo))) => {
+                    match authorize(req, state, hint, &repo, Probe::Manifest(&tag)).await {
+                        Ok(()) => d,
+                        Err(resp) => return resp,
+                    }
+                }
+                Ok((d, None)) => d,
+                Err(LookupError::NotFound) => {
+                    return oci_error(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::ManifestUnknown,
+                        format!("{name}:{tag} unknown"),
+                    )
+                }
+                // The upstream refused the cluster's credentials: a 401 (without a challenge, as
+                // the client cannot fix it) tells containerd to fall back to the registry itself.
+                Err(LookupError::Denied(m)) => {
+                    return oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m)
+                }
+                Err(e) => return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ManifestUnknown, e),
             }
-            // The upstream refused the cluster's credentials: a 401 (without a challenge, as
-            // the client cannot fix it) tells containerd to fall back to the registry itself.
-            Err(LookupError::Denied(m)) => {
-                return oci_error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, m)
-            }
-            Err(e) => return oci_error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ManifestUnknown, e),
-        },
+        }
         // A reference outside the grammar names no manifest (the spec's pull tests: 404).
         Err(e) => {
             return oci_error(
@@ -283,6 +344,11 @@ async fn manifest(req: &HttpRequest, reference: &str, hint: &Hint, state: &AppSt
         Ok(tally) => tally,
         Err(e) => return download_error(&e, ErrorCode::ManifestUnknown),
     };
+    let probe =
+        if reference.parse::<Digest>().is_ok() { Probe::Manifest(reference) } else { Probe::Repository };
+    if let Err(resp) = guard(req, state, hint, &digest, probe).await {
+        return resp;
+    }
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, "not a manifest");
     let size = match downloads.store.size(&digest).await {
         Some(s) if s <= MAX_MANIFEST as u64 => s as usize,

@@ -229,6 +229,28 @@ async fn v2(
             // pull-through retention here too.
             let pulled = hop && req.headers().contains_key(shoal_shared::client::PULLED_THROUGH_HEADER);
             let copied = query.clone().filter(|_| pulled).and_then(|q| q.parse::<Digest>().ok());
+            // ...and a copy of private content stays private (a member's word, over mTLS
+            // with the upload token).
+            let private = req
+                .headers()
+                .get(shoal_shared::tenant::PRIVATE_HEADER)
+                .filter(|_| hop)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| shoal_shared::tenant::PrivateRepo::parse(v).ok());
+            // Marked before the copy is visible; a copy that cannot be marked is refused.
+            let target = query.as_deref().and_then(|q| q.parse::<Digest>().ok());
+            if let (Some(digest), Some(repo)) = (target, private) {
+                if let Err(e) =
+                    crate::private::PrivateMarks::new(&state.store).mark_blob(&digest, &repo).await
+                {
+                    tracing::error!(%digest, cause = %e, "cannot mark a private copy");
+                    return oci_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::BlobUploadInvalid,
+                        "cannot mark",
+                    );
+                }
+            }
             let resp = start_upload(name, query, payload, hop, &state).await;
             if let (Some(digest), StatusCode::CREATED) = (copied, resp.status()) {
                 crate::retention::mark_pulled(&state.store, &digest).await;
@@ -422,6 +444,7 @@ async fn get_manifest(
     let mut resp = HttpResponse::Ok();
     resp.insert_header((header::CONTENT_TYPE, media_type))
         .insert_header((DOCKER_CONTENT_DIGEST, digest.to_string()));
+    mark_private(&mut resp, &state.store, &digest).await;
     // On HEAD actix sends the headers of this body (its length) without the body.
     resp.body(bytes)
 }
@@ -532,6 +555,9 @@ async fn put_manifest(
     }
     tracing::info!(%name, %reference, %digest, "manifest stored");
     crate::retention::unmark_pulled(&state.store, &digest).await;
+    if !hop {
+        crate::private::PrivateMarks::new(&state.store).unmark_blob(&digest).await;
+    }
     if let (Some(cluster), false) = (&state.cluster, hop) {
         let media_type = req
             .headers()
@@ -630,6 +656,9 @@ async fn commit(staged: Staged, digest: &Digest, name: &str, hop: bool, state: &
     match staged.commit(digest).await {
         Ok(_) => {
             crate::retention::unmark_pulled(&state.store, digest).await;
+            if !hop {
+                crate::private::PrivateMarks::new(&state.store).unmark_blob(digest).await;
+            }
             // On every healthy owner before the push is answered.
             if let (Some(cluster), false) = (&state.cluster, hop) {
                 cluster.replicate_blob(&state.store, digest).await;
@@ -824,13 +853,22 @@ async fn metainfo(
 
 /// A metainfo answer, saying whether the blob was pulled through lately (so agents count
 /// the bytes they get from origins as the upstream's).
+/// A blob pulled for a private repository names it ([`shoal_shared::tenant::PRIVATE_HEADER`]).
 async fn metainfo_answer(store: &BlobStore, m: &shoal_shared::metainfo::Metainfo) -> HttpResponse {
     use shoal_shared::client::{PULLED_THROUGH_HEADER, PULLED_THROUGH_RECENT};
     let mut resp = HttpResponse::Ok();
     if crate::retention::pulled_within(store, &m.digest(), PULLED_THROUGH_RECENT).await {
         resp.insert_header((PULLED_THROUGH_HEADER, "1"));
     }
+    mark_private(&mut resp, store, &m.digest()).await;
     resp.json(m)
+}
+
+/// Names the private repository `digest` was pulled for, if any, on an answer about it.
+async fn mark_private(resp: &mut actix_web::HttpResponseBuilder, store: &BlobStore, digest: &Digest) {
+    if let Some(repo) = crate::private::PrivateMarks::new(store).blob(digest).await {
+        resp.insert_header((shoal_shared::tenant::PRIVATE_HEADER, repo.to_string()));
+    }
 }
 
 /// How long a metainfo request for a blob being pulled through waits before answering 202.

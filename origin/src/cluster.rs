@@ -336,6 +336,9 @@ impl Cluster {
         if crate::retention::pulled_within(store, digest, Duration::MAX).await {
             req = req.header(shoal_shared::client::PULLED_THROUGH_HEADER, "1");
         }
+        if let Some(repo) = crate::private::PrivateMarks::new(store).blob(digest).await {
+            req = req.header(shoal_shared::tenant::PRIVATE_HEADER, repo.to_string());
+        }
         let resp = req
             .header(header::CONTENT_LENGTH.as_str(), len)
             .header(header::CONTENT_TYPE.as_str(), "application/octet-stream")

@@ -11,6 +11,7 @@ pub mod delete;
 pub mod durable;
 pub mod outcomes;
 pub mod prefetch;
+pub mod private;
 pub mod push;
 pub mod referrers;
 pub mod retention;

@@ -117,4 +117,22 @@ pub async fn get_json<T: DeserializeOwned>(
         .map_err(|e| ClientError::Malformed { url: url.to_owned(), cause: e.to_string() })
 }
 
+/// The private repository a node's answer names ([`crate::tenant::PRIVATE_HEADER`]), if
+/// any. A header that is there but breaks the grammar (or is repeated) is an error: content
+/// must never become open because its marker was mangled.
+pub fn private_repo(
+    url: &str,
+    headers: &reqwest::header::HeaderMap,
+) -> Result<Option<crate::tenant::PrivateRepo>, ClientError> {
+    let mut values = headers.get_all(crate::tenant::PRIVATE_HEADER).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    let malformed =
+        || ClientError::Malformed { url: url.to_owned(), cause: "bad private-repository marker".into() };
+    if values.next().is_some() {
+        return Err(malformed());
+    }
+    let text = value.to_str().map_err(|_| malformed())?;
+    crate::tenant::PrivateRepo::parse(text).map(Some).map_err(|_| malformed())
+}
+
 pub use shoal_proto::messages::*;

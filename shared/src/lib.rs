@@ -3,11 +3,11 @@
 //! The pure modules are re-exported from `shoal-proto` under their old paths ([`digest`],
 //! [`metainfo`], [`bitfield`], [`codec`], [`wire`], [`scheduler`], [`oci`], [`hint`]). Built
 //! on them here: [`store`], [`tls`], [`peer`], [`http`], [`client`], [`tracker`], [`config`],
-//! [`telemetry`], [`ratelimit`], [`members`], [`tasks`], [`seams`].
+//! [`telemetry`], [`ratelimit`], [`members`], [`tasks`], [`seams`], [`registry_client`].
 
 pub use shoal_proto::{
     bitfield, codec, digest, hint, image, messages, metainfo, oci, referrers, registry_auth, ring, scheduler,
-    wire,
+    tenant, wire,
 };
 
 pub mod client;
@@ -16,6 +16,7 @@ pub mod http;
 pub mod members;
 pub mod peer;
 pub mod ratelimit;
+pub mod registry_client;
 pub mod seams;
 pub mod status;
 pub mod store;

@@ -9,6 +9,17 @@ use crate::digest::Digest;
 use crate::hint::Hint;
 use crate::metainfo::Metainfo;
 use crate::oci::TagList;
+use crate::tenant::PrivateRepo;
+
+/// A metainfo answer: the metainfo, whether an origin pulled the blob through from an
+/// upstream lately (for this pull: the bytes from origins are the upstream's), and the
+/// private upstream repository it was pulled for (see [`crate::tenant`]).
+#[derive(Debug, Clone)]
+pub struct Sourced {
+    pub metainfo: Metainfo,
+    pub pulled_through: bool,
+    pub private: Option<PrivateRepo>,
+}
 
 /// Longest wait for an origin to pull a blob through from an upstream registry.
 pub const PULL_THROUGH_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
@@ -17,8 +28,9 @@ const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A metainfo answer: ready, or come back after a while (202).
 enum Pending {
-    /// The metainfo, and whether an origin pulled the blob through from an upstream lately.
-    Ready(Metainfo, bool),
+    /// The metainfo, whether an origin pulled the blob through from an upstream lately, and
+    /// the private repository it was pulled for.
+    Ready(Metainfo, bool, Option<PrivateRepo>),
     Wait(std::time::Duration),
 }
 
@@ -36,9 +48,10 @@ async fn get_metainfo(http: &reqwest::Client, url: &str) -> Result<Pending, Clie
         return Ok(Pending::Wait(std::time::Duration::from_secs(secs.max(1)).min(MAX_RETRY_AFTER)));
     }
     let pulled = resp.headers().contains_key(client::PULLED_THROUGH_HEADER);
+    let private = client::private_repo(url, resp.headers())?;
     let body = client::read_limited(resp, MAX_METAINFO_JSON).await?;
     serde_json::from_slice(&body)
-        .map(|m| Pending::Ready(m, pulled))
+        .map(|m| Pending::Ready(m, pulled, private))
         .map_err(|e| ClientError::Malformed { url: url.to_owned(), cause: e.to_string() })
 }
 
@@ -131,19 +144,18 @@ impl TrackerClient {
     /// with `Retry-After`; this waits (up to [`PULL_THROUGH_WAIT`]) so callers see only the
     /// final answer.
     pub async fn metainfo_for(&self, digest: Digest, hint: Option<&Hint>) -> Result<Metainfo, LookupError> {
-        self.metainfo_sourced(digest, hint).await.map(|(m, _)| m)
+        self.metainfo_sourced(digest, hint).await.map(|s| s.metainfo)
     }
 
-    /// [`metainfo_for`](Self::metainfo_for), and whether an origin pulled the blob through
-    /// from an upstream lately (for this pull: the bytes from origins are the upstream's).
+    /// [`metainfo_for`](Self::metainfo_for), with where the content came from.
     pub async fn metainfo_sourced(
         &self,
         digest: Digest,
         hint: Option<&Hint>,
-    ) -> Result<(Metainfo, bool), LookupError> {
+    ) -> Result<Sourced, LookupError> {
         let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
         let deadline = tokio::time::Instant::now() + PULL_THROUGH_WAIT;
-        let (m, pulled) = loop {
+        let (m, pulled, private) = loop {
             let answer = self
                 .first(digest.to_string().as_bytes(), |base| {
                     let url = format!("{base}/shoal/v1/metainfo/{digest}{query}");
@@ -151,7 +163,7 @@ impl TrackerClient {
                 })
                 .await?;
             match answer {
-                Pending::Ready(m, pulled) => break (m, pulled),
+                Pending::Ready(m, pulled, private) => break (m, pulled, private),
                 Pending::Wait(after) if tokio::time::Instant::now() + after < deadline => {
                     tokio::time::sleep(after).await
                 }
@@ -166,7 +178,7 @@ impl TrackerClient {
         if m.digest() != digest {
             return Err(LookupError::Unavailable("tracker sent metainfo for another blob".into()));
         }
-        Ok((m, pulled))
+        Ok(Sourced { metainfo: m, pulled_through: pulled, private })
     }
 
     /// The digest `name:tag` points at.
@@ -177,14 +189,32 @@ impl TrackerClient {
     /// The digest `name:tag` points at in registry `ns` (a containerd mirror request's
     /// `?ns=`, validated by the caller with [`crate::hint::valid_ns`]).
     pub async fn tag_in(&self, name: &str, tag: &str, ns: Option<&str>) -> Result<Digest, LookupError> {
+        self.tag_sourced(name, tag, ns).await.map(|(d, _)| d)
+    }
+
+    /// [`tag_in`](Self::tag_in), and the private upstream repository the manifest was
+    /// pulled for, if any.
+    pub async fn tag_sourced(
+        &self,
+        name: &str,
+        tag: &str,
+        ns: Option<&str>,
+    ) -> Result<(Digest, Option<PrivateRepo>), LookupError> {
         let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
-        let r: TagResponse = self
-            .first(name.as_bytes(), |base| {
-                let url = format!("{base}/shoal/v1/tags/{name}/{tag}{query}");
-                async move { client::get_json(&self.http, &url, 4096).await }
-            })
-            .await?;
-        Ok(r.digest)
+        self.first(name.as_bytes(), |base| {
+            let url = format!("{base}/shoal/v1/tags/{name}/{tag}{query}");
+            async move {
+                let transport =
+                    |e: reqwest::Error| ClientError::Transport { url: url.clone(), cause: e.to_string() };
+                let resp = client::check(self.http.get(&url).send().await.map_err(transport)?).await?;
+                let private = client::private_repo(&url, resp.headers())?;
+                let body = client::read_limited(resp, 4096).await?;
+                let r: TagResponse = serde_json::from_slice(&body)
+                    .map_err(|e| ClientError::Malformed { url: url.clone(), cause: e.to_string() })?;
+                Ok((r.digest, private))
+            }
+        })
+        .await
     }
 
     /// The tags of `name` known to the cluster, sorted.

@@ -740,6 +740,11 @@ pub(crate) async fn launch_agent(
     config.send_timeout = cluster.send_timeout;
     config.egress_limit = ByteRate(opts.egress_limit);
     config.ingress_limit = ByteRate(opts.ingress_limit);
+    // The agents reach the origin's upstreams where it does (checks of clients' credentials
+    // for private content).
+    if let Some(up) = &cluster.upstream {
+        config.upstream = up.urls.clone();
+    }
     if let Some(bytes) = opts.cache_size {
         config.cache_size = shoal_shared::config::DiskShare::Bytes(bytes);
     }

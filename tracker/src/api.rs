@@ -250,12 +250,17 @@ async fn metainfo(digest: web::Path<String>, query: web::Query<HintQuery>, state
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     match state.origins.metainfo_sourced(digest, hint.as_ref()).await {
-        Ok((m, pulled)) => {
+        Ok(sourced) => {
             let mut resp = HttpResponse::Ok();
-            if pulled {
+            if sourced.pulled_through {
                 resp.insert_header((shoal_shared::client::PULLED_THROUGH_HEADER, "1"));
             }
-            resp.json(&*m)
+            // Passed on: the agent serves private content only to clients the upstream
+            // accepts.
+            if let Some(repo) = &sourced.private {
+                resp.insert_header((shoal_shared::tenant::PRIVATE_HEADER, repo.to_string()));
+            }
+            resp.json(&*sourced.metainfo)
         }
         Err(e) => lookup_error(&e),
     }
@@ -270,7 +275,13 @@ async fn tag(path: web::Path<(String, String)>, query: web::Query<HintQuery>, st
         return error(StatusCode::BAD_REQUEST, "invalid ns");
     }
     match state.origins.tag(&name, &tag, query.ns.as_deref()).await {
-        Ok(digest) => HttpResponse::Ok().json(TagResponse { digest }),
+        Ok((digest, private)) => {
+            let mut resp = HttpResponse::Ok();
+            if let Some(repo) = private {
+                resp.insert_header((shoal_shared::tenant::PRIVATE_HEADER, repo.to_string()));
+            }
+            resp.json(TagResponse { digest })
+        }
         Err(e) => lookup_error(&e),
     }
 }

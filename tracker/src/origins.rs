@@ -20,6 +20,7 @@ use shoal_shared::hint::Hint;
 use shoal_shared::metainfo::Metainfo;
 use shoal_shared::oci::{valid_tag, TagList, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use shoal_shared::referrers::{filter_query, ReferrersIndex, MAX_REFERRERS_JSON};
+use shoal_shared::tenant::PrivateRepo;
 
 /// Largest tag list accepted from an origin.
 pub const MAX_TAG_LIST: usize = 4 << 20;
@@ -56,6 +57,18 @@ struct Known {
     origin: String,
     /// The origin said it pulled the blob through from an upstream lately, then.
     pulled_through: Option<Instant>,
+    /// The private upstream repository the origin pulled the blob for.
+    private: Option<PrivateRepo>,
+}
+
+/// An origin's metainfo answer, passed on to agents.
+#[derive(Debug, Clone)]
+pub struct Sourced {
+    pub metainfo: Arc<Metainfo>,
+    /// An origin pulled the blob through from an upstream within [`PULLED_THROUGH_RECENT`].
+    pub pulled_through: bool,
+    /// The private upstream repository it was pulled for ([`shoal_shared::tenant`]).
+    pub private: Option<PrivateRepo>,
 }
 
 /// The configured origins.
@@ -155,19 +168,22 @@ impl Origins {
         digest: Digest,
         hint: Option<&Hint>,
     ) -> Result<Arc<Metainfo>, LookupError> {
-        self.metainfo_sourced(digest, hint).await.map(|(m, _)| m)
+        self.metainfo_sourced(digest, hint).await.map(|s| s.metainfo)
     }
 
-    /// [`metainfo_for`](Self::metainfo_for), and whether the origin pulled the blob through
-    /// from an upstream within [`PULLED_THROUGH_RECENT`].
+    /// [`metainfo_for`](Self::metainfo_for), with where the origin got the blob.
     pub async fn metainfo_sourced(
         &self,
         digest: Digest,
         hint: Option<&Hint>,
-    ) -> Result<(Arc<Metainfo>, bool), LookupError> {
+    ) -> Result<Sourced, LookupError> {
         let recent = |k: &Known| k.pulled_through.is_some_and(|at| at.elapsed() < PULLED_THROUGH_RECENT);
         if let Some(k) = self.known.get(&digest) {
-            return Ok((k.metainfo.clone(), recent(&k)));
+            return Ok(Sourced {
+                metainfo: k.metainfo.clone(),
+                pulled_through: recent(&k),
+                private: k.private,
+            });
         }
         let query = hint.map(|h| format!("?{}", h.query())).unwrap_or_default();
         let miss = (digest, query);
@@ -192,8 +208,15 @@ impl Origins {
                 continue;
             }
             let pulled = resp.headers().contains_key(PULLED_THROUGH_HEADER);
+            let mut private = None;
             let body = match client::check(resp).await {
-                Ok(resp) => client::read_limited(resp, MAX_METAINFO_JSON).await,
+                Ok(resp) => match client::private_repo(&url, resp.headers()) {
+                    Ok(p) => {
+                        private = p;
+                        client::read_limited(resp, MAX_METAINFO_JSON).await
+                    }
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             match body.and_then(|b| {
@@ -203,8 +226,10 @@ impl Origins {
                 Ok(m) if m.digest() == digest => {
                     let m = Arc::new(m);
                     let pulled_through = pulled.then(Instant::now);
-                    self.known.insert(digest, Known { metainfo: m.clone(), origin: base, pulled_through });
-                    return Ok((m, pulled));
+                    let known =
+                        Known { metainfo: m.clone(), origin: base, pulled_through, private: private.clone() };
+                    self.known.insert(digest, known);
+                    return Ok(Sourced { metainfo: m, pulled_through: pulled, private });
                 }
                 Ok(_) => last_error = Some(format!("{url}: metainfo for another digest")),
                 Err(ClientError::NotFound { .. }) => {}
@@ -319,7 +344,13 @@ impl Origins {
 
     /// Resolves `name:tag` (in registry `ns`, for origins that pull through) with a GET to
     /// each origin in turn. Not a HEAD: an origin's error body says why an upstream failed.
-    pub async fn tag(&self, name: &str, tag: &str, ns: Option<&str>) -> Result<Digest, LookupError> {
+    /// Also the private upstream repository the manifest was pulled for, if any.
+    pub async fn tag(
+        &self,
+        name: &str,
+        tag: &str,
+        ns: Option<&str>,
+    ) -> Result<(Digest, Option<PrivateRepo>), LookupError> {
         let query = ns.map(|ns| format!("?ns={ns}")).unwrap_or_default();
         let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
         let (mut last_error, mut denied) = (None, None);
@@ -339,9 +370,10 @@ impl Origins {
                         .get("Docker-Content-Digest")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<Digest>().ok());
-                    match digest {
-                        Some(d) => return Ok(d),
-                        None => last_error = Some(format!("{url}: no valid Docker-Content-Digest")),
+                    match (digest, client::private_repo(&url, resp.headers())) {
+                        (Some(d), Ok(private)) => return Ok((d, private)),
+                        (_, Err(e)) => last_error = Some(e.to_string()),
+                        (None, _) => last_error = Some(format!("{url}: no valid Docker-Content-Digest")),
                     }
                 }
                 Err(ClientError::NotFound { .. }) => {}

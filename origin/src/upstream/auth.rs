@@ -36,24 +36,8 @@ pub fn load_docker_config(path: &Path) -> Result<DockerConfig, AuthError> {
     DockerConfig::parse(&text).map_err(err)
 }
 
-/// Whether a bearer challenge's `realm` may be asked for a token (with the credentials):
-/// https always; plain HTTP only on a loopback host, or when the upstream itself is plain
-/// HTTP (which only a registry on localhost may be).
-pub fn realm_allowed(realm: &str, upstream_plain_http: bool) -> bool {
-    let Ok(url) = reqwest::Url::parse(realm) else { return false };
-    match url.scheme() {
-        "https" => true,
-        "http" => {
-            // The parser normalizes IP addresses (`127.1` is `127.0.0.1`, IPv6 in brackets).
-            let host = url.host_str().unwrap_or("");
-            let ip = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-            upstream_plain_http
-                || host.eq_ignore_ascii_case("localhost")
-                || ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
-        }
-        _ => false,
-    }
-}
+/// Moved to `shoal_shared` (the agent checks clients' credentials against upstreams too).
+pub use shoal_shared::registry_client::realm_allowed;
 
 /// A token and the scheme it is sent with.
 #[derive(Clone)]
@@ -96,21 +80,6 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plain_http_realms_only_on_this_machine() {
-        assert!(realm_allowed("https://auth.docker.io/token", false));
-        assert!(!realm_allowed("http://auth.example.com/token", false), "credentials in cleartext");
-        assert!(!realm_allowed("http://127.evil.example/token", false));
-        assert!(!realm_allowed("http://127.0.0.1.evil.example/token", false));
-        assert!(realm_allowed("http://127.0.0.1:5001/token", false));
-        assert!(realm_allowed("http://localhost/token", false));
-        assert!(realm_allowed("http://[::1]:5001/token", false));
-        // A plain-HTTP (localhost) upstream is in cleartext already.
-        assert!(realm_allowed("http://auth.example.com/token", true));
-        assert!(!realm_allowed("ftp://auth.example.com/token", true));
-        assert!(!realm_allowed("not a url", true));
-    }
 
     #[test]
     fn tokens_are_cached_until_they_expire() {

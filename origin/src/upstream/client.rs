@@ -32,16 +32,15 @@ pub struct Upstream {
     http: reqwest::Client,
     credentials: Option<Credentials>,
     tokens: Arc<TokenCache>,
+    /// Repositories this upstream refused without credentials and served with them, as
+    /// learned by the first request for each (bounded; the durable record is
+    /// `crate::private`).
+    private: moka::sync::Cache<String, ()>,
     stall: Duration,
 }
 
-/// Hosts (`host[:port]`) that may be reached over plain HTTP: `localhost` and IPv4
-/// loopback addresses. The `host[:port]` grammar has no IPv6 literals.
-fn loopback(host: &str) -> bool {
-    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
-}
+/// Most repositories remembered as private in memory.
+const MAX_PRIVATE: u64 = 65_536;
 
 impl Upstream {
     /// `url` is `https://host[:port]` (or `http://` for a registry on localhost); a bare
@@ -54,34 +53,14 @@ impl Upstream {
     ) -> Result<Self, String> {
         // `REGISTRY=URL`: the registry named REGISTRY (what `ns` and image references say)
         // is served at URL (a mirror, or a registry on this machine).
-        let (registry, url) = match url.split_once('=') {
-            Some((registry, url)) if !registry.contains("://") => (Some(registry), url),
-            _ => (None, url),
-        };
-        let url = url.trim_end_matches('/');
-        let (scheme, host) = match url.split_once("://") {
-            Some((s, h)) => (s, h),
-            None => ("https", url),
-        };
-        if !shoal_shared::hint::valid_ns(host) {
-            return Err(format!("upstream {url}: expected scheme://host[:port]"));
-        }
-        let registry = registry.unwrap_or(host);
-        if !shoal_shared::hint::valid_ns(registry) {
-            return Err(format!("upstream {registry}={url}: {registry:?} is not a registry name"));
-        }
-        match scheme {
-            "https" => {}
-            "http" if loopback(host) => {}
-            "http" => return Err(format!("upstream {url}: plain HTTP is only allowed for localhost")),
-            other => return Err(format!("upstream {url}: unsupported scheme {other}")),
-        }
+        let parsed = shoal_shared::registry_client::UpstreamUrl::parse(url)?;
         Ok(Self {
-            base: format!("{scheme}://{host}"),
-            host: registry.to_ascii_lowercase(),
+            base: parsed.base,
+            host: parsed.registry,
             http,
             credentials,
             tokens: Arc::new(TokenCache::default()),
+            private: moka::sync::Cache::new(MAX_PRIVATE),
             stall,
         })
     }
@@ -89,6 +68,13 @@ impl Upstream {
     /// True when containerd's `ns` names this registry.
     pub fn serves(&self, ns: &str) -> bool {
         auth::normalize_host(ns) == auth::normalize_host(&self.host)
+    }
+
+    /// Whether repository `name` was refused without credentials and served with them
+    /// since this process started (the first request for a repository is always sent
+    /// without credentials, so this is learned before any of its content is stored).
+    pub fn learned_private(&self, name: &str) -> bool {
+        self.private.contains_key(name)
     }
 
     fn scope_key(name: &str) -> String {
@@ -118,6 +104,9 @@ impl Upstream {
             req
         };
         let cached = self.tokens.get(&key);
+        // Without a cached header the request goes out anonymously: what the upstream says
+        // to it tells a public repository from a private one.
+        let anonymous = cached.is_none();
         let resp = self.timed(build(cached.as_deref()).send()).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
@@ -131,7 +120,7 @@ impl Upstream {
             .ok_or_else(|| {
                 UpstreamError::Unauthorized(format!("{}: 401 without a usable challenge", self.host))
             })?;
-        let (header, lifetime) = match challenge {
+        let (header, lifetime, with_credentials) = match challenge {
             Challenge::Basic => {
                 let creds = self.credentials.as_ref().ok_or_else(|| {
                     UpstreamError::Unauthorized(format!(
@@ -139,15 +128,48 @@ impl Upstream {
                         self.host
                     ))
                 })?;
-                (auth::basic_header(creds), Duration::from_secs(3600))
+                (auth::basic_header(creds), Duration::from_secs(3600), true)
             }
             Challenge::Bearer { realm, service, scope } => {
-                self.token(&realm, service.as_deref(), scope.as_deref().unwrap_or(&key)).await?
+                let scope = scope.as_deref().unwrap_or(&key);
+                // An anonymous token first, unless the repository is known private: a public
+                // repository on a registry that always challenges (Docker Hub) opens with
+                // one; a private one does not (no token, or one that is refused or does not
+                // show the repository).
+                if self.credentials.is_none() || !self.private.contains_key(name) {
+                    match self.token(&realm, service.as_deref(), scope, false).await {
+                        Ok((h, l)) => {
+                            let resp = self.timed(build(Some(&h)).send()).await?;
+                            let refused = matches!(
+                                resp.status(),
+                                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+                            );
+                            if self.credentials.is_none() || !refused {
+                                if resp.status() == StatusCode::UNAUTHORIZED {
+                                    return Err(UpstreamError::Unauthorized(format!(
+                                        "{} refused the credentials",
+                                        self.host
+                                    )));
+                                }
+                                self.tokens.put(key, h, l);
+                                return Ok(resp);
+                            }
+                        }
+                        Err(UpstreamError::Unauthorized(_)) if self.credentials.is_some() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                let (h, l) = self.token(&realm, service.as_deref(), scope, true).await?;
+                (h, l, true)
             }
         };
         let resp = self.timed(build(Some(&header)).send()).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(UpstreamError::Unauthorized(format!("{} refused the credentials", self.host)));
+        }
+        // Refused without credentials, served with them: private.
+        if anonymous && with_credentials && resp.status().is_success() {
+            self.private.insert(name.to_owned(), ());
         }
         self.tokens.put(key, header, lifetime);
         Ok(resp)
@@ -161,6 +183,7 @@ impl Upstream {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        with_credentials: bool,
     ) -> Result<(String, Duration), UpstreamError> {
         if !auth::realm_allowed(realm, self.base.starts_with("http://")) {
             return Err(UpstreamError::Unauthorized(format!(
@@ -172,7 +195,7 @@ impl Upstream {
         if let Some(service) = service {
             req = req.query(&[("service", service)]);
         }
-        if let Some(c) = &self.credentials {
+        if let Some(c) = self.credentials.as_ref().filter(|_| with_credentials) {
             req = req.basic_auth(&c.username, Some(&c.password));
         }
         let resp = self.timed(req.send()).await?;
@@ -289,6 +312,7 @@ impl Upstream {
     pub async fn fetch_blob(
         &self,
         store: &BlobStore,
+        marks: &crate::private::PrivateMarks,
         piece_length: u32,
         name: &str,
         digest: &Digest,
@@ -325,6 +349,16 @@ impl Upstream {
             }
         }
         let len = staged.len();
+        // Marked private before it becomes visible, failing closed.
+        if let Some(repo) = super::privacy(self, marks, name).await {
+            if let Err(e) = marks.mark_blob(digest, &repo).await {
+                staged.abort().await;
+                return Err(UpstreamError::Store(StoreError::Io {
+                    path: "private marker".into(),
+                    source: e,
+                }));
+            }
+        }
         // Marked before it becomes visible: no metainfo answer for it can miss the mark.
         crate::retention::mark_pulled(store, digest).await;
         let committed = staged.commit(digest).await;

@@ -21,8 +21,10 @@ use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
 use shoal_shared::oci::{ErrorCode, Reference, DOCKER_LIST, OCI_INDEX};
 use shoal_shared::store::{BlobStore, StoreError};
+use shoal_shared::tenant::PrivateRepo;
 use tokio::sync::watch;
 
+use crate::private::PrivateMarks;
 use crate::tags::TagStore;
 pub use client::Upstream;
 
@@ -200,6 +202,8 @@ pub struct Upstreams {
     list: Vec<Arc<Upstream>>,
     tags: Vec<TagStore>,
     store: BlobStore,
+    /// Which repositories are private and which content was pulled for them.
+    marks: PrivateMarks,
     piece_length: u32,
     tag_ttl: Duration,
     attempts: u32,
@@ -253,6 +257,7 @@ impl Upstreams {
             list,
             tags,
             store: store.clone(),
+            marks: PrivateMarks::new(store),
             piece_length,
             tag_ttl: settings.tag_ttl,
             attempts: settings.attempts.max(1),
@@ -343,6 +348,7 @@ impl Upstreams {
         .await;
         match (fresh, cached) {
             (Ok(digest), _) => {
+                privacy(up, &self.marks, name).await;
                 if let Err(e) = tags.put(name, tag, &digest).await {
                     tracing::warn!(cause = %e, "cannot write pulled-through tag");
                 }
@@ -376,6 +382,7 @@ impl Upstreams {
                 )));
             }
         }
+        let private = privacy(up, &self.marks, name).await;
         let children = child_manifests(&body);
         for child in children.iter().take(MAX_CHILDREN) {
             if self.held_anywhere(child).await {
@@ -390,19 +397,34 @@ impl Upstreams {
                     up.host
                 )));
             }
-            self.put(&child_body, &child_digest).await?;
+            self.put(&child_body, &child_digest, private.as_ref()).await?;
         }
-        self.put(&body, &digest).await?;
+        self.put(&body, &digest, private.as_ref()).await?;
         tracing::info!(upstream = %up.host, %name, %reference, %digest, "manifest pulled through");
         Ok(digest)
     }
 
-    async fn put(&self, body: &[u8], digest: &Digest) -> Result<(), UpstreamError> {
+    async fn put(
+        &self,
+        body: &[u8],
+        digest: &Digest,
+        private: Option<&PrivateRepo>,
+    ) -> Result<(), UpstreamError> {
         if self.held_anywhere(digest).await {
             return Ok(());
         }
         let mut staged = self.store.stage(self.piece_length).await.map_err(UpstreamError::Store)?;
         staged.write(body).await.map_err(UpstreamError::Store)?;
+        // Marked before it becomes visible (failing closed): no answer for it can miss it.
+        if let Some(repo) = private {
+            if let Err(e) = self.marks.mark_blob(digest, repo).await {
+                staged.abort().await;
+                return Err(UpstreamError::Store(StoreError::Io {
+                    path: "private marker".into(),
+                    source: e,
+                }));
+            }
+        }
         // Marked before it becomes visible: no metainfo answer for it can miss the mark.
         crate::retention::mark_pulled(&self.store, digest).await;
         if let Err(e) = staged.commit(digest).await {
@@ -467,6 +489,7 @@ impl Upstreams {
                 self.failures.invalidate(&key);
                 let guard = FlightGuard { flights: self.flights.clone(), digest, rx: rx.clone(), tx };
                 let (up, store, name) = (self.list[index].clone(), self.store.clone(), hint.name.clone());
+                let marks = self.marks.clone();
                 let failures = self.failures.clone();
                 let metrics = self.metrics.clone();
                 let (piece_length, attempts) = (self.piece_length, self.attempts);
@@ -475,7 +498,7 @@ impl Upstreams {
                     let started = Instant::now();
                     let mut attempt = 1;
                     let result = loop {
-                        let fetched = up.fetch_blob(&store, piece_length, &name, &digest).await;
+                        let fetched = up.fetch_blob(&store, &marks, piece_length, &name, &digest).await;
                         metrics.request(&up.host, "blob", fetched.is_ok());
                         match fetched {
                             Ok(bytes) => break Ok(bytes),
@@ -531,6 +554,20 @@ impl Upstreams {
             }
         }
     }
+}
+
+/// The private repository `name` of `up` is, if it is one: learned from the upstream since
+/// this process started (then recorded durably) or recorded before.
+pub async fn privacy(up: &Upstream, marks: &PrivateMarks, name: &str) -> Option<PrivateRepo> {
+    let repo = PrivateRepo::new(&up.host, name).ok()?;
+    if up.learned_private(name) {
+        if !marks.repo_is_private(&repo).await {
+            tracing::info!(upstream = %up.host, %name, "private repository: served only to clients the upstream accepts");
+            marks.mark_repo(&repo).await;
+        }
+        return Some(repo);
+    }
+    marks.repo_is_private(&repo).await.then_some(repo)
 }
 
 /// The platform manifests an index lists; nothing for a manifest.

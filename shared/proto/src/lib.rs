@@ -12,7 +12,8 @@
 //! codes), [`referrers`] (the referrers API's index), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
 //! pull is for), [`messages`] (tracker messages), [`ring`] (who owns a blob among origins or
 //! trackers),
-//! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses).
+//! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses), [`tenant`]
+//! (which private upstream repository content belongs to).
 
 pub mod bitfield;
 pub mod codec;
@@ -26,4 +27,5 @@ pub mod referrers;
 pub mod registry_auth;
 pub mod ring;
 pub mod scheduler;
+pub mod tenant;
 pub mod wire;

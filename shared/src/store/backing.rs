@@ -82,7 +82,7 @@ pub fn meta_key(digest: &Digest) -> String {
 pub(super) const MAX_META: usize = 64 << 20;
 
 /// Reads a whole small object.
-pub(super) async fn read_small(mut fetched: Fetched, limit: usize) -> Result<Vec<u8>, BackingError> {
+pub async fn read_small(mut fetched: Fetched, limit: usize) -> Result<Vec<u8>, BackingError> {
     use futures_util::StreamExt as _;
     let mut out = Vec::new();
     while let Some(chunk) = fetched.body.next().await {
