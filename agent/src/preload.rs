@@ -11,6 +11,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
+use shoal_shared::manifest::{Manifest, Platform as IndexPlatform};
 pub use shoal_shared::image::ImageRef;
 use shoal_shared::oci::{
     manifest_media_type, manifest_references, Reference, DOCKER_LIST, MAX_MANIFEST, OCI_INDEX,
@@ -139,23 +140,6 @@ impl std::fmt::Display for Platform {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct IndexPlatform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IndexEntry {
-    digest: Digest,
-    platform: Option<IndexPlatform>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Index {
-    manifests: Vec<IndexEntry>,
-}
 
 fn lookup_error(e: LookupError, what: &str) -> PreloadError {
     match e {
@@ -219,7 +203,7 @@ pub async fn preload(
     let mut manifests = Vec::new();
     let mut count = 1;
     if media_type == OCI_INDEX || media_type == DOCKER_LIST {
-        let index: Index = serde_json::from_slice(&bytes).map_err(|_| PreloadError::NotManifest(digest))?;
+        let index = Manifest::parse(&bytes).map_err(|_| PreloadError::NotManifest(digest))?;
         let chosen: Vec<Digest> = index
             .manifests
             .iter()

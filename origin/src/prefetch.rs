@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
 use shoal_shared::image::ImageRef;
+use shoal_shared::manifest::{Descriptor, Manifest};
 use shoal_shared::oci::{ErrorCode, Reference};
 
 use crate::api::{authorized, token_required, AppState};
@@ -76,18 +77,6 @@ pub fn parse_image(s: &str) -> Result<ImageRef, String> {
     Ok(image)
 }
 
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: Digest,
-    size: u64,
-}
-
-#[derive(Deserialize)]
-struct Blobs {
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
 
 /// Mounts the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -224,9 +213,8 @@ async fn image_blobs(state: &AppState, root: Digest) -> Result<Vec<Descriptor>, 
     let manifests = if children.is_empty() { vec![root] } else { children };
     let mut out: Vec<Descriptor> = Vec::new();
     for m in manifests {
-        let blobs: Blobs =
-            serde_json::from_slice(&read(m).await?).map_err(|e| format!("manifest {m}: {e}"))?;
-        for d in blobs.config.into_iter().chain(blobs.layers) {
+        let manifest = Manifest::parse(&read(m).await?).map_err(|e| format!("manifest {m}: {e}"))?;
+        for d in manifest.config.into_iter().chain(manifest.layers) {
             if !out.iter().any(|o| o.digest == d.digest) {
                 out.push(d);
             }

@@ -6,7 +6,7 @@
 //! [`telemetry`], [`ratelimit`], [`members`], [`tasks`], [`seams`], [`registry_client`].
 
 pub use shoal_proto::{
-    bitfield, codec, digest, hint, image, messages, metainfo, oci, referrers, registry_auth, ring, scheduler,
+    bitfield, codec, digest, hint, image, manifest, messages, metainfo, oci, referrers, registry_auth, ring, scheduler,
     tenant, wire,
 };
 

@@ -32,13 +32,9 @@ const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 /// Annotation containerd/docker put next to `ref.name` with the full image name.
 const CONTAINERD_NAME_ANNOTATION: &str = "io.containerd.image.name";
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+use shoal_shared::oci::{
+    DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_TAR, OCI_LAYER_TAR_GZIP, OCI_MANIFEST,
+};
 
 /// Where to read the image from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,7 @@ pub mod codec;
 pub mod digest;
 pub mod hint;
 pub mod image;
+pub mod manifest;
 pub mod messages;
 pub mod metainfo;
 pub mod oci;

@@ -15,6 +15,9 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// An `Accept` header taking every manifest and index type this project serves.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.oci.image.manifest.v1+json, \
@@ -183,20 +186,7 @@ pub fn manifest_media_type(bytes: &[u8]) -> Option<String> {
 
 /// The digests a manifest or index refers to (config, layers, child manifests).
 pub fn manifest_references(bytes: &[u8]) -> Result<Vec<Digest>, serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct Descriptor {
-        digest: Digest,
-    }
-    #[derive(serde::Deserialize)]
-    struct Refs {
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-        #[serde(default)]
-        manifests: Vec<Descriptor>,
-    }
-    let refs: Refs = serde_json::from_slice(bytes)?;
-    Ok(refs.config.into_iter().chain(refs.layers).chain(refs.manifests).map(|d| d.digest).collect())
+    Ok(crate::manifest::Manifest::parse(bytes)?.references().collect())
 }
 
 /// The body of `GET /v2/<name>/tags/list`.
