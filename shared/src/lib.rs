@@ -6,8 +6,8 @@
 //! [`telemetry`], [`ratelimit`], [`members`], [`tasks`].
 
 pub use shoal_proto::{
-    bitfield, codec, digest, hint, image, messages, metainfo, oci, referrers, registry_auth, ring, scheduler,
-    wire,
+    bitfield, codec, digest, docker_config, hint, image, messages, metainfo, oci, referrers, registry_auth,
+    ring, scheduler, wire,
 };
 
 pub mod client;
