@@ -11,8 +11,8 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
-use shoal_shared::manifest::{Manifest, Platform as IndexPlatform};
 pub use shoal_shared::image::ImageRef;
+use shoal_shared::manifest::{Manifest, Platform as IndexPlatform};
 use shoal_shared::oci::{
     manifest_media_type, manifest_references, Reference, DOCKER_LIST, MAX_MANIFEST, OCI_INDEX,
 };
@@ -139,7 +139,6 @@ impl std::fmt::Display for Platform {
         }
     }
 }
-
 
 fn lookup_error(e: LookupError, what: &str) -> PreloadError {
     match e {

@@ -135,11 +135,16 @@ pub struct ServeFlags {
     #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstream: Vec<String>,
-    /// Docker config.json whose `auths` section holds the upstreams' credentials.
-    /// [default: none: anonymous].
+    /// Docker config.json with the upstreams' credentials: `auths` (auth, username/password,
+    /// identitytoken, registrytoken), `credsStore` and `credHelpers` (docker-credential-*
+    /// helpers, as Docker runs them).
     #[arg(long, env = "SHOAL_UPSTREAM_AUTH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_auth: Option<PathBuf>,
+    /// Directories (PATH syntax) searched for docker-credential-* helpers [default: PATH].
+    #[arg(long, env = "SHOAL_UPSTREAM_HELPER_PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_helper_path: Option<String>,
     /// PEM file of extra CA certificates trusted for upstream registries.
     /// [default: the system's roots].
     #[arg(long, env = "SHOAL_UPSTREAM_CA")]
@@ -229,6 +234,8 @@ pub struct Config {
     pub upstream: Vec<String>,
     #[serde(default)]
     pub upstream_auth: Option<PathBuf>,
+    #[serde(default)]
+    pub upstream_helper_path: Option<String>,
     #[serde(default)]
     pub upstream_ca: Option<PathBuf>,
     #[serde(default = "default_tag_ttl", deserialize_with = "shoal_shared::config::secs")]
@@ -322,6 +329,7 @@ impl Config {
             tracker: Vec::new(),
             upstream: Vec::new(),
             upstream_auth: None,
+            upstream_helper_path: None,
             upstream_ca: None,
             tag_ttl: default_tag_ttl(),
             upstream_stall: default_upstream_stall(),
@@ -348,6 +356,7 @@ impl std::fmt::Debug for Config {
             .field("upload_token", &self.upload_token.as_ref().map(|_| "<redacted>"))
             .field("upstream", &self.upstream)
             .field("upstream_auth", &self.upstream_auth)
+            .field("upstream_helper_path", &self.upstream_helper_path)
             .field("tag_ttl", &self.tag_ttl)
             .finish_non_exhaustive()
     }
@@ -416,6 +425,7 @@ upload_token = "hunter2"
 tracker = ["http://tracker:5100"]
 upstream = ["https://registry-1.docker.io"]
 upstream_auth = "/etc/shoal/docker.json"
+upstream_helper_path = "/opt/shoal/helpers:/usr/bin"
 upstream_ca = "/etc/shoal/ca.pem"
 tag_ttl = 60
 upstream_stall = 10
@@ -431,6 +441,7 @@ prefetch_max_size = 1000
         let c: Config = shoal_shared::config::layered(&cli.flags, Some(&file)).expect("config");
         assert_eq!((c.tag_ttl, c.upstream_stall, c.upstream_attempts), (5, 10, 2));
         assert_eq!(c.upstream, vec!["https://registry-1.docker.io".to_string()]);
+        assert_eq!(c.upstream_helper_path.as_deref(), Some("/opt/shoal/helpers:/usr/bin"));
         assert!(c.prefetch_sync);
         assert_eq!((c.prefetch_min_size, c.prefetch_max_size), (1, 1000));
         assert_eq!(c.piece_length, 65536);

@@ -137,6 +137,7 @@ pub async fn run(
         &upstream::Settings {
             urls: config.upstream.clone(),
             auth_file: config.upstream_auth.clone(),
+            helper_path: config.upstream_helper_path.clone().map(Into::into),
             ca_file: config.upstream_ca.clone(),
             tag_ttl: std::time::Duration::from_secs(config.tag_ttl),
             stall: std::time::Duration::from_secs(config.upstream_stall.max(1)),

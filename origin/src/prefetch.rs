@@ -77,7 +77,6 @@ pub fn parse_image(s: &str) -> Result<ImageRef, String> {
     Ok(image)
 }
 
-
 /// Mounts the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/proxy/v1/registry/prefetch", web::post().to(v1))

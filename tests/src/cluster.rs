@@ -91,6 +91,8 @@ pub struct UpstreamOptions {
     pub urls: Vec<String>,
     /// Docker `config.json` with the upstreams' credentials.
     pub auth_file: Option<PathBuf>,
+    /// Where the origin looks for `docker-credential-*` helpers (none: `PATH`).
+    pub helper_path: Option<PathBuf>,
     /// Extra CA certificates (PEM) trusted for upstreams.
     pub ca_file: Option<PathBuf>,
     pub tag_ttl: u64,
@@ -105,6 +107,7 @@ impl UpstreamOptions {
         Self {
             urls: vec![url.to_owned()],
             auth_file: None,
+            helper_path: None,
             ca_file: None,
             tag_ttl: 300,
             stall: 30,
@@ -274,6 +277,7 @@ impl Cluster {
         if let Some(up) = &opts.upstream {
             config.upstream = up.urls.clone();
             config.upstream_auth = up.auth_file.clone();
+            config.upstream_helper_path = up.helper_path.as_ref().map(|p| p.display().to_string());
             config.upstream_ca = up.ca_file.clone();
             config.tag_ttl = up.tag_ttl;
             config.upstream_stall = up.stall;

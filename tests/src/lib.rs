@@ -8,5 +8,6 @@ pub mod registry;
 pub mod ring_bench;
 pub mod ring_cluster;
 pub mod sim;
+pub mod token_service;
 pub mod tools;
 pub mod upstream_bench;

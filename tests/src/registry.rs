@@ -145,6 +145,33 @@ impl Registry {
         }
     }
 
+    /// Restarts the registry (same content) requiring bearer tokens from `realm`, signed by
+    /// the certificate in `root_pem` for `service` by `issuer` (distribution's `auth.token`).
+    /// Must have been started without basic auth.
+    pub async fn require_tokens(
+        &mut self,
+        realm: &str,
+        service: &str,
+        issuer: &str,
+        root_pem: &Path,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(self.credentials.is_none(), "a registry has one auth scheme");
+        self.stop().await;
+        let mut config = std::fs::read_to_string(&self.config)?;
+        config.push_str(&format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+            root_pem.display()
+        ));
+        std::fs::write(&self.config, config)?;
+        // The old process's port must be free before the new one binds it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&self.host).await.is_ok() {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "registry did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.spawn().await
+    }
+
     /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };

@@ -14,7 +14,8 @@ use shoal_shared::oci::{
 };
 use shoal_shared::store::{BlobStore, StoreError};
 
-use super::auth::{self, Challenge, Credentials, TokenCache};
+use super::auth::{self, Auth, Challenge, TokenCache};
+use super::credentials::Keychain;
 use super::UpstreamError;
 
 /// What a manifest request accepts: schema 2 and OCI only (schema 1 is refused).
@@ -30,7 +31,7 @@ pub struct Upstream {
     /// `host[:port]`, what containerd's `?ns=` names.
     pub host: String,
     http: reqwest::Client,
-    credentials: Option<Credentials>,
+    credentials: Option<Keychain>,
     tokens: Arc<TokenCache>,
     /// Repositories this upstream refused without credentials and served with them, as
     /// learned by the first request for each (bounded; the durable record is
@@ -48,7 +49,7 @@ impl Upstream {
     pub fn new(
         url: &str,
         http: reqwest::Client,
-        credentials: Option<Credentials>,
+        credentials: Option<Keychain>,
         stall: Duration,
     ) -> Result<Self, String> {
         // `REGISTRY=URL`: the registry named REGISTRY (what `ns` and image references say)
@@ -75,6 +76,14 @@ impl Upstream {
     /// without credentials, so this is learned before any of its content is stored).
     pub fn learned_private(&self, name: &str) -> bool {
         self.private.contains_key(name)
+    }
+
+    /// The credentials to answer a challenge with; a helper is asked only now.
+    async fn auth(&self) -> Result<Option<Auth>, UpstreamError> {
+        match &self.credentials {
+            Some(keychain) => Ok(keychain.get().await?),
+            None => Ok(None),
+        }
     }
 
     fn scope_key(name: &str) -> String {
@@ -122,7 +131,8 @@ impl Upstream {
             })?;
         let (header, lifetime, with_credentials) = match challenge {
             Challenge::Basic => {
-                let creds = self.credentials.as_ref().ok_or_else(|| {
+                let auth = self.auth().await?;
+                let creds = auth.as_ref().and_then(|a| a.basic.as_ref()).ok_or_else(|| {
                     UpstreamError::Unauthorized(format!(
                         "{} asks for credentials and none are configured",
                         self.host
@@ -175,8 +185,9 @@ impl Upstream {
         Ok(resp)
     }
 
-    /// A bearer token from the challenge's realm (with basic credentials if configured).
-    /// A plain-HTTP realm is refused unless it is on this machine or the upstream itself is
+    /// A bearer token: the configured `registrytoken` as is, or one from the challenge's
+    /// realm (asked with an identity token or basic credentials if configured; see
+    /// [`auth::token_request`]). A plain-HTTP realm is refused unless it is on this machine or the upstream itself is
     /// plain HTTP: the credentials would cross the network in cleartext.
     async fn token(
         &self,
@@ -185,19 +196,17 @@ impl Upstream {
         scope: &str,
         with_credentials: bool,
     ) -> Result<(String, Duration), UpstreamError> {
+        let creds = if with_credentials { self.auth().await? } else { None };
+        if let Some(token) = creds.as_ref().and_then(|a| a.registry_token.as_deref()) {
+            return Ok((format!("Bearer {token}"), auth::REGISTRY_TOKEN_LIFETIME));
+        }
         if !auth::realm_allowed(realm, self.base.starts_with("http://")) {
             return Err(UpstreamError::Unauthorized(format!(
                 "{}: token service {realm} is plain HTTP on another host; refusing to send credentials in cleartext",
                 self.host
             )));
         }
-        let mut req = self.http.get(realm).query(&[("scope", scope)]);
-        if let Some(service) = service {
-            req = req.query(&[("service", service)]);
-        }
-        if let Some(c) = self.credentials.as_ref().filter(|_| with_credentials) {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
+        let req = auth::token_request(&self.http, realm, service, scope, creds.as_ref());
         let resp = self.timed(req.send()).await?;
         match resp.status() {
             s if s.is_success() => {}

@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod credentials;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub enum UpstreamError {
     Store(StoreError),
     #[error("too many upstream fetches in progress, retry later")]
     Busy,
+    #[error(transparent)]
+    Helper(#[from] credentials::HelperError),
 }
 
 impl UpstreamError {
@@ -74,6 +77,7 @@ impl UpstreamError {
         match self {
             Self::Unreachable(_) | Self::Stalled { .. } => true,
             Self::Status { status, .. } => *status >= 500 || *status == 429,
+            Self::Helper(e) => e.transient(),
             _ => false,
         }
     }
@@ -93,7 +97,8 @@ impl UpstreamError {
             | Self::Unreachable(_)
             | Self::Stalled { .. }
             | Self::Store(_)
-            | Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, unknown),
+            | Self::Busy
+            | Self::Helper(_) => (StatusCode::SERVICE_UNAVAILABLE, unknown),
         }
     }
 }
@@ -103,6 +108,8 @@ impl UpstreamError {
 pub struct Settings {
     pub urls: Vec<String>,
     pub auth_file: Option<PathBuf>,
+    /// Where `docker-credential-*` helpers are looked for (`PATH` syntax); `None`: `PATH`.
+    pub helper_path: Option<std::ffi::OsString>,
     pub ca_file: Option<PathBuf>,
     /// How long a pulled-through tag is served without asking the upstream.
     pub tag_ttl: Duration,
@@ -244,11 +251,13 @@ impl Upstreams {
             Some(path) => auth::load_docker_config(path).map_err(|e| e.to_string())?,
             None => auth::DockerConfig::default(),
         };
+        let helpers = Arc::new(credentials::Helpers::new(settings.helper_path.clone()));
         let mut list = Vec::new();
         let mut tags = Vec::new();
         for url in &settings.urls {
             let up = Upstream::new(url, http.clone(), None, settings.stall)?;
-            let up = Upstream::new(url, http.clone(), creds.get(&up.host).cloned(), settings.stall)?;
+            let keychain = creds.source(&up.host).map(|s| credentials::Keychain::new(s, &helpers));
+            let up = Upstream::new(url, http.clone(), keychain, settings.stall)?;
             // `host[:port]` is a safe path component once ':' is replaced.
             tags.push(TagStore::in_dir(store, &format!("upstream-tags/{}", up.host.replace(':', "_"))));
             list.push(Arc::new(up));

@@ -130,6 +130,7 @@ async fn setup(tag_ttl: Duration, stall: Duration) -> Setup {
     let settings = Settings {
         urls: vec![format!("http://{addr}")],
         auth_file: None,
+        helper_path: None,
         ca_file: None,
         tag_ttl,
         stall,

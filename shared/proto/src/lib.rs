@@ -12,12 +12,14 @@
 //! codes), [`referrers`] (the referrers API's index), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
 //! pull is for), [`messages`] (tracker messages), [`ring`] (who owns a blob among origins or
 //! trackers),
-//! [`registry_auth`] (Docker `config.json`, `WWW-Authenticate`, token responses), [`tenant`]
-//! (which private upstream repository content belongs to).
+//! [`docker_config`] (Docker `config.json` and credential helpers' answers),
+//! [`registry_auth`] (`WWW-Authenticate`, token responses), [`tenant`] (which private
+//! upstream repository content belongs to).
 
 pub mod bitfield;
 pub mod codec;
 pub mod digest;
+pub mod docker_config;
 pub mod hint;
 pub mod image;
 pub mod manifest;

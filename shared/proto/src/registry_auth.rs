@@ -1,7 +1,8 @@
-//! Registry credentials and authentication as Docker and the distribution spec define them:
-//! the `auths` section of a Docker `config.json`, `WWW-Authenticate` challenges and token
-//! responses. Pure parsing of untrusted text (every function is fuzzed); the origin's
-//! upstream client does the I/O around it.
+//! Registry authentication as the distribution spec defines it: `WWW-Authenticate`
+//! challenges, token responses and the headers sent back. Where credentials come from (a
+//! Docker `config.json`, credential helpers) is [`crate::docker_config`], re-exported here.
+//! Pure parsing of untrusted text (every function is fuzzed); the origin's upstream client
+//! does the I/O around it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,93 +10,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::Deserialize;
 
+pub use crate::docker_config::{normalize_host, Auth, Credentials, DockerConfig};
+
 /// Largest token response read.
 pub const MAX_TOKEN_JSON: usize = 64 << 10;
 /// Lifetime of a token whose response does not say (the distribution spec's default).
 const DEFAULT_TOKEN_LIFETIME: u64 = 60;
-
-/// A user name and password. Never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Credentials(<redacted>)")
-    }
-}
-
-/// The `auths` section of a Docker `config.json`: registry host -> credentials.
-#[derive(Clone, Default)]
-pub struct DockerConfig {
-    auths: HashMap<String, Credentials>,
-}
-
-impl std::fmt::Debug for DockerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DockerConfig").field("registries", &self.auths.keys().collect::<Vec<_>>()).finish()
-    }
-}
-
-#[derive(Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    auths: HashMap<String, AuthEntry>,
-}
-
-#[derive(Deserialize)]
-struct AuthEntry {
-    auth: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-}
-
-/// `https://index.docker.io/v1/` and `docker.io` name the same registry as
-/// `registry-1.docker.io`; keys may carry a scheme and a path.
-pub fn normalize_host(key: &str) -> String {
-    let key = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
-    let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
-    match host.as_str() {
-        "docker.io" | "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
-        _ => host,
-    }
-}
-
-impl DockerConfig {
-    /// Parses a `config.json` document. Errors never quote the document.
-    pub fn parse(text: &[u8]) -> Result<Self, String> {
-        let file: ConfigFile = serde_json::from_slice(text)
-            .map_err(|e| format!("not a Docker config.json (line {})", e.line()))?;
-        let mut auths = HashMap::new();
-        for (key, entry) in file.auths {
-            let creds = match (entry.auth, entry.username, entry.password) {
-                (Some(auth), _, _) if !auth.is_empty() => {
-                    let decoded = base64::engine::general_purpose::STANDARD
-                        .decode(auth.trim())
-                        .map_err(|_| format!("auths[{key}].auth is not base64"))?;
-                    let decoded =
-                        String::from_utf8(decoded).map_err(|_| format!("auths[{key}].auth is not UTF-8"))?;
-                    let (u, p) = decoded
-                        .split_once(':')
-                        .ok_or_else(|| format!("auths[{key}].auth is not base64(user:password)"))?;
-                    Credentials { username: u.to_owned(), password: p.to_owned() }
-                }
-                (_, Some(username), Some(password)) => Credentials { username, password },
-                // Entries managed by credential helpers carry no secret: nothing to use.
-                _ => continue,
-            };
-            auths.insert(normalize_host(&key), creds);
-        }
-        Ok(Self { auths })
-    }
-
-    /// The credentials for a registry host (`host[:port]`).
-    pub fn get(&self, host: &str) -> Option<&Credentials> {
-        self.auths.get(&normalize_host(host))
-    }
-}
 
 /// A `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,24 +88,6 @@ pub fn bearer_from_response(body: &[u8]) -> Result<(String, Duration), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn config_json_auths() {
-        let json = br#"{"auths": {
-            "https://index.docker.io/v1/": {"auth": "dXNlcjpwYXNzOndvcmQ="},
-            "ghcr.io": {"username": "u", "password": "p"},
-            "helper.example": {}
-        }}"#;
-        let c = DockerConfig::parse(json).expect("config");
-        let hub = c.get("registry-1.docker.io").expect("hub");
-        assert_eq!((hub.username.as_str(), hub.password.as_str()), ("user", "pass:word"));
-        assert_eq!(c.get("ghcr.io").map(|c| c.username.as_str()), Some("u"));
-        assert!(c.get("helper.example").is_none());
-        assert!(!format!("{c:?} {hub:?}").contains("pass"));
-        assert!(DockerConfig::parse(br#"{"auths": {"x": {"auth": "!!"}}}"#).is_err());
-        let err = DockerConfig::parse(br#"{"auths": {"x": {"auth": "c2VjcmV0"}}}"#).expect_err("no colon");
-        assert!(!err.contains("secret"));
-    }
 
     #[test]
     fn challenges() {
