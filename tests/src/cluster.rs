@@ -632,7 +632,19 @@ pub async fn fetch_blob(
     digest: &str,
     size: Option<u64>,
 ) -> anyhow::Result<u64> {
-    let url = format!("{registry_url}/v2/{name}/blobs/{digest}");
+    fetch_blob_in(client, registry_url, name, digest, size, "").await
+}
+
+/// [`fetch_blob`] with a query (`?ns=REGISTRY`, as containerd's mirror requests carry).
+pub async fn fetch_blob_in(
+    client: &reqwest::Client,
+    registry_url: &str,
+    name: &str,
+    digest: &str,
+    size: Option<u64>,
+    query: &str,
+) -> anyhow::Result<u64> {
+    let url = format!("{registry_url}/v2/{name}/blobs/{digest}{query}");
     let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
     let status = resp.status();
     if !status.is_success() {
@@ -667,7 +679,19 @@ pub async fn pull_image(
     name: &str,
     tag: &str,
 ) -> anyhow::Result<PulledImage> {
-    let url = format!("{registry_url}/v2/{name}/manifests/{tag}");
+    pull_image_in(client, registry_url, name, tag, "").await
+}
+
+/// [`pull_image`] with a query on every request (`?ns=REGISTRY`, as containerd's mirror
+/// requests carry).
+pub async fn pull_image_in(
+    client: &reqwest::Client,
+    registry_url: &str,
+    name: &str,
+    tag: &str,
+    query: &str,
+) -> anyhow::Result<PulledImage> {
+    let url = format!("{registry_url}/v2/{name}/manifests/{tag}{query}");
     let resp = client
         .get(&url)
         .header("Accept", MANIFEST_ACCEPT)
@@ -705,7 +729,7 @@ pub async fn pull_image(
     for d in descriptors {
         let digest = d["digest"].as_str().ok_or_else(|| anyhow!("descriptor without digest"))?;
         let size = d["size"].as_u64();
-        let got = fetch_blob(client, registry_url, name, digest, size).await?;
+        let got = fetch_blob_in(client, registry_url, name, digest, size, query).await?;
         blobs.push((digest.to_owned(), got));
         total += got;
     }

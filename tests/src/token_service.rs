@@ -4,8 +4,9 @@
 //! `grant_type=refresh_token`, and answers with an `access_token` the registry verifies for
 //! real: a JWT signed with ES256 by a key whose self-signed certificate is the registry's
 //! `rootcertbundle`, carrying the certificate in `x5c` and the granted scope in `access`.
-//! Anonymous and basic-auth `GET`s are refused, so a client that does not send the refresh
-//! token gets nothing. It counts what it was asked.
+//! Anonymous `GET`s, and basic-auth ones but for one tenant user ([`TENANT`], a person
+//! with a registry account, whose credentials an agent checks per tenant), are refused, so
+//! an origin that does not send the refresh token gets nothing. It counts what it was asked.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ use serde::Deserialize;
 /// What the registry is told to expect in tokens.
 pub const ISSUER: &str = "shoal-test-issuer";
 pub const SERVICE: &str = "shoal-test-registry";
+/// The one `user:password` a basic-auth `GET` is granted a token for.
+pub const TENANT: (&str, &str) = ("tenant", "tenant-password");
 
 /// Counts of requests the service answered.
 #[derive(Debug, Default)]
@@ -32,8 +35,10 @@ pub struct Seen {
     pub granted: AtomicUsize,
     /// Grants refused (wrong grant type, refresh token, client or service).
     pub refused: AtomicUsize,
-    /// `GET`s (anonymous or basic), all refused.
+    /// `GET`s refused (anonymous, or basic with other credentials).
     pub gets: AtomicUsize,
+    /// `GET`s with the [`TENANT`]'s credentials, granted.
+    pub tenant_grants: AtomicUsize,
 }
 
 /// Signs tokens.
@@ -130,7 +135,7 @@ impl TokenService {
         let (s, sg, expected) = (seen.clone(), signer.clone(), refresh_token.to_owned());
         let server = HttpServer::new(move || {
             let (seen, signer, expected) = (s.clone(), sg.clone(), expected.clone());
-            let gets = s.clone();
+            let (gets, tenant_signer) = (s.clone(), sg.clone());
             App::new()
                 .route(
                     "/token",
@@ -141,11 +146,9 @@ impl TokenService {
                 )
                 .route(
                     "/token",
-                    web::get().to(move || {
-                        gets.gets.fetch_add(1, Ordering::SeqCst);
-                        async {
-                            HttpResponse::Unauthorized().json(serde_json::json!({"error": "unauthorized"}))
-                        }
+                    web::get().to(move |req: actix_web::HttpRequest| {
+                        let (seen, signer) = (gets.clone(), tenant_signer.clone());
+                        async move { tenant_grant(&req, &seen, &signer) }
                     }),
                 )
         })
@@ -160,6 +163,27 @@ impl TokenService {
     /// An access token for `scopes`, as the service would grant it (for `registrytoken`).
     pub fn access_token(&self, scopes: &[&str]) -> anyhow::Result<String> {
         self.signer.token(scopes)
+    }
+}
+
+/// A basic-auth `GET`: a token for the [`TENANT`], nothing for anyone else.
+fn tenant_grant(req: &actix_web::HttpRequest, seen: &Seen, signer: &Signer) -> HttpResponse {
+    let expected = format!("Basic {}", STANDARD.encode(format!("{}:{}", TENANT.0, TENANT.1)));
+    let given = req.headers().get("Authorization").and_then(|v| v.to_str().ok());
+    if given != Some(expected.as_str()) {
+        seen.gets.fetch_add(1, Ordering::SeqCst);
+        return HttpResponse::Unauthorized().json(serde_json::json!({"error": "unauthorized"}));
+    }
+    let query = web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .unwrap_or_default();
+    let scopes: Vec<&str> = query.get("scope").map(|s| s.split(' ').collect()).unwrap_or_default();
+    match signer.token(&scopes) {
+        Ok(token) => {
+            seen.tenant_grants.fetch_add(1, Ordering::SeqCst);
+            HttpResponse::Ok().json(serde_json::json!({"token": token, "expires_in": 300}))
+        }
+        Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
     }
 }
 
