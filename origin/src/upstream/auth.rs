@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 
 pub use shoal_shared::registry_auth::{
     basic_header, bearer_from_response, normalize_host, parse_challenge, Auth, Challenge, Credentials,
@@ -16,8 +15,8 @@ pub use shoal_shared::registry_auth::{
 
 /// Largest `config.json` read.
 const MAX_CONFIG: u64 = 1 << 20;
-/// Most tokens cached before the cache is dropped.
-const TOKEN_CACHE: usize = 4096;
+/// Most tokens cached (least recently used out).
+const TOKEN_CACHE: u64 = 4096;
 /// The OAuth2 `client_id` sent with a refresh-token grant (Docker sends `docker`).
 pub const CLIENT_ID: &str = "shoal";
 /// How long a `registrytoken` from the config is reused before it is sent afresh (it is
@@ -80,14 +79,19 @@ struct Cached {
 }
 
 /// Authorization headers by scope, reused until they expire. Never printed.
-#[derive(Default)]
 pub struct TokenCache {
-    tokens: DashMap<String, Cached>,
+    tokens: moka::sync::Cache<String, Cached>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self { tokens: moka::sync::Cache::new(TOKEN_CACHE) }
+    }
 }
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCache").field("tokens", &self.tokens.len()).finish()
+        f.debug_struct("TokenCache").field("tokens", &self.tokens.entry_count()).finish()
     }
 }
 
@@ -95,18 +99,15 @@ impl TokenCache {
     /// A cached `Authorization` header for `key`, if still valid.
     pub fn get(&self, key: &str) -> Option<String> {
         let entry = self.tokens.get(key)?;
-        (entry.expires > Instant::now()).then(|| entry.header.clone())
+        (entry.expires > Instant::now()).then_some(entry.header)
     }
 
     pub fn put(&self, key: String, header: String, lifetime: Duration) {
-        if self.tokens.len() >= TOKEN_CACHE {
-            self.tokens.clear();
-        }
         self.tokens.insert(key, Cached { header, expires: Instant::now() + lifetime });
     }
 
     pub fn remove(&self, key: &str) {
-        self.tokens.remove(key);
+        self.tokens.invalidate(key);
     }
 }
 
