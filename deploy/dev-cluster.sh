@@ -14,6 +14,8 @@
 #                                   origin N listens on ORIGIN_PORT+2N, its peer on +2N+1
 #   SHOAL_DEV_TRACKER_PORT [5100]
 #   SHOAL_DEV_ORIGIN_PORT [5000]    SHOAL_DEV_ORIGIN_PEER_PORT [5001]
+#   SHOAL_DEV_ORIGIN_INTERNAL_PORT [5020]  origin N's internal listener (mutual TLS) on +N:
+#                                   the tracker and the ring call origins there
 #   SHOAL_DEV_AGENT1_PORT [5050]    SHOAL_DEV_AGENT1_PEER_PORT [5051]
 #   SHOAL_DEV_AGENT2_PORT [5060]    SHOAL_DEV_AGENT2_PEER_PORT [5061]
 set -euo pipefail
@@ -24,6 +26,7 @@ HOST=127.0.0.1
 TRACKER_PORT="${SHOAL_DEV_TRACKER_PORT:-5100}"
 ORIGIN_PORT="${SHOAL_DEV_ORIGIN_PORT:-5000}"
 ORIGIN_PEER_PORT="${SHOAL_DEV_ORIGIN_PEER_PORT:-5001}"
+ORIGIN_INTERNAL_PORT="${SHOAL_DEV_ORIGIN_INTERNAL_PORT:-5020}"
 AGENT1_PORT="${SHOAL_DEV_AGENT1_PORT:-5050}"
 AGENT1_PEER_PORT="${SHOAL_DEV_AGENT1_PEER_PORT:-5051}"
 AGENT2_PORT="${SHOAL_DEV_AGENT2_PORT:-5060}"
@@ -210,20 +213,25 @@ main() {
     # The tracker admits only agent and origin certificates of this CA: curl shows agent1's.
     local as_agent=(--cacert "$DIR/tls/agent1/ca.pem" --cert "$DIR/tls/agent1/cert.pem" --key "$DIR/tls/agent1/key.pem")
     # Origin 1 is "origin" (as with one origin); the others origin2, origin3, ...
-    local names=(origin) urls=("$origin_url") ring=() i
+    # Public ports (pushes, curl) in urls; the internal listeners (mutual TLS), which the
+    # tracker and the ring call with their certificates, in internal.
+    local names=(origin) urls=("$origin_url") internal=("https://$HOST:$ORIGIN_INTERNAL_PORT") ring=() i
     for ((i = 2; i <= ORIGINS; i++)); do
         names+=("origin$i")
         urls+=("http://$HOST:$((ORIGIN_PORT + 2 * (i - 1)))")
+        internal+=("https://$HOST:$((ORIGIN_INTERNAL_PORT + i - 1))")
     done
     if [[ $ORIGINS -gt 1 ]]; then
-        for i in "${urls[@]}"; do ring+=(--cluster "$i"); done
+        for i in "${internal[@]}"; do ring+=(--cluster "$i"); done
         start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --tls "$DIR/tls/tracker" \
-            "${urls[@]/#/--origin=}" --replicas 2
+            "${internal[@]/#/--origin=}" --replicas 2
     else
-        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --tls "$DIR/tls/tracker" --origin "$origin_url"
+        start tracker shoal-tracker serve --http "$HOST:$TRACKER_PORT" --tls "$DIR/tls/tracker" \
+            --origin "${internal[0]}"
     fi
     for ((i = 0; i < ORIGINS; i++)); do
         start "${names[$i]}" shoal-origin serve --http "${urls[$i]#http://}" \
+            --internal "${internal[$i]#https://}" \
             --peer "$HOST:$((ORIGIN_PEER_PORT + 2 * i))" --data "$DIR/${names[$i]}" \
             --tls "$DIR/tls/${names[$i]}" "${ring[@]+"${ring[@]}"}"
     done
@@ -237,6 +245,13 @@ main() {
         die "the tracker answered a caller without a certificate"
     fi
     echo "OK  tracker refuses callers without a cluster certificate (mutual TLS)"
+    # The origins' internal listeners admit tracker and origin certificates only.
+    local as_tracker=(--cacert "$DIR/tls/tracker/ca.pem" --cert "$DIR/tls/tracker/cert.pem" --key "$DIR/tls/tracker/key.pem")
+    wait_http "${names[0]}" "${internal[0]}/healthz" "${as_tracker[@]}"
+    if curl -fsS -o /dev/null --max-time 2 "${as_agent[@]}" "${internal[0]}/healthz" 2>/dev/null; then
+        die "an origin's internal listener answered an agent certificate"
+    fi
+    echo "OK  origin internal listeners admit only tracker and origin certificates (mutual TLS)"
     for ((i = 0; i < ORIGINS; i++)); do
         wait_http "${names[$i]}" "${urls[$i]}/healthz"
     done
@@ -284,8 +299,8 @@ Shoal dev cluster is up (data in $DIR).
   tracker  $tracker_url             pid $(pid_of tracker)  log $DIR/logs/tracker.log
            (mutual TLS: curl ${as_agent[*]} $tracker_url/status)
 $(for ((i = 0; i < ORIGINS; i++)); do
-    printf '  %-8s %s (peer udp %s)  pid %s  log %s\n' "${names[$i]}" "${urls[$i]}" \
-        "$((ORIGIN_PEER_PORT + 2 * i))" "$(pid_of "${names[$i]}")" "$DIR/logs/${names[$i]}.log"
+    printf '  %-8s %s (internal %s, peer udp %s)  pid %s  log %s\n' "${names[$i]}" "${urls[$i]}" \
+        "${internal[$i]}" "$((ORIGIN_PEER_PORT + 2 * i))" "$(pid_of "${names[$i]}")" "$DIR/logs/${names[$i]}.log"
 done)
   agent1   http://$HOST:$AGENT1_PORT (peer udp $AGENT1_PEER_PORT)  pid $(pid_of agent1)  log $DIR/logs/agent1.log
   agent2   http://$HOST:$AGENT2_PORT (peer udp $AGENT2_PEER_PORT)  pid $(pid_of agent2)  log $DIR/logs/agent2.log

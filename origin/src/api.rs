@@ -25,6 +25,7 @@ use shoal_shared::referrers::{referrer_of, FILTERS_APPLIED, OCI_SUBJECT};
 use shoal_shared::store::{BlobStore, Staged, StoreError};
 
 use crate::cluster::Cluster;
+use crate::internal::{allowed, Need};
 use crate::seeder::Seeder;
 use crate::tags::TagStore;
 use crate::uploads::{Held, Upload, Uploads};
@@ -100,7 +101,8 @@ async fn status(state: State) -> HttpResponse {
     page.response()
 }
 
-/// True when the request carries the upload token (or none is configured).
+/// True when the request carries the upload token (or none is configured). Handlers ask
+/// [`allowed`], which also knows the internal listener's callers.
 pub(crate) fn authorized(req: &HttpRequest, token: Option<&str>) -> bool {
     let Some(token) = token else { return true };
     let given = req
@@ -195,7 +197,7 @@ async fn v2(
     };
     let method = req.method().clone();
     let writes = matches!(method, Method::PUT | Method::POST | Method::PATCH | Method::DELETE);
-    if writes && !authorized(&req, state.upload_token.as_deref()) {
+    if writes && !allowed(&req, state.upload_token.as_deref(), Need::Write) {
         return token_required();
     }
     let DigestQuery { digest: query, n, last, ns, mount, from, artifact_type } = query.into_inner();
@@ -212,7 +214,7 @@ async fn v2(
             get_blob(&req, digest, hop, &state).await
         }
         (V2Path::Manifest { name, reference }, Method::GET | Method::HEAD) => {
-            let may_fetch = authorized(&req, state.upload_token.as_deref());
+            let may_fetch = allowed(&req, state.upload_token.as_deref(), Need::Fetch);
             if let Some(resp) = forward_manifest(&req, name, reference, hop, may_fetch, &state).await {
                 return resp;
             }
@@ -832,8 +834,9 @@ async fn metainfo(
     }
     let unknown = || oci_error(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob unknown");
     let Some(hint) = hint.filter(|_| !state.upstreams.is_empty()) else { return unknown() };
-    // Fetching from an upstream fills the disk: it takes the upload token, as a push does.
-    if !authorized(&req, state.upload_token.as_deref()) {
+    // Fetching from an upstream fills the disk: it takes the upload token, as a push does
+    // (or, on the internal listener, a tracker's certificate).
+    if !allowed(&req, state.upload_token.as_deref(), Need::Fetch) {
         return token_required();
     }
     // Long poll: answer as soon as the blob is stored, rather than after the next

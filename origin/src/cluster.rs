@@ -10,6 +10,11 @@
 //! once). Requests between origins carry [`HOP_HEADER`]; a request that carries it is
 //! answered from local state only and never forwarded or replicated again, so members that
 //! disagree about the membership cannot make a request loop.
+//!
+//! Members written `https://` are other origins' internal listeners (`crate::internal`):
+//! they are called with this origin's certificate and must present an origin certificate of
+//! the cluster, and the upload token is not sent. Members written `http://` are public
+//! ports, called with the upload token as before (and warned about at start).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,6 +35,11 @@ use crate::tags::TagStore;
 
 mod handoff;
 use handoff::Handoff;
+
+/// Whether `member` is an internal listener (called with mutual TLS, not the token).
+fn internal(member: &str) -> bool {
+    member.starts_with("https://")
+}
 
 /// Marks a request between origins: answer it from local state, never pass it on.
 pub const HOP_HEADER: &str = "X-Shoal-Hop";
@@ -65,6 +75,9 @@ pub struct Settings {
     pub token: Option<String>,
     /// How long a copy this origin no longer owns is kept (`--handoff-grace`).
     pub handoff_grace: Duration,
+    /// This origin's control-plane certificate: `https://` members (their internal
+    /// listeners) are called with it and must present an origin certificate of the cluster.
+    pub tls: Option<shoal_shared::tls::http::HttpTls>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,10 +162,12 @@ pub enum ClusterError {
     NoReplicas,
     #[error("--cluster {0}: expected a base URL or dns:NAME:PORT")]
     BadMember(String),
-    #[error(
-        "--http {0} listens on every address: give --self URL, this origin's URL as the others reach it"
-    )]
+    #[error("{0} listens on every address: give --self URL, this origin's URL as the others reach it")]
     NoSelf(std::net::SocketAddr),
+    #[error("--cluster member {0} is https:// but this origin has no control-plane certificate")]
+    NoTls(String),
+    #[error(transparent)]
+    Tls(#[from] shoal_shared::tls::TlsError),
 }
 
 impl Cluster {
@@ -166,11 +181,27 @@ impl Cluster {
         if members.all_named() && !members.names(&me) {
             return Err(ClusterError::NotAMember(me));
         }
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(300))
-            .build()
-            .unwrap_or_default();
+            .timeout(Duration::from_secs(300));
+        // https:// members are internal listeners: mutual TLS, origin certificates only.
+        let http = match &settings.tls {
+            Some(tls) => {
+                shoal_shared::tls::http::mtls_client(tls, &[shoal_shared::tls::Role::Origin], builder)?
+            }
+            None => match settings.members.iter().find(|m| m.starts_with("https://")) {
+                Some(m) => return Err(ClusterError::NoTls(m.clone())),
+                None => builder.build().unwrap_or_default(),
+            },
+        };
+        let plain: Vec<&String> = settings.members.iter().filter(|m| m.starts_with("http://")).collect();
+        if !plain.is_empty() {
+            tracing::warn!(
+                members = ?plain,
+                "ring members on plain HTTP: calls between origins are authenticated by the upload \
+                 token only; list the members' internal listeners (https://, --internal) instead"
+            );
+        }
         let cluster = Self {
             members,
             me,
@@ -278,11 +309,14 @@ impl Cluster {
         req.headers().contains_key(HOP_HEADER)
     }
 
-    fn authorized(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// A request to `member` with the hop header and its credentials: over an internal
+    /// listener (`https://`) this origin's certificate, which the client presents; over
+    /// plain HTTP the upload token (never sent to an internal listener, which ignores it).
+    fn authorized(&self, member: &str, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         let builder = builder.header(HOP_HEADER, self.me());
         match &self.token {
-            Some(t) => builder.bearer_auth(t),
-            None => builder,
+            Some(t) if !internal(member) => builder.bearer_auth(t),
+            _ => builder,
         }
     }
 
@@ -322,7 +356,7 @@ impl Cluster {
     async fn copy_blob(&self, store: &BlobStore, digest: &Digest, member: &str) -> Result<bool, String> {
         let base = member;
         let head = format!("{base}/v2/{REPLICA_REPO}/blobs/{digest}");
-        match self.authorized(self.http.head(&head)).send().await {
+        match self.authorized(member, self.http.head(&head)).send().await {
             Ok(r) if r.status().is_success() => return Ok(false),
             Ok(_) => {}
             Err(e) => return Err(format!("{head}: {e}")),
@@ -332,7 +366,7 @@ impl Cluster {
         let len = file.metadata().await.map_err(|e| format!("{digest}: {e}"))?.len();
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
         let url = format!("{base}/v2/{REPLICA_REPO}/blobs/uploads/?digest={digest}");
-        let mut req = self.authorized(self.http.post(&url));
+        let mut req = self.authorized(member, self.http.post(&url));
         if crate::retention::pulled_within(store, digest, Duration::MAX).await {
             req = req.header(shoal_shared::client::PULLED_THROUGH_HEADER, "1");
         }
@@ -364,7 +398,7 @@ impl Cluster {
     ) -> Result<(), String> {
         let url = format!("{member}/v2/{name}/manifests/{reference}");
         let resp = self
-            .authorized(self.http.put(&url))
+            .authorized(member, self.http.put(&url))
             .header(header::CONTENT_TYPE.as_str(), media_type)
             .body(body.to_vec())
             .send()
@@ -462,7 +496,7 @@ impl Cluster {
             self.snapshot().into_iter().map(|m| m.id).filter(|m| *m != self.me && self.is_up(m)).collect();
         let deletes = members.into_iter().map(|m| async move {
             let url = format!("{m}{path}");
-            let result = self.authorized(self.http.delete(&url)).send().await;
+            let result = self.authorized(&m, self.http.delete(&url)).send().await;
             (m, url, result)
         });
         for (m, url, result) in futures_util::future::join_all(deletes).await {
@@ -491,11 +525,14 @@ impl Cluster {
         let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).ok()?;
         for m in self.owners_of(item).into_iter().filter(|m| *m != self.me) {
             let url = format!("{m}{path_and_query}");
-            // The token travels only when the client gave it: forwarding never lets a
-            // caller without it make an owner pull from an upstream.
+            // The token (over an internal listener, this member's word for it) travels only
+            // when the client gave it: forwarding never lets a caller without it make an
+            // owner pull from an upstream.
             let mut req = self.http.request(method.clone(), &url).header(HOP_HEADER, self.me());
-            if let (true, Some(t)) = (with_token, &self.token) {
-                req = req.bearer_auth(t);
+            match (with_token, &self.token) {
+                (true, _) if internal(&m) => req = req.header(crate::internal::MAY_FETCH_HEADER, "1"),
+                (true, Some(t)) => req = req.bearer_auth(t),
+                _ => {}
             }
             for name in [header::RANGE, header::ACCEPT] {
                 if let Some(v) = headers.get(&name).and_then(|v| v.to_str().ok()) {
@@ -634,7 +671,7 @@ impl Cluster {
         let Some(digest) = tags.get(name, tag).await else { return Ok(false) };
         let url = format!("{member}/v2/{name}/manifests/{tag}");
         let accept = shoal_shared::oci::MANIFEST_ACCEPT;
-        let resp = self.authorized(self.http.head(&url)).header("Accept", accept).send().await;
+        let resp = self.authorized(member, self.http.head(&url)).header("Accept", accept).send().await;
         let there = resp
             .map_err(|e| format!("{url}: {e}"))?
             .headers()
@@ -726,6 +763,7 @@ mod tests {
             key: RingKey::default(),
             token: None,
             handoff_grace: Duration::from_secs(3600),
+            tls: None,
         }
     }
 

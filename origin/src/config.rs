@@ -19,6 +19,15 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_PEER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<SocketAddr>,
+    /// HTTPS address of the internal listener: the origin's API with mutual TLS, for the
+    /// cluster's trackers and ring members only (tracker or origin certificates of the
+    /// cluster CA, checked against crl.pem on every request), where their lookups, copies and
+    /// forwards are authorized by the certificate's role instead of the upload token. List
+    /// it as `https://HOST:PORT` in trackers' --origin and in --cluster
+    /// [default: none (off): the public port alone, as a standalone origin needs].
+    #[arg(long, env = "SHOAL_INTERNAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal: Option<SocketAddr>,
     /// Address other peers should dial [default: the --peer address].
     #[arg(long, env = "SHOAL_ADVERTISE_PEER")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,7 +87,8 @@ pub struct ServeFlags {
     #[arg(long = "cluster", env = "SHOAL_CLUSTER", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cluster: Vec<String>,
-    /// This origin's base URL as it appears in --cluster [default: http://<--http address>].
+    /// This origin's base URL as it appears in --cluster [default: https://<--internal
+    /// address> with --internal, else http://<--http address>].
     #[arg(long = "self", env = "SHOAL_SELF")]
     #[serde(rename = "self", skip_serializing_if = "Option::is_none")]
     pub self_url: Option<String>,
@@ -186,6 +196,8 @@ pub struct Config {
     pub http: SocketAddr,
     #[serde(default = "default_peer")]
     pub peer: SocketAddr,
+    #[serde(default)]
+    pub internal: Option<SocketAddr>,
     #[serde(default)]
     pub advertise_peer: Option<SocketAddr>,
     pub data: PathBuf,
@@ -305,6 +317,7 @@ impl Config {
         Self {
             http: default_http(),
             peer: default_peer(),
+            internal: None,
             advertise_peer: None,
             data,
             store: None,
@@ -346,6 +359,7 @@ impl std::fmt::Debug for Config {
         // Never print the token.
         f.debug_struct("Config")
             .field("http", &self.http)
+            .field("internal", &self.internal)
             .field("peer", &self.peer)
             .field("advertise_peer", &self.advertise_peer)
             .field("data", &self.data)

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod delete;
 pub mod durable;
+pub mod internal;
 pub mod outcomes;
 pub mod prefetch;
 pub mod private;
@@ -62,19 +63,29 @@ pub enum OriginError {
     AnonymousWrites(SocketAddr),
     #[error("cluster: {0}")]
     Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Internal(#[from] internal::InternalError),
 }
 
 /// The bound sockets the origin serves on.
 #[derive(Debug)]
 pub struct Listeners {
+    /// The public port: the registry API, plain HTTP.
     pub http: TcpListener,
     pub peer: UdpSocket,
+    /// The internal listener (`--internal`): the same API over HTTPS with mutual TLS, for
+    /// trackers and ring members ([`internal`]).
+    pub internal: Option<TcpListener>,
 }
 
 impl Listeners {
     /// Binds the configured addresses.
     pub fn bind(config: &Config) -> std::io::Result<Self> {
-        Ok(Self { http: TcpListener::bind(config.http)?, peer: UdpSocket::bind(config.peer)? })
+        Ok(Self {
+            http: TcpListener::bind(config.http)?,
+            peer: UdpSocket::bind(config.peer)?,
+            internal: config.internal.map(TcpListener::bind).transpose()?,
+        })
     }
 }
 
@@ -85,6 +96,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), OriginError> {
     let http_addr = listeners.http.local_addr()?;
+    let internal_addr = listeners.internal.as_ref().map(TcpListener::local_addr).transpose()?;
     if config.upload_token.is_none() && !config.allow_anonymous_writes && !http_addr.ip().is_loopback() {
         return Err(OriginError::AnonymousWrites(http_addr));
     }
@@ -109,7 +121,8 @@ pub async fn run(
     let identity = TlsIdentity::load(&config.tls)?;
     identity.require_role(tls::Role::Origin)?;
     tls::reload::log_expiry(&identity);
-    // `--tracker`s are called with the origin's certificate (mutual TLS when https://).
+    // `--tracker`s are called with the origin's certificate (mutual TLS when https://), ring
+    // members on their internal listeners too, and the internal listener serves with it.
     let control_tls = tls::http::HttpTls::new(&identity)?;
     let trackers = shoal_shared::tracker::TrackerClient::with_tls(&config.tracker, &control_tls)?;
     let peer_addr: SocketAddr = match config.advertise_peer {
@@ -170,13 +183,18 @@ pub async fn run(
     let cluster = if config.cluster.is_empty() {
         None
     } else {
+        // Members call each other on their internal listeners when they have one.
+        let (scheme, addr) = match internal_addr {
+            Some(a) => ("https", a),
+            None => ("http", http_addr),
+        };
         let me = match &config.self_url {
             Some(url) => url.clone(),
             // Listening on every address says nothing about which one the others dial.
-            None if http_addr.ip().is_unspecified() => {
-                return Err(OriginError::Cluster(cluster::ClusterError::NoSelf(http_addr)))
+            None if addr.ip().is_unspecified() => {
+                return Err(OriginError::Cluster(cluster::ClusterError::NoSelf(addr)))
             }
-            None => format!("http://{http_addr}"),
+            None => format!("{scheme}://{addr}"),
         };
         let key =
             config.ring_key.as_deref().map(shoal_shared::ring::RingKey::from_passphrase).unwrap_or_default();
@@ -187,6 +205,7 @@ pub async fn run(
             key,
             token: config.upload_token.clone(),
             handoff_grace: config.handoff_grace.0,
+            tls: Some(control_tls.clone()),
         })
         .map_err(OriginError::Cluster)?;
         c.metrics.register(&mut registry);
@@ -258,7 +277,29 @@ pub async fn run(
     .shutdown_timeout(config.drain_timeout.0.as_secs().max(1))
     .listen(listeners.http)?
     .run();
-    tracing::info!(peer = %peer_addr, "origin serving");
+    // The internal listener: the same routes and state, mutual TLS with the control-plane
+    // certificate (reloaded below), callers authorized by their role.
+    let internal_server = match listeners.internal {
+        Some(listener) => Some(internal::server(
+            listener,
+            control_tls.clone(),
+            state.clone(),
+            config.http_workers,
+            std::time::Duration::from_secs(config.send_timeout.max(1)),
+            config.drain_timeout.0.as_secs(),
+        )?),
+        None => None,
+    };
+    let internal_task =
+        internal_server.map(|s| tokio::spawn(shoal_shared::http::run_server(s, shutdown.clone())));
+    let control_reload = tokio::spawn(tls::reload::watch_http(
+        config.tls.clone(),
+        tls::Role::Origin,
+        control_tls.clone(),
+        tls::reload::RELOAD_INTERVAL,
+        shutdown.clone(),
+    ));
+    tracing::info!(peer = %peer_addr, internal = ?internal_addr, "origin serving");
     let replicator = cluster
         .clone()
         .zip(fills)
@@ -280,7 +321,6 @@ pub async fn run(
     }));
     let announcer = tokio::spawn(announce_hot_blobs(
         (trackers, config.tracker.len()),
-        (config.tls.clone(), control_tls),
         seeder_for_announce,
         peer_addr,
         shutdown.clone(),
@@ -294,6 +334,12 @@ pub async fn run(
     let _ = announcer.await;
     let _ = peer_task.await;
     let _ = reloader.await;
+    let _ = control_reload.await;
+    if let Some(t) = internal_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(cause = %e, "internal listener stopped with an error");
+        }
+    }
     let _ = retainer.await;
     if let Some(m) = maintainer {
         let _ = m.await;
@@ -311,7 +357,6 @@ pub(crate) const HOT_WINDOW: std::time::Duration = std::time::Duration::from_sec
 /// recently, so trackers list this origin even when it is not among their `--origin`s.
 async fn announce_hot_blobs(
     (client, trackers): (shoal_shared::tracker::TrackerClient, usize),
-    (tls_dir, control_tls): (std::path::PathBuf, tls::http::HttpTls),
     seeder: Arc<seeder::Seeder>,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -319,16 +364,10 @@ async fn announce_hot_blobs(
     if trackers == 0 {
         return;
     }
-    let every = tls::reload::RELOAD_INTERVAL;
-    let reload = tls::reload::watch_http(tls_dir, tls::Role::Origin, control_tls, every, shutdown.clone());
-    let reloader = tokio::spawn(reload);
     let mut wait = std::time::Duration::from_secs(1);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = reloader.await;
-                return;
-            }
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
         for digest in seeder.hot_set(HOT_WINDOW) {

@@ -18,7 +18,8 @@ use shoal_shared::image::ImageRef;
 use shoal_shared::manifest::{Descriptor, Manifest};
 use shoal_shared::oci::{ErrorCode, Reference};
 
-use crate::api::{authorized, token_required, AppState};
+use crate::api::{token_required, AppState};
+use crate::internal::{allowed, Need};
 use crate::upstream::{child_manifests, BlobState, UpstreamError};
 
 /// Largest request body.
@@ -85,14 +86,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 // Prefetch fills the origin's disk from its upstreams: it takes the upload token, as a push.
 async fn v1(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    if !authorized(&req, state.upload_token.as_deref()) {
+    if !allowed(&req, state.upload_token.as_deref(), Need::Write) {
         return token_required();
     }
     prefetch(&body, &state, state.prefetch_sync).await
 }
 
 async fn v2(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    if !authorized(&req, state.upload_token.as_deref()) {
+    if !allowed(&req, state.upload_token.as_deref(), Need::Write) {
         return token_required();
     }
     prefetch(&body, &state, false).await

@@ -67,6 +67,10 @@ pub struct ClusterOptions {
     /// Serve the tracker over HTTPS with mutual TLS (`--tls`, a tracker certificate from
     /// the cluster CA); agents and the origin call it with `https://` and their certificates.
     pub tracker_tls: bool,
+    /// Give the origin an internal listener (`--internal`, mutual TLS) and have the tracker
+    /// ask it there (`https://`, with the tracker's certificate, no token). Needs
+    /// `tracker_tls` (the tracker's certificate).
+    pub origin_internal: bool,
 }
 
 impl Default for ClusterOptions {
@@ -81,6 +85,7 @@ impl Default for ClusterOptions {
             send_timeout: shoal_shared::http::SEND_TIMEOUT.as_secs(),
             max_upload_bytes: None,
             tracker_tls: false,
+            origin_internal: false,
         }
     }
 }
@@ -194,6 +199,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 pub struct Cluster {
     /// Base URL of the origin's HTTP API.
     pub origin_url: String,
+    /// Base URL of the origin's internal listener (with `origin_internal`).
+    pub origin_internal_url: Option<String>,
+    /// The origin's URL as the tracker is told it (`--origin`).
+    pub tracker_origin_url: String,
     /// The origin's QUIC peer address.
     pub origin_peer: SocketAddr,
     /// Base URL of the tracker.
@@ -286,13 +295,22 @@ impl Cluster {
         }
         let (http, peer) = bind()?;
         let origin_url = format!("http://{}", http.local_addr()?);
+        if opts.origin_internal && !opts.tracker_tls {
+            bail!("origin_internal needs tracker_tls: the tracker calls the internal listener with its certificate");
+        }
+        let internal = opts.origin_internal.then(|| TcpListener::bind("127.0.0.1:0")).transpose()?;
+        let origin_internal_url =
+            internal.as_ref().map(|l| l.local_addr().map(|a| format!("https://{a}"))).transpose()?;
+        // What the tracker is told (`--origin`): the internal listener when there is one.
+        let tracker_origin_url = origin_internal_url.clone().unwrap_or_else(|| origin_url.clone());
         let origin_peer = peer.local_addr()?;
         let origin_shutdown = CancellationToken::new();
         let origin_task = tokio::spawn({
             let shutdown = origin_shutdown.clone();
             async move {
                 if let Err(e) =
-                    shoal_origin::run(config, shoal_origin::Listeners { http, peer }, shutdown).await
+                    shoal_origin::run(config, shoal_origin::Listeners { http, peer, internal }, shutdown)
+                        .await
                 {
                     tracing::error!(cause = %e, "origin failed");
                 }
@@ -301,9 +319,11 @@ impl Cluster {
 
         // Tracker.
         let tracker_shutdown = CancellationToken::new();
+        // With an internal listener the tracker has no token: its certificate stands in.
+        let tracker_token = opts.upload_token.as_deref().filter(|_| origin_internal_url.is_none());
         let tracker_task = spawn_tracker(
-            std::slice::from_ref(&origin_url),
-            opts.upload_token.as_deref(),
+            std::slice::from_ref(&tracker_origin_url),
+            tracker_token,
             tracker_tls.clone(),
             listener,
             tracker_shutdown.clone(),
@@ -311,6 +331,8 @@ impl Cluster {
 
         let mut cluster = Cluster {
             origin_url,
+            origin_internal_url,
+            tracker_origin_url,
             origin_peer,
             tracker_url,
             agents: Vec::new(),
@@ -390,10 +412,15 @@ impl Cluster {
         launch_agent(index, data_dir, tls, trackers, &self.options, opts, &self.client).await
     }
 
+    /// The origin's TLS directory (hand it a new `crl.pem` to revoke a caller).
+    pub fn origin_tls_dir(&self) -> PathBuf {
+        self.dir.path().join("origin/tls")
+    }
+
     /// Stops the tracker (losing everything it learnt) and starts a fresh one on the same
     /// address.
     pub async fn restart_tracker(&mut self, down_for: Duration) -> anyhow::Result<()> {
-        let origins = vec![self.origin_url.clone()];
+        let origins = vec![self.tracker_origin_url.clone()];
         self.restart_tracker_with(down_for, origins).await
     }
 
@@ -429,7 +456,7 @@ impl Cluster {
             }
         };
         self.tracker_shutdown = CancellationToken::new();
-        let token = self.options.upload_token.clone();
+        let token = self.options.upload_token.clone().filter(|_| self.origin_internal_url.is_none());
         let (tls, shutdown) = (self.tracker_tls.clone(), self.tracker_shutdown.clone());
         self.tracker_task = Some(spawn_tracker(&origins, token.as_deref(), tls, listener, shutdown));
         wait_ready(&self.tracker_client, &format!("{}/healthz", self.tracker_url)).await

@@ -38,6 +38,9 @@ pub struct RingOptions {
     /// Trackers find the origins by this `dns:NAME:PORT` instead of their URLs (`{port}`
     /// stands for origin 0's HTTP port).
     pub tracker_origins: Option<String>,
+    /// Origins get internal listeners (`--internal`, mutual TLS) and every ring member and
+    /// tracker names them by those (`https://`); trackers serve with `--tls`.
+    pub internal: bool,
 }
 
 impl Default for RingOptions {
@@ -53,6 +56,7 @@ impl Default for RingOptions {
             upstream: None,
             store: None,
             tracker_origins: None,
+            internal: false,
         }
     }
 }
@@ -60,7 +64,12 @@ impl Default for RingOptions {
 /// One origin of the ring.
 #[derive(Debug)]
 pub struct OriginNode {
+    /// The public port (pushes, clients).
     pub url: String,
+    /// The id other members and trackers know it by: its internal listener's URL with
+    /// `internal`, else [`url`](Self::url).
+    pub member: String,
+    internal: Option<SocketAddr>,
     pub peer: SocketAddr,
     pub data: PathBuf,
     tls: PathBuf,
@@ -102,14 +111,24 @@ impl RingCluster {
         for _ in 0..options.origins {
             let http = TcpListener::bind("127.0.0.1:0")?;
             let peer = UdpSocket::bind("127.0.0.1:0")?;
-            listeners.push((http, peer));
+            let internal = options.internal.then(|| TcpListener::bind("127.0.0.1:0")).transpose()?;
+            listeners.push((http, peer, internal));
         }
+        let public: Vec<String> = listeners
+            .iter()
+            .map(|(h, _, _)| h.local_addr().map(|a| format!("http://{a}")))
+            .collect::<Result<_, _>>()?;
+        // Ring ids: the internal listeners when there are some.
         let urls: Vec<String> = listeners
             .iter()
-            .map(|(h, _)| h.local_addr().map(|a| format!("http://{a}")))
+            .zip(&public)
+            .map(|((_, _, i), p)| match i {
+                Some(l) => l.local_addr().map(|a| format!("https://{a}")),
+                None => Ok(p.clone()),
+            })
             .collect::<Result<_, _>>()?;
         let mut origins = Vec::new();
-        for (i, (http, peer)) in listeners.into_iter().enumerate() {
+        for (i, (http, peer, internal)) in listeners.into_iter().enumerate() {
             let tls = dir.path().join(format!("origin-{i}/tls"));
             shoal_shared::tls::issue(&ca, &format!("origin-{i}"), Role::Origin, &tls)?;
             let members = match &options.membership {
@@ -117,7 +136,9 @@ impl RingCluster {
                 None => urls.clone(),
             };
             let mut node = OriginNode {
-                url: urls[i].clone(),
+                url: public[i].clone(),
+                member: urls[i].clone(),
+                internal: internal.as_ref().map(TcpListener::local_addr).transpose()?,
                 peer: peer.local_addr()?,
                 data: dir.path().join(format!("origin-{i}/data")),
                 tls,
@@ -125,13 +146,30 @@ impl RingCluster {
                 shutdown: CancellationToken::new(),
                 task: None,
             };
-            node.task = Some(spawn_origin(&node, &options, http, peer));
+            node.task = Some(spawn_origin(&node, &options, http, peer, internal));
             origins.push(node);
         }
         let mut trackers = Vec::new();
-        for _ in 0..options.trackers {
+        // With internal listeners the trackers call them with their certificates, so they
+        // serve with --tls too; the harness asks them as an agent.
+        let tracker_client = if options.internal {
+            let caller = dir.path().join("harness/tls");
+            shoal_shared::tls::issue(&ca, "harness", Role::Agent, &caller)?;
+            shoal_shared::tls::http::tracker_client(&shoal_shared::tls::http::HttpTls::load(
+                &caller,
+                Role::Agent,
+            )?)?
+        } else {
+            client.clone()
+        };
+        for t in 0..options.trackers {
             let listener = TcpListener::bind("127.0.0.1:0")?;
-            let url = format!("http://{}", listener.local_addr()?);
+            let tls = options.internal.then(|| dir.path().join(format!("tracker-{t}/tls")));
+            if let Some(tls) = &tls {
+                shoal_shared::tls::issue(&ca, &format!("tracker-{t}"), Role::Tracker, tls)?;
+            }
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://{}", listener.local_addr()?);
             let shutdown = CancellationToken::new();
             let origins = match &options.tracker_origins {
                 Some(dns) => {
@@ -140,14 +178,14 @@ impl RingCluster {
                 }
                 None => urls.clone(),
             };
-            let task = spawn_tracker(&origins, options.replicas, listener, shutdown.clone());
+            let task = spawn_tracker(&origins, options.replicas, tls, listener, shutdown.clone());
             trackers.push(TrackerNode { url, shutdown, task: Some(task) });
         }
         for o in &origins {
             wait_ready(&client, &format!("{}/healthz", o.url)).await?;
         }
         for t in &trackers {
-            wait_ready(&client, &format!("{}/healthz", t.url)).await?;
+            wait_ready(&tracker_client, &format!("{}/healthz", t.url)).await?;
         }
         let tracker_urls: Vec<String> = trackers.iter().map(|t| t.url.clone()).collect();
         let mut agents = Vec::new();
@@ -218,8 +256,9 @@ impl RingCluster {
         let addr = self.origins[i].url.trim_start_matches("http://").to_owned();
         let http = TcpListener::bind(&addr).with_context(|| format!("rebinding {addr}"))?;
         let peer = UdpSocket::bind(self.origins[i].peer)?;
+        let internal = self.origins[i].internal.map(TcpListener::bind).transpose()?;
         self.origins[i].shutdown = CancellationToken::new();
-        let task = spawn_origin(&self.origins[i], &self.options, http, peer);
+        let task = spawn_origin(&self.origins[i], &self.options, http, peer, internal);
         self.origins[i].task = Some(task);
         wait_ready(&self.client, &format!("{}/healthz", self.origins[i].url)).await
     }
@@ -237,7 +276,7 @@ impl RingCluster {
     /// first (every origin up).
     pub fn owners(&self, item: &str) -> Vec<usize> {
         let members: Vec<shoal_shared::ring::Member> =
-            self.origins.iter().map(|o| shoal_shared::ring::Member::new(o.url.clone())).collect();
+            self.origins.iter().map(|o| shoal_shared::ring::Member::new(o.member.clone())).collect();
         let key = shoal_shared::ring::RingKey::default();
         let mut owners = shoal_shared::ring::rank(&key, &members, item.as_bytes());
         owners.truncate(self.options.replicas);
@@ -257,12 +296,13 @@ fn spawn_origin(
     options: &RingOptions,
     http: TcpListener,
     peer: UdpSocket,
+    internal: Option<TcpListener>,
 ) -> JoinHandle<()> {
     let mut config = shoal_origin::Config::new(node.data.clone(), node.tls.clone());
     config.piece_length = options.piece_length;
     config.upload_token = Some(TOKEN.to_owned());
     config.cluster = node.members.clone();
-    config.self_url = Some(node.url.clone());
+    config.self_url = Some(node.member.clone());
     config.replicas = options.replicas;
     config.handoff_grace = shoal_shared::config::Span(options.handoff_grace);
     config.upstream = options.upstream.iter().cloned().collect();
@@ -270,7 +310,9 @@ fn spawn_origin(
     config.store = options.store.clone();
     let shutdown = node.shutdown.clone();
     tokio::spawn(async move {
-        if let Err(e) = shoal_origin::run(config, shoal_origin::Listeners { http, peer }, shutdown).await {
+        if let Err(e) =
+            shoal_origin::run(config, shoal_origin::Listeners { http, peer, internal }, shutdown).await
+        {
             tracing::error!(cause = %e, "origin failed");
         }
     })
@@ -279,11 +321,14 @@ fn spawn_origin(
 fn spawn_tracker(
     origins: &[String],
     replicas: usize,
+    tls: Option<PathBuf>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     let mut config = shoal_tracker::Config::new(origins.to_vec());
-    config.origin_token = Some(TOKEN.to_owned());
+    // Over internal listeners the tracker's certificate stands in for the token.
+    config.origin_token = tls.is_none().then(|| TOKEN.to_owned());
+    config.tls = tls;
     config.announce_interval = 2;
     config.replicas = Some(replicas);
     tokio::spawn(async move {

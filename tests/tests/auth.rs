@@ -100,6 +100,7 @@ async fn an_open_origin_beyond_loopback_refuses_to_start() {
         let listeners = shoal_origin::Listeners {
             http: std::net::TcpListener::bind("0.0.0.0:0").expect("bind"),
             peer: std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+            internal: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         (tokio::spawn(shoal_origin::run(config, listeners, shutdown.clone())), shutdown)

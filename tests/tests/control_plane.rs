@@ -346,3 +346,125 @@ async fn agents_announce_and_pull_through_an_mtls_tracker() {
     // A client without a certificate gets nothing out of the tracker.
     assert!(c.client.get(&url).send().await.is_err());
 }
+
+/// A cluster whose tracker asks the origin on its internal listener (`--internal`,
+/// `https://`) with the tracker's certificate and no upload token: the tag and every blob's
+/// metainfo come from there, and two agents pull the image end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracker_asks_the_origin_on_its_internal_listener() {
+    let c = Cluster::start(ClusterOptions {
+        agents: 2,
+        piece_length: 64 << 10,
+        tracker_tls: true,
+        origin_internal: true,
+        upload_token: Some("internal-test-token".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let internal = c.origin_internal_url.clone().expect("internal listener");
+    assert!(internal.starts_with("https://"));
+    assert_eq!(c.tracker_origin_url, internal, "the tracker is told the internal listener only");
+    let image = c.push_image("app/internal:v1", &[300 << 10, 100 << 10], 3).await.expect("push");
+    for agent in &c.agents {
+        let pulled = pull_image(&c.client, &agent.registry_url, "app/internal", "v1").await.expect("pull");
+        assert_eq!(pulled.manifest_digest, image.manifest);
+    }
+    // The tracker got the metainfo (and cached it): it answers for the layer.
+    let (layer, _) = image.layers[0].clone();
+    let resp = c
+        .tracker_client
+        .get(format!("{}/shoal/v1/metainfo/{layer}", c.tracker_url))
+        .send()
+        .await
+        .expect("get");
+    assert!(resp.status().is_success(), "tracker metainfo: {}", resp.status());
+}
+
+/// The origin's internal listener admits only tracker and origin certificates of the
+/// cluster, not revoked: an agent's certificate, no certificate and a revoked tracker's are
+/// refused at the handshake; a tracker's gets metainfo and info but may not write; a
+/// tracker certificate revoked while its keep-alive connection is open gets 403 once the
+/// origin reloaded its directory, then cannot connect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_listener_admits_only_trackers_and_origins_of_the_cluster() {
+    let c = Cluster::start(ClusterOptions {
+        agents: 0,
+        piece_length: 64 << 10,
+        tracker_tls: true,
+        origin_internal: true,
+        upload_token: Some("internal-test-token".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let internal = c.origin_internal_url.clone().expect("internal listener");
+    let image = c.push_image("app/guarded:v1", &[100 << 10], 9).await.expect("push");
+    let (layer, _) = image.layers[0].clone();
+    let metainfo = format!("{internal}/shoal/v1/metainfo/{layer}");
+    let issue = |name: &str, role: Role| {
+        let dir = c.ca_dir.parent().expect("cluster dir").join(name);
+        tls::issue(&c.ca_dir, name, role, &dir).expect("issue");
+        dir
+    };
+    let client_of = |dir: &Path, role: Role| {
+        let tls = HttpTls::load(dir, role).expect("load");
+        shoal_shared::tls::http::mtls_client(&tls, &[Role::Origin], reqwest::Client::builder())
+            .expect("client")
+    };
+
+    // A tracker: reads, not writes.
+    let tracker = client_of(&issue("tracker-ok", Role::Tracker), Role::Tracker);
+    let resp = tracker.get(&metainfo).send().await.expect("tracker metainfo");
+    assert_eq!(resp.status(), 200);
+    let info: serde_json::Value = tracker
+        .get(format!("{internal}/shoal/v1/info"))
+        .send()
+        .await
+        .expect("info")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(info["peer"].as_str(), Some(c.origin_peer.to_string().as_str()));
+    let put = tracker
+        .put(format!("{internal}/v2/app/guarded/manifests/hijack"))
+        .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        .body(b"{}".to_vec())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), 401, "a tracker certificate wrote a tag");
+
+    // An agent, nobody, and the public port's plain HTTP on the internal listener.
+    let agent = client_of(&issue("agent-x", Role::Agent), Role::Agent);
+    assert_refused(
+        "agent role",
+        agent.get(&metainfo).send().await.map_err(|e| error_chain(&e)),
+        &["AccessDenied"],
+    );
+    let anonymous = anonymous_client(&c.ca_dir).get(&metainfo).send().await.map_err(|e| error_chain(&e));
+    assert_refused("no certificate", anonymous, &["CertificateRequired"]);
+    let plain = reqwest::Client::new().get(metainfo.replacen("https://", "http://", 1)).send().await;
+    assert!(plain.map_or(true, |r| !r.status().is_success()), "plain HTTP on the internal listener");
+
+    // A tracker certificate revoked while connected.
+    let doomed = issue("tracker-doomed", Role::Tracker);
+    let kept = client_of(&doomed, Role::Tracker);
+    assert_eq!(kept.get(&metainfo).send().await.expect("before").status(), 200);
+    tls::revoke(&c.ca_dir, RevokeTarget::Name("tracker-doomed")).expect("revoke");
+    std::fs::copy(c.ca_dir.join("crl.pem"), c.origin_tls_dir().join("crl.pem")).expect("hand out crl.pem");
+    let deadline = tokio::time::Instant::now() + tls::reload::RELOAD_INTERVAL * 2 + Duration::from_secs(5);
+    loop {
+        let resp = kept.get(&metainfo).send().await.expect("kept connection");
+        if resp.status() == reqwest::StatusCode::FORBIDDEN {
+            break;
+        }
+        assert_eq!(resp.status(), 200);
+        assert!(tokio::time::Instant::now() < deadline, "a revoked tracker's connection still served");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let again = client_of(&doomed, Role::Tracker).get(&metainfo).send().await.map_err(|e| error_chain(&e));
+    assert_refused("revoked tracker", again, &["CertificateRevoked"]);
+    // The others are unaffected.
+    assert_eq!(tracker.get(&metainfo).send().await.expect("tracker after").status(), 200);
+}

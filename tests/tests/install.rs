@@ -304,10 +304,14 @@ fn chart_with_default_values_renders_and_validates() {
     let tracker = find(&r, "Deployment", "shoal-tracker");
     assert_eq!(tracker["spec"]["replicas"], 2);
     let targs = strs(&tracker["spec"]["template"]["spec"]["containers"][0]["args"]);
+    // The origin's internal listener (mutual TLS), called with the tracker's certificate:
+    // no upload token for trackers.
     assert_eq!(
         flag_values(&targs, "--origin"),
-        ["http://shoal-origin-0.shoal-origin-headless.shoal.svc.cluster.local:5000"]
+        ["https://shoal-origin-0.shoal-origin-headless.shoal.svc.cluster.local:5002"]
     );
+    let tenv = tracker["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(!tenv.iter().any(|e| e["name"] == "SHOAL_ORIGIN_TOKEN"), "trackers need no token: {tenv:?}");
     find(&r, "Service", "shoal-tracker");
     assert_tls_tracker(&r, "shoal-tls", false);
 
@@ -322,6 +326,18 @@ fn chart_with_default_values_renders_and_validates() {
     let token = origin["env"].as_array().unwrap().iter().find(|e| e["name"] == "SHOAL_UPLOAD_TOKEN").unwrap();
     assert_eq!(token["valueFrom"]["secretKeyRef"]["name"], "shoal-upload-token");
     assert!(!strs(&origin["args"]).iter().any(|a| a.contains("upload-token")), "the token stays out of args");
+    // The internal listener: its flag, its port on the pod and on the headless Service (the
+    // names trackers and ring members dial), and the origin certificate it serves with.
+    assert_eq!(flag_values(&strs(&origin["args"]), "--internal"), ["0.0.0.0:5002"]);
+    assert_eq!(flag_values(&strs(&origin["args"]), "--tls"), ["/etc/shoal/tls"]);
+    let ports = origin["ports"].as_array().unwrap();
+    assert!(ports
+        .iter()
+        .any(|p| p["name"] == "internal" && p["containerPort"] == 5002 && p["protocol"] == "TCP"));
+    let hports = headless["spec"]["ports"].as_array().unwrap();
+    assert!(hports
+        .iter()
+        .any(|p| p["name"] == "internal" && p["port"] == 5002 && p["targetPort"] == "internal"));
 
     // Certificates by default: the pre-install Job issuing into the Secret the pods mount.
     let job = find(&r, "Job", "shoal-tls-job");
@@ -381,7 +397,7 @@ fn chart_with_three_origins_renders_and_validates() {
     assert_eq!(tracker["spec"]["replicas"], 3);
     let targs = strs(&tracker["spec"]["template"]["spec"]["containers"][0]["args"]);
     let want: Vec<String> = (0..3)
-        .map(|i| format!("http://shoal-origin-{i}.shoal-origin-headless.shoal.svc.cluster.local:5000"))
+        .map(|i| format!("https://shoal-origin-{i}.shoal-origin-headless.shoal.svc.cluster.local:5002"))
         .collect();
     assert_eq!(flag_values(&targs, "--origin"), want);
     // The origins form a ring: the same members (as the trackers name them) on every origin,
@@ -389,8 +405,9 @@ fn chart_with_three_origins_renders_and_validates() {
     assert_eq!(flag_values(&args, "--cluster"), want);
     assert_eq!(
         flag_values(&args, "--self"),
-        ["http://$(POD_NAME).shoal-origin-headless.shoal.svc.cluster.local:5000"]
+        ["https://$(POD_NAME).shoal-origin-headless.shoal.svc.cluster.local:5002"]
     );
+    assert_eq!(flag_values(&args, "--internal"), ["0.0.0.0:5002"]);
     let env = origin["containers"][0]["env"].as_array().unwrap();
     assert!(env
         .iter()

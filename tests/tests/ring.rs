@@ -1,7 +1,8 @@
 //! A cluster with no single point of failure: three origins on a ring (two owners per blob)
 //! and two trackers, with an owner and a tracker killed under the pulls; membership the
 //! origins disagree about; upstream fills that reach every owner; copies handed off after
-//! the grace; trackers that find the origins by a DNS name.
+//! the grace; trackers that find the origins by a DNS name; members and trackers that call
+//! each other on the origins' internal listeners (mutual TLS).
 
 use std::time::{Duration, Instant};
 
@@ -206,7 +207,10 @@ async fn trackers_find_origins_by_dns_name() {
 async fn referrers_and_deletions_reach_every_member() {
     use sha2::{Digest as _, Sha256};
     let digest_of = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
-    let c = RingCluster::start(RingOptions { agents: 1, ..Default::default() }).await.expect("cluster");
+    // Over the internal listeners: the manifest PUTs, the referrers lookups and the
+    // deletions between members carry certificates, not the token.
+    let options = RingOptions { agents: 1, internal: true, ..Default::default() };
+    let c = RingCluster::start(options).await.expect("cluster");
     let image = c.push_image(0, "team/app:v1", &[100_000], 5).await.expect("push");
     let origin = c.origins[0].url.clone();
     for blob in [&b"{}"[..], b"a signature"] {
@@ -267,5 +271,40 @@ async fn referrers_and_deletions_reach_every_member() {
     assert!(c.holders(&referrer).is_empty(), "deleted on every member: {:?}", c.holders(&referrer));
     for base in &bases {
         assert!(listed(base.clone()).await.is_empty(), "{base}");
+    }
+}
+
+/// Ring members named by their internal listeners (`https://`, `--internal`): a push lands
+/// on every owner (copies made with the member's certificate; no token is sent there, so a
+/// listener that wanted one would refuse them), a read of a blob an origin does not hold is
+/// forwarded to an owner, and agents pull through trackers that ask the origins there with
+/// tracker certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_and_trackers_call_the_internal_listeners() {
+    let options = RingOptions { agents: 2, internal: true, ..Default::default() };
+    let c = RingCluster::start(options).await.expect("cluster");
+    assert!(c.origins.iter().all(|o| o.member.starts_with("https://")));
+    let image = c.push_image(0, "secure/app:v1", &[2 << 20, 300_000], 11).await.expect("push");
+    let mut blobs: Vec<String> = image.layers.iter().map(|l| l.0.clone()).collect();
+    blobs.push(image.config.clone());
+    blobs.push(image.manifest.clone());
+    for b in &blobs {
+        assert!(c.holders(b).len() >= 2, "{b} replicated to {:?} only", c.holders(b));
+    }
+    // The origin that holds none of a blob forwards its read to an owner.
+    let (blob, stranger) = blobs
+        .iter()
+        .find_map(|b| (0..c.origins.len()).find(|i| !c.holders(b).contains(i)).map(|i| (b.clone(), i)))
+        .expect("a blob some origin does not hold");
+    let url = format!("{}/v2/secure/app/blobs/{blob}", c.origins[stranger].url);
+    let resp = c.client.get(&url).send().await.expect("GET");
+    assert_eq!(resp.status(), 200, "{url}");
+    let body = resp.bytes().await.expect("body");
+    use sha2::{Digest as _, Sha256};
+    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&body))), blob);
+    assert!(parse_counter(&metrics(&c, stranger).await, "shoal_origin_cluster_forwarded_total") >= 1);
+    for a in &c.agents {
+        let pulled = pull_image(&c.client, &a.registry_url, "secure/app", "v1").await.expect("pull");
+        assert_eq!(pulled.manifest_digest, image.manifest);
     }
 }

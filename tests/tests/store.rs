@@ -156,8 +156,11 @@ impl Origin {
         if let Some(endpoint) = endpoint {
             set_aws_env(endpoint);
         }
-        let task =
-            tokio::spawn(shoal_origin::run(config, shoal_origin::Listeners { http, peer }, shutdown.clone()));
+        let task = tokio::spawn(shoal_origin::run(
+            config,
+            shoal_origin::Listeners { http, peer, internal: None },
+            shutdown.clone(),
+        ));
         let origin = Origin { url, shutdown, task };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);

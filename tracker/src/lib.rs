@@ -32,8 +32,8 @@ pub enum TrackerError {
     Tls(#[from] TlsError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
-    #[error("--origin {0}")]
-    Origin(#[from] shoal_shared::members::BadSource),
+    #[error(transparent)]
+    Origin(#[from] origins::SetupError),
 }
 
 /// Roles that may call a tracker served with `--tls`: the nodes that announce and look up.
@@ -99,7 +99,8 @@ pub async fn run(
     let announces = Counter::default();
     let mut registry = Registry::default();
     registry.register("shoal_tracker_announces", "Announces received", announces.clone());
-    let mut origins = origins::Origins::new(&config.origin, config.origin_token.as_deref())?;
+    // `https://` origins (internal listeners) are called with the tracker's certificate.
+    let mut origins = origins::Origins::new(&config.origin, config.origin_token.as_deref(), tls.as_ref())?;
     origins.resolve().await;
     if config.ring_key.is_some() || config.replicas.is_some() {
         let key =

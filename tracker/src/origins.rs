@@ -7,6 +7,11 @@
 //! cached (bounded by bytes, least recently used out); so, briefly, is "no origin has it",
 //! so that a flood of lookups for unknown digests costs the origins one request per digest
 //! and [`MISS_TTL`]. Tags are mutable and always asked afresh.
+//!
+//! `https://` origins are their internal listeners (`shoal-origin serve --internal`): the
+//! tracker calls them with its own certificate and trusts only an origin certificate of the
+//! cluster, so neither side can be impersonated; `http://` ones are public ports, asked with
+//! `--origin-token`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +26,8 @@ use shoal_shared::metainfo::Metainfo;
 use shoal_shared::oci::{valid_tag, TagList, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use shoal_shared::referrers::{filter_query, ReferrersIndex, MAX_REFERRERS_JSON};
 use shoal_shared::tenant::PrivateRepo;
+use shoal_shared::tls::http::HttpTls;
+use shoal_shared::tls::Role;
 
 /// Largest tag list accepted from an origin.
 pub const MAX_TAG_LIST: usize = 4 << 20;
@@ -33,6 +40,19 @@ pub const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 pub const PEER_ADDR_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most misses remembered.
 const MISS_CACHE: u64 = 100_000;
+
+/// Why the origins could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--origin {0}")]
+    Source(#[from] shoal_shared::members::BadSource),
+    #[error(
+        "--origin {0} is https:// (an origin's internal listener): give the tracker --tls, its certificate"
+    )]
+    NoTls(String),
+    #[error(transparent)]
+    Tls(#[from] shoal_shared::tls::TlsError),
+}
 
 /// A lookup that no origin could answer.
 #[derive(Debug, thiserror::Error)]
@@ -113,9 +133,26 @@ impl Origins {
 
     /// The origins at `urls` (base URLs or `dns:NAME:PORT`), asked with `token` (the
     /// origins' upload token: pull-through lookups reach upstreams and fill the origins'
-    /// disks, so they take it).
-    pub fn new(urls: &[String], token: Option<&str>) -> Result<Self, shoal_shared::members::BadSource> {
+    /// disks, so they take it). `https://` origins are internal listeners, called with
+    /// `tls` (the tracker's certificate, which stands in for the token there) and trusted only
+    /// with an origin certificate of the cluster; `http://` ones in the clear, with a warning.
+    pub fn new(urls: &[String], token: Option<&str>, tls: Option<&HttpTls>) -> Result<Self, SetupError> {
         let members = shoal_shared::members::Members::new(urls, None)?;
+        let plain: Vec<&String> = urls.iter().filter(|u| !u.starts_with("https://")).collect();
+        if !plain.is_empty() {
+            tracing::warn!(
+                origins = ?plain,
+                "origins called over plain HTTP: lookups are authenticated by --origin-token only \
+                 and the answers not at all; give the origins --internal and list them as https://"
+            );
+        }
+        let http = match tls {
+            Some(tls) => shoal_shared::tls::http::mtls_client(tls, &[Role::Origin], client::builder(token))?,
+            None => match urls.iter().find(|u| u.starts_with("https://")) {
+                Some(u) => return Err(SetupError::NoTls(u.clone())),
+                None => client::http_client_with_token(token),
+            },
+        };
         let known = moka::sync::Cache::builder()
             .weigher(|_, k: &Known| {
                 u32::try_from(k.metainfo.piece_count() as u64 * 32 + 256).unwrap_or(u32::MAX)
@@ -125,7 +162,7 @@ impl Origins {
         let misses = moka::sync::Cache::builder().max_capacity(MISS_CACHE).time_to_live(MISS_TTL).build();
         Ok(Self {
             members,
-            http: client::http_client_with_token(token),
+            http,
             peer_addrs: moka::sync::Cache::builder().max_capacity(4096).time_to_live(PEER_ADDR_TTL).build(),
             ring: None,
             known,
@@ -431,7 +468,7 @@ mod tests {
 
         let lookup = |urls: Vec<&String>| {
             let urls: Vec<String> = urls.into_iter().cloned().collect();
-            let origins = Origins::new(&urls, None).expect("origins");
+            let origins = Origins::new(&urls, None, None).expect("origins");
             let hint = hint.clone();
             async move { origins.metainfo_for(digest, Some(&hint)).await }
         };

@@ -1,5 +1,6 @@
 //! The control plane's TLS: HTTPS with mutual TLS on the calls agents and origins make to
-//! trackers, with the same cluster CA, revocation list and roles as the QUIC peer plane.
+//! trackers, and trackers and origins make to origins' internal listeners, with the same
+//! cluster CA, revocation list and roles as the QUIC peer plane.
 //!
 //! [`HttpTls`] holds a node's current certificate, key and verifiers in one swappable cell.
 //! The rustls configurations built from it ([`HttpTls::server_config`] for actix-web's
@@ -312,10 +313,19 @@ pub async fn require_trusted_caller(
 /// tracker certificates from the cluster CA trusted (never the system's roots). `http://`
 /// URLs are still called in the clear.
 pub fn tracker_client(tls: &HttpTls) -> Result<reqwest::Client, TlsError> {
-    let config = tls.client_config(&[Role::Tracker])?;
-    crate::client::builder(None)
-        .tls_built_in_root_certs(false)
-        .use_preconfigured_tls(config)
-        .build()
-        .map_err(TlsError::HttpClient)
+    mtls_client(tls, &[Role::Tracker], crate::client::builder(None))
+}
+
+/// Finishes `builder` as a control-plane client: `https://` URLs are called with `tls`'s
+/// certificate as client identity and trust only servers with a certificate from the
+/// cluster CA carrying one of `servers`' roles (never the system's roots); `http://` URLs
+/// are still called in the clear. Trackers call origins' internal listeners this way
+/// (`servers`: origin), origins call the other members of their ring (origin).
+pub fn mtls_client(
+    tls: &HttpTls,
+    servers: &'static [Role],
+    builder: reqwest::ClientBuilder,
+) -> Result<reqwest::Client, TlsError> {
+    let config = tls.client_config(servers)?;
+    builder.tls_built_in_root_certs(false).use_preconfigured_tls(config).build().map_err(TlsError::HttpClient)
 }
