@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-
 pub use shoal_shared::registry_auth::{
     basic_header, bearer_from_response, normalize_host, parse_challenge, Auth, Challenge, Credentials,
     DockerConfig, MAX_TOKEN_JSON,

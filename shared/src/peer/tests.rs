@@ -1,0 +1,235 @@
+//! The peer protocol between real QUIC endpoints in process.
+
+use std::net::UdpSocket;
+
+use super::*;
+use crate::metainfo::{MetainfoBuilder, MIN_PIECE_LENGTH};
+use crate::tls::{self, TlsIdentity};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Serves one blob still "downloading": its bitfield is a watch the test advances.
+struct Growing {
+    digest: Digest,
+    have: watch::Sender<Bitfield>,
+}
+
+impl PieceSource for Growing {
+    async fn bitfield(&self, digest: Digest) -> Option<Bitfield> {
+        (digest == self.digest).then(|| self.have.borrow().clone())
+    }
+    async fn piece(&self, _digest: Digest, _index: u32) -> Option<Bytes> {
+        None
+    }
+    async fn subscribe(&self, digest: Digest, _from: SocketAddr) -> Option<watch::Receiver<Bitfield>> {
+        (digest == self.digest).then(|| self.have.subscribe())
+    }
+}
+
+struct Node {
+    endpoint: Endpoint,
+    have: watch::Sender<Bitfield>,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+fn node(dir: &std::path::Path, metainfo: &Metainfo) -> Node {
+    let identity = TlsIdentity::load(dir).expect("identity");
+    let endpoint = tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+    let have = watch::Sender::new(Bitfield::new(metainfo.piece_count()));
+    let source = Arc::new(Growing { digest: metainfo.digest(), have: have.clone() });
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve(
+        endpoint.clone(),
+        source,
+        Arc::default(),
+        UploadLimits { budget: 4 << 20, queue: 4 },
+        LiveConnections::default(),
+        shutdown.clone(),
+    ));
+    Node { endpoint, have, _shutdown: shutdown.drop_guard() }
+}
+
+fn setup(names: &[&str]) -> (tempfile::TempDir, Vec<std::path::PathBuf>, Metainfo) {
+    let tmp = tempfile::TempDir::new().expect("tmp");
+    let ca = tmp.path().join("ca");
+    tls::init_ca(&ca).expect("ca");
+    let dirs = names
+        .iter()
+        .map(|n| {
+            let out = tmp.path().join(n);
+            tls::issue(&ca, n, tls::Role::Agent, &out).expect("issue");
+            out
+        })
+        .collect();
+    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+    b.update(&vec![7u8; 10 * MIN_PIECE_LENGTH as usize]);
+    (tmp, dirs, b.finish().expect("metainfo"))
+}
+
+#[tokio::test]
+async fn subscribers_get_haves_as_pieces_verify_and_the_end() {
+    let (_tmp, dirs, m) = setup(&["server", "client"]);
+    let server = node(&dirs[0], &m);
+    let client = node(&dirs[1], &m);
+    let peers = PeerClient::new(client.endpoint.clone());
+    let addr = server.endpoint.local_addr().expect("addr");
+    server.have.send_modify(|b| b.set(3));
+    let (bits, mut haves) =
+        tokio::time::timeout(WAIT, peers.subscribe(addr, &m)).await.expect("in time").expect("subscribe");
+    assert_eq!(bits.iter().collect::<Vec<_>>(), vec![3]);
+    server.have.send_modify(|b| b.set(0));
+    let got = tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("have");
+    assert_eq!(got, Some(vec![0]));
+    // Several pieces verified at once come as one batch; the stream ends once full.
+    server.have.send_modify(|b| *b = Bitfield::full(10));
+    let got = tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("have");
+    assert_eq!(got, Some(vec![1, 2, 4, 5, 6, 7, 8, 9]));
+    assert_eq!(tokio::time::timeout(WAIT, haves.next()).await.expect("in time").expect("end"), None);
+    // Unknown blobs are refused.
+    let mut other = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+    other.update(b"other");
+    let other = other.finish().expect("metainfo");
+    let refused = peers.subscribe(addr, &other).await.map(|_| ());
+    assert!(matches!(refused, Err(PeerError::Refused { refusal: Refusal::NotFound, .. })), "{refused:?}");
+}
+
+/// Serves every piece of one blob, each only once the test lets it through.
+struct Gated {
+    metainfo: Metainfo,
+    data: Bytes,
+    entered: tokio::sync::mpsc::UnboundedSender<u32>,
+    gate: Semaphore,
+}
+
+impl PieceSource for Gated {
+    async fn bitfield(&self, _digest: Digest) -> Option<Bitfield> {
+        Some(Bitfield::full(self.metainfo.piece_count()))
+    }
+    async fn piece_size(&self, _digest: Digest, index: u32) -> Option<u32> {
+        self.metainfo.piece_size(index).ok()
+    }
+    async fn piece(&self, _digest: Digest, index: u32) -> Option<Bytes> {
+        let _ = self.entered.send(index);
+        self.gate.acquire().await.ok()?.forget();
+        let start = self.metainfo.piece_offset(index) as usize;
+        let len = self.metainfo.piece_size(index).ok()? as usize;
+        Some(self.data.slice(start..start + len))
+    }
+}
+
+#[tokio::test]
+async fn requests_past_the_budget_and_its_line_are_refused_busy() {
+    let (_tmp, dirs, _) = setup(&["server", "client"]);
+    let data = Bytes::from((0..4 * MIN_PIECE_LENGTH).map(|i| i as u8).collect::<Vec<u8>>());
+    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+    b.update(&data);
+    let m = b.finish().expect("metainfo");
+    let identity = TlsIdentity::load(&dirs[0]).expect("identity");
+    let endpoint = tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    let (entered, mut entries) = tokio::sync::mpsc::unbounded_channel();
+    let source = Arc::new(Gated { metainfo: m.clone(), data, entered, gate: Semaphore::new(0) });
+    let stats = Arc::new(PeerStats::default());
+    let shutdown = CancellationToken::new();
+    let _guard = shutdown.clone().drop_guard();
+    // Budget for one piece at a time, one request in line.
+    let limits = UploadLimits { budget: u64::from(MIN_PIECE_LENGTH), queue: 1 };
+    tokio::spawn(serve(endpoint, source.clone(), stats.clone(), limits, Default::default(), shutdown));
+    let client = node(&dirs[1], &m);
+    let peers = Arc::new(PeerClient::new(client.endpoint.clone()));
+
+    let fetch = |index: u32| {
+        let (peers, m) = (peers.clone(), m.clone());
+        tokio::spawn(async move { peers.piece(addr, &m, index).await })
+    };
+    let first = fetch(0);
+    let entered = tokio::time::timeout(WAIT, entries.recv()).await.expect("in time");
+    assert_eq!(entered, Some(0), "the first request holds the budget");
+    // Of two more, one waits in line and the other is refused at once.
+    let (second, third) = (fetch(1), fetch(2));
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            if second.is_finished() || third.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "one request must be refused without waiting");
+    let (refused, waiting) = if second.is_finished() { (second, third) } else { (third, second) };
+    let refused = refused.await.expect("task").map(|p| p.index());
+    assert!(matches!(refused, Err(PeerError::Refused { refusal: Refusal::Busy, .. })), "{refused:?}");
+    assert_eq!(stats.busy.get(), 1);
+    assert!(!waiting.is_finished(), "the one in line waits for the budget");
+    // Once the budget frees, the held and the waiting requests are served, whole.
+    source.gate.add_permits(2);
+    let got = tokio::time::timeout(WAIT, first).await.expect("in time").expect("task").expect("piece 0");
+    assert_eq!(got.index(), 0);
+    let got = tokio::time::timeout(WAIT, waiting).await.expect("in time").expect("task").expect("piece");
+    assert!(got.index() == 1 || got.index() == 2);
+    assert_eq!(stats.pieces_served.get(), 2);
+    // And later requests get budget again.
+    source.gate.add_permits(1);
+    let got = tokio::time::timeout(WAIT, peers.piece(addr, &m, 3)).await.expect("in time").expect("piece 3");
+    assert_eq!(got.index(), 3);
+}
+
+#[tokio::test]
+async fn open_subscriptions_do_not_hold_up_the_servers_shutdown() {
+    let (_tmp, dirs, m) = setup(&["server", "client"]);
+    let identity = TlsIdentity::load(&dirs[0]).expect("identity");
+    let endpoint = tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    // A download that never progresses: its subscribers wait for news forever.
+    let have = watch::Sender::new(Bitfield::new(m.piece_count()));
+    let source = Arc::new(Growing { digest: m.digest(), have: have.clone() });
+    let shutdown = CancellationToken::new();
+    let limits = UploadLimits { budget: 4 << 20, queue: 4 };
+    let server =
+        tokio::spawn(serve(endpoint, source, Arc::default(), limits, Default::default(), shutdown.clone()));
+    let client = node(&dirs[1], &m);
+    let peers = PeerClient::new(client.endpoint.clone());
+    let (_bits, _haves) =
+        tokio::time::timeout(WAIT, peers.subscribe(addr, &m)).await.expect("in time").expect("subscribe");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, server).await.expect("the server stops with a subscriber open").expect("join");
+    drop(have);
+}
+
+#[tokio::test]
+async fn connections_per_host_are_capped() {
+    let (_tmp, dirs, m) = setup(&["a", "b", "client"]);
+    let (a, b, client) = (node(&dirs[0], &m), node(&dirs[1], &m), node(&dirs[2], &m));
+    let peers = PeerClient::new(client.endpoint.clone()).with_max_connections(1);
+    let (a_addr, b_addr) = (a.endpoint.local_addr().expect("a"), b.endpoint.local_addr().expect("b"));
+    let conn = tokio::time::timeout(WAIT, peers.connection(a_addr)).await.expect("in time").expect("a");
+    // The same peer shares the connection; another is refused while it lives.
+    let again = peers.connection(a_addr).await.expect("a again");
+    assert_eq!(again.stable_id(), conn.stable_id());
+    let refused = peers.connection(b_addr).await.map(|_| ());
+    assert!(matches!(refused, Err(PeerError::Connect { .. })), "{refused:?}");
+    conn.close(VarInt::from_u32(0), b"done");
+    drop((conn, again));
+    tokio::time::timeout(WAIT, peers.connection(b_addr)).await.expect("in time").expect("b after a closed");
+}
+
+#[tokio::test]
+async fn at_the_cap_the_idlest_connection_makes_room() {
+    let (_tmp, dirs, m) = setup(&["a", "b", "client"]);
+    let (a, b, client) = (node(&dirs[0], &m), node(&dirs[1], &m), node(&dirs[2], &m));
+    let peers = PeerClient::new(client.endpoint.clone())
+        .with_max_connections(1)
+        .with_idle_before_evict(Duration::from_millis(200));
+    let (a_addr, b_addr) = (a.endpoint.local_addr().expect("a"), b.endpoint.local_addr().expect("b"));
+    let to_a = tokio::time::timeout(WAIT, peers.connection(a_addr)).await.expect("in time").expect("a");
+    // Open and just used: not idle yet, so b is refused.
+    let refused = peers.connection(b_addr).await.map(|_| ());
+    assert!(matches!(refused, Err(PeerError::Connect { .. })), "{refused:?}");
+    // Idle past the threshold (though still open): closed to make room for b.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(to_a.close_reason().is_none(), "still open before the cap needs it");
+    let to_b = tokio::time::timeout(WAIT, peers.connection(b_addr)).await.expect("in time").expect("b");
+    assert!(to_a.close_reason().is_some(), "the idle connection to a was closed");
+    assert!(to_b.close_reason().is_none());
+}
