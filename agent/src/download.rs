@@ -119,6 +119,9 @@ pub struct Active {
     pub by_peer: std::sync::Mutex<std::collections::HashMap<SocketAddr, u32>>,
     /// When it started, for the status page.
     pub started: Instant,
+    /// Its file became the cache's blob: from then on it is the cache's to serve (and to
+    /// drop, if damaged), and new requests are not given this download.
+    committed: std::sync::atomic::AtomicBool,
     /// Keeps the blob in the cache while the download, or a client streaming it, lives.
     _hold: Hold,
 }
@@ -364,15 +367,27 @@ impl Downloads {
         digest: Digest,
         hint: Option<&Hint>,
     ) -> Result<Fetched, DownloadError> {
-        if self.store.size(&digest).await.is_some() {
-            return Ok(Fetched::Cached(Tally::Cache));
-        }
-        let Some(rx) = self.join(digest, hint) else { return Ok(Fetched::Cached(Tally::Cache)) };
-        let active = match Self::wait(rx.clone(), |p| !matches!(p, Phase::Starting)).await {
-            Phase::Streaming(active) => active,
-            Phase::Done(Ok(sources)) => return Ok(Fetched::Cached(Tally::Download(sources))),
-            Phase::Done(Err(e)) => return Err(e),
-            Phase::Starting => return Err(DownloadError::Unavailable("download task ended".into())),
+        let mut looked = 0;
+        let (rx, active) = loop {
+            if self.store.size(&digest).await.is_some() {
+                return Ok(Fetched::Cached(Tally::Cache));
+            }
+            let Some(rx) = self.join(digest, hint) else { return Ok(Fetched::Cached(Tally::Cache)) };
+            let active = match Self::wait(rx.clone(), |p| !matches!(p, Phase::Starting)).await {
+                Phase::Streaming(active) => active,
+                Phase::Done(Ok(sources)) => return Ok(Fetched::Cached(Tally::Download(sources))),
+                Phase::Done(Err(e)) => return Err(e),
+                Phase::Starting => return Err(DownloadError::Unavailable("download task ended".into())),
+            };
+            // A download whose blob is committed already (and since dropped as damaged, or
+            // the cache would have answered): wait for its end, then look again, which
+            // starts a new one.
+            if active.committed.load(std::sync::atomic::Ordering::Acquire) && looked < 2 {
+                looked += 1;
+                let _ = Self::wait(rx, |p| matches!(p, Phase::Done(_))).await;
+                continue;
+            }
+            break (rx, active);
         };
         // Answer only once bytes are verified, so that a download that cannot start is a
         // clear error rather than a response cut short.
@@ -538,6 +553,7 @@ impl Downloads {
             }),
             by_peer: Default::default(),
             started,
+            committed: Default::default(),
             _hold: hold,
         });
         self.active.insert(digest, active.clone());
@@ -553,7 +569,9 @@ impl Downloads {
             };
             swarm::run(&env, &metainfo, &active, leads_rx).await?;
             let actual = hasher.await.map_err(|e| DownloadError::Store(e.to_string()))??;
-            active.partial.commit_hashed(actual).await.map_err(store_err)
+            active.partial.commit_hashed(actual).await.map_err(store_err)?;
+            active.committed.store(true, std::sync::atomic::Ordering::Release);
+            Ok(())
         }
         .await;
         self.active.remove(&digest);

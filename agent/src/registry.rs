@@ -430,8 +430,12 @@ fn prefix_stream(
     active: Arc<Active>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
     let rx = active.subscribe();
-    futures_util::stream::unfold(Some((active, rx, 0u64)), |state| async move {
-        let (active, mut rx, offset) = state?;
+    // `checked`: the end of the last piece whose bytes on disk were checked against its
+    // hash just before being read for sending. Pieces were verified when they arrived, but
+    // the file is the cache's once committed (and may be damaged there): no byte leaves
+    // unless its piece matches now, as on the cached path.
+    futures_util::stream::unfold(Some((active, rx, 0u64, 0u64)), |state| async move {
+        let (active, mut rx, offset, mut checked) = state?;
         let length = active.length();
         loop {
             if offset >= length {
@@ -439,13 +443,26 @@ fn prefix_stream(
             }
             let prefix = *rx.borrow_and_update();
             if prefix.bytes > offset {
-                let n = (prefix.bytes - offset).min(READ_CHUNK as u64) as usize;
+                if offset >= checked {
+                    let m = active.partial.metainfo();
+                    let index = (offset / u64::from(m.piece_length())) as u32;
+                    let end = m.piece_offset(index) + u64::from(m.piece_size(index).unwrap_or(0));
+                    match active.partial.piece_intact(index).await {
+                        Ok(true) => checked = end,
+                        Ok(false) => {
+                            tracing::error!(digest = %m.digest(), piece = index, "a downloaded piece no longer matches its hash; response cut");
+                            return Some((Err(std::io::Error::other("stored piece is damaged")), None));
+                        }
+                        Err(e) => return Some((Err(std::io::Error::other(e)), None)),
+                    }
+                }
+                let n = (prefix.bytes.min(checked) - offset).min(READ_CHUNK as u64) as usize;
                 let next = offset + n as u64;
                 return Some(match active.partial.read_at(offset, n).await {
                     // The download (and its hold on the cache) is let go with the last
                     // chunk: the server may keep a finished body around for a while.
                     Ok(bytes) if next >= length => (Ok(bytes), None),
-                    Ok(bytes) => (Ok(bytes), Some((active, rx, next))),
+                    Ok(bytes) => (Ok(bytes), Some((active, rx, next, checked))),
                     Err(e) => (Err(std::io::Error::other(e)), None),
                 });
             }

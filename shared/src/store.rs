@@ -685,6 +685,13 @@ impl PartialBlob {
         blocking(move || read_at(&file, &path, offset, len)).await
     }
 
+    /// Whether piece `index` on disk still matches its hash (read back in small chunks,
+    /// never held whole): what a reader checks before sending any byte of it.
+    pub async fn piece_intact(&self, index: u32) -> Result<bool, StoreError> {
+        let (file, path, m) = (self.file.clone(), self.path.clone(), self.metainfo.clone());
+        blocking(move || piece_intact(&file, &m, index).map_err(io_err(&path))).await
+    }
+
     /// Reads back a piece previously written (the caller tracks which are).
     pub async fn read_piece(&self, index: u32) -> Result<Bytes, StoreError> {
         let len = self.metainfo.piece_size(index)? as usize;

@@ -698,6 +698,16 @@ pub async fn fetch_blob_in(
     Ok(got)
 }
 
+/// A client that sends `user:password` (HTTP Basic) on every request, as containerd does to
+/// a registry it holds credentials for.
+pub fn basic_auth_client(user: &str, password: &str) -> reqwest::Client {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("Authorization", format!("Basic {basic}").parse().expect("header"));
+    reqwest::Client::builder().default_headers(headers).build().expect("client")
+}
+
 /// Pulls `name:tag` from a registry like a container runtime would: the manifest, then the
 /// config and every layer, verifying each digest (and size against its descriptor).
 pub async fn pull_image(

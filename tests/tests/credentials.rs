@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use serde_json::json;
-use shoal_tests::cluster::{pull_image_in, Cluster, ClusterOptions, UpstreamOptions};
+use shoal_tests::cluster::{basic_auth_client, pull_image_in, Cluster, ClusterOptions, UpstreamOptions};
 use shoal_tests::registry::Registry;
 use shoal_tests::token_service::{TokenService, ISSUER, SERVICE, TENANT};
 
@@ -60,16 +60,6 @@ fn options(registry: &Registry, config: serde_json::Value, dir: &Path, agents: u
     ClusterOptions { agents, piece_length: 256 << 10, upstream: Some(up), ..Default::default() }
 }
 
-/// A client that sends `user:password` on every request, as containerd does for a registry
-/// it holds credentials for.
-fn tenant_client(user: &str, password: &str) -> reqwest::Client {
-    use base64::Engine as _;
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("Authorization", format!("Basic {basic}").parse().expect("header"));
-    reqwest::Client::builder().default_headers(headers).build().expect("client")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_credential_helper_supplies_the_credentials_and_a_failing_one_is_named() {
     let helpers = helper_dir();
@@ -89,7 +79,7 @@ async fn a_credential_helper_supplies_the_credentials_and_a_failing_one_is_named
     let cluster = Cluster::start(options(&registry, config, dir.path(), 2)).await.expect("cluster");
     // The repository is private: the agents serve it to a client whose credentials the
     // registry accepts (per-tenant authorization), which containerd sends with `?ns=`.
-    let tenant = tenant_client("shoal", PASSWORD);
+    let tenant = basic_auth_client("shoal", PASSWORD);
     let ns = format!("?ns={host}");
     for agent in &cluster.agents {
         let pulled =
@@ -135,7 +125,7 @@ async fn identity_tokens_are_exchanged_at_the_token_service() {
     // The repository is private (anonymous pulls are refused): agents serve it to a client
     // whose credentials the registry accepts, a user of the registry, checked at its token
     // service with a basic-auth GET.
-    let tenant = tenant_client(TENANT.0, TENANT.1);
+    let tenant = basic_auth_client(TENANT.0, TENANT.1);
     let ns = format!("?ns={host}");
 
     // The registry now refuses anonymous pulls: an origin without credentials gets nothing.

@@ -206,13 +206,7 @@ async fn basic_auth_pulls_and_wrong_credentials_are_a_clear_error_with_nothing_c
     let cluster = Cluster::start(options(2, right)).await.expect("cluster");
     // The repository is private (the registry refuses it anonymously): agents serve it to
     // clients with credentials the registry accepts (`tests/tenant.rs`).
-    let tenant = {
-        use base64::Engine as _;
-        let basic = base64::engine::general_purpose::STANDARD.encode("shoal:s3cret");
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("Authorization", format!("Basic {basic}").parse().expect("header"));
-        reqwest::Client::builder().default_headers(headers).build().expect("client")
-    };
+    let tenant = shoal_tests::cluster::basic_auth_client("shoal", "s3cret");
     for a in &cluster.agents {
         let digest = pull_ns(&tenant, &a.registry_url, "private/app", "v1", &ns).await.expect("pull");
         assert_eq!(digest, image.manifest);

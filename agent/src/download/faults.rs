@@ -171,6 +171,7 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
         sources: Arc::new(Sources::new(metainfo.piece_length(), metainfo.piece_count())),
         by_peer: Default::default(),
         started: Instant::now(),
+        committed: Default::default(),
         _hold: hold,
     };
     let behaviour: HashMap<SocketAddr, Behaviour> =
