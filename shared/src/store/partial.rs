@@ -1,0 +1,240 @@
+//! Downloads: a file grown piece by piece from verified pieces only, kept across restarts
+//! (every piece re-verified on reopen), published after the whole-blob sha256.
+
+use super::*;
+
+/// A download in progress: a temp file filled piece by piece, in any order.
+///
+/// Only [`VerifiedPiece`]s can be written, so every byte in it matched the metainfo. The file
+/// is never extended ahead of the pieces: it is as long as the furthest piece written, so a
+/// download resumed after stalling near its start re-reads only what it wrote, and the file
+/// reaches the blob's exact length when its last piece lands.
+#[derive(Debug)]
+pub struct PartialBlob {
+    store: BlobStore,
+    path: PathBuf,
+    file: Arc<File>,
+    metainfo: Metainfo,
+}
+
+impl PartialBlob {
+    /// Opens the partial download of `metainfo`'s blob left by an earlier run (or creates
+    /// it) and returns the pieces it already holds.
+    ///
+    /// Every piece on disk is checked against its blake3 hash, so no bookkeeping has to
+    /// survive a crash: a piece cut short by a crash, or damaged on disk, fails its hash and
+    /// is fetched again. Costs one read of what is on disk (up to the furthest piece an
+    /// earlier run wrote, holes before it included), once per resumed download.
+    pub async fn open_or_create(
+        store: &BlobStore,
+        metainfo: Metainfo,
+    ) -> Result<(Self, Bitfield), StoreError> {
+        let path = store.partial_path(&metainfo.digest());
+        let (p, m) = (path.clone(), metainfo.clone());
+        let (file, held, verified) = blocking(move || {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(io_err(&p))?;
+            let on_disk = f.metadata().map_err(io_err(&p))?.len();
+            if on_disk > m.length() {
+                // Nothing past the blob's end is ours; the published file must be exact.
+                f.set_len(m.length()).map_err(io_err(&p))?;
+            }
+            // The blob's whole space, reserved before anything is fetched or answered: a full
+            // disk is an error now, not a body cut short later (the file's length is kept,
+            // so it still says how far pieces were written).
+            if let Err(e) = reserve(&f, m.length()) {
+                if on_disk == 0 {
+                    let _ = std::fs::remove_file(&p);
+                }
+                return Err(io_err(&p)(e));
+            }
+            // Marks the file as in use for `remove_stale_partials`.
+            let _ = f.set_modified(SystemTime::now());
+            let (held, verified) = held_pieces(&f, &p, &m, on_disk.min(m.length()))?;
+            Ok((f, held, verified))
+        })
+        .await?;
+        if held.count() > 0 {
+            tracing::info!(digest = %metainfo.digest(), held = held.count(), of = metainfo.piece_count(), verified, "resuming download");
+        }
+        Ok((Self { store: store.clone(), path, file: Arc::new(file), metainfo }, held))
+    }
+
+    pub fn metainfo(&self) -> &Metainfo {
+        &self.metainfo
+    }
+
+    /// Writes a verified piece at its offset.
+    pub async fn write_piece(&self, piece: VerifiedPiece) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let path = self.path.clone();
+        let offset = self.metainfo.piece_offset(piece.index());
+        blocking(move || file.write_all_at(piece.data(), offset).map_err(io_err(&path))).await
+    }
+
+    /// Reads `len` bytes at `offset`, which the caller knows to be written and verified.
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        let (file, path) = (self.file.clone(), self.path.clone());
+        blocking(move || read_at(&file, &path, offset, len)).await
+    }
+
+    /// Whether piece `index` on disk still matches its hash (read back in small chunks,
+    /// never held whole): what a reader checks before sending any byte of it.
+    pub async fn piece_intact(&self, index: u32) -> Result<bool, StoreError> {
+        let (file, path, m) = (self.file.clone(), self.path.clone(), self.metainfo.clone());
+        blocking(move || piece_intact(&file, &m, index).map_err(io_err(&path))).await
+    }
+
+    /// Reads back a piece previously written (the caller tracks which are).
+    pub async fn read_piece(&self, index: u32) -> Result<Bytes, StoreError> {
+        let len = self.metainfo.piece_size(index)? as usize;
+        let offset = self.metainfo.piece_offset(index);
+        let (file, path) = (self.file.clone(), self.path.clone());
+        blocking(move || read_at(&file, &path, offset, len)).await
+    }
+
+    /// A sha256 hasher over this file's prefix, advanced as the prefix grows.
+    pub fn prefix_hasher(&self) -> PrefixHasher {
+        PrefixHasher {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            state: Some((DigestHasher::new(), vec![0u8; READ_CHUNK])),
+            offset: 0,
+        }
+    }
+
+    /// Publishes the blob given the sha256 of its whole content (from a [`PrefixHasher`]
+    /// that reached the end): checked against the metainfo's digest and the file against its
+    /// length, fsynced, renamed into `blobs/`. On mismatch the file is deleted. Readers
+    /// holding pieces keep working: the open file is the published one.
+    pub async fn commit_hashed(&self, actual: Digest) -> Result<(), StoreError> {
+        let expected = self.metainfo.digest();
+        if actual != expected {
+            self.discard().await;
+            return Err(StoreError::DigestMismatch { expected, actual });
+        }
+        // The file grows with the pieces written: it must now be exactly the blob, no piece
+        // missing at its end and nothing past it.
+        let (file, p, expected_len) = (self.file.clone(), self.path.clone(), self.metainfo.length());
+        let synced = blocking(move || {
+            let actual = file.metadata().map_err(io_err(&p))?.len();
+            if actual != expected_len {
+                return Err(StoreError::SizeMismatch { expected: expected_len, actual });
+            }
+            file.sync_all().map_err(io_err(&p))
+        })
+        .await;
+        if let Err(e) = synced {
+            if matches!(e, StoreError::SizeMismatch { .. }) {
+                self.discard().await;
+            }
+            return Err(e);
+        }
+        // The metainfo first: a blob is never visible without it.
+        self.store.put_metainfo(&self.metainfo).await?;
+        let dest = self.store.blob_path(&expected);
+        tokio::fs::rename(&self.path, &dest).await.map_err(io_err(&dest))
+    }
+
+    /// Hashes the whole file, then [`commit_hashed`](Self::commit_hashed).
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let mut hasher = self.prefix_hasher();
+        hasher.advance(self.metainfo.length()).await?;
+        self.commit_hashed(hasher.finish()).await
+    }
+
+    /// Abandons the download and deletes its file.
+    pub async fn discard(&self) {
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}
+
+/// Allocates `len` bytes of disk for `file` without changing its length. Filesystems that
+/// cannot reserve space (they answer "not supported") are let through.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Which pieces of a partial download's file, whose first `written` bytes are on disk, verify
+/// against their blake3 hashes; and how many bytes that read. Pieces reaching past `written`
+/// were never written whole (the file grows only as pieces are written) and are not read.
+pub(super) fn held_pieces(
+    f: &File,
+    path: &Path,
+    m: &Metainfo,
+    written: u64,
+) -> Result<(Bitfield, u64), StoreError> {
+    let mut held = Bitfield::new(m.piece_count());
+    let mut verified = 0;
+    for index in 0..m.piece_count() {
+        let size = m.piece_size(index)?;
+        if m.piece_offset(index) + u64::from(size) > written {
+            break;
+        }
+        verified += u64::from(size);
+        // Hashed as it is read: no piece is held whole in memory.
+        if piece_intact(f, m, index).map_err(io_err(path))? {
+            held.set(index);
+        }
+    }
+    Ok((held, verified))
+}
+
+/// Streams sha256 over a growing prefix of a file, so a download's whole-blob digest is
+/// ready when its last piece lands instead of costing a second pass over the blob.
+#[derive(Debug)]
+pub struct PrefixHasher {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The hasher and its read buffer; out only while a blocking read runs.
+    state: Option<(DigestHasher, Vec<u8>)>,
+    offset: u64,
+}
+
+impl PrefixHasher {
+    /// Bytes hashed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Hashes the file up to `to` (bytes before it must be written and final).
+    pub async fn advance(&mut self, to: u64) -> Result<(), StoreError> {
+        if to <= self.offset {
+            return Ok(());
+        }
+        let Some((mut hasher, mut buf)) = self.state.take() else {
+            return Err(StoreError::Io { path: self.path.clone(), source: io::Error::other("hasher lost") });
+        };
+        let (file, path, mut offset) = (self.file.clone(), self.path.clone(), self.offset);
+        let (hasher, buf, offset) = blocking(move || {
+            while offset < to {
+                let n = (to - offset).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], offset).map_err(io_err(&path))?;
+                hasher.update(&buf[..n]);
+                offset += n as u64;
+            }
+            Ok((hasher, buf, offset))
+        })
+        .await?;
+        self.state = Some((hasher, buf));
+        self.offset = offset;
+        Ok(())
+    }
+
+    /// The digest of everything hashed.
+    pub fn finish(self) -> Digest {
+        self.state.map(|(h, _)| h.finish()).unwrap_or_else(|| DigestHasher::new().finish())
+    }
+}
