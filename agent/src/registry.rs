@@ -446,7 +446,12 @@ fn prefix_stream(
                 if offset >= checked {
                     let m = active.partial.metainfo();
                     let index = (offset / u64::from(m.piece_length())) as u32;
-                    let end = m.piece_offset(index) + u64::from(m.piece_size(index).unwrap_or(0));
+                    // `offset` is inside the blob, so its piece exists; were it not, the
+                    // stream ends here rather than send empty chunks forever.
+                    let end = match m.piece_size(index) {
+                        Ok(size) => m.piece_offset(index) + u64::from(size),
+                        Err(e) => return Some((Err(std::io::Error::other(e)), None)),
+                    };
                     match active.partial.piece_intact(index).await {
                         Ok(true) => checked = end,
                         Ok(false) => {

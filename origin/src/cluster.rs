@@ -367,7 +367,7 @@ impl Cluster {
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
         let url = format!("{base}/v2/{REPLICA_REPO}/blobs/uploads/?digest={digest}");
         let mut req = self.authorized(member, self.http.post(&url));
-        if crate::retention::pulled_within(store, digest, Duration::MAX).await {
+        if crate::retention::is_pulled(store, digest).await {
             req = req.header(shoal_shared::client::PULLED_THROUGH_HEADER, "1");
         }
         if let Some(repo) = crate::private::PrivateMarks::new(store).blob(digest).await {

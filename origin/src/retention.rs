@@ -48,6 +48,11 @@ pub async fn pulled_within(store: &BlobStore, digest: &Digest, window: Duration)
     meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age < window)
 }
 
+/// Whether `digest` carries the pulled-through mark at all (however old).
+pub async fn is_pulled(store: &BlobStore, digest: &Digest) -> bool {
+    tokio::fs::try_exists(store.root().join("pulled").join(digest.hex())).await.unwrap_or(false)
+}
+
 /// `digest` was pushed: it is kept for good, whatever an upstream fill said.
 pub async fn unmark_pulled(store: &BlobStore, digest: &Digest) {
     let _ = tokio::fs::remove_file(store.root().join("pulled").join(digest.hex())).await;
