@@ -6,8 +6,8 @@
 //! [`telemetry`], [`ratelimit`], [`members`], [`tasks`], [`seams`], [`registry_client`].
 
 pub use shoal_proto::{
-    bitfield, codec, digest, docker_config, hint, image, manifest, messages, metainfo, oci, referrers,
-    registry_auth, ring, scheduler, tenant, wire,
+    bitfield, blocks, codec, digest, docker_config, hint, image, manifest, messages, metainfo, oci,
+    referrers, registry_auth, ring, scheduler, tenant, wire,
 };
 
 pub mod client;

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bitfield::{Bitfield, BitfieldError};
+use crate::blocks::{BlockHashes, PieceReceiver};
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
 use crate::ratelimit::RateLimiter;

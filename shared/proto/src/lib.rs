@@ -6,7 +6,8 @@
 //! a simulator of 10,000 hosts. The I/O building blocks (store, QUIC transport, HTTP, TLS)
 //! live in `shoal-shared`, which depends on this crate and never the other way round.
 //!
-//! Modules: [`digest`] (OCI content digests), [`metainfo`] (pieces and their hashes),
+//! Modules: [`digest`] (OCI content digests), [`metainfo`] (pieces and their hashes), [`blocks`] (checking a
+//! piece block by block as it arrives),
 //! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
 //! [`scheduler`] (the download session), [`oci`] (references, manifests, media types, error
 //! codes), [`referrers`] (the referrers API's index), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
@@ -17,6 +18,7 @@
 //! upstream repository content belongs to).
 
 pub mod bitfield;
+pub mod blocks;
 pub mod codec;
 pub mod digest;
 pub mod docker_config;

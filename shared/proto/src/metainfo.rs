@@ -68,6 +68,12 @@ pub enum MetainfoError {
     PieceSize { index: u32, expected: u64, actual: u64 },
     #[error("piece {0} does not match its hash")]
     PieceHash(u32),
+    #[error("the block hashes sent for piece {0} do not match its hash")]
+    BlockHashes(u32),
+    #[error("block {block} of piece {index} does not match its hash")]
+    BlockHash { index: u32, block: u32 },
+    #[error("block {block} of piece {index} has the wrong length")]
+    BlockSize { index: u32, block: u32 },
 }
 
 /// The verified description of a blob, cut into pieces.
@@ -156,12 +162,17 @@ impl Metainfo {
         Ok(rest.min(u64::from(self.piece_length)) as u32)
     }
 
-    /// Checks `data` against piece `index`'s hash.
+    /// Piece `index`'s hash (the caller has checked that the piece exists).
+    pub(crate) fn piece_hash(&self, index: u32) -> [u8; 32] {
+        self.pieces[index as usize].0
+    }
+
     /// True when `hash` (blake3 of the whole piece) is piece `index`'s.
     pub fn piece_hash_matches(&self, index: u32, hash: &blake3::Hash) -> bool {
         self.pieces.get(index as usize).is_some_and(|p| hash.as_bytes() == &p.0)
     }
 
+    /// Checks `data` against piece `index`'s hash.
     pub fn verify_piece(&self, index: u32, data: Bytes) -> Result<VerifiedPiece, MetainfoError> {
         let expected = u64::from(self.piece_size(index)?);
         if data.len() as u64 != expected {
@@ -175,7 +186,8 @@ impl Metainfo {
     }
 }
 
-/// A piece whose bytes matched the metainfo. Only [`Metainfo::verify_piece`] makes one.
+/// A piece whose bytes matched the metainfo. Only [`Metainfo::verify_piece`] and
+/// [`crate::blocks::PieceReceiver::finish`] make one.
 #[derive(Debug, Clone)]
 pub struct VerifiedPiece {
     index: u32,
@@ -183,6 +195,11 @@ pub struct VerifiedPiece {
 }
 
 impl VerifiedPiece {
+    /// A piece whose every block was checked ([`crate::blocks::PieceReceiver`]).
+    pub(crate) fn checked(index: u32, data: Bytes) -> Self {
+        Self { index, data }
+    }
+
     pub fn index(&self) -> u32 {
         self.index
     }

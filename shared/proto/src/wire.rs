@@ -4,7 +4,9 @@
 //! one [`Request`] frame and finishes its side; the responder writes one [`Response`] frame
 //! and, for [`Response::Piece`], the piece's raw bytes right after it (their length is given
 //! by the frame and checked against the metainfo before anything is allocated). Piece data
-//! is never copied through the codec.
+//! is never copied through the codec. The piece frame carries the piece's block hashes
+//! ([`BlockHashes`], see [`crate::blocks`]), so the requester checks the bytes block by
+//! block as they land rather than only once the whole piece is in (protocol version 3).
 //!
 //! [`Request::Subscribe`] is the one long-lived stream: the responder first writes the
 //! [`Response::Bitfield`] it holds, then [`Response::Have`] frames (each at most
@@ -19,13 +21,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bitfield::Bitfield;
+use crate::blocks::BlockHashes;
 use crate::codec::{self, CodecError};
 use crate::digest::Digest;
 
 /// Largest frame accepted (a bitfield of `MAX_PIECES` is 128 KiB).
 pub const MAX_FRAME: usize = 256 << 10;
 /// Protocol version carried in every request; a mismatch is answered with an error.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: piece frames carry block hashes.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Most piece indices in one [`Response::Have`] frame.
 pub const MAX_HAVES: usize = 4096;
@@ -56,10 +60,12 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Bitfield(Bitfield),
-    /// Followed on the stream by exactly `length` raw bytes.
+    /// Followed on the stream by exactly `length` raw bytes, to be checked block by block
+    /// against `blocks` (which the requester first checks against the piece's hash).
     Piece {
         index: u32,
         length: u32,
+        blocks: BlockHashes,
     },
     Refused(Refusal),
     /// Pieces newly held, on a [`Request::Subscribe`] stream.
@@ -117,6 +123,7 @@ pub fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Fra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blocks::BLOCK_SIZE;
     use proptest::prelude::*;
 
     fn digest_strategy() -> impl Strategy<Value = Digest> {
@@ -143,7 +150,12 @@ mod tests {
                 }
                 Response::Bitfield(b)
             }),
-            (any::<u32>(), any::<u32>()).prop_map(|(index, length)| Response::Piece { index, length }),
+            (any::<u32>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..3 * BLOCK_SIZE as usize))
+                .prop_map(|(index, length, bytes)| Response::Piece {
+                    index,
+                    length,
+                    blocks: BlockHashes::of(&bytes)
+                }),
             prop_oneof![Just(Refusal::NotFound), Just(Refusal::Version), Just(Refusal::Busy)]
                 .prop_map(Response::Refused),
             proptest::collection::vec(any::<u32>(), 0..MAX_HAVES).prop_map(Response::Have),
@@ -184,6 +196,15 @@ mod tests {
     #[test]
     fn a_full_have_frame_fits() {
         let full = Response::Have(vec![u32::MAX; MAX_HAVES]);
+        assert_eq!(round_trip(&full), full);
+    }
+
+    #[test]
+    fn the_proof_of_the_largest_piece_fits_a_frame() {
+        let piece = vec![0u8; crate::metainfo::MAX_PIECE_LENGTH as usize];
+        let blocks = BlockHashes::of(&piece);
+        assert_eq!(blocks.len(), crate::blocks::MAX_BLOCKS);
+        let full = Response::Piece { index: u32::MAX, length: u32::MAX, blocks };
         assert_eq!(round_trip(&full), full);
     }
 

@@ -240,25 +240,24 @@ impl PeerClient {
         let request = Request::Piece { version: PROTOCOL_VERSION, digest: metainfo.digest(), index };
         let (response, mut recv) = self.request(addr, &request).await?;
         match response {
-            Response::Piece { index: got, length } if got == index && length == expected => {
-                // Allocation bounded by the metainfo's piece length, not by the peer; filled
-                // from quinn's chunks without zeroing it first.
-                let length = length as usize;
-                let mut buf = BytesMut::with_capacity(length);
-                while buf.len() < length {
+            Response::Piece { index: got, length, blocks } if got == index && length == expected => {
+                // The block hashes are checked against the piece's hash first; then every
+                // block as it lands, so a wrong byte ends the transfer within its block. The
+                // buffer is sized by the metainfo, not by the peer.
+                let bad = |cause| PeerError::BadPiece { addr, cause };
+                let mut piece = PieceReceiver::new(metainfo.check_blocks(index, blocks).map_err(bad)?);
+                while piece.remaining() > 0 {
                     let chunk = recv
-                        .read_chunk(length - buf.len(), true)
+                        .read_chunk(piece.remaining(), true)
                         .await
                         .map_err(|e| PeerError::Transport { addr, cause: e.to_string() })?
                         .ok_or_else(|| PeerError::Transport { addr, cause: "piece cut short".into() })?;
                     if let Some(limiter) = &self.ingress {
                         limiter.acquire(chunk.bytes.len() as u64).await;
                     }
-                    buf.extend_from_slice(&chunk.bytes);
+                    piece.extend(&chunk.bytes).map_err(bad)?;
                 }
-                metainfo
-                    .verify_piece(index, buf.freeze())
-                    .map_err(|cause| PeerError::BadPiece { addr, cause })
+                piece.finish().map_err(bad)
             }
             other => Err(PeerError::Protocol { addr, cause: format!("unexpected {}", other.kind()) }),
         }

@@ -201,7 +201,8 @@ async fn serve_stream<S: PieceSource>(
                     // ACK_HOLD passes, whichever is first.
                     let sent = tokio::time::timeout(ACK_HOLD, async {
                         let length = data.len() as u32;
-                        write_frame(&mut send, &Response::Piece { index, length }).await?;
+                        let blocks = BlockHashes::of(&data);
+                        write_frame(&mut send, &Response::Piece { index, length, blocks }).await?;
                         send.write_chunk(data).await.map_err(io)?;
                         stats.pieces_served.inc();
                         stats.bytes_served.inc_by(u64::from(length));

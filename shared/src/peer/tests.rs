@@ -233,3 +233,95 @@ async fn at_the_cap_the_idlest_connection_makes_room() {
     assert!(to_a.close_reason().is_some(), "the idle connection to a was closed");
     assert!(to_b.close_reason().is_none());
 }
+
+/// What a lying server answers to a piece request.
+#[derive(Clone, Copy, Debug)]
+enum Lie {
+    /// The right bytes under block hashes with one value changed.
+    DamagedProof,
+    /// The right block hashes, one byte of block `.0` flipped; nothing after that block is
+    /// ever sent (the stream stays open).
+    BadBlockThenStall(usize),
+    /// The block hashes of piece 1 with the bytes of piece 1, for piece 0.
+    OtherPiece,
+    /// The right proof and the first `.0` bytes, then the stream ends.
+    CutShort(usize),
+}
+
+/// A server that answers every piece request with `lie`, by hand over real QUIC.
+async fn lying_server(dir: &std::path::Path, data: Bytes, m: Metainfo, lie: Lie) -> SocketAddr {
+    let identity = TlsIdentity::load(dir).expect("identity");
+    let endpoint = tls::endpoint(UdpSocket::bind("127.0.0.1:0").expect("udp"), &identity).expect("endpoint");
+    let addr = endpoint.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let conn = endpoint.accept().await.expect("incoming").await.expect("handshake");
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let Ok(Request::Piece { index, .. }) = read_frame::<Request>(&mut recv).await else { continue };
+            let piece = |i: u32| {
+                let off = m.piece_offset(i) as usize;
+                data.slice(off..off + m.piece_size(i).expect("size") as usize)
+            };
+            let good = piece(index);
+            let length = good.len() as u32;
+            let block = crate::blocks::BLOCK_SIZE as usize;
+            let (blocks, body) = match lie {
+                Lie::DamagedProof => (BlockHashes::of(&good).damaged(1), good.clone()),
+                Lie::BadBlockThenStall(k) => {
+                    let mut bad = good[..(k + 1) * block].to_vec();
+                    bad[k * block + 17] ^= 0x40;
+                    (BlockHashes::of(&good), Bytes::from(bad))
+                }
+                Lie::OtherPiece => (BlockHashes::of(&piece(1)), piece(1)),
+                Lie::CutShort(n) => (BlockHashes::of(&good), good.slice(..n)),
+            };
+            write_frame(&mut send, &Response::Piece { index, length, blocks }).await.expect("frame");
+            send.write_all(&body).await.expect("body");
+            if let Lie::CutShort(_) = lie {
+                let _ = send.finish();
+            } else {
+                // Keep the stream open: the client must give up on what it has.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(send);
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn lying_servers_are_caught_within_the_bad_block() {
+    let (_tmp, dirs, _) = setup(&["server", "client"]);
+    let data = Bytes::from((0..3 * MIN_PIECE_LENGTH).map(|i| (i * 7 + i / 4099) as u8).collect::<Vec<u8>>());
+    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+    b.update(&data);
+    let m = b.finish().expect("metainfo");
+    let client = node(&dirs[1], &m);
+    let last = (MIN_PIECE_LENGTH / crate::blocks::BLOCK_SIZE) as usize - 1;
+    for lie in [
+        Lie::DamagedProof,
+        Lie::BadBlockThenStall(0),
+        Lie::BadBlockThenStall(1),
+        Lie::BadBlockThenStall(last),
+        Lie::OtherPiece,
+        Lie::CutShort(5000),
+    ] {
+        let addr = lying_server(&dirs[0], data.clone(), m.clone(), lie).await;
+        let peers = PeerClient::new(client.endpoint.clone());
+        let got = tokio::time::timeout(WAIT, peers.piece(addr, &m, 0))
+            .await
+            .unwrap_or_else(|_| panic!("{lie:?}: the client waited for the rest of a piece it must refuse"));
+        match lie {
+            Lie::CutShort(_) => assert!(matches!(got, Err(PeerError::Transport { .. })), "{lie:?}: {got:?}"),
+            Lie::BadBlockThenStall(k) => assert!(
+                matches!(got, Err(PeerError::BadPiece { cause: MetainfoError::BlockHash { index: 0, block }, .. }) if block as usize == k),
+                "{lie:?}: {got:?}"
+            ),
+            _ => assert!(
+                matches!(got, Err(PeerError::BadPiece { cause: MetainfoError::BlockHashes(0), .. })),
+                "{lie:?}: {got:?}"
+            ),
+        }
+    }
+}
