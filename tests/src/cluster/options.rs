@@ -81,7 +81,7 @@ impl UpstreamOptions {
     }
 }
 
-/// Per-agent settings for [`Cluster::start_agent`].
+/// Per-agent settings for [`Cluster::start_agent`](super::Cluster::start_agent).
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
     /// Bytes per second sent to peers (0: unlimited).
