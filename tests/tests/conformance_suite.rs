@@ -548,3 +548,38 @@ async fn suite_workflows_in_order_on_one_repository() {
     discovery(&c, &f).await;
     management(&c, &f).await;
 }
+
+/// The suite's client sends its username and password as Basic credentials with every
+/// request, before any challenge: the origin takes the upload token as the password,
+/// whatever the username, as it takes it as a bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_credentials_carry_the_upload_token() {
+    let c = cluster().await;
+    let blob = b"pushed with Basic credentials".to_vec();
+    let digest = digest_of(&blob);
+    let post = |user: &str, password: Option<&str>| {
+        c.client
+            .post(format!("{}/v2/{NAME}/blobs/uploads/?digest={digest}", c.origin_url))
+            .basic_auth(user, password)
+            .body(blob.clone())
+    };
+    for (user, password) in
+        [("conformance", Some("wrong")), (shoal_tests::conformance::TOKEN, None), ("", Some("conformance"))]
+    {
+        let (status, headers, body) = text(post(user, password).send().await.expect("post")).await;
+        assert_eq!(status, 401, "{user}:{password:?}: {body}");
+        assert_eq!(code(&body).as_deref(), Some("UNAUTHORIZED"));
+        assert!(headers.contains_key("WWW-Authenticate"));
+    }
+    let (status, _, body) =
+        text(post("conformance", Some(shoal_tests::conformance::TOKEN)).send().await.expect("post")).await;
+    assert_eq!(status, 201, "{body}");
+    let resp = c
+        .client
+        .delete(format!("{}/v2/{NAME}/blobs/{digest}", c.origin_url))
+        .basic_auth("anyone", Some(shoal_tests::conformance::TOKEN))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status(), 202);
+}
