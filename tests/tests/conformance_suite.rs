@@ -97,9 +97,16 @@ fn config_descriptor(config: &[u8]) -> Value {
     })
 }
 
+/// A query value encoded as Go's `url.Values` encodes it (the suite's client): `:` and `/`
+/// percent-encoded.
+fn query_value(v: &str) -> String {
+    v.replace(':', "%3A").replace('/', "%2F")
+}
+
+/// `location` with the `digest` parameter added, as the suite's client adds it.
 fn with_digest(location: &str, digest: &str) -> String {
     let sep = if location.contains('?') { '&' } else { '?' };
-    format!("{location}{sep}digest={digest}")
+    format!("{location}{sep}digest={}", query_value(digest))
 }
 
 /// `POST` a session (202 with a `Location`), its headers.
@@ -242,12 +249,13 @@ async fn push(c: &Cluster, f: &Fixtures) {
     let (status, _, _) = get(c, Method::GET, &format!("{}/v2/{NAME}/blobs/{DUMMY}", c.origin_url)).await;
     assert_eq!(status, 404);
     let config = &f.configs[1];
-    let resp = write(c, Method::POST, &format!("/v2/{NAME}/blobs/uploads/?digest={}", digest_of(config)))
-        .header("Content-Type", "application/octet-stream")
-        .body(config.clone())
-        .send()
-        .await
-        .expect("post");
+    let resp =
+        write(c, Method::POST, &with_digest(&format!("/v2/{NAME}/blobs/uploads/"), &digest_of(config)))
+            .header("Content-Type", "application/octet-stream")
+            .body(config.clone())
+            .send()
+            .await
+            .expect("post");
     let (status, headers, body) = text(resp).await;
     assert_eq!(status, 201, "POST with the digest: {body}");
     assert_eq!(header(&headers, "Location"), format!("/v2/{NAME}/blobs/{}", digest_of(config)));
@@ -348,7 +356,8 @@ async fn cross_mount(c: &Cluster, blob: &[u8]) {
     assert!(header(&headers, "Location").starts_with(&format!("/v2/{other}/blobs/uploads/")));
     // "POST request to mount another repository's blob should return 201 or 202": 201, at
     // the blob's Location in the new repository, where it is then served.
-    let resp = write(c, Method::POST, &format!("/v2/{other}/blobs/uploads/?mount={digest}&from={NAME}"));
+    let (mount, from) = (query_value(&digest), query_value(NAME));
+    let resp = write(c, Method::POST, &format!("/v2/{other}/blobs/uploads/?mount={mount}&from={from}"));
     let (status, headers, body) = text(resp.send().await.expect("post")).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(header(&headers, "Location"), format!("/v2/{other}/blobs/{digest}"));
