@@ -1,5 +1,5 @@
 //! What upstream registries, operators and credential helpers hand the origin:
-//! `WWW-Authenticate` challenges, token responses, Docker `config.json` files (every field:
+//! `WWW-Authenticate` challenges, `Authorization` headers, token responses, Docker `config.json` files (every field:
 //! `auths`, `credsStore`, `credHelpers`) and helpers' answers. Parsing never panics; a bearer
 //! challenge always names an http(s) realm; a token is never one that would break a header;
 //! a helper is always a `docker-credential-` program without a path; `Debug` output of
@@ -8,7 +8,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use shoal_proto::docker_config::{parse_helper_output, Source};
-use shoal_proto::registry_auth::{bearer_from_response, parse_challenge, Challenge, DockerConfig};
+use shoal_proto::registry_auth::{
+    bearer_from_response, parse_challenge, presented_secret, Challenge, DockerConfig,
+};
 
 fn header_safe(token: &Option<String>) -> bool {
     token.as_ref().is_none_or(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
@@ -19,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
         if let Some(Challenge::Bearer { realm, .. }) = parse_challenge(text) {
             assert!(realm.starts_with("https://") || realm.starts_with("http://"));
         }
+        let _ = presented_secret(text);
     }
     if let Ok((header, _)) = bearer_from_response(data) {
         assert!(!header.bytes().any(|b| b.is_ascii_control()));

@@ -69,16 +69,17 @@ pub struct AppState {
     pub started: std::time::Instant,
 }
 
-/// True when the request carries the upload token (or none is configured). Handlers ask
-/// [`allowed`], which also knows the internal listener's callers.
+/// True when the request carries the upload token (or none is configured), as a bearer
+/// token or as the password of Basic credentials. Handlers ask [`allowed`], which also
+/// knows the internal listener's callers.
 pub(crate) fn authorized(req: &HttpRequest, token: Option<&str>) -> bool {
     let Some(token) = token else { return true };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(shoal_shared::registry_auth::presented_secret)
+        .unwrap_or_default();
     // Constant time in the token's length: do not leak how much of a guess was right.
     given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }

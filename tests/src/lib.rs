@@ -1,4 +1,5 @@
 pub mod cluster;
+pub mod conformance;
 pub mod image;
 pub mod load;
 pub mod moto;

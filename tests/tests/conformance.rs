@@ -3,118 +3,12 @@
 //! management workflows against the origin, and the pull side (manifests, blobs, tags list,
 //! referrers) through an agent. Every check names the spec's expectation it stands for.
 
-use reqwest::{Method, Response, StatusCode};
+use reqwest::Method;
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
-use shoal_tests::cluster::{Cluster, ClusterOptions};
-
-const TOKEN: &str = "conformance-token";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-
-fn digest_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-async fn cluster() -> Cluster {
-    Cluster::start(ClusterOptions {
-        agents: 1,
-        piece_length: 64 << 10,
-        upload_token: Some(TOKEN.into()),
-        ..Default::default()
-    })
-    .await
-    .expect("cluster")
-}
-
-/// A request to the origin with the upload token.
-fn write(c: &Cluster, method: Method, path: &str) -> reqwest::RequestBuilder {
-    c.client.request(method, format!("{}{path}", c.origin_url)).bearer_auth(TOKEN)
-}
-
-async fn text(resp: Response) -> (StatusCode, reqwest::header::HeaderMap, String) {
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.text().await.unwrap_or_default();
-    assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "500: {body}");
-    (status, headers, body)
-}
-
-/// The first OCI error code of a body.
-fn code(body: &str) -> Option<String> {
-    let v: Value = serde_json::from_str(body).ok()?;
-    v["errors"][0]["code"].as_str().map(str::to_owned)
-}
-
-fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
-    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
-}
-
-/// A monolithic upload (`POST ?digest=`); returns the digest.
-async fn push_blob(c: &Cluster, name: &str, bytes: &[u8]) -> String {
-    let digest = digest_of(bytes);
-    let resp = write(c, Method::POST, &format!("/v2/{name}/blobs/uploads/?digest={digest}"))
-        .header("Content-Type", "application/octet-stream")
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .expect("post");
-    let (status, headers, body) = text(resp).await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(header(&headers, "Location"), format!("/v2/{name}/blobs/{digest}"));
-    assert_eq!(header(&headers, "Docker-Content-Digest"), digest);
-    digest
-}
-
-fn descriptor(media_type: &str, bytes: &[u8]) -> Value {
-    json!({"mediaType": media_type, "digest": digest_of(bytes), "size": bytes.len()})
-}
-
-/// An image manifest over a config and one layer (both pushed), with an optional subject,
-/// artifact type and annotations.
-struct Manifest {
-    bytes: Vec<u8>,
-    digest: String,
-}
-
-async fn push_manifest(
-    c: &Cluster,
-    name: &str,
-    reference: Option<&str>,
-    config: (&str, &[u8]),
-    layer: &[u8],
-    extra: Value,
-) -> (Manifest, reqwest::header::HeaderMap) {
-    push_blob(c, name, config.1).await;
-    push_blob(c, name, layer).await;
-    let mut m = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": descriptor(config.0, config.1),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", layer)],
-    });
-    if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
-        m.extend(extra.clone());
-    }
-    let bytes = serde_json::to_vec(&m).expect("json");
-    let digest = digest_of(&bytes);
-    let reference = reference.map_or(digest.clone(), str::to_owned);
-    let resp = write(c, Method::PUT, &format!("/v2/{name}/manifests/{reference}"))
-        .header("Content-Type", OCI_MANIFEST)
-        .body(bytes.clone())
-        .send()
-        .await
-        .expect("put");
-    let (status, headers, body) = text(resp).await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(header(&headers, "Location"), format!("/v2/{name}/manifests/{digest}"));
-    assert_eq!(header(&headers, "Docker-Content-Digest"), digest);
-    (Manifest { bytes, digest }, headers)
-}
-
-async fn get(c: &Cluster, method: Method, url: &str) -> (StatusCode, reqwest::header::HeaderMap, String) {
-    text(c.client.request(method, url).send().await.expect("request")).await
-}
+use shoal_tests::conformance::{
+    cluster, code, descriptor, digest_of, get, header, push_manifest, referrers, text, write, OCI_MANIFEST,
+    TOKEN,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_references_are_unknown_manifests_and_refused_puts() {
@@ -264,27 +158,6 @@ async fn push_and_pull_workflows() {
         assert_eq!(status, 404, "{body}");
         assert_eq!(code(&body).as_deref(), Some("NAME_UNKNOWN"));
     }
-}
-
-/// A referrers answer: status, headers, and the digests it lists with their descriptors.
-async fn referrers(
-    c: &Cluster,
-    base: &str,
-    name: &str,
-    subject: &str,
-    filter: Option<&str>,
-) -> (reqwest::header::HeaderMap, Vec<Value>) {
-    let mut url = format!("{base}/v2/{name}/referrers/{subject}");
-    if let Some(t) = filter {
-        url.push_str(&format!("?artifactType={}", t.replace('/', "%2F").replace('+', "%2B")));
-    }
-    let (status, headers, body) = get(c, Method::GET, &url).await;
-    assert_eq!(status, 200, "{url}: {body}");
-    assert_eq!(header(&headers, "Content-Type"), OCI_INDEX, "{url}");
-    let index: Value = serde_json::from_str(&body).expect("index");
-    assert_eq!(index["schemaVersion"], 2);
-    assert_eq!(index["mediaType"], OCI_INDEX);
-    (headers, index["manifests"].as_array().cloned().unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

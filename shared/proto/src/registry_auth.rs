@@ -70,6 +70,25 @@ pub fn basic_header(creds: &Credentials) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
 }
 
+/// The secret an `Authorization` header presents to a registry that takes one static
+/// secret: a `Bearer` token, or the password of `Basic` credentials (whatever the
+/// username), which is how a client configured with a username and password (the OCI
+/// conformance suite's) may send it, unasked, with every request. `None` for any other
+/// scheme or a malformed value.
+pub fn presented_secret(authorization: &str) -> Option<String> {
+    let (scheme, value) = authorization.trim().split_once(' ')?;
+    let value = value.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(value.to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(value).ok()?;
+    let (_, password) = std::str::from_utf8(&raw).ok()?.split_once(':')?;
+    Some(password.to_owned())
+}
+
 /// Decodes a token response into a `Bearer` header and how long to reuse it: its lifetime
 /// less a margin, so a token is never sent just as it expires.
 pub fn bearer_from_response(body: &[u8]) -> Result<(String, Duration), String> {
@@ -88,6 +107,19 @@ pub fn bearer_from_response(body: &[u8]) -> Result<(String, Duration), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presented_secrets() {
+        let basic = |raw: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+        assert_eq!(presented_secret("Bearer s3cret").as_deref(), Some("s3cret"));
+        assert_eq!(presented_secret("bearer  s3cret ").as_deref(), Some("s3cret"));
+        assert_eq!(presented_secret(&basic("anyone:s3cret")).as_deref(), Some("s3cret"));
+        assert_eq!(presented_secret(&basic("anyone:s3:cret")).as_deref(), Some("s3:cret"));
+        assert_eq!(presented_secret(&basic(":")).as_deref(), Some(""));
+        for bad in ["s3cret", "Bearer", "Digest s3cret", "Basic !!notbase64", &basic("no-colon")] {
+            assert_eq!(presented_secret(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn challenges() {
