@@ -153,6 +153,11 @@ impl Filler {
         crate::retention::mark_pulled(&self.store, digest).await;
         if let Err(e) = staged.commit(digest).await {
             crate::retention::unmark_pulled(&self.store, digest).await;
+            // Left behind, the mark would make the digest private to this repository when
+            // its real content is later pulled from a public one (the first mark decides).
+            if private.is_some() {
+                self.marks.unmark_blob(digest).await;
+            }
             return Err(e);
         }
         if let Some(tx) = &self.filled {

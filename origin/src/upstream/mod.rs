@@ -594,4 +594,8 @@ pub fn child_manifests(body: &[u8]) -> Vec<Digest> {
 }
 
 #[cfg(test)]
+mod faults;
+#[cfg(test)]
+mod memory;
+#[cfg(test)]
 mod tests;
