@@ -304,6 +304,8 @@ impl Registry for Upstream {
         &self.host
     }
 
+    /// The first request for a repository is always sent without credentials, so this is
+    /// learned before any of its content is stored.
     fn learned_private(&self, name: &str) -> bool {
         self.private.contains_key(name)
     }

@@ -102,6 +102,29 @@ async fn wrong_bytes_under_a_digest_are_never_stored_or_served() {
 }
 
 #[tokio::test]
+async fn an_index_is_stored_only_when_every_platform_manifest_is_its_digest() {
+    let Rig { ups, registry, store, _dir } = rig(1);
+    let layer = registry.put_blob("r", LAYER);
+    let child_body = manifest(&layer, LAYER.len());
+    let child = registry.put_manifest("r", None, &child_body);
+    let index = format!(
+        r#"{{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "{child}",
+            "size": {n}, "platform": {{"architecture": "amd64", "os": "linux"}}}}]}}"#,
+        n = child_body.len()
+    );
+    let index = registry.put_manifest("r", Some("multi"), index.as_bytes());
+    // The index is answered as it is; its platform manifest with other bytes.
+    registry.fail_after(Call::Manifest, 1, Fault::WrongBytes, 1);
+    let e = error(ups.resolve_tag(0, "r", "multi").await);
+    assert!(matches!(&*e, UpstreamError::Invalid(m) if m.contains(&child.to_string())), "{e:?}");
+    holds_nothing(&store, &child).await;
+    holds_nothing(&store, &index).await;
+    assert_eq!(ups.resolve_tag(0, "r", "multi").await.expect("resolved"), index);
+    assert!(store.size(&child).await.is_some() && store.size(&index).await.is_some());
+}
+
+#[tokio::test]
 async fn a_failed_fill_for_a_private_repository_leaves_no_private_mark() {
     let Rig { ups, registry, store, _dir } = rig(1);
     let digest = registry.put_blob("team/secret", LAYER);

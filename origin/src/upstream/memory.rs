@@ -50,8 +50,9 @@ pub struct MemoryRegistry {
     manifests: Mutex<HashMap<(String, String), Vec<u8>>>,
     blobs: Mutex<HashMap<(String, Digest), Bytes>>,
     private: Mutex<HashSet<String>>,
-    /// The faults the next calls of each kind meet, in order.
-    faults: Mutex<HashMap<Call, VecDeque<Fault>>>,
+    /// What the next calls of each kind meet, in order: a fault, or `None` (answered as
+    /// usual).
+    faults: Mutex<HashMap<Call, VecDeque<Option<Fault>>>>,
     calls: Mutex<HashMap<Call, usize>>,
     /// How long a blob request takes to answer.
     delay: Mutex<Duration>,
@@ -95,12 +96,16 @@ impl MemoryRegistry {
 
     /// The next `times` calls of kind `call` meet `fault`.
     pub fn fail(&self, call: Call, fault: Fault, times: usize) {
-        self.faults
-            .lock()
-            .expect("faults")
-            .entry(call)
-            .or_default()
-            .extend(std::iter::repeat_n(fault, times));
+        self.fail_after(call, 0, fault, times);
+    }
+
+    /// The next `clean` calls of kind `call` are answered as usual, the `times` after them
+    /// meet `fault`.
+    pub fn fail_after(&self, call: Call, clean: usize, fault: Fault, times: usize) {
+        let mut faults = self.faults.lock().expect("faults");
+        let queue = faults.entry(call).or_default();
+        queue.extend(std::iter::repeat_n(None, clean));
+        queue.extend(std::iter::repeat_n(Some(fault), times));
     }
 
     /// Blob requests take `delay` to answer.
@@ -116,7 +121,7 @@ impl MemoryRegistry {
     /// Counts a call and takes the fault it meets, if any.
     fn start(&self, call: Call) -> Option<Fault> {
         *self.calls.lock().expect("calls").entry(call).or_default() += 1;
-        self.faults.lock().expect("faults").get_mut(&call).and_then(VecDeque::pop_front)
+        self.faults.lock().expect("faults").get_mut(&call).and_then(VecDeque::pop_front).flatten()
     }
 
     /// The error a fault is before any body is sent, if it is one then.

@@ -7,6 +7,11 @@
 //! stored. The metainfo (every piece's blake3 hash) can only be made once the whole blob is
 //! here, and agents verify every piece against it, so agents wait for the whole blob rather
 //! than receiving unverifiable pieces as they arrive.
+//!
+//! The upstreams are [`Registry`] trait objects (the seam, `registry.rs`; real: the HTTP
+//! client, `client.rs`); what is fetched is checked and stored by `fill.rs`, the same for
+//! every implementation. `faults.rs` tests this module over an in-memory registry that fails
+//! on demand (`memory.rs`); `tests.rs` over an in-process HTTP registry.
 
 pub mod auth;
 pub mod client;
