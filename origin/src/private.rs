@@ -1,7 +1,7 @@
 //! Which pulled-through content is private, kept so that a restart does not open it.
 //!
 //! A repository is private when its upstream refused it without credentials and served it
-//! with the `--upstream-auth` ones ([`crate::upstream::Upstream::learned_private`]). Two
+//! with the `--upstream-auth` ones ([`crate::upstream::Registry::learned_private`]). Two
 //! kinds of marker record that, each a small file under the data directory and, with a
 //! durable store (`--store`), an object under the same key, written there first and read
 //! from there when the local file is missing (as tags are, `crate::tags`):

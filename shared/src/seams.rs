@@ -3,7 +3,9 @@
 //! HTTP). The agent's swarm loop is generic over both, so tests drive it with fakes that lie,
 //! stall or vanish, in process and without a network. (The other seams: the durable store is
 //! [`crate::store::backing::Backing`], with an in-memory implementation; the piece server is
-//! [`crate::peer::PieceSource`].)
+//! [`crate::peer::PieceSource`]; the origin's upstream registry is
+//! `shoal_origin::upstream::Registry`, real: the HTTP client with token auth, with an
+//! in-memory implementation that fails on demand, `origin/src/upstream/memory.rs`.)
 
 use std::future::Future;
 use std::net::SocketAddr;

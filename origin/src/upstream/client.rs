@@ -1,21 +1,23 @@
-//! One upstream registry: authenticated requests, manifest and blob fetches with stall
-//! detection. Whatever comes back is hostile: sizes are bounded and content is addressed by
-//! the digest computed here, never by a `Docker-Content-Digest` header.
+//! One upstream registry over HTTP, the real [`Registry`]: authenticated requests (auth
+//! challenges answered, bearer tokens cached), each round trip and each chunk of a manifest
+//! or token body bounded by the stall timeout, manifests read within [`MAX_MANIFEST`].
+//! Whatever comes back is hostile, and this module only fetches it: checking and storing it
+//! is `super::fill`'s, the same for every implementation; content is addressed by the digest
+//! computed there, never by a `Docker-Content-Digest` header.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use shoal_shared::digest::Digest;
-use shoal_shared::oci::{
-    manifest_media_type, DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST, OCI_INDEX, OCI_MANIFEST,
-};
-use shoal_shared::store::{BlobStore, StoreError};
+use shoal_shared::oci::{DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 
 use super::auth::{self, Auth, Challenge, TokenCache};
 use super::credentials::Keychain;
+use super::registry::{status_error, BlobBody, Registry};
 use super::UpstreamError;
 
 /// What a manifest request accepts: schema 2 and OCI only (schema 1 is refused).
@@ -64,18 +66,6 @@ impl Upstream {
             private: moka::sync::Cache::new(MAX_PRIVATE),
             stall,
         })
-    }
-
-    /// True when containerd's `ns` names this registry.
-    pub fn serves(&self, ns: &str) -> bool {
-        auth::normalize_host(ns) == auth::normalize_host(&self.host)
-    }
-
-    /// Whether repository `name` was refused without credentials and served with them
-    /// since this process started (the first request for a repository is always sent
-    /// without credentials, so this is learned before any of its content is stored).
-    pub fn learned_private(&self, name: &str) -> bool {
-        self.private.contains_key(name)
     }
 
     /// The credentials to answer a challenge with; a helper is asked only now.
@@ -238,12 +228,7 @@ impl Upstream {
     fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
         match resp.status() {
             s if s.is_success() => Ok(resp),
-            StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
-            StatusCode::UNAUTHORIZED => {
-                Err(UpstreamError::Unauthorized(format!("{} refused the credentials", self.host)))
-            }
-            StatusCode::FORBIDDEN => Err(UpstreamError::Denied(self.host.clone())),
-            s => Err(UpstreamError::Status { host: self.host.clone(), status: s.as_u16() }),
+            s => Err(status_error(&self.host, s.as_u16())),
         }
     }
 
@@ -277,9 +262,8 @@ impl Upstream {
         }
     }
 
-    /// The digest the registry says `name:reference` has (HEAD), used only to tell whether a
-    /// cached tag is still current.
-    pub async fn head_manifest(&self, name: &str, reference: &str) -> Result<Option<Digest>, UpstreamError> {
+    /// The digest the registry says `name:reference` has (HEAD).
+    async fn head(&self, name: &str, reference: &str) -> Result<Option<Digest>, UpstreamError> {
         let url = format!("{}/v2/{name}/manifests/{reference}", self.base);
         let resp = self.check(self.send(Method::HEAD, &url, name, Some(&manifest_accept())).await?)?;
         Ok(resp
@@ -289,43 +273,16 @@ impl Upstream {
             .and_then(|v| v.parse().ok()))
     }
 
-    /// Fetches a manifest and returns its bytes and computed digest. Schema 1 is refused.
-    pub async fn get_manifest(
-        &self,
-        name: &str,
-        reference: &str,
-    ) -> Result<(Vec<u8>, Digest), UpstreamError> {
+    /// A manifest's bytes, at most [`MAX_MANIFEST`].
+    async fn manifest(&self, name: &str, reference: &str) -> Result<Vec<u8>, UpstreamError> {
         let url = format!("{}/v2/{name}/manifests/{reference}", self.base);
         let resp = self.check(self.send(Method::GET, &url, name, Some(&manifest_accept())).await?)?;
-        let body = self.read_limited(resp, MAX_MANIFEST).await?;
-        if manifest_media_type(&body).is_none() {
-            #[derive(serde::Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Version {
-                schema_version: Option<u32>,
-            }
-            let v = serde_json::from_slice::<Version>(&body).ok().and_then(|v| v.schema_version);
-            return Err(if v == Some(1) {
-                UpstreamError::Schema1(format!("{}/{name}:{reference}", self.host))
-            } else {
-                UpstreamError::Invalid(format!("{}/{name}:{reference} is not a manifest", self.host))
-            });
-        }
-        let digest = Digest::of(&body);
-        Ok((body, digest))
+        self.read_limited(resp, MAX_MANIFEST).await
     }
 
-    /// Streams blob `digest` of repository `name` into the store; the store verifies the
-    /// content against `digest` before publishing it. Tries the manifests endpoint when the
-    /// blobs endpoint does not know the digest (a platform manifest asked for by digest).
-    pub async fn fetch_blob(
-        &self,
-        store: &BlobStore,
-        marks: &crate::private::PrivateMarks,
-        piece_length: u32,
-        name: &str,
-        digest: &Digest,
-    ) -> Result<u64, UpstreamError> {
+    /// A blob's body; the manifests endpoint when the blobs endpoint does not know the
+    /// digest (a platform manifest asked for by digest).
+    async fn blob(&self, name: &str, digest: &Digest) -> Result<BlobBody, UpstreamError> {
         let url = format!("{}/v2/{name}/blobs/{digest}", self.base);
         let resp = match self.check(self.send(Method::GET, &url, name, None).await?) {
             Err(UpstreamError::NotFound) => {
@@ -334,53 +291,47 @@ impl Upstream {
             }
             other => other?,
         };
-        // The most a metainfo can describe at this piece length; a lying or broken upstream
-        // must not fill the disk.
-        let max = u64::from(piece_length) * shoal_shared::metainfo::MAX_PIECES;
-        let limit = usize::try_from(max).unwrap_or(usize::MAX);
-        if resp.content_length().is_some_and(|n| n > max) {
-            return Err(UpstreamError::TooLarge { limit });
-        }
-        let mut staged = store.stage(piece_length).await.map_err(UpstreamError::Store)?;
-        let mut stream = std::pin::pin!(resp.bytes_stream());
-        loop {
-            match self.next_chunk(&mut stream).await {
-                Ok(Some(chunk)) if staged.len() + chunk.len() as u64 > max => {
-                    staged.abort().await;
-                    return Err(UpstreamError::TooLarge { limit });
-                }
-                Ok(Some(chunk)) => staged.write(&chunk).await.map_err(UpstreamError::Store)?,
-                Ok(None) => break,
-                Err(e) => {
-                    staged.abort().await;
-                    return Err(e);
-                }
-            }
-        }
-        let len = staged.len();
-        // Marked private before it becomes visible, failing closed.
-        if let Some(repo) = super::privacy(self, marks, name).await {
-            if let Err(e) = marks.mark_blob(digest, &repo).await {
-                staged.abort().await;
-                return Err(UpstreamError::Store(StoreError::Io {
-                    path: "private marker".into(),
-                    source: e,
-                }));
-            }
-        }
-        // Marked before it becomes visible: no metainfo answer for it can miss the mark.
-        crate::retention::mark_pulled(store, digest).await;
-        let committed = staged.commit(digest).await;
-        if committed.is_err() {
-            crate::retention::unmark_pulled(store, digest).await;
-        }
-        match committed {
-            Ok(_) => Ok(len),
-            Err(StoreError::DigestMismatch { actual, .. }) => {
-                Err(UpstreamError::Invalid(format!("{}: {digest} has digest {actual}", self.host)))
-            }
-            Err(e) => Err(UpstreamError::Store(e)),
-        }
+        let (host, length) = (self.host.clone(), resp.content_length());
+        let chunks = resp.bytes_stream().map(move |chunk| {
+            chunk.map_err(|e| UpstreamError::Unreachable(format!("{host}: {}", without_url(&e))))
+        });
+        Ok(BlobBody { length, chunks: chunks.boxed() })
+    }
+}
+
+impl Registry for Upstream {
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The first request for a repository is always sent without credentials, so this is
+    /// learned before any of its content is stored.
+    fn learned_private(&self, name: &str) -> bool {
+        self.private.contains_key(name)
+    }
+
+    fn head_manifest<'a>(
+        &'a self,
+        name: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Digest>, UpstreamError>> {
+        Box::pin(self.head(name, reference))
+    }
+
+    fn get_manifest<'a>(
+        &'a self,
+        name: &'a str,
+        reference: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<u8>, UpstreamError>> {
+        Box::pin(self.manifest(name, reference))
+    }
+
+    fn get_blob<'a>(
+        &'a self,
+        name: &'a str,
+        digest: &'a Digest,
+    ) -> BoxFuture<'a, Result<BlobBody, UpstreamError>> {
+        Box::pin(self.blob(name, digest))
     }
 }
 

@@ -7,101 +7,50 @@
 //! stored. The metainfo (every piece's blake3 hash) can only be made once the whole blob is
 //! here, and agents verify every piece against it, so agents wait for the whole blob rather
 //! than receiving unverifiable pieces as they arrive.
+//!
+//! The upstreams are [`Registry`] trait objects (the seam, `registry.rs`; real: the HTTP
+//! client, `client.rs`); what is fetched is checked and stored by `fill.rs`, the same for
+//! every implementation. `faults.rs` tests this module over an in-memory registry that fails
+//! on demand (`memory.rs`); `tests.rs` over an in-process HTTP registry.
 
 pub mod auth;
 pub mod client;
 pub mod credentials;
+pub mod error;
+mod fill;
+pub mod registry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::StatusCode;
 use dashmap::DashMap;
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
-use shoal_shared::oci::{ErrorCode, Reference, DOCKER_LIST, OCI_INDEX};
-use shoal_shared::store::{BlobStore, StoreError};
+use shoal_shared::oci::{Reference, DOCKER_LIST, OCI_INDEX};
+use shoal_shared::store::BlobStore;
 use shoal_shared::tenant::PrivateRepo;
 use tokio::sync::watch;
 
 use crate::private::PrivateMarks;
 use crate::tags::TagStore;
 pub use client::Upstream;
+pub use error::UpstreamError;
+use fill::Filler;
+pub use registry::Registry;
 
 /// How long a failed fetch is reported to pollers before a new request retries it.
 const FAILURE_MEMORY: Duration = Duration::from_secs(10);
+/// The pause before a blob fetch's second attempt; the n-th waits n times as long.
+const BACKOFF: Duration = Duration::from_millis(500);
 /// Most blob fetches running at once: a peer asking for many made-up digests must not turn
 /// the origin into a request amplifier against the upstream.
 const MAX_FLIGHTS: usize = 512;
 /// Most failures remembered (least recently used out; each for at most
-/// [`FAILURE_MEMORY`]).
+/// [`Timing::failure_memory`]).
 const MAX_FAILURES: u64 = 10_000;
 /// Most platform manifests fetched for one index.
 const MAX_CHILDREN: usize = 256;
-
-/// Why something could not be pulled from an upstream registry.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("registry {0} is not an upstream of this origin")]
-    UnknownRegistry(String),
-    #[error("unauthorized: {0}")]
-    Unauthorized(String),
-    #[error("denied by {0}")]
-    Denied(String),
-    #[error("not found upstream")]
-    NotFound,
-    #[error("{0}: schema 1 manifests are not supported (re-push the image with a current client)")]
-    Schema1(String),
-    #[error("invalid upstream content: {0}")]
-    Invalid(String),
-    #[error("upstream {host} answered {status}")]
-    Status { host: String, status: u16 },
-    #[error("upstream unreachable: {0}")]
-    Unreachable(String),
-    #[error("upstream {host} made no progress for {secs}s")]
-    Stalled { host: String, secs: u64 },
-    #[error("upstream response larger than {limit} bytes")]
-    TooLarge { limit: usize },
-    #[error("storage: {0}")]
-    Store(StoreError),
-    #[error("too many upstream fetches in progress, retry later")]
-    Busy,
-    #[error(transparent)]
-    Helper(#[from] credentials::HelperError),
-}
-
-impl UpstreamError {
-    /// Worth retrying, and a reason to serve a cached tag: the upstream is down or busy.
-    pub fn transient(&self) -> bool {
-        match self {
-            Self::Unreachable(_) | Self::Stalled { .. } => true,
-            Self::Status { status, .. } => *status >= 500 || *status == 429,
-            Self::Helper(e) => e.transient(),
-            _ => false,
-        }
-    }
-
-    /// The registry error this becomes for a client: `unknown` is the code of what was asked
-    /// for (`BLOB_UNKNOWN`, `MANIFEST_UNKNOWN`), also carried by the 502/503 answers, since the
-    /// spec has no code of its own for a server-side failure (see [`ErrorCode`]).
-    pub fn http(&self, unknown: ErrorCode) -> (StatusCode, ErrorCode) {
-        match self {
-            Self::UnknownRegistry(_) => (StatusCode::NOT_FOUND, ErrorCode::NameUnknown),
-            Self::NotFound => (StatusCode::NOT_FOUND, unknown),
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
-            Self::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
-            Self::Schema1(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
-            Self::Invalid(_) | Self::TooLarge { .. } => (StatusCode::BAD_GATEWAY, unknown),
-            Self::Status { .. }
-            | Self::Unreachable(_)
-            | Self::Stalled { .. }
-            | Self::Store(_)
-            | Self::Busy
-            | Self::Helper(_) => (StatusCode::SERVICE_UNAVAILABLE, unknown),
-        }
-    }
-}
 
 /// Pull-through settings from the origin's configuration.
 #[derive(Debug, Clone)]
@@ -117,6 +66,35 @@ pub struct Settings {
     pub stall: Duration,
     /// Attempts per blob fetch (stalls and transient errors are retried).
     pub attempts: u32,
+}
+
+/// How long things may take and are remembered: the configured ones from [`Settings`], the
+/// others the constants of this module. Tests shorten them all.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a pulled-through tag is served without asking the upstream.
+    pub tag_ttl: Duration,
+    /// A blob body that makes no progress for this long is cancelled (and each request of
+    /// the HTTP client that does not answer).
+    pub stall: Duration,
+    /// Attempts per blob fetch (stalls and transient errors are retried).
+    pub attempts: u32,
+    /// The pause before a blob fetch's second attempt; the n-th waits n times as long.
+    pub backoff: Duration,
+    /// How long a failed blob fetch is reported before a new request retries it.
+    pub failure_memory: Duration,
+}
+
+impl Timing {
+    pub fn of(settings: &Settings) -> Self {
+        Self {
+            tag_ttl: settings.tag_ttl,
+            stall: settings.stall,
+            attempts: settings.attempts,
+            backoff: BACKOFF,
+            failure_memory: FAILURE_MEMORY,
+        }
+    }
 }
 
 /// A blob fetch in flight: turns `Some` when it ends.
@@ -196,33 +174,22 @@ pub enum BlobState {
     Failed(Arc<UpstreamError>),
 }
 
-/// Passes a fill on without waiting: a full queue leaves it to the repair pass.
-fn notify(filled: Option<&tokio::sync::mpsc::Sender<Digest>>, digest: Digest) {
-    if let Some(tx) = filled {
-        let _ = tx.try_send(digest);
-    }
-}
-
 /// The configured upstreams, their tag caches and the blob fetches in flight.
 #[derive(Debug)]
 pub struct Upstreams {
-    list: Vec<Arc<Upstream>>,
+    list: Vec<Arc<dyn Registry>>,
     tags: Vec<TagStore>,
     store: BlobStore,
-    /// Which repositories are private and which content was pulled for them.
-    marks: PrivateMarks,
-    piece_length: u32,
-    tag_ttl: Duration,
-    attempts: u32,
+    /// Where fetched content goes: the store, the private marks, the piece length, the stall
+    /// timeout and whom to tell.
+    fill: Filler,
+    timing: Timing,
     flights: Arc<DashMap<Digest, InFlight>>,
     /// One resolution per tag at a time, so a burst of cold pulls costs the upstream one
     /// HEAD and one manifest GET (Docker Hub counts manifest GETs against its rate limit);
     /// lookups that waited for a resolution take its outcome.
     resolving: DashMap<TagKey, Arc<tokio::sync::Mutex<TagOutcome>>>,
     failures: moka::sync::Cache<FailureKey, (Arc<UpstreamError>, Instant)>,
-    /// Told of every blob and manifest stored from an upstream (the cluster copies them to
-    /// their owners at once); full or absent, the repair pass finds them instead.
-    filled: Option<tokio::sync::mpsc::Sender<Digest>>,
     /// The blob fetches' tasks: ended at shutdown (a fetch cut short leaves only a temp
     /// file, discarded when the store opens).
     tasks: shoal_shared::tasks::Tasks,
@@ -252,34 +219,45 @@ impl Upstreams {
             None => auth::DockerConfig::default(),
         };
         let helpers = Arc::new(credentials::Helpers::new(settings.helper_path.clone()));
-        let mut list = Vec::new();
-        let mut tags = Vec::new();
+        let mut list: Vec<Arc<dyn Registry>> = Vec::new();
         for url in &settings.urls {
             let up = Upstream::new(url, http.clone(), None, settings.stall)?;
             let keychain = creds.source(&up.host).map(|s| credentials::Keychain::new(s, &helpers));
-            let up = Upstream::new(url, http.clone(), keychain, settings.stall)?;
-            // `host[:port]` is a safe path component once ':' is replaced.
-            tags.push(TagStore::in_dir(store, &format!("upstream-tags/{}", up.host.replace(':', "_"))));
-            list.push(Arc::new(up));
+            list.push(Arc::new(Upstream::new(url, http.clone(), keychain, settings.stall)?));
         }
-        Ok(Self {
-            list,
-            tags,
+        Ok(Self::over(list, store, piece_length, Timing::of(settings)))
+    }
+
+    /// Pull-through from `list`, whatever implements [`Registry`] (the HTTP client in
+    /// [`new`](Self::new); fault-injecting registries in tests).
+    pub fn over(list: Vec<Arc<dyn Registry>>, store: &BlobStore, piece_length: u32, timing: Timing) -> Self {
+        // `host[:port]` is a safe path component once ':' is replaced.
+        let tags = list
+            .iter()
+            .map(|up| TagStore::in_dir(store, &format!("upstream-tags/{}", up.host().replace(':', "_"))))
+            .collect();
+        let fill = Filler {
             store: store.clone(),
             marks: PrivateMarks::new(store),
             piece_length,
-            tag_ttl: settings.tag_ttl,
-            attempts: settings.attempts.max(1),
+            stall: timing.stall,
+            filled: None,
+        };
+        Self {
+            list,
+            tags,
+            store: store.clone(),
+            fill,
+            timing: Timing { attempts: timing.attempts.max(1), ..timing },
             flights: Arc::new(DashMap::new()),
             resolving: DashMap::new(),
             failures: moka::sync::Cache::builder()
                 .max_capacity(MAX_FAILURES)
-                .time_to_live(FAILURE_MEMORY)
+                .time_to_live(timing.failure_memory)
                 .build(),
-            filled: None,
             tasks: shoal_shared::tasks::Tasks::new(),
             metrics: Default::default(),
-        })
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -344,7 +322,7 @@ impl Upstreams {
             _ => None,
         };
         if let Some((digest, age)) = cached {
-            if age < self.tag_ttl {
+            if age < self.timing.tag_ttl {
                 return Ok(digest);
             }
         }
@@ -357,14 +335,14 @@ impl Upstreams {
         .await;
         match (fresh, cached) {
             (Ok(digest), _) => {
-                privacy(up, &self.marks, name).await;
+                privacy(up.as_ref(), &self.fill.marks, name).await;
                 if let Err(e) = tags.put(name, tag, &digest).await {
                     tracing::warn!(cause = %e, "cannot write pulled-through tag");
                 }
                 Ok(digest)
             }
             (Err(e), Some((digest, _))) if e.transient() => {
-                tracing::warn!(upstream = %up.host, %name, %tag, cause = %e, "upstream failing: serving the cached tag");
+                tracing::warn!(upstream = %up.host(), %name, %tag, cause = %e, "upstream failing: serving the cached tag");
                 Ok(digest)
             }
             (Err(e), _) => Err(e),
@@ -380,68 +358,37 @@ impl Upstreams {
         reference: &Reference,
     ) -> Result<Digest, UpstreamError> {
         let up = &self.list[index];
-        let got = up.get_manifest(name, &reference.to_string()).await;
-        self.metrics.request(&up.host, "manifest", got.is_ok());
+        let got = fill::manifest(up.as_ref(), name, &reference.to_string()).await;
+        self.metrics.request(up.host(), "manifest", got.is_ok());
         let (body, digest) = got?;
         if let Reference::Digest(want) = reference {
             if *want != digest {
                 return Err(UpstreamError::Invalid(format!(
                     "{}: manifest {want} has digest {digest}",
-                    up.host
+                    up.host()
                 )));
             }
         }
-        let private = privacy(up, &self.marks, name).await;
+        let private = privacy(up.as_ref(), &self.fill.marks, name).await;
         let children = child_manifests(&body);
         for child in children.iter().take(MAX_CHILDREN) {
             if self.held_anywhere(child).await {
                 continue;
             }
-            let got = up.get_manifest(name, &child.to_string()).await;
-            self.metrics.request(&up.host, "manifest", got.is_ok());
+            let got = fill::manifest(up.as_ref(), name, &child.to_string()).await;
+            self.metrics.request(up.host(), "manifest", got.is_ok());
             let (child_body, child_digest) = got?;
             if child_digest != *child {
                 return Err(UpstreamError::Invalid(format!(
                     "{}: manifest {child} has digest {child_digest}",
-                    up.host
+                    up.host()
                 )));
             }
-            self.put(&child_body, &child_digest, private.as_ref()).await?;
+            self.fill.put(&child_body, &child_digest, private.as_ref()).await?;
         }
-        self.put(&body, &digest, private.as_ref()).await?;
-        tracing::info!(upstream = %up.host, %name, %reference, %digest, "manifest pulled through");
+        self.fill.put(&body, &digest, private.as_ref()).await?;
+        tracing::info!(upstream = %up.host(), %name, %reference, %digest, "manifest pulled through");
         Ok(digest)
-    }
-
-    async fn put(
-        &self,
-        body: &[u8],
-        digest: &Digest,
-        private: Option<&PrivateRepo>,
-    ) -> Result<(), UpstreamError> {
-        if self.held_anywhere(digest).await {
-            return Ok(());
-        }
-        let mut staged = self.store.stage(self.piece_length).await.map_err(UpstreamError::Store)?;
-        staged.write(body).await.map_err(UpstreamError::Store)?;
-        // Marked before it becomes visible (failing closed): no answer for it can miss it.
-        if let Some(repo) = private {
-            if let Err(e) = self.marks.mark_blob(digest, repo).await {
-                staged.abort().await;
-                return Err(UpstreamError::Store(StoreError::Io {
-                    path: "private marker".into(),
-                    source: e,
-                }));
-            }
-        }
-        // Marked before it becomes visible: no metainfo answer for it can miss the mark.
-        crate::retention::mark_pulled(&self.store, digest).await;
-        if let Err(e) = staged.commit(digest).await {
-            crate::retention::unmark_pulled(&self.store, digest).await;
-            return Err(UpstreamError::Store(e));
-        }
-        notify(self.filled.as_ref(), *digest);
-        Ok(())
     }
 
     /// Ends the blob fetches in flight and waits for them, at most `within`; returns whether
@@ -452,12 +399,12 @@ impl Upstreams {
 
     /// Tells `filled` of every blob and manifest stored from an upstream from now on.
     pub fn notify_fills(&mut self, filled: tokio::sync::mpsc::Sender<Digest>) {
-        self.filled = Some(filled);
+        self.fill.filled = Some(filled);
     }
 
     /// Where blob `digest` stands; starts its fetch from the upstream `hint` names unless one
     /// runs already or one from the same repository of the same upstream failed within the
-    /// last [`FAILURE_MEMORY`].
+    /// last [`Timing::failure_memory`].
     pub fn blob(&self, digest: Digest, hint: &Hint) -> BlobState {
         self.blob_state(digest, hint).0
     }
@@ -474,7 +421,7 @@ impl Upstreams {
         };
         let key: FailureKey = (digest, index, hint.name.clone());
         if let Some(f) = self.failures.get(&key) {
-            if f.1.elapsed() < FAILURE_MEMORY {
+            if f.1.elapsed() < self.timing.failure_memory {
                 return (BlobState::Failed(f.0.clone()), true);
             }
         }
@@ -497,23 +444,21 @@ impl Upstreams {
                 v.insert(InFlight { rx: rx.clone(), index, name: hint.name.clone() });
                 self.failures.invalidate(&key);
                 let guard = FlightGuard { flights: self.flights.clone(), digest, rx: rx.clone(), tx };
-                let (up, store, name) = (self.list[index].clone(), self.store.clone(), hint.name.clone());
-                let marks = self.marks.clone();
+                let (up, fill, name) = (self.list[index].clone(), self.fill.clone(), hint.name.clone());
                 let failures = self.failures.clone();
                 let metrics = self.metrics.clone();
-                let (piece_length, attempts) = (self.piece_length, self.attempts);
-                let filled = self.filled.clone();
+                let (attempts, backoff) = (self.timing.attempts, self.timing.backoff);
                 let fetch = async move {
                     let started = Instant::now();
                     let mut attempt = 1;
                     let result = loop {
-                        let fetched = up.fetch_blob(&store, &marks, piece_length, &name, &digest).await;
-                        metrics.request(&up.host, "blob", fetched.is_ok());
+                        let fetched = fill.blob(up.as_ref(), &name, &digest).await;
+                        metrics.request(up.host(), "blob", fetched.is_ok());
                         match fetched {
                             Ok(bytes) => break Ok(bytes),
                             Err(e) if e.transient() && attempt < attempts => {
-                                tracing::warn!(upstream = %up.host, %digest, attempt, cause = %e, "upstream fetch failed, retrying");
-                                tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                                tracing::warn!(upstream = %up.host(), %digest, attempt, cause = %e, "upstream fetch failed, retrying");
+                                tokio::time::sleep(backoff * attempt).await;
                                 attempt += 1;
                             }
                             Err(e) => break Err(Arc::new(e)),
@@ -521,15 +466,14 @@ impl Upstreams {
                     };
                     let result = match result {
                         Ok(bytes) => {
-                            let host = crate::outcomes::HostLabel { upstream: up.host.clone() };
+                            let host = crate::outcomes::HostLabel { upstream: up.host().to_owned() };
                             metrics.bytes.get_or_create(&host).inc_by(bytes);
                             let secs = started.elapsed().as_secs_f64();
-                            tracing::info!(upstream = %up.host, %name, %digest, bytes, secs, "blob pulled through");
-                            notify(filled.as_ref(), digest);
+                            tracing::info!(upstream = %up.host(), %name, %digest, bytes, secs, "blob pulled through");
                             Ok(())
                         }
                         Err(e) => {
-                            tracing::warn!(upstream = %up.host, %name, %digest, cause = %e, "blob pull-through failed");
+                            tracing::warn!(upstream = %up.host(), %name, %digest, cause = %e, "blob pull-through failed");
                             failures.insert(key, (e.clone(), Instant::now()));
                             Err(e)
                         }
@@ -567,11 +511,11 @@ impl Upstreams {
 
 /// The private repository `name` of `up` is, if it is one: learned from the upstream since
 /// this process started (then recorded durably) or recorded before.
-pub async fn privacy(up: &Upstream, marks: &PrivateMarks, name: &str) -> Option<PrivateRepo> {
-    let repo = PrivateRepo::new(&up.host, name).ok()?;
+pub async fn privacy(up: &dyn Registry, marks: &PrivateMarks, name: &str) -> Option<PrivateRepo> {
+    let repo = PrivateRepo::new(up.host(), name).ok()?;
     if up.learned_private(name) {
         if !marks.repo_is_private(&repo).await {
-            tracing::info!(upstream = %up.host, %name, "private repository: served only to clients the upstream accepts");
+            tracing::info!(upstream = %up.host(), %name, "private repository: served only to clients the upstream accepts");
             marks.mark_repo(&repo).await;
         }
         return Some(repo);
@@ -589,5 +533,9 @@ pub fn child_manifests(body: &[u8]) -> Vec<Digest> {
     }
 }
 
+#[cfg(test)]
+mod faults;
+#[cfg(test)]
+mod memory;
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,7 @@ use shoal_shared::hint::Hint;
 use shoal_shared::store::BlobStore;
 use tokio::sync::watch;
 
-use super::{FlightGuard, InFlight, Settings, UpstreamError, Upstreams};
+use super::{FlightGuard, InFlight, Registry, Settings, UpstreamError, Upstreams};
 
 const LAYER: &[u8] = b"layer bytes of the fake registry";
 /// Another blob of repository `r`, not referenced by the manifest.
