@@ -91,6 +91,10 @@ struct Cli {
     /// Seconds without progress after which a download fails (re-planned at half).
     #[arg(long)]
     progress_timeout: Option<String>,
+    /// Cut-through, a what-if (the agent does not do it yet): pieces checked in blocks of
+    /// this size (16KiB, ...) are passed on while still arriving. 0: whole pieces only.
+    #[arg(long, default_value = "0")]
+    cut_through: ByteRate,
     /// Hold Have messages back this long to apply them together (speeds up huge runs).
     #[arg(long, default_value = "0")]
     have_batch: String,
@@ -120,6 +124,7 @@ fn main() -> anyhow::Result<()> {
     cfg.server_queue = cli.server_queue;
     cfg.origin_wave = (cli.origin_wave.max(0.0) * 1e9) as u64;
     cfg.have_batch = parse_duration(&cli.have_batch)?;
+    cfg.cut_through = cli.cut_through.0;
     cfg.max_time = parse_duration(&cli.max_time)?;
     cfg.seed = cli.seed;
     let mut policy = Policy::agent(piece_len);

@@ -47,6 +47,10 @@ pub struct Config {
     pub tracker_peers: u32,
     /// How long Have messages are held back to be applied together (0: on arrival).
     pub have_batch: Nanos,
+    /// Cut-through (a what-if; the agent does not do it yet): pieces are checked in blocks
+    /// of this many bytes, and a host passes a piece on while it is still receiving it. 0:
+    /// a piece moves on only once whole, as the agent does today.
+    pub cut_through: u64,
     /// The download loop's knobs.
     pub policy: driver::Policy,
     /// Virtual time after which the run stops, finished or not.
@@ -78,6 +82,7 @@ impl Config {
             origin_wave: 30 * SEC,
             tracker_peers: 50,
             have_batch: 0,
+            cut_through: 0,
             policy: driver::Policy::agent(piece_len),
             max_time: 3600 * SEC,
             seed: 1,
