@@ -4,6 +4,8 @@ pub mod image;
 pub mod load;
 pub mod moto;
 pub mod netns;
+pub mod pretouch;
+pub mod procfs;
 pub mod quic_ceiling;
 pub mod registry;
 pub mod ring_bench;
