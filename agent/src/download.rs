@@ -30,7 +30,7 @@ use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
-use shoal_shared::peer::PeerClient;
+use shoal_shared::peer::{PeerClient, Relays};
 use shoal_shared::store::{BlobStore, PartialBlob, StoreError};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -107,8 +107,12 @@ pub struct Prefix {
 #[derive(Debug)]
 pub struct Active {
     pub partial: PartialBlob,
-    /// Verified, written pieces; peers subscribed to this download follow it (Have).
+    /// Verified, written pieces.
     pub have: watch::Sender<Bitfield>,
+    /// Pieces arriving from peers, passed on block by block before they are whole
+    /// (cut-through); its offered bitfield (held or arriving) is what subscribed peers
+    /// follow (Have).
+    pub relays: Relays,
     /// Peers worth probing that the download loop has not asked for: agents that
     /// subscribed to this download's pieces, peers from the batched announce.
     pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
@@ -540,6 +544,7 @@ impl Downloads {
         let active = Arc::new(Active {
             partial,
             leads,
+            relays: Relays::new(held.clone()),
             have: watch::Sender::new(held),
             // The swarm loop moves the prefix past the pieces already held before it fetches.
             prefix: watch::Sender::new(Prefix::default()),

@@ -8,7 +8,7 @@ use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::PeerInfo;
 use shoal_shared::digest::Digest;
 use shoal_shared::metainfo::Metainfo;
-use shoal_shared::peer::PieceSource;
+use shoal_shared::peer::{PieceSource, Relay};
 use shoal_shared::store::read_at;
 use tokio::sync::watch;
 
@@ -56,7 +56,11 @@ impl PieceSource for AgentSource {
         // Tell our download of this subscriber, so both follow each other; dropped if the
         // download is not keeping up with such news.
         let _ = active.leads.try_send(PeerInfo { addr: from, complete: false, origin: false });
-        Some(active.have.subscribe())
+        Some(active.relays.offered())
+    }
+
+    async fn relay(&self, digest: Digest, index: u32) -> Option<Arc<Relay>> {
+        self.downloads.active.get(&digest)?.relays.get(index)
     }
 
     async fn piece_size(&self, digest: Digest, index: u32) -> Option<u32> {
@@ -90,7 +94,7 @@ impl PieceSource for AgentSource {
             Some(Ok(piece)) => {
                 // Its swarm is active: the cache keeps it while it seeds.
                 self.downloads.cache.peer_read(digest);
-                Some(piece.data().clone())
+                Some(piece.data())
             }
             _ => {
                 self.metainfo.remove(&digest);

@@ -51,6 +51,11 @@ pub trait PieceSource: Send + Sync + 'static {
     fn piece_size(&self, _digest: Digest, _index: u32) -> impl Future<Output = Option<u32>> + Send {
         async { None }
     }
+    /// Piece `index` of `digest` while it is still arriving here (cut-through), or `None`:
+    /// asked when [`piece`](Self::piece) has nothing.
+    fn relay(&self, _digest: Digest, _index: u32) -> impl Future<Output = Option<Arc<Relay>>> + Send {
+        async { None }
+    }
     /// Follows the pieces held of a blob still downloading, or `None` (unknown, or not
     /// downloading: ask for the bitfield instead). The stream ends when the sender drops.
     /// `from` is the subscriber's address (its peer server, as agents connect from the
@@ -72,6 +77,8 @@ pub struct PeerStats {
     pub protocol_errors: Counter,
     pub connections: Counter,
     pub busy: Counter,
+    /// Pieces sent while this host was still receiving them (cut-through).
+    pub pieces_relayed: Counter,
 }
 
 impl PeerStats {
@@ -87,15 +94,22 @@ impl PeerStats {
         );
         r.register("connections", "Peer connections accepted", self.connections.clone());
         r.register("busy", "Piece requests refused past the upload budget", self.busy.clone());
+        r.register(
+            "pieces_relayed",
+            "Pieces sent to peers while still arriving here (cut-through)",
+            self.pieces_relayed.clone(),
+        );
     }
 }
 
 mod client;
 mod frames;
+pub mod relay;
 mod server;
 #[cfg(test)]
 mod tests;
 
 pub use client::{HaveStream, PeerClient, PeerError, MAX_CONNECTIONS};
 use frames::{read_frame, write_frame, StreamError};
+pub use relay::{Relay, Relays};
 pub use server::{serve, UploadLimits, DEFAULT_COST};

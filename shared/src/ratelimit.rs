@@ -206,6 +206,14 @@ impl<S: PieceSource> PieceSource for EgressLimited<S> {
         }
         Some(data)
     }
+
+    async fn relay(&self, digest: Digest, index: u32) -> Option<Arc<crate::peer::Relay>> {
+        let relay = self.inner.relay(digest, index).await?;
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire(u64::from(relay.size())).await;
+        }
+        Some(relay)
+    }
 }
 
 #[cfg(test)]

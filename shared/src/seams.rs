@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use crate::bitfield::Bitfield;
 use crate::client::{Announce, AnnounceResponse};
 use crate::metainfo::{Metainfo, VerifiedPiece};
-use crate::peer::{HaveStream, PeerClient, PeerError};
+use crate::peer::{HaveStream, PeerClient, PeerError, Relays};
 use crate::tls::Role;
 use crate::tracker::{LookupError, TrackerClient};
 
@@ -47,12 +47,14 @@ pub trait PeerTransport: Clone + Send + Sync + 'static {
         metainfo: &Metainfo,
     ) -> impl Future<Output = Result<(Bitfield, Self::Haves), PeerError>> + Send;
 
-    /// Piece `index`, verified.
+    /// Piece `index`, verified block by block; each block that passed is passed on to
+    /// `relays` as it lands (cut-through).
     fn piece(
         &self,
         addr: SocketAddr,
         metainfo: &Metainfo,
         index: u32,
+        relays: &Relays,
     ) -> impl Future<Output = Result<VerifiedPiece, PeerError>> + Send;
 
     /// Stops talking to a peer that misbehaved.
@@ -97,8 +99,9 @@ impl PeerTransport for PeerClient {
         addr: SocketAddr,
         metainfo: &Metainfo,
         index: u32,
+        relays: &Relays,
     ) -> Result<VerifiedPiece, PeerError> {
-        PeerClient::piece(self, addr, metainfo, index).await
+        PeerClient::piece(self, addr, metainfo, index, relays).await
     }
 
     fn ban(&self, addr: SocketAddr) {

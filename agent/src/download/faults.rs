@@ -95,6 +95,7 @@ impl PeerTransport for FakePeers {
         addr: SocketAddr,
         metainfo: &Metainfo,
         index: u32,
+        _relays: &shoal_shared::peer::Relays,
     ) -> Result<VerifiedPiece, PeerError> {
         if self.gone(addr) {
             return Err(Self::transport(addr));
@@ -165,6 +166,7 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
     let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
     let active = Active {
         partial,
+        relays: shoal_shared::peer::Relays::new(held.clone()),
         have: watch::Sender::new(held),
         leads,
         prefix: watch::Sender::new(Prefix::default()),

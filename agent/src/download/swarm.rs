@@ -111,10 +111,10 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
         for action in actions.drain(..) {
             match action {
                 Action::Request { peer, index } => {
-                    let (client, m) = (dl.peers.clone(), metainfo.clone());
+                    let (client, m, relays) = (dl.peers.clone(), metainfo.clone(), active.relays.clone());
                     let handle = fetches.spawn(async move {
                         let asked = Instant::now();
-                        let result = client.piece(peer, &m, index).await;
+                        let result = client.piece(peer, &m, index, &relays).await;
                         (peer, index, result, asked.elapsed())
                     });
                     handles.insert((peer, index), handle);
@@ -158,6 +158,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                                 *by_peer.entry(peer).or_default() += 1;
                             }
                             active.have.send_modify(|have| have.set(index));
+                            active.relays.written(index);
                             dl.metrics.piece_seconds.observe(took.as_secs_f64());
                             prefix_pieces = advance_prefix(metainfo, active, prefix_pieces);
                             dl.metrics.pieces.inc();

@@ -21,7 +21,7 @@
 //! the piece hash itself.
 
 use blake3::hazmat::{self, ChainingValue, HasherExt as _, Mode};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece, MAX_PIECE_LENGTH};
@@ -204,24 +204,33 @@ impl BlockVerifier {
 }
 
 /// Receives one piece's bytes in chunks of any size, checking each block as soon as it is
-/// whole: the piece buffer's verified prefix is the only part ever exposed, and the piece
-/// is handed over only once every block passed. Its buffer is sized by the metainfo, never
-/// by the sender.
+/// whole: only checked blocks are ever exposed ([`PieceReceiver::blocks`], each its own
+/// [`Bytes`] over one buffer, without copying), and the piece is handed over only once every
+/// block passed. The buffer is sized by the metainfo, never by the sender.
 #[derive(Debug)]
 pub struct PieceReceiver {
     verifier: BlockVerifier,
-    buf: BytesMut,
+    /// The block being received (its capacity is the rest of the piece).
+    pending: BytesMut,
+    blocks: Vec<Bytes>,
+    received: usize,
 }
 
 impl PieceReceiver {
     pub fn new(verifier: BlockVerifier) -> Self {
-        let buf = BytesMut::with_capacity(verifier.size() as usize);
-        Self { verifier, buf }
+        let pending = BytesMut::with_capacity(verifier.size() as usize);
+        let blocks = Vec::with_capacity(block_count(verifier.size()) as usize);
+        Self { verifier, pending, blocks, received: 0 }
+    }
+
+    /// The block hashes, checked against the piece hash.
+    pub fn hashes(&self) -> &BlockHashes {
+        self.verifier.hashes()
     }
 
     /// Bytes still to receive.
     pub fn remaining(&self) -> usize {
-        self.verifier.size() as usize - self.buf.len()
+        self.verifier.size() as usize - self.received
     }
 
     /// Takes the next `bytes` of the piece, checking every block they complete. Bytes past
@@ -235,21 +244,22 @@ impl PieceReceiver {
             });
         }
         while !bytes.is_empty() {
-            let start = self.verifier.verified_bytes() as usize;
-            let want = start + self.verifier.next_len() as usize - self.buf.len();
-            let take = want.min(bytes.len());
-            self.buf.extend_from_slice(&bytes[..take]);
+            let block_len = self.verifier.next_len() as usize;
+            let take = (block_len - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            self.received += take;
             bytes = &bytes[take..];
-            if self.buf.len() == start + self.verifier.next_len() as usize {
-                self.verifier.verify(&self.buf[start..])?;
+            if self.pending.len() == block_len {
+                self.verifier.verify(&self.pending)?;
+                self.blocks.push(self.pending.split().freeze());
             }
         }
         Ok(())
     }
 
-    /// The checked prefix of the piece.
-    pub fn verified(&self) -> &[u8] {
-        &self.buf[..self.verifier.verified_bytes() as usize]
+    /// The blocks checked so far, in order: a prefix of the piece.
+    pub fn blocks(&self) -> &[Bytes] {
+        &self.blocks
     }
 
     /// The whole piece, once every block passed.
@@ -259,16 +269,15 @@ impl PieceReceiver {
             return Err(MetainfoError::PieceSize {
                 index,
                 expected: u64::from(self.verifier.size()),
-                actual: self.buf.len() as u64,
+                actual: self.received as u64,
             });
         }
-        Ok(VerifiedPiece::checked(index, self.buf.freeze()))
+        Ok(VerifiedPiece::from_blocks(index, self.blocks))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     use super::*;
@@ -386,11 +395,12 @@ mod tests {
             let mut r = PieceReceiver::new(m.check_blocks(0, BlockHashes::of(&p)).expect("proof"));
             for c in p.chunks(chunk) {
                 r.extend(c).expect("good bytes");
-                assert_eq!(r.verified(), &p[..r.verified().len()]);
-                assert_eq!(r.verified().len() % BLOCK_SIZE as usize, 0);
+                let checked = r.blocks().concat();
+                assert_eq!(checked, &p[..checked.len()]);
+                assert_eq!(checked.len() % BLOCK_SIZE as usize, 0);
             }
             let got = r.finish().expect("whole");
-            assert_eq!(got.data(), &Bytes::from(p));
+            assert_eq!(got.data(), Bytes::from(p));
         }
         // More bytes than the piece holds, or too few, is never a piece.
         let p = piece(&data, &m, 1);
@@ -429,7 +439,7 @@ mod tests {
 
             let mut r = PieceReceiver::new(m.check_blocks(index, BlockHashes::of(&p)).expect("proof"));
             prop_assert!(r.extend(&bad).is_err());
-            prop_assert_eq!(r.verified(), &p[..block as usize * BLOCK_SIZE as usize]);
+            prop_assert_eq!(r.blocks().concat(), &p[..block as usize * BLOCK_SIZE as usize]);
 
             let keep = cut.index(p.len());
             let mut v = m.check_blocks(index, BlockHashes::of(&p)).expect("proof");

@@ -182,30 +182,49 @@ impl Metainfo {
         if hash.as_bytes() != &self.pieces[index as usize].0 {
             return Err(MetainfoError::PieceHash(index));
         }
-        Ok(VerifiedPiece { index, data })
+        Ok(VerifiedPiece { index, blocks: vec![data] })
     }
 }
 
 /// A piece whose bytes matched the metainfo. Only [`Metainfo::verify_piece`] and
-/// [`crate::blocks::PieceReceiver::finish`] make one.
+/// [`crate::blocks::PieceReceiver::finish`] make one. Its bytes are one or more blocks, in
+/// order (a piece received block by block keeps them apart rather than copy them together).
 #[derive(Debug, Clone)]
 pub struct VerifiedPiece {
     index: u32,
-    data: Bytes,
+    blocks: Vec<Bytes>,
 }
 
 impl VerifiedPiece {
     /// A piece whose every block was checked ([`crate::blocks::PieceReceiver`]).
-    pub(crate) fn checked(index: u32, data: Bytes) -> Self {
-        Self { index, data }
+    pub(crate) fn from_blocks(index: u32, blocks: Vec<Bytes>) -> Self {
+        Self { index, blocks }
     }
 
     pub fn index(&self) -> u32 {
         self.index
     }
 
-    pub fn data(&self) -> &Bytes {
-        &self.data
+    /// The piece's bytes, in order, as the blocks they arrived in.
+    pub fn blocks(&self) -> &[Bytes] {
+        &self.blocks
+    }
+
+    /// The piece's length in bytes.
+    pub fn len(&self) -> usize {
+        self.blocks.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The piece's bytes as one buffer (copied together if it arrived in blocks).
+    pub fn data(&self) -> Bytes {
+        match self.blocks.as_slice() {
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        }
     }
 }
 

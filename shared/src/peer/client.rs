@@ -229,12 +229,15 @@ impl PeerClient {
         }
     }
 
-    /// Fetches piece `index` and checks it against the metainfo.
+    /// Fetches piece `index` and checks it against the metainfo, block by block, passing
+    /// each block that passed on to `relays` (for peers that ask for the piece before it is
+    /// whole here).
     pub async fn piece(
         &self,
         addr: SocketAddr,
         metainfo: &Metainfo,
         index: u32,
+        relays: &Relays,
     ) -> Result<VerifiedPiece, PeerError> {
         let expected = metainfo.piece_size(index).map_err(|cause| PeerError::BadPiece { addr, cause })?;
         let request = Request::Piece { version: PROTOCOL_VERSION, digest: metainfo.digest(), index };
@@ -246,6 +249,8 @@ impl PeerClient {
                 // buffer is sized by the metainfo, not by the peer.
                 let bad = |cause| PeerError::BadPiece { addr, cause };
                 let mut piece = PieceReceiver::new(metainfo.check_blocks(index, blocks).map_err(bad)?);
+                let mut relay = relays.start(index, expected, piece.hashes());
+                let mut relayed = 0;
                 while piece.remaining() > 0 {
                     let chunk = recv
                         .read_chunk(piece.remaining(), true)
@@ -256,8 +261,18 @@ impl PeerClient {
                         limiter.acquire(chunk.bytes.len() as u64).await;
                     }
                     piece.extend(&chunk.bytes).map_err(bad)?;
+                    if let Some(relay) = &mut relay {
+                        for block in &piece.blocks()[relayed..] {
+                            relay.push(block.clone());
+                        }
+                        relayed = piece.blocks().len();
+                    }
                 }
-                piece.finish().map_err(bad)
+                let piece = piece.finish().map_err(bad)?;
+                if let Some(relay) = relay {
+                    relay.complete();
+                }
+                Ok(piece)
             }
             other => Err(PeerError::Protocol { addr, cause: format!("unexpected {}", other.kind()) }),
         }

@@ -219,7 +219,20 @@ async fn serve_stream<S: PieceSource>(
                         }
                     };
                 }
-                None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
+                None => match source.relay(digest, index).await {
+                    Some(relay) => {
+                        let sent =
+                            tokio::time::timeout(ACK_HOLD, send_relay(&mut send, index, &relay, stats)).await;
+                        return match sent {
+                            Ok(result) => result,
+                            Err(_) => {
+                                let _ = send.reset(VarInt::from_u32(0));
+                                Err(StreamError::Io("relayed piece not acknowledged in time".into()))
+                            }
+                        };
+                    }
+                    None => write_frame(&mut send, &Response::Refused(Refusal::NotFound)).await?,
+                },
             }
         }
         Request::Subscribe { digest, .. } => match source.subscribe(digest, from).await {
@@ -228,6 +241,36 @@ async fn serve_stream<S: PieceSource>(
         },
     }
     let _ = send.finish();
+    Ok(())
+}
+
+/// Sends a piece still arriving here: its block hashes, then each block as it passes. If the
+/// transfer feeding the relay fails, the stream is reset and the requester asks elsewhere.
+async fn send_relay(
+    send: &mut SendStream,
+    index: u32,
+    relay: &Relay,
+    stats: &PeerStats,
+) -> Result<(), StreamError> {
+    let io = |e: quinn::WriteError| StreamError::Io(e.to_string());
+    let length = relay.size();
+    write_frame(send, &Response::Piece { index, length, blocks: relay.hashes().clone() }).await?;
+    stats.pieces_relayed.inc();
+    let mut sent = 0u32;
+    let mut i = 0;
+    while sent < length {
+        let Some(block) = relay.block(i).await else {
+            let _ = send.reset(VarInt::from_u32(0));
+            return Err(StreamError::Io("the relayed piece's own transfer failed".into()));
+        };
+        sent += block.len() as u32;
+        i += 1;
+        send.write_chunk(block).await.map_err(io)?;
+    }
+    stats.pieces_served.inc();
+    stats.bytes_served.inc_by(u64::from(length));
+    let _ = send.finish();
+    let _ = send.stopped().await;
     Ok(())
 }
 

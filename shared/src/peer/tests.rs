@@ -140,7 +140,7 @@ async fn requests_past_the_budget_and_its_line_are_refused_busy() {
 
     let fetch = |index: u32| {
         let (peers, m) = (peers.clone(), m.clone());
-        tokio::spawn(async move { peers.piece(addr, &m, index).await })
+        tokio::spawn(async move { peers.piece(addr, &m, index, &Relays::none()).await })
     };
     let first = fetch(0);
     let entered = tokio::time::timeout(WAIT, entries.recv()).await.expect("in time");
@@ -171,7 +171,10 @@ async fn requests_past_the_budget_and_its_line_are_refused_busy() {
     assert_eq!(stats.pieces_served.get(), 2);
     // And later requests get budget again.
     source.gate.add_permits(1);
-    let got = tokio::time::timeout(WAIT, peers.piece(addr, &m, 3)).await.expect("in time").expect("piece 3");
+    let got = tokio::time::timeout(WAIT, peers.piece(addr, &m, 3, &Relays::none()))
+        .await
+        .expect("in time")
+        .expect("piece 3");
     assert_eq!(got.index(), 3);
 }
 
@@ -309,7 +312,7 @@ async fn lying_servers_are_caught_within_the_bad_block() {
     ] {
         let addr = lying_server(&dirs[0], data.clone(), m.clone(), lie).await;
         let peers = PeerClient::new(client.endpoint.clone());
-        let got = tokio::time::timeout(WAIT, peers.piece(addr, &m, 0))
+        let got = tokio::time::timeout(WAIT, peers.piece(addr, &m, 0, &Relays::none()))
             .await
             .unwrap_or_else(|_| panic!("{lie:?}: the client waited for the rest of a piece it must refuse"));
         match lie {

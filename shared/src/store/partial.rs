@@ -74,7 +74,15 @@ impl PartialBlob {
         let file = self.file.clone();
         let path = self.path.clone();
         let offset = self.metainfo.piece_offset(piece.index());
-        blocking(move || file.write_all_at(piece.data(), offset).map_err(io_err(&path))).await
+        blocking(move || {
+            let mut at = offset;
+            for block in piece.blocks() {
+                file.write_all_at(block, at).map_err(io_err(&path))?;
+                at += block.len() as u64;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Reads `len` bytes at `offset`, which the caller knows to be written and verified.

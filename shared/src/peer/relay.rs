@@ -1,0 +1,233 @@
+//! Cut-through: pieces passed on to peers while they are still arriving.
+//!
+//! A download registers each piece it starts receiving from a peer in its [`Relays`], once
+//! the piece's block hashes have been checked against the metainfo: the piece is then
+//! *offered* (its bit set in [`Relays::offered`], the bitfield `Subscribe` streams follow),
+//! and every block that passes its hash is pushed into the [`Relay`]. A peer asking for the
+//! piece before it is whole is sent the same block hashes and the blocks as they come
+//! (`server.rs`), so each hop of the swarm costs a block time instead of a piece time. The
+//! receiving peer checks every block itself; a relay never holds a byte that has not passed.
+//!
+//! A relay whose transfer fails is ended and removed at once, and peers reading it have their
+//! stream reset (they ask elsewhere). A relay that completed stays until the download has
+//! written the piece and set its bit ([`Relays::written`]), so there is no moment at which
+//! the piece is neither relayed nor held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::bitfield::Bitfield;
+use crate::blocks::BlockHashes;
+
+/// A piece being received, readable block by block.
+#[derive(Debug)]
+pub struct Relay {
+    hashes: BlockHashes,
+    size: u32,
+    blocks: Mutex<Vec<Bytes>>,
+    /// Blocks held, and whether the transfer ended (complete or not).
+    state: watch::Sender<(usize, bool)>,
+}
+
+impl Relay {
+    /// The piece's block hashes (checked against its hash by the receiver).
+    pub fn hashes(&self) -> &BlockHashes {
+        &self.hashes
+    }
+
+    /// The piece's length in bytes.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Block `i`, waiting for it; `None` once the transfer ended without it.
+    pub async fn block(&self, i: usize) -> Option<Bytes> {
+        let mut rx = self.state.subscribe();
+        loop {
+            if let Some(b) = self.blocks.lock().unwrap_or_else(|p| p.into_inner()).get(i) {
+                return Some(b.clone());
+            }
+            if rx.borrow_and_update().1 {
+                return None;
+            }
+            rx.changed().await.ok()?;
+        }
+    }
+
+    fn push(&self, block: Bytes) {
+        let n = {
+            let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+            blocks.push(block);
+            blocks.len()
+        };
+        self.state.send_modify(|s| s.0 = n);
+    }
+
+    fn end(&self) {
+        self.state.send_modify(|s| s.1 = true);
+    }
+}
+
+/// The pieces one download is relaying, and what it offers to its followers. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Relays {
+    relays: Arc<Mutex<HashMap<u32, Arc<Relay>>>>,
+    offered: watch::Sender<Bitfield>,
+}
+
+impl Relays {
+    /// Relays for a download that holds `have` already.
+    pub fn new(have: Bitfield) -> Self {
+        Self { relays: Arc::default(), offered: watch::Sender::new(have) }
+    }
+
+    /// Relays that pass nothing on (a fetch whose pieces nobody else may ask for).
+    pub fn none() -> Self {
+        Self::new(Bitfield::new(0))
+    }
+
+    /// The pieces held or arriving: what followers are told of.
+    pub fn offered(&self) -> watch::Receiver<Bitfield> {
+        self.offered.subscribe()
+    }
+
+    /// The relay of piece `index`, if it is arriving (or arrived and is not written yet).
+    pub fn get(&self, index: u32) -> Option<Arc<Relay>> {
+        self.lock().get(&index).cloned()
+    }
+
+    /// Starts relaying piece `index` of `size` bytes under `hashes` (already checked);
+    /// `None` when it is relayed already (a second copy of it, in the endgame) or the
+    /// download offers no pieces.
+    pub fn start(&self, index: u32, size: u32, hashes: &BlockHashes) -> Option<RelayWriter> {
+        if index >= self.offered.borrow().len() {
+            return None;
+        }
+        let relay = {
+            let mut relays = self.lock();
+            if relays.contains_key(&index) {
+                return None;
+            }
+            let relay = Arc::new(Relay {
+                hashes: hashes.clone(),
+                size,
+                blocks: Mutex::default(),
+                state: watch::Sender::new((0, false)),
+            });
+            relays.insert(index, relay.clone());
+            relay
+        };
+        self.offer(index);
+        Some(RelayWriter { relays: self.clone(), index, relay, complete: false })
+    }
+
+    /// Piece `index` is written and its bit set: its relay is no longer needed.
+    pub fn written(&self, index: u32) {
+        self.offer(index);
+        if let Some(relay) = self.lock().remove(&index) {
+            relay.end();
+        }
+    }
+
+    fn offer(&self, index: u32) {
+        self.offered.send_if_modified(|bits| {
+            let new = index < bits.len() && !bits.get(index);
+            if new {
+                bits.set(index);
+            }
+            new
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Relay>>> {
+        self.relays.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The receiving side of a relay: blocks go in as they pass. Dropped before the piece is
+/// complete, it ends the relay and removes it (readers get no more blocks).
+#[derive(Debug)]
+pub struct RelayWriter {
+    relays: Relays,
+    index: u32,
+    relay: Arc<Relay>,
+    complete: bool,
+}
+
+impl RelayWriter {
+    /// Passes on a block that has passed its hash.
+    pub fn push(&mut self, block: Bytes) {
+        self.relay.push(block);
+    }
+
+    /// Every block is in: the relay stays readable until the piece is written.
+    pub fn complete(mut self) {
+        self.complete = true;
+    }
+}
+
+impl Drop for RelayWriter {
+    fn drop(&mut self) {
+        if !self.complete {
+            self.relay.end();
+            let mut relays = self.relays.lock();
+            if relays.get(&self.index).is_some_and(|r| Arc::ptr_eq(r, &self.relay)) {
+                relays.remove(&self.index);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes() -> BlockHashes {
+        BlockHashes::of(&[1u8; 40_000])
+    }
+
+    #[tokio::test]
+    async fn readers_get_blocks_as_they_come_and_the_end() {
+        let relays = Relays::new(Bitfield::new(4));
+        let mut offered = relays.offered();
+        let mut w = relays.start(2, 40_000, &hashes()).expect("new");
+        assert!(relays.start(2, 40_000, &hashes()).is_none(), "one relay per piece");
+        assert!(offered.has_changed().expect("open"));
+        assert!(offered.borrow_and_update().get(2), "offered once it arrives");
+        let relay = relays.get(2).expect("relayed");
+        let reader = tokio::spawn({
+            let relay = relay.clone();
+            async move { (relay.block(0).await, relay.block(1).await) }
+        });
+        w.push(Bytes::from_static(b"a"));
+        w.push(Bytes::from_static(b"b"));
+        let (a, b) = reader.await.expect("join");
+        assert_eq!((a.as_deref(), b.as_deref()), (Some(&b"a"[..]), Some(&b"b"[..])));
+        w.complete();
+        assert!(relays.get(2).is_some(), "kept until written");
+        relays.written(2);
+        assert!(relays.get(2).is_none());
+        assert_eq!(relay.block(2).await, None, "ended");
+    }
+
+    #[tokio::test]
+    async fn a_failed_transfer_ends_its_relay_and_readers_stop() {
+        let relays = Relays::new(Bitfield::new(4));
+        let mut w = relays.start(1, 40_000, &hashes()).expect("new");
+        w.push(Bytes::from_static(b"a"));
+        let relay = relays.get(1).expect("relayed");
+        let waiting = tokio::spawn({
+            let relay = relay.clone();
+            async move { relay.block(1).await }
+        });
+        drop(w);
+        assert_eq!(waiting.await.expect("join"), None);
+        assert!(relays.get(1).is_none(), "removed");
+        // Another copy may be relayed now.
+        assert!(relays.start(1, 40_000, &hashes()).is_some());
+        assert!(Relays::none().start(0, 1, &BlockHashes::default()).is_none());
+    }
+}
