@@ -1,0 +1,83 @@
+//! Tuning of a download: [`Config`], its defaults, and the agent's policy
+//! ([`Config::for_agent`]), which the simulator shares so its figures hold for agents.
+
+use std::time::Duration;
+
+#[cfg(doc)]
+use super::Scheduler;
+
+/// Tuning of a [`Scheduler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Pieces at the front of the missing range fetched in order.
+    pub window: u32,
+    /// Starting depth of an agent still downloading.
+    pub peer_pipeline: u32,
+    /// Starting depth of a seeder or origin.
+    pub seeder_pipeline: u32,
+    /// Deepest pipeline to an origin while other agents are known: agents that cannot see
+    /// each other's requests in flight would otherwise fetch the same pieces from it.
+    pub shared_origin_pipeline: u32,
+    /// Deepest a pipeline grows.
+    pub max_pipeline: u32,
+    /// Requests in flight for the whole download.
+    pub max_in_flight: u32,
+    /// Peers kept per download.
+    pub max_peers: usize,
+    /// Shortest deadline of a request.
+    pub timeout_floor: Duration,
+    /// Slowest transfer rate (bytes/s) a peer may deliver before a request times out.
+    pub min_rate: u64,
+    /// First back-off of a failing peer; doubled on each consecutive failure.
+    pub backoff: Duration,
+    /// Longest back-off.
+    pub max_backoff: Duration,
+    /// Copies of one piece in flight at once during the endgame.
+    pub endgame_copies: u32,
+    /// How long a peer that answered Busy is not asked again.
+    pub busy_pause: Duration,
+}
+
+/// Pieces at the front of the missing range an agent fetches in order, so the prefix
+/// streamed to waiting clients keeps growing.
+pub const AGENT_WINDOW: u32 = 8;
+/// Piece buffers an agent's download keeps in flight, in bytes (bounds memory, not
+/// throughput).
+pub const AGENT_IN_FLIGHT_BYTES: u64 = 16 << 20;
+
+impl Config {
+    /// The agent's download policy for pieces of `piece_len` bytes and at most `max_peers`
+    /// peers (the simulator uses the same).
+    pub fn for_agent(piece_len: u64, max_peers: usize) -> Self {
+        let max_in_flight = (AGENT_IN_FLIGHT_BYTES / piece_len.max(1)).clamp(4, 64) as u32;
+        Self {
+            window: AGENT_WINDOW,
+            peer_pipeline: 4.min(max_in_flight),
+            seeder_pipeline: 8.min(max_in_flight),
+            max_pipeline: 32.min(max_in_flight),
+            max_in_flight,
+            max_peers: max_peers.max(1),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            window: 8,
+            peer_pipeline: 4,
+            seeder_pipeline: 8,
+            shared_origin_pipeline: 1,
+            max_pipeline: 32,
+            max_in_flight: 64,
+            max_peers: 32,
+            timeout_floor: Duration::from_secs(5),
+            min_rate: 1 << 20,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            endgame_copies: 2,
+            busy_pause: Duration::from_millis(250),
+        }
+    }
+}
