@@ -142,5 +142,5 @@ async fn pull(
 
 /// User + system CPU seconds of this process.
 fn self_cpu_secs() -> anyhow::Result<f64> {
-    super::run::proc_cpu_secs("self")
+    super::cpu::proc_cpu_secs("self")
 }

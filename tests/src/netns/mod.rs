@@ -11,8 +11,16 @@
 //!
 //! Every completion time is reported as a ratio to (1), the origin's egress as a ratio to the
 //! blob size. Needs root, `ip` and `tc`; takes minutes, so it is a command, not a test.
+//!
+//! Modules: `topology` (namespaces, bridge, capped links), `run` (setup and the phases in
+//! order), `procs` (the server processes), `phase` (one measured phase), `report` (the
+//! table), `cpu` (CPU accounting from `/proc`), [`client`] (the HTTP client in each namespace).
 
 pub mod client;
+mod cpu;
+mod phase;
+mod procs;
+mod report;
 mod run;
 mod topology;
 
