@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the plain Kubernetes manifests in deploy/kubernetes/ from the Helm chart
 # deploy/helm/shoal with its default values (release "shoal", namespace "shoal"), for
-# people without Helm. tests/tests/install.rs checks that they match a fresh render.
+# people without Helm. tests/tests/install/chart.rs checks that they match a fresh render.
 #
 #   deploy/render.sh [OUT_DIR]      # default: deploy/kubernetes
 #
