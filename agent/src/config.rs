@@ -67,6 +67,11 @@ pub struct ServeFlags {
     #[arg(long, env = "SHOAL_AGENT_MAX_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_peers: Option<usize>,
+    /// Pass pieces on to peers while they are still arriving, block by block (`false`: only
+    /// whole pieces, as Kraken does; for comparison) [default: true].
+    #[arg(long, env = "SHOAL_AGENT_CUT_THROUGH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut_through: Option<bool>,
     /// Most bytes per second sent to peers, all together (e.g. `100MiB`, `800Mbit`; 0 = no limit).
     /// [default: 0].
     #[arg(long, env = "SHOAL_EGRESS_LIMIT")]
@@ -137,6 +142,8 @@ pub struct Config {
     pub upload_queue: usize,
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
+    #[serde(default = "default_cut_through")]
+    pub cut_through: bool,
     #[serde(default)]
     pub egress_limit: ByteRate,
     #[serde(default)]
@@ -188,6 +195,9 @@ fn default_upload_budget() -> ByteRate {
 fn default_max_peers() -> usize {
     10
 }
+fn default_cut_through() -> bool {
+    true
+}
 fn default_send_timeout() -> u64 {
     shoal_shared::http::SEND_TIMEOUT.as_secs()
 }
@@ -211,6 +221,7 @@ impl Config {
             upload_budget: default_upload_budget(),
             upload_queue: 0,
             max_peers: default_max_peers(),
+            cut_through: default_cut_through(),
             egress_limit: ByteRate::default(),
             ingress_limit: ByteRate::default(),
             partial_max_age: default_partial_max_age(),

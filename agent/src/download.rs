@@ -241,6 +241,8 @@ pub struct Settings {
     pub progress_timeout: Duration,
     pub seed_time: Duration,
     pub max_peers: usize,
+    /// Relay pieces to peers while they arrive (cut-through).
+    pub cut_through: bool,
 }
 
 /// All downloads of this agent, and the blobs it seeds.
@@ -544,7 +546,11 @@ impl Downloads {
         let active = Arc::new(Active {
             partial,
             leads,
-            relays: Relays::new(held.clone()),
+            relays: if self.settings.cut_through {
+                Relays::new(held.clone())
+            } else {
+                Relays::whole_pieces(held.clone())
+            },
             have: watch::Sender::new(held),
             // The swarm loop moves the prefix past the pieces already held before it fetches.
             prefix: watch::Sender::new(Prefix::default()),

@@ -141,6 +141,7 @@ pub async fn run(
             progress_timeout: Duration::from_secs(config.progress_timeout.max(1)),
             seed_time: Duration::from_secs(config.seed_time),
             max_peers: config.max_peers.max(1),
+            cut_through: config.cut_through,
         },
     ));
     let stats = PeerStats::default();

@@ -194,6 +194,7 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
         progress_timeout: timeout,
         seed_time: Duration::ZERO,
         max_peers: 8,
+        cut_through: true,
     };
     let metrics = DownloadMetrics::default();
     let env = swarm::Env { peers: &fake, tracker: &tracker, settings: &settings, metrics: &metrics };

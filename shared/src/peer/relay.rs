@@ -76,12 +76,20 @@ impl Relay {
 pub struct Relays {
     relays: Arc<Mutex<HashMap<u32, Arc<Relay>>>>,
     offered: watch::Sender<Bitfield>,
+    /// Off: pieces are offered only once written (whole pieces only).
+    enabled: bool,
 }
 
 impl Relays {
     /// Relays for a download that holds `have` already.
     pub fn new(have: Bitfield) -> Self {
-        Self { relays: Arc::default(), offered: watch::Sender::new(have) }
+        Self { relays: Arc::default(), offered: watch::Sender::new(have), enabled: true }
+    }
+
+    /// Relays that pass on only whole pieces: nothing is relayed, and a piece is offered
+    /// once written (the agent's `--cut-through false`).
+    pub fn whole_pieces(have: Bitfield) -> Self {
+        Self { enabled: false, ..Self::new(have) }
     }
 
     /// Relays that pass nothing on (a fetch whose pieces nobody else may ask for).
@@ -103,7 +111,7 @@ impl Relays {
     /// `None` when it is relayed already (a second copy of it, in the endgame) or the
     /// download offers no pieces.
     pub fn start(&self, index: u32, size: u32, hashes: &BlockHashes) -> Option<RelayWriter> {
-        if index >= self.offered.borrow().len() {
+        if !self.enabled || index >= self.offered.borrow().len() {
             return None;
         }
         let relay = {

@@ -91,9 +91,9 @@ struct Cli {
     /// Seconds without progress after which a download fails (re-planned at half).
     #[arg(long)]
     progress_timeout: Option<String>,
-    /// Cut-through, a what-if (the agent does not do it yet): pieces checked in blocks of
-    /// this size (16KiB, ...) are passed on while still arriving. 0: whole pieces only.
-    #[arg(long, default_value = "0")]
+    /// Cut-through, as the agent does: pieces checked in blocks of this size are passed on
+    /// while still arriving. 0: whole pieces only (the agent's `--cut-through false`).
+    #[arg(long, default_value = "16KiB")]
     cut_through: ByteRate,
     /// Hold Have messages back this long to apply them together (speeds up huge runs).
     #[arg(long, default_value = "0")]

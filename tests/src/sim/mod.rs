@@ -47,9 +47,9 @@ pub struct Config {
     pub tracker_peers: u32,
     /// How long Have messages are held back to be applied together (0: on arrival).
     pub have_batch: Nanos,
-    /// Cut-through (a what-if; the agent does not do it yet): pieces are checked in blocks
-    /// of this many bytes, and a host passes a piece on while it is still receiving it. 0:
-    /// a piece moves on only once whole, as the agent does today.
+    /// Cut-through, as the agent does by default: pieces are checked in blocks of this many
+    /// bytes (the protocol's 16 KiB), and a host passes a piece on while it is still
+    /// receiving it. 0: a piece moves on only once whole (the agent's `--cut-through false`).
     pub cut_through: u64,
     /// The download loop's knobs.
     pub policy: driver::Policy,
@@ -82,7 +82,7 @@ impl Config {
             origin_wave: 30 * SEC,
             tracker_peers: 50,
             have_batch: 0,
-            cut_through: 0,
+            cut_through: u64::from(shoal_shared::blocks::BLOCK_SIZE),
             policy: driver::Policy::agent(piece_len),
             max_time: 3600 * SEC,
             seed: 1,

@@ -17,7 +17,7 @@
 //! polls it again at its next deadline or back-off. A download without progress for half
 //! the progress timeout is re-planned and re-announces; for the whole of it, it fails.
 //!
-//! Cut-through (`Config::cut_through`, a what-if until the agent does it): once the first
+//! Cut-through (`Config::cut_through`, on by default as in the agent): once the first
 //! block of a piece has arrived and passed at a host, the host offers the piece (Have to its
 //! followers, and in its bitfield) and serves it; a flow from a host still receiving the
 //! piece delivers its last block one block time after the host's own last block. The flow
@@ -1117,8 +1117,8 @@ mod tests {
     fn cut_through_takes_the_piece_time_out_of_every_hop() {
         // A piece that moves on only once whole costs each hop of the tree a piece time;
         // passed on block by block, a hop costs a block time.
-        let whole = run(&config(100, 32 * MIB, 4 * MIB)).expect("valid");
-        let cut = run(&Config { cut_through: 16 << 10, ..config(100, 32 * MIB, 4 * MIB) }).expect("valid");
+        let whole = run(&Config { cut_through: 0, ..config(100, 32 * MIB, 4 * MIB) }).expect("valid");
+        let cut = run(&config(100, 32 * MIB, 4 * MIB)).expect("valid");
         assert_eq!((cut.completed(), cut.failed), (100, 0), "{cut}");
         assert!(cut.ratios.iter().all(|&x| x >= 1.0), "nobody beats the physical limit: {cut}");
         let (w, c) = (whole.quantile(0.5).expect("ratios"), cut.quantile(0.5).expect("ratios"));
