@@ -60,24 +60,44 @@ enum Command {
     },
 }
 
-/// Piece buffers (4 MiB by default) at or above this size are mmapped by glibc and
-/// returned to the OS when freed. Without a fixed threshold glibc raises it dynamically
-/// after the first free, the buffers then come from per-thread arenas that keep their
-/// memory, and the agent's resident size grows with every blob it downloads.
-const MMAP_THRESHOLD: libc::c_int = 2 << 20;
+/// glibc's allocator, set for buffers of pieces and blocks that are allocated and freed at
+/// line rate (a 4 MiB piece buffer per piece, 1 MiB read chunks, actix's write buffers):
+///
+/// - The mmap threshold is fixed, so glibc never raises it after a free: the dynamic
+///   threshold (and the trim threshold it drags up with it) let the agent's resident size
+///   grow with every blob downloaded (why it was first fixed at 2 MiB). It is fixed at
+///   glibc's largest (32 MiB) rather than below a piece: a piece buffer mmapped fresh per
+///   piece cost a page fault and a zeroed page per 4 KiB and an munmap per piece, a quarter
+///   of the agent's CPU on a cold pull. Only pieces longer than 32 MiB are mmapped now.
+/// - The trim threshold is fixed (setting the mmap threshold pins it at 128 KiB, which
+///   gives back and faults in again the top of the heap on every piece): up to
+///   [`TRIM_THRESHOLD`] free at an arena's top is kept for the next piece, more is returned.
+/// - At most [`ARENAS`] arenas, so what each keeps free is not multiplied by the number of
+///   threads that ever allocated a piece.
+///
+/// Measured on a cold 1 GiB pull: 5.2 CPU-seconds per GiB before, 3.3 after, peak RSS
+/// 50 MiB before, 56-59 MiB after.
+const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+const TRIM_THRESHOLD: libc::c_int = 4 << 20;
+const ARENAS: libc::c_int = 2;
 
 #[allow(unsafe_code)]
-fn fix_mmap_threshold() {
-    // SAFETY: mallopt only changes allocator parameters; it is called before any other
-    // thread exists, and a failure (return 0) just leaves glibc's default in place.
-    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
-    if ok == 0 {
-        eprintln!("warning: mallopt(M_MMAP_THRESHOLD) failed; memory use may grow with blob count");
+fn tune_malloc() {
+    for (param, value, name) in [
+        (libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD, "M_MMAP_THRESHOLD"),
+        (libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD, "M_TRIM_THRESHOLD"),
+        (libc::M_ARENA_MAX, ARENAS, "M_ARENA_MAX"),
+    ] {
+        // SAFETY: mallopt only changes allocator parameters; it is called before any other
+        // thread exists, and a failure (return 0) just leaves glibc's default in place.
+        if unsafe { libc::mallopt(param, value) } == 0 {
+            eprintln!("warning: mallopt({name}) failed; memory use or CPU may grow");
+        }
     }
 }
 
 fn main() -> anyhow::Result<()> {
-    fix_mmap_threshold();
+    tune_malloc();
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match Cli::parse().command {
         Command::Serve { flags, config } => runtime()?.block_on(serve(*flags, config)),
