@@ -1,0 +1,84 @@
+//! Cut-through in the model: which hosts are receiving a piece, the first block that makes a
+//! piece offered, and the relayed requests that wait for the relay's own last block.
+
+use super::*;
+
+impl World {
+    /// Cut-through: whether `host` is receiving `piece` now (a request for it under way
+    /// whose first block passed).
+    pub(super) fn receiving(&self, host: u32, piece: u32) -> bool {
+        let h = &self.hosts[host as usize];
+        h.early.get(piece)
+            && h.outstanding.iter().any(|&x| {
+                let q = &self.reqs[x as usize];
+                q.piece == piece
+                    && matches!(q.state, ReqState::Flowing(_) | ReqState::InTransit | ReqState::Waiting)
+            })
+    }
+
+    /// Cut-through: the first block of request `r`'s piece passed at its requester, which
+    /// offers the piece to its followers as if it held it.
+    pub(super) fn first_block(&mut self, r: u32) {
+        let (client, piece, state) = {
+            let q = &self.reqs[r as usize];
+            (q.client, q.piece, q.state)
+        };
+        if !matches!(state, ReqState::Flowing(_) | ReqState::InTransit | ReqState::Waiting) {
+            return;
+        }
+        let c = &mut self.hosts[client as usize];
+        if c.gone() || !c.downloading() || c.bits.get(piece) || c.early.get(piece) {
+            return;
+        }
+        c.early.set(piece);
+        self.offer(client, piece, false);
+    }
+
+    /// Tells `host`'s followers it has `piece` (their Have arrives a one-way delay later);
+    /// with `last`, its Have streams end there.
+    pub(super) fn offer(&mut self, host: u32, piece: u32, last: bool) {
+        let arrival = self.now() + self.one_way;
+        let batch = self.cfg.have_batch;
+        let subscribers = std::mem::take(&mut self.hosts[host as usize].subscribers);
+        let mut kept = Vec::with_capacity(subscribers.len());
+        for sub in subscribers {
+            let h = &mut self.hosts[sub as usize];
+            if h.gone() || !h.downloading() {
+                continue;
+            }
+            kept.push(sub);
+            h.haves.push((arrival, host, piece));
+            if last {
+                h.following.retain(|&x| x != host);
+            }
+            if h.flush_at.is_none() {
+                h.flush_at = Some(arrival + batch);
+                self.q.schedule(arrival + batch, Ev::HaveFlush(sub));
+            }
+        }
+        self.hosts[host as usize].subscribers = if last { Vec::new() } else { kept };
+    }
+
+    /// Cut-through: `host` now holds `piece`; requests served from it while it arrived get
+    /// their last block, one block time and a one-way delay later.
+    pub(super) fn release_waiters(&mut self, host: u32, piece: u32) {
+        let block = (self.cfg.cut_through as f64).min(self.piece_bytes(piece));
+        let tail = (block / self.cfg.rate * SEC as f64) as Nanos;
+        let waiters = std::mem::take(&mut self.hosts[host as usize].waiters);
+        let mut kept = Vec::with_capacity(waiters.len());
+        for w in waiters {
+            let q = &mut self.reqs[w as usize];
+            if q.state != ReqState::Waiting {
+                continue;
+            }
+            if q.piece != piece {
+                kept.push(w);
+                continue;
+            }
+            q.state = ReqState::InTransit;
+            let delay = tail + self.message_delay();
+            self.q.after(delay, Ev::Deliver(w));
+        }
+        self.hosts[host as usize].waiters = kept;
+    }
+}
