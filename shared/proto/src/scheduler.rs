@@ -84,6 +84,10 @@ struct Piece {
     avail: u32,
     /// Origins are not asked for it before this time (it was deferred).
     origin_after: Duration,
+    /// A request for it to an agent timed out or failed: until this time origins may be
+    /// asked for it whoever else offers it (a piece offered early by a slow relay is
+    /// otherwise held up by that relay and every relay fed by it).
+    stalled_until: Duration,
     /// Position in `free`, when free (missing and not in flight).
     slot: u32,
 }

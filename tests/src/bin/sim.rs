@@ -34,6 +34,12 @@ struct Cli {
     /// Round-trip time between any two hosts: 1ms, 250us, ...
     #[arg(long, default_value = "1ms")]
     latency: String,
+    /// Fraction of agents on slower links, spread evenly (0.1: one in ten)
+    #[arg(long, default_value_t = 0.0)]
+    slow_hosts: f64,
+    /// The slow agents' link rate [default: a tenth of --rate]
+    #[arg(long)]
+    slow_rate: Option<String>,
     /// Packet loss probability.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
@@ -63,6 +69,9 @@ struct Cli {
     /// Peers a download keeps (the agent's max_peers, default 10).
     #[arg(long)]
     max_peers: Option<u32>,
+    /// Copies of one piece in flight at once during the endgame (default: the scheduler's).
+    #[arg(long)]
+    endgame_copies: Option<u32>,
     /// Starting pipeline depth to an agent still downloading (default: the agent's).
     #[arg(long)]
     peer_pipeline: Option<u32>,
@@ -116,6 +125,10 @@ fn main() -> anyhow::Result<()> {
     let mut cfg = Config::new(cli.hosts, size, piece_len, rate);
     cfg.rtt = parse_duration(&cli.latency)?;
     cfg.loss = cli.loss;
+    cfg.slow_hosts = cli.slow_hosts;
+    if let Some(r) = &cli.slow_rate {
+        cfg.slow_rate = parse_rate(r)?;
+    }
     cfg.churn = cli.churn;
     cfg.origins = cli.origins;
     cfg.agent_budget = cli.agent_budget.0;
@@ -136,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         (cli.origin_pipeline, &mut c.shared_origin_pipeline),
         (cli.max_pipeline, &mut c.max_pipeline),
         (cli.max_in_flight, &mut c.max_in_flight),
+        (cli.endgame_copies, &mut c.endgame_copies),
     ];
     for (flag, field) in counts {
         if let Some(v) = flag {

@@ -28,6 +28,10 @@ pub struct Config {
     pub rate: f64,
     /// Round-trip time between any two hosts.
     pub rtt: Nanos,
+    /// Fraction of agents on slower links (0: none), spread evenly over the agents.
+    pub slow_hosts: f64,
+    /// The slow agents' uplink and downlink capacity, bytes per second.
+    pub slow_rate: f64,
     /// Probability that a packet is lost.
     pub loss: f64,
     /// Fraction of agents that leave at a random time during the download.
@@ -73,6 +77,8 @@ impl Config {
             piece_len,
             rate,
             rtt: SEC / 1000,
+            slow_hosts: 0.0,
+            slow_rate: rate / 10.0,
             loss: 0.0,
             churn: 0.0,
             origins: 1,
@@ -93,6 +99,18 @@ impl Config {
     /// over its link, plus one round trip.
     pub fn limit(&self) -> f64 {
         self.size as f64 / self.rate + self.rtt as f64 / SEC as f64
+    }
+
+    /// The physical limit of a slow agent: the blob over its own link, plus one round trip.
+    pub fn slow_limit(&self) -> f64 {
+        self.size as f64 / self.slow_rate + self.rtt as f64 / SEC as f64
+    }
+
+    /// Whether agent `agent` (0-based, origins not counted) is on a slow link: agents are
+    /// picked evenly, one in every `1 / slow_hosts`.
+    pub fn is_slow(&self, agent: u32) -> bool {
+        let f = self.slow_hosts;
+        f > 0.0 && ((f64::from(agent) + 1.0) * f).floor() > (f64::from(agent) * f).floor()
     }
 
     pub fn pieces(&self) -> u32 {
@@ -123,6 +141,12 @@ impl Config {
         }
         if !(self.rate.is_finite() && self.rate >= 1.0) {
             return bad("rate must be at least 1 byte/s");
+        }
+        if !(0.0..=1.0).contains(&self.slow_hosts) {
+            return bad("slow hosts must be a fraction in [0, 1]");
+        }
+        if !(self.slow_rate.is_finite() && self.slow_rate >= 1.0) {
+            return bad("slow rate must be at least 1 byte/s");
         }
         if !(0.0..0.5).contains(&self.loss) {
             return bad("loss must be in [0, 0.5)");

@@ -83,6 +83,12 @@ impl Net {
         }
     }
 
+    /// Sets one host's link capacities (before any flow starts).
+    pub fn set_capacity(&mut self, host: u32, up: f64, down: f64) {
+        self.up_cap[host as usize] = up;
+        self.down_cap[host as usize] = down;
+    }
+
     /// Caps every flow at `cap` bytes per second, whatever its links could give it.
     pub fn with_flow_cap(mut self, cap: f64) -> Self {
         self.flow_cap = cap;

@@ -113,6 +113,8 @@ struct Req {
     server: u32,
     piece: u32,
     state: ReqState,
+    /// Cut-through: the piece's first block passed at the client, which relays it from here.
+    relaying: bool,
 }
 
 #[derive(Debug)]
@@ -262,13 +264,23 @@ pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
         }
         w.handle(ev);
     }
-    let mut ratios: Vec<f64> =
-        w.hosts.iter().filter_map(|h| h.done_at).map(|t| t as f64 / SEC as f64 / cfg.limit()).collect();
+    let (mut ratios, mut slow_ratios) = (Vec::new(), Vec::new());
+    for (i, h) in w.hosts.iter().enumerate().skip(cfg.origins as usize) {
+        let Some(t) = h.done_at else { continue };
+        let secs = t as f64 / SEC as f64;
+        if cfg.is_slow(i as u32 - cfg.origins) {
+            slow_ratios.push(secs / cfg.slow_limit());
+        } else {
+            ratios.push(secs / cfg.limit());
+        }
+    }
     ratios.sort_by(f64::total_cmp);
+    slow_ratios.sort_by(f64::total_cmp);
     Ok(Report {
         config: cfg.clone(),
         limit: cfg.limit(),
         ratios,
+        slow_ratios,
         departed: w.departed,
         failed: w.failed,
         unfinished: w.active,
@@ -290,7 +302,10 @@ impl World {
         } else {
             f64::INFINITY
         };
-        let net = Net::new(total, cfg.rate, cfg.rate).with_flow_cap(flow_cap);
+        let mut net = Net::new(total, cfg.rate, cfg.rate).with_flow_cap(flow_cap);
+        for agent in (0..cfg.hosts).filter(|&a| cfg.is_slow(a)) {
+            net.set_capacity(cfg.origins + agent, cfg.slow_rate, cfg.slow_rate);
+        }
         let mut hosts = Vec::with_capacity(total);
         let mut tracker = Tracker::default();
         for i in 0..total as u32 {
@@ -572,7 +587,13 @@ impl World {
                 }
                 Action::Request { peer, index } => {
                     let id = self.reqs.len() as u32;
-                    self.reqs.push(Req { client, server: peer, piece: index, state: ReqState::Sent });
+                    self.reqs.push(Req {
+                        client,
+                        server: peer,
+                        piece: index,
+                        state: ReqState::Sent,
+                        relaying: false,
+                    });
                     self.hosts[client as usize].outstanding.push(id);
                     let delay = self.message_delay();
                     self.q.after(delay, Ev::RequestArrive(id));
@@ -679,8 +700,15 @@ impl World {
         }
         while self.hosts[server as usize].uploading < self.hosts[server as usize].slots {
             let Some(next) = self.hosts[server as usize].line.pop_front() else { break };
-            if self.reqs[next as usize].state == ReqState::Queued {
+            if self.reqs[next as usize].state != ReqState::Queued {
+                continue;
+            }
+            let piece = self.reqs[next as usize].piece;
+            if self.hosts[server as usize].bits.get(piece) || self.receiving(server, piece) {
                 self.start_flow(next);
+            } else {
+                self.reqs[next as usize].state = ReqState::Lost;
+                self.q.after(self.one_way, Ev::Refused(next));
             }
         }
     }
@@ -701,6 +729,11 @@ impl World {
             self.reqs[e.tag as usize].state = ReqState::InTransit;
             let delay = self.message_delay();
             self.q.after(delay, Ev::Deliver(e.tag));
+        } else if !self.receiving(e.src, piece) {
+            // Its relay ended under it: the stream is reset.
+            self.wasted += e.sent;
+            self.reqs[e.tag as usize].state = ReqState::Lost;
+            self.q.after(self.one_way, Ev::Refused(e.tag));
         } else {
             // Cut-through: everything the server had is sent; its last block follows its own.
             self.reqs[e.tag as usize].state = ReqState::Waiting;
@@ -812,7 +845,11 @@ impl World {
         if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
             c.outstanding.swap_remove(i);
         }
-        let Some(s) = c.sched.as_mut() else { return };
+        if self.reqs[r as usize].relaying {
+            // A relayed stream reset under a relay: the relay's own readers are reset too.
+            self.end_relay(client, piece);
+        }
+        let Some(s) = self.hosts[client as usize].sched.as_mut() else { return };
         s.on_failure(server, piece, now, failure);
         self.dispatch(client);
     }
@@ -840,6 +877,9 @@ impl World {
             }
             ReqState::InTransit | ReqState::Waiting => self.wasted += self.piece_bytes(piece),
             _ => {}
+        }
+        if self.reqs[r as usize].relaying {
+            self.end_relay(client, piece);
         }
     }
 

@@ -55,6 +55,7 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         let mut slow: Vec<P> = Vec::new();
         for (peer, index) in overdue {
             self.drop_request(peer, index);
+            self.mark_stalled(peer, index, now);
             self.pending.push(Action::Cancel { peer, index });
             if !slow.contains(&peer) {
                 slow.push(peer);

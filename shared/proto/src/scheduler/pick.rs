@@ -29,7 +29,9 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                 let i = (self.origin_cursor + k) % n;
                 let piece = self.pieces[i as usize];
                 if !piece.have && piece.copies == 0 {
-                    if piece.avail == 0 && piece.origin_after <= self.clock {
+                    if (piece.avail == 0 || piece.stalled_until > self.clock)
+                        && piece.origin_after <= self.clock
+                    {
                         self.origin_cursor = (i + 1) % n;
                         return Some(i);
                     }
@@ -66,7 +68,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
     /// Whether `peer` may be asked for piece `index` at all.
     fn eligible(&self, p: &Peer, index: u32) -> bool {
         let piece = &self.pieces[index as usize];
-        p.bits.get(index) && (!p.origin || (piece.avail == 0 && piece.origin_after <= self.clock))
+        p.bits.get(index)
+            && (!p.origin
+                || ((piece.avail == 0 || piece.stalled_until > self.clock)
+                    && piece.origin_after <= self.clock))
     }
 
     pub(super) fn pick(&mut self, peer: P) -> Option<u32> {

@@ -25,7 +25,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                 self.standing.entry(peer).or_default().banned = true;
                 self.remove_peer(peer);
             }
-            Failure::Unavailable => self.back_off(peer, now),
+            Failure::Unavailable => {
+                self.mark_stalled(peer, index, now);
+                self.back_off(peer, now);
+            }
             Failure::Busy => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.depth = p.in_flight.clamp(1, p.depth.max(1));
@@ -36,6 +39,16 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             Failure::Deferred => {
                 self.pieces[index as usize].origin_after = now + DEFER;
                 self.defer_ends.push_back(now + DEFER);
+            }
+        }
+    }
+
+    /// A request for `index` to `peer` timed out or failed: if `peer` is an agent, origins
+    /// may be asked for the piece whoever else offers it, for as long as the longest back-off.
+    pub(super) fn mark_stalled(&mut self, peer: P, index: u32, now: Duration) {
+        if self.peers.get(&peer).is_some_and(|p| !p.origin) {
+            if let Some(piece) = self.pieces.get_mut(index as usize) {
+                piece.stalled_until = now + self.config.max_backoff;
             }
         }
     }

@@ -125,6 +125,28 @@ fn pieces_of_a_backing_off_seeder_come_from_the_origin() {
 }
 
 #[test]
+fn a_piece_that_timed_out_at_an_agent_may_come_from_the_origin_whoever_offers_it() {
+    // Agents 2 and 3 offer piece 0 too (say, relays fed by one slow host) but are busy with
+    // pieces only they hold; the request to agent 1 times out. The origin is asked for
+    // piece 0, though two agents still offer it, and only while the time-out is recent.
+    let one = Config { seeder_pipeline: 1, peer_pipeline: 1, endgame_copies: 1, ..cfg() };
+    let mut s = Scheduler::new(&Bitfield::new(3), 1 << 20, 3, one);
+    s.add_peer(1, false, bits(3, &[0]), T0).expect("agent");
+    assert_eq!(requests(&poll(&mut s, T0)), vec![(1, 0)]);
+    let t1 = secs(1);
+    s.add_peer(2, false, bits(3, &[0, 1]), t1).expect("agent");
+    s.add_peer(3, false, bits(3, &[0, 2]), t1).expect("agent");
+    let mut busy = requests(&poll(&mut s, t1));
+    busy.sort();
+    assert_eq!(busy, vec![(2, 1), (3, 2)]);
+    let t = Duration::from_millis(2500);
+    s.add_peer(9, true, Bitfield::full(3), t).expect("origin");
+    let again = poll(&mut s, t);
+    assert_eq!(cancels(&again), vec![(1, 0)], "timed out");
+    assert_eq!(requests(&again), vec![(9, 0)], "the origin, though agents 2 and 3 offer it");
+}
+
+#[test]
 fn a_deferred_piece_is_not_asked_of_the_origin_again_for_a_while() {
     let mut s = Scheduler::new(&Bitfield::new(3), 1 << 20, 1, Config { seeder_pipeline: 1, ..cfg() });
     s.add_peer(9, true, Bitfield::new(3), T0).expect("origin");

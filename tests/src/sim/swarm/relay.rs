@@ -8,12 +8,52 @@ impl World {
     /// whose first block passed).
     pub(super) fn receiving(&self, host: u32, piece: u32) -> bool {
         let h = &self.hosts[host as usize];
-        h.early.get(piece)
-            && h.outstanding.iter().any(|&x| {
-                let q = &self.reqs[x as usize];
-                q.piece == piece
-                    && matches!(q.state, ReqState::Flowing(_) | ReqState::InTransit | ReqState::Waiting)
-            })
+        h.outstanding.iter().any(|&x| {
+            let q = &self.reqs[x as usize];
+            q.piece == piece
+                && q.relaying
+                && matches!(q.state, ReqState::Flowing(_) | ReqState::InTransit | ReqState::Waiting)
+        })
+    }
+
+    /// Cut-through: `host`'s transfer of `piece` ended without the piece (cancelled, timed
+    /// out, its download failed). As the agent's relay, the requests it served from that
+    /// transfer end with it: their streams are reset and the requesters look elsewhere.
+    pub(super) fn end_relay(&mut self, host: u32, piece: u32) {
+        if self.hosts[host as usize].bits.get(piece) || self.receiving(host, piece) {
+            return;
+        }
+        let now = self.now();
+        let serving: Vec<u32> = self.hosts[host as usize]
+            .serving
+            .iter()
+            .copied()
+            .filter(|&r| self.reqs[r as usize].piece == piece)
+            .collect();
+        for r in serving {
+            let ReqState::Flowing(flow) = self.reqs[r as usize].state else { continue };
+            if let Some(e) = self.net.abort(now, flow, &mut self.finishes) {
+                self.account(e.src, e.sent);
+                self.wasted += e.sent;
+            }
+            self.reqs[r as usize].state = ReqState::Lost;
+            self.q.after(self.one_way, Ev::Refused(r));
+            self.release_slot(host, r);
+        }
+        self.schedule_finishes();
+        let waiters = std::mem::take(&mut self.hosts[host as usize].waiters);
+        let mut kept = Vec::with_capacity(waiters.len());
+        for w in waiters {
+            let q = &mut self.reqs[w as usize];
+            if q.piece == piece && q.state == ReqState::Waiting {
+                q.state = ReqState::Lost;
+                self.wasted += self.piece_bytes(piece);
+                self.q.after(self.one_way, Ev::Refused(w));
+            } else if q.state == ReqState::Waiting {
+                kept.push(w);
+            }
+        }
+        self.hosts[host as usize].waiters = kept;
     }
 
     /// Cut-through: the first block of request `r`'s piece passed at its requester, which
@@ -26,6 +66,7 @@ impl World {
         if !matches!(state, ReqState::Flowing(_) | ReqState::InTransit | ReqState::Waiting) {
             return;
         }
+        self.reqs[r as usize].relaying = true;
         let c = &mut self.hosts[client as usize];
         if c.gone() || !c.downloading() || c.bits.get(piece) || c.early.get(piece) {
             return;

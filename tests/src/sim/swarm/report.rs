@@ -8,8 +8,11 @@ pub struct Report {
     pub config: Config,
     /// Seconds: blob / link rate + one round trip.
     pub limit: f64,
-    /// Completion times of the agents that finished, over `limit`, sorted.
+    /// Completion times of the agents that finished, over `limit`, sorted (slow agents
+    /// not included).
     pub ratios: Vec<f64>,
+    /// Completion times of the slow agents that finished, over their own limit, sorted.
+    pub slow_ratios: Vec<f64>,
     /// Agents that left before finishing.
     pub departed: u32,
     /// Agents whose download stalled for the whole progress timeout and failed.
@@ -30,16 +33,26 @@ pub struct Report {
 impl Report {
     /// The `q` quantile (0..=1, nearest rank) of the completion ratios.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        if self.ratios.is_empty() {
-            return None;
-        }
-        let rank = ((q * self.ratios.len() as f64).ceil() as usize).clamp(1, self.ratios.len());
-        Some(self.ratios[rank - 1])
+        quantile(&self.ratios, q)
+    }
+
+    /// The `q` quantile of the slow agents' completion ratios (over their own limit).
+    pub fn slow_quantile(&self, q: f64) -> Option<f64> {
+        quantile(&self.slow_ratios, q)
     }
 
     pub fn completed(&self) -> usize {
-        self.ratios.len()
+        self.ratios.len() + self.slow_ratios.len()
     }
+}
+
+/// The `q` quantile (0..=1, nearest rank) of sorted `ratios`.
+fn quantile(ratios: &[f64], q: f64) -> Option<f64> {
+    if ratios.is_empty() {
+        return None;
+    }
+    let rank = ((q * ratios.len() as f64).ceil() as usize).clamp(1, ratios.len());
+    Some(ratios[rank - 1])
 }
 
 impl fmt::Display for Report {
@@ -71,7 +84,21 @@ impl fmt::Display for Report {
             self.failed,
             self.unfinished
         )?;
-        writeln!(f, "completion / limit: p50 {}  p99 {}  max {}", q(0.5), q(0.99), q(1.0))?;
+        if c.slow_hosts > 0.0 {
+            let s = |x: f64| self.slow_quantile(x).map_or("-".to_string(), |r| format!("{r:.3}x"));
+            writeln!(f, "fast agents, completion / limit: p50 {}  p99 {}  max {}", q(0.5), q(0.99), q(1.0))?;
+            writeln!(
+                f,
+                "slow agents ({} at {:.1} Mbit/s), completion / their limit: p50 {}  p99 {}  max {}",
+                (0..c.hosts).filter(|&a| c.is_slow(a)).count(),
+                c.slow_rate * 8.0 / 1e6,
+                s(0.5),
+                s(0.99),
+                s(1.0)
+            )?;
+        } else {
+            writeln!(f, "completion / limit: p50 {}  p99 {}  max {}", q(0.5), q(0.99), q(1.0))?;
+        }
         writeln!(f, "origin egress / blob: {:.3}x", self.origin_egress)?;
         writeln!(f, "wasted transfer / blob: {:.3}x", self.wasted)?;
         write!(

@@ -99,6 +99,30 @@ fn a_download_without_progress_is_re_planned_then_fails() {
 }
 
 #[test]
+fn slow_hosts_are_spread_evenly_and_measured_against_their_own_link() {
+    let cfg = Config { slow_hosts: 0.1, ..config(20, 8 * MIB, MIB) };
+    assert_eq!((0..20).filter(|&a| cfg.is_slow(a)).collect::<Vec<_>>(), vec![9, 19]);
+    let r = run(&cfg).expect("valid");
+    assert_eq!((r.ratios.len(), r.slow_ratios.len(), r.failed), (18, 2, 0), "{r}");
+    // A slow host cannot beat its own link: 8 MiB at 1.25 MB/s is 6.7 s.
+    assert!(r.slow_ratios.iter().all(|&x| x >= 1.0), "{r}");
+    assert!(r.slow_ratios[0] * cfg.slow_limit() > 6.7, "{r}");
+    assert!(r.to_string().contains("slow agents (2 at 10.0 Mbit/s)"), "{r}");
+}
+
+#[test]
+fn a_relay_whose_transfer_ends_resets_the_requests_it_served() {
+    // A fifth of the hosts leave mid-download. A relay whose own transfer is cut ends the
+    // requests it served from it (the agent resets those streams), and so on down the
+    // chain; otherwise hosts wait on relays that will never have the piece, relays end up
+    // feeding each other, and every host that stays fails (all 80 did, modelled without it).
+    let r = run(&Config { churn: 0.2, ..config(100, 128 * MIB, 4 * MIB) }).expect("valid");
+    assert_eq!(r.departed + r.completed() as u32, 100, "{r}");
+    assert_eq!((r.failed, r.unfinished), (0, 0), "{r}");
+}
+
+#[test]
 fn invalid_configs_are_refused() {
     assert!(run(&Config { hosts: 0, ..config(1, MIB, MIB) }).is_err());
+    assert!(run(&Config { slow_hosts: 1.5, ..config(1, MIB, MIB) }).is_err());
 }
