@@ -8,7 +8,8 @@
 //! verify; a bitfield from a seeder or origin). Re-announces start at [`FIRST_REANNOUNCE`]
 //! and slow down as the download ages. A download that makes
 //! no progress for half the progress timeout is re-planned (every request cancelled,
-//! back-offs forgiven, the tracker asked again); for the whole timeout, it fails.
+//! back-offs forgiven, the tracker asked again); for the whole timeout, it fails: the rule
+//! is [`Progress`], in the protocol core, which the simulator drives too.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
 use shoal_shared::seams::{Announcer, Haves, PeerTransport};
+use shoal_shared::session::{Progress, Stall};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
@@ -71,7 +73,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
         scheduler::Config::for_agent(u64::from(metainfo.piece_length()), dl.settings.max_peers),
     );
     let started = Instant::now();
-    let timeout = dl.settings.progress_timeout;
+    let mut progress = Progress::new(dl.settings.progress_timeout);
     // A resumed download may start with a prefix already held.
     let mut prefix_pieces = advance_prefix(metainfo, active, 0);
     let mut fetches: JoinSet<Fetch> = JoinSet::new();
@@ -87,7 +89,6 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
     let mut next_announce = Duration::ZERO;
     // A re-plan asked for a fresh announce while one was in flight: due as soon as it answers.
     let mut announce_again = false;
-    let mut replanned = false;
 
     while !sched.is_complete() {
         let now = started.elapsed();
@@ -96,16 +97,16 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 (dl.tracker.clone(), Announce { digest, peer: dl.settings.me, complete: false });
             announcing.spawn(async move { tracker.announce(&a).await.map(|resp| resp.peers) });
         }
-        let idle = now.saturating_sub(sched.last_progress());
-        if idle >= timeout {
-            return Err(DownloadError::Stalled(timeout));
-        }
-        if idle >= timeout / 2 && !replanned {
-            tracing::info!(%digest, ?idle, "no progress: re-planning");
-            sched.replan();
-            replanned = true;
-            next_announce = now;
-            announce_again = !announcing.is_empty();
+        match progress.check(now, sched.last_progress()) {
+            Some(Stall::Fail) => return Err(DownloadError::Stalled(progress.timeout())),
+            Some(Stall::Replan) => {
+                let idle = now.saturating_sub(sched.last_progress());
+                tracing::info!(%digest, ?idle, "no progress: re-planning");
+                sched.replan();
+                next_announce = now;
+                announce_again = !announcing.is_empty();
+            }
+            None => {}
         }
         sched.poll(now, &mut actions);
         for action in actions.drain(..) {
@@ -126,7 +127,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 }
             }
         }
-        let stall_at = sched.last_progress() + if replanned { timeout } else { timeout / 2 };
+        let stall_at = progress.next_check(sched.last_progress());
         let announce_at = if announcing.is_empty() { next_announce } else { Duration::MAX };
         let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(announce_at);
         tokio::select! {
@@ -162,7 +163,6 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                             dl.metrics.piece_seconds.observe(took.as_secs_f64());
                             prefix_pieces = advance_prefix(metainfo, active, prefix_pieces);
                             dl.metrics.pieces.inc();
-                            replanned = false;
                         }
                         sched.on_piece(peer, index, now);
                     }

@@ -7,13 +7,16 @@
 //! scheduler owns the policy (front window, rarest first, origin as fallback, pipelines,
 //! deadlines with re-dispatch, endgame, back-off, peer cap); this file only converts clocks
 //! and carries [`Policy`], the agent's constants for the scheduler and its download loop
-//! (re-announce schedule, progress timeout).
+//! (re-announce schedule, progress timeout). The progress timer is the agent's own
+//! ([`shoal_shared::session::Progress`]), kept beside the scheduler it reads.
 
 use std::time::Duration;
 
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
+use shoal_shared::session::Progress;
+pub use shoal_shared::session::Stall;
 
 use super::queue::{Nanos, SEC};
 
@@ -58,10 +61,12 @@ fn nanos(d: Duration) -> Nanos {
     d.as_nanos().min(u128::from(Nanos::MAX)) as Nanos
 }
 
-/// One host's download: the scheduler keyed by host number, on the virtual clock.
+/// One host's download: the scheduler keyed by host number and its progress timer, on the
+/// virtual clock.
 #[derive(Debug)]
 pub struct Scheduler {
     inner: scheduler::Scheduler<u32>,
+    progress: Progress,
     policy: Policy,
 }
 
@@ -72,6 +77,7 @@ impl Scheduler {
         let piece_len = u32::try_from(piece_len).unwrap_or(u32::MAX);
         Self {
             inner: scheduler::Scheduler::new(&Bitfield::new(pieces), piece_len, seed, policy.scheduler),
+            progress: Progress::new(dur(policy.progress_timeout)),
             policy,
         }
     }
@@ -104,6 +110,16 @@ impl Scheduler {
     /// When the last piece arrived (or the download started).
     pub fn last_progress(&self) -> Nanos {
         nanos(self.inner.last_progress())
+    }
+
+    /// What the progress timer says at `now`: re-plan (once per stall) or fail.
+    pub fn stall(&mut self, now: Nanos) -> Option<Stall> {
+        self.progress.check(dur(now), self.inner.last_progress())
+    }
+
+    /// When [`stall`](Self::stall) next has something to say without a new piece.
+    pub fn next_stall_check(&self) -> Nanos {
+        nanos(self.progress.next_check(self.inner.last_progress()))
     }
 
     /// A peer answered with its bitfield; false if the scheduler turned it away.

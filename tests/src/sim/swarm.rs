@@ -15,7 +15,8 @@
 //! (which then streams Have messages as its pieces verify, and probes the subscriber back)
 //! and a bitfield request otherwise; carries out the scheduler's requests and cancels; and
 //! polls it again at its next deadline or back-off. A download without progress for half
-//! the progress timeout is re-planned and re-announces; for the whole of it, it fails.
+//! the progress timeout is re-planned and re-announces; for the whole of it, it fails (the
+//! rule is the protocol core's `session::Progress`, reached through [`super::driver`]).
 //!
 //! Cut-through (`Config::cut_through`, on by default as in the agent): once the first
 //! block of a piece has arrived and passed at a host, the host offers the piece (Have to its
@@ -33,7 +34,7 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::{Action, Failure, Scheduler};
+use super::driver::{Action, Failure, Scheduler, Stall};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};
@@ -124,8 +125,6 @@ struct Host {
     done_at: Option<Nanos>,
     /// The download stalled for the whole progress timeout and failed.
     failed: bool,
-    /// The download was re-planned since its last progress.
-    replanned: bool,
     /// The earliest [`Ev::Wake`] pending.
     wake_at: Nanos,
     left_at: Option<Nanos>,
@@ -304,7 +303,6 @@ impl World {
                 sched,
                 done_at: None,
                 failed: false,
-                replanned: false,
                 wake_at: Nanos::MAX,
                 left_at: None,
                 announced: origin,
@@ -536,20 +534,18 @@ impl World {
     /// cancels and requests, then the next wake-up.
     fn dispatch(&mut self, client: u32) {
         let now = self.now();
-        let timeout = self.cfg.policy.progress_timeout;
-        let idle = match self.hosts[client as usize].sched.as_ref() {
-            Some(s) => now.saturating_sub(s.last_progress()),
+        let stall = match self.hosts[client as usize].sched.as_mut() {
+            Some(s) => s.stall(now),
             None => return,
         };
-        if idle >= timeout {
+        if stall == Some(Stall::Fail) {
             self.fail(client);
             return;
         }
         let h = &mut self.hosts[client as usize];
         let Some(s) = h.sched.as_mut() else { return };
-        if idle >= timeout / 2 && !h.replanned {
+        if stall == Some(Stall::Replan) {
             s.replan();
-            h.replanned = true;
             h.announce_version += 1;
             h.next_announce = now;
             let version = h.announce_version;
@@ -582,7 +578,7 @@ impl World {
         self.actions = actions;
         let h = &mut self.hosts[client as usize];
         let Some(s) = h.sched.as_ref() else { return };
-        let stall_at = s.last_progress() + if h.replanned { timeout } else { timeout / 2 };
+        let stall_at = s.next_stall_check();
         let wake = s.next_wakeup(now).unwrap_or(stall_at).min(stall_at).max(now + 1);
         if wake < h.wake_at {
             h.wake_at = wake;
@@ -739,7 +735,6 @@ impl World {
         }
         c.bits.set(piece);
         c.have += 1;
-        c.replanned = false;
         if !c.waiters.is_empty() {
             self.release_waiters(client, piece);
         }
