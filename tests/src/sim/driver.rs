@@ -8,15 +8,16 @@
 //! deadlines with re-dispatch, endgame, back-off, peer cap); this file only converts clocks
 //! and carries [`Policy`], the agent's constants for the scheduler and its download loop
 //! (re-announce schedule, progress timeout). The progress timer is the agent's own
-//! ([`shoal_shared::session::Progress`]), kept beside the scheduler it reads.
+//! ([`shoal_shared::session::Progress`]), kept beside the scheduler it reads; an origin's
+//! first-copies-first waves are the origin's own ([`FirstCopies`]).
 
 use std::time::Duration;
 
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
-use shoal_shared::session::Progress;
 pub use shoal_shared::session::Stall;
+use shoal_shared::session::{self, Progress};
 
 use super::queue::{Nanos, SEC};
 
@@ -160,6 +161,23 @@ impl Scheduler {
     /// When [`poll`](Self::poll) next has something to do without another event.
     pub fn next_wakeup(&self, now: Nanos) -> Option<Nanos> {
         self.inner.next_wakeup(dur(now)).map(nanos)
+    }
+}
+
+/// An origin's first copies first (the origin's own [`session::FirstCopies`]) on the
+/// virtual clock.
+#[derive(Debug)]
+pub struct FirstCopies(session::FirstCopies);
+
+impl FirstCopies {
+    /// A blob of `pieces` pieces whose waves last at most `longest`, the first from `now`.
+    pub fn new(pieces: u32, longest: Nanos, now: Nanos) -> Self {
+        Self(session::FirstCopies::new(pieces, dur(longest), dur(now)))
+    }
+
+    /// Whether `piece` may be served at `now` (recorded if so).
+    pub fn admit(&mut self, piece: u32, now: Nanos) -> bool {
+        self.0.admit(piece, dur(now))
     }
 }
 

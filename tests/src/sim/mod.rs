@@ -79,7 +79,7 @@ impl Config {
             agent_budget: 16 << 20,
             origin_budget: 32 << 20,
             server_queue: 0,
-            origin_wave: 30 * SEC,
+            origin_wave: shoal_shared::session::LONGEST_WAVE.as_nanos() as Nanos,
             tracker_peers: 50,
             have_batch: 0,
             cut_through: u64::from(shoal_shared::blocks::BLOCK_SIZE),

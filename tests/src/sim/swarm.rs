@@ -34,7 +34,7 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::{Action, Failure, Scheduler, Stall};
+use super::driver::{Action, Failure, FirstCopies, Scheduler, Stall};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};
@@ -151,10 +151,8 @@ struct Host {
     early: Bitfield,
     /// Cut-through: requests served from a piece still arriving here, waiting for its end.
     waiters: Vec<u32>,
-    /// Origins: pieces sent in the current wave, how many, and since when.
-    wave: Vec<bool>,
-    wave_count: u32,
-    wave_started: Nanos,
+    /// Origins with first copies first: the pieces sent in the current wave.
+    first_copies: Option<FirstCopies>,
 }
 
 impl Host {
@@ -231,24 +229,6 @@ struct World {
     failed: u32,
 }
 
-/// The origin's first-copies-first rule (as `origin/src/spread.rs`): a piece already sent
-/// in the current wave is declined while others have not gone out; a wave ends when every
-/// piece went out or after `wave`.
-fn admit_wave(s: &mut Host, piece: u32, now: Nanos, wave: Nanos) -> bool {
-    if s.wave_count as usize == s.wave.len() || now.saturating_sub(s.wave_started) >= wave {
-        s.wave.iter_mut().for_each(|b| *b = false);
-        s.wave_count = 0;
-        s.wave_started = now;
-    }
-    let Some(slot) = s.wave.get_mut(piece as usize) else { return false };
-    if *slot {
-        return false;
-    }
-    *slot = true;
-    s.wave_count += 1;
-    true
-}
-
 /// Runs one simulation to the end (every agent finished or gone) or to `max_time`.
 pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
     cfg.validate()?;
@@ -320,9 +300,8 @@ impl World {
                 outstanding: Vec::new(),
                 early: Bitfield::new(pieces),
                 waiters: Vec::new(),
-                wave: if origin { vec![false; pieces as usize] } else { Vec::new() },
-                wave_count: 0,
-                wave_started: 0,
+                first_copies: (origin && cfg.origin_wave > 0)
+                    .then(|| FirstCopies::new(pieces, cfg.origin_wave, 0)),
             });
             if origin {
                 tracker.origins.push(i);
@@ -611,7 +590,6 @@ impl World {
         }
         let (server, piece) = (req.server, req.piece);
         let now = self.now();
-        let wave = self.cfg.origin_wave;
         let receiving = self.receiving(server, piece);
         let s = &mut self.hosts[server as usize];
         // The real server's order: upload budget (or a place in line) first, then the
@@ -625,7 +603,7 @@ impl World {
         } else if !free && s.line.len() >= self.cfg.server_queue as usize {
             self.reqs[r as usize].state = ReqState::Busy;
             self.q.after(self.one_way, Ev::Refused(r));
-        } else if s.origin && wave > 0 && !admit_wave(s, piece, now, wave) {
+        } else if s.first_copies.as_mut().is_some_and(|w| !w.admit(piece, now)) {
             self.reqs[r as usize].state = ReqState::Declined;
             self.q.after(self.one_way, Ev::Refused(r));
         } else if free {
