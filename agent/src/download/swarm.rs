@@ -2,11 +2,11 @@
 //!
 //! The scheduler decides; this loop carries out its [`Action`]s (one task per piece request,
 //! aborted on cancel, which resets the QUIC stream), reports every answer back, and feeds it
-//! what peers hold: the tracker's peer list (re-announced every [`REANNOUNCE`], in a task of
-//! its own so that a slow tracker does not hold up the pieces), then per peer one probe (a
+//! what peers hold: the tracker's peer list (re-announced on [`Schedule::AGENT`], in a task
+//! of its own so that a slow tracker does not hold up the pieces), then per peer one probe (a
 //! `Subscribe` stream to an agent still downloading, whose `Have` frames arrive as its pieces
-//! verify; a bitfield from a seeder or origin). Re-announces start at [`FIRST_REANNOUNCE`]
-//! and slow down as the download ages. A download that makes
+//! verify; a bitfield from a seeder or origin). Re-announces start at 250 ms and slow down
+//! as the download ages ([`Announces`]). A download that makes
 //! no progress for half the progress timeout is re-planned (every request cancelled,
 //! back-offs forgiven, the tracker asked again); for the whole timeout, it fails: the rule
 //! is [`Progress`], in the protocol core, which the simulator drives too.
@@ -21,7 +21,7 @@ use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
 use shoal_shared::seams::{Announcer, Haves, PeerTransport};
-use shoal_shared::session::{Progress, Stall};
+use shoal_shared::session::{Announces, Progress, Schedule, Stall};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
@@ -33,12 +33,6 @@ use crate::delivery::Source;
 
 /// How long to wait for a peer's bitfield.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Re-announce at least this often while downloading, to find new peers.
-const REANNOUNCE: Duration = Duration::from_secs(3);
-/// First re-announce: agents that start together find each other within a fraction of a
-/// second (the interval grows with the download's age up to [`REANNOUNCE`]), so they do not
-/// each fetch the blob from the origin before learning of the others.
-const FIRST_REANNOUNCE: Duration = Duration::from_millis(250);
 /// Leads (peers to probe) queued for a download before further ones are dropped.
 pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.
@@ -86,13 +80,11 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
     // The announce runs beside the loop (a slow tracker must not hold up pieces), at most
     // one at a time; the next is due a while after the last one answered.
     let mut announcing: JoinSet<Result<Vec<PeerInfo>, LookupError>> = JoinSet::new();
-    let mut next_announce = Duration::ZERO;
-    // A re-plan asked for a fresh announce while one was in flight: due as soon as it answers.
-    let mut announce_again = false;
+    let mut announces = Announces::new(Schedule::AGENT);
 
     while !sched.is_complete() {
         let now = started.elapsed();
-        if announcing.is_empty() && now >= next_announce {
+        if announces.poll(now) {
             let (tracker, a) =
                 (dl.tracker.clone(), Announce { digest, peer: dl.settings.me, complete: false });
             announcing.spawn(async move { tracker.announce(&a).await.map(|resp| resp.peers) });
@@ -103,8 +95,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 let idle = now.saturating_sub(sched.last_progress());
                 tracing::info!(%digest, ?idle, "no progress: re-planning");
                 sched.replan();
-                next_announce = now;
-                announce_again = !announcing.is_empty();
+                announces.replan(now);
             }
             None => {}
         }
@@ -128,16 +119,12 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
             }
         }
         let stall_at = progress.next_check(sched.last_progress());
-        let announce_at = if announcing.is_empty() { next_announce } else { Duration::MAX };
+        let announce_at = announces.next_wakeup().unwrap_or(Duration::MAX);
         let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(announce_at);
         tokio::select! {
             Some(joined) = announcing.join_next(), if !announcing.is_empty() => {
                 let age = started.elapsed();
-                next_announce = if std::mem::take(&mut announce_again) {
-                    age
-                } else {
-                    age + (age / 4).clamp(FIRST_REANNOUNCE, REANNOUNCE)
-                };
+                announces.on_answer(age);
                 match joined {
                     Ok(Ok(listed)) => probe_listed(dl, metainfo, &sched, &mut probes, &mut probing, listed, age),
                     Ok(Err(e)) => tracing::warn!(%digest, cause = %e, "announce failed"),

@@ -10,7 +10,8 @@
 //! piece block by block as it arrives),
 //! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
 //! [`scheduler`] (which peer is asked for which piece), [`session`] (the download's rules around
-//! the scheduler: its progress timer, the origin's first-copies-first waves), [`oci`] (references, manifests, media types, error
+//! the scheduler: its progress timer and announce timer, the origin's first-copies-first
+//! waves), [`oci`] (references, manifests, media types, error
 //! codes), [`referrers`] (the referrers API's index), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
 //! pull is for), [`messages`] (tracker messages), [`ring`] (who owns a blob among origins or
 //! trackers),

@@ -2,8 +2,9 @@
 //!
 //! The [`scheduler`](crate::scheduler) decides which peer is asked for which piece. The
 //! rules here decide the rest of a download's and a server's timing: when a download that
-//! stopped progressing is re-planned and when it fails ([`Progress`]), and which piece an
-//! origin serves a second copy of ([`FirstCopies`]). Like the scheduler,
+//! stopped progressing is re-planned and when it fails ([`Progress`]), when it announces
+//! itself to the tracker ([`Announces`]), and which piece an origin serves a second copy of
+//! ([`FirstCopies`]). Like the scheduler,
 //! nothing here does I/O or reads a clock: the caller passes `now` as a [`Duration`] since
 //! any fixed start. The agent's download loop (`agent/src/download/swarm.rs`) drives these
 //! with real peers and a real clock; the simulator (`shoal-tests`, `sim`) drives the same
@@ -11,8 +12,10 @@
 //!
 //! [`Duration`]: std::time::Duration
 
+mod announce;
 mod progress;
 mod waves;
 
+pub use announce::{Announces, Schedule};
 pub use progress::{Progress, Stall};
 pub use waves::{FirstCopies, LONGEST_WAVE};

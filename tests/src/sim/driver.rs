@@ -17,7 +17,7 @@ use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
 pub use shoal_shared::session::Stall;
-use shoal_shared::session::{self, Progress};
+use shoal_shared::session::{self, Progress, Schedule};
 
 use super::queue::{Nanos, SEC};
 
@@ -26,10 +26,8 @@ use super::queue::{Nanos, SEC};
 pub struct Policy {
     /// The scheduler's configuration, as the agent builds it.
     pub scheduler: scheduler::Config,
-    /// First re-announce; the interval then grows with the download's age (a quarter of it).
-    pub first_reannounce: Nanos,
-    /// Longest re-announce interval.
-    pub reannounce: Nanos,
+    /// The re-announce intervals (the agent's [`Schedule::AGENT`]).
+    pub announces: Schedule,
     /// No progress for half of this: re-plan; for all of it: the download fails.
     pub progress_timeout: Nanos,
 }
@@ -41,16 +39,15 @@ impl Policy {
     pub fn agent(piece_len: u64) -> Self {
         Self {
             scheduler: scheduler::Config::for_agent(piece_len, 10),
-            first_reannounce: SEC / 4,
-            reannounce: 3 * SEC,
+            announces: Schedule::AGENT,
             progress_timeout: 60 * SEC,
         }
     }
 
-    /// When a download `age` old announces next: like the agent, a quarter of its age,
-    /// between the first and the longest interval.
+    /// When a download `age` old announces next: the agent's [`Schedule::next`], a quarter
+    /// of its age between the first and the longest interval.
     pub fn next_announce(&self, age: Nanos) -> Nanos {
-        age + (age / 4).clamp(self.first_reannounce, self.reannounce.max(self.first_reannounce))
+        nanos(self.announces.next(dur(age)))
     }
 }
 

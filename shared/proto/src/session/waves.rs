@@ -37,7 +37,7 @@ impl FirstCopies {
 
     /// Pieces in the blob.
     pub fn pieces(&self) -> u32 {
-        self.count_of(self.served.len())
+        u32::try_from(self.served.len()).unwrap_or(u32::MAX)
     }
 
     /// When the current wave started.
@@ -64,10 +64,6 @@ impl FirstCopies {
         *slot = true;
         self.count += 1;
         true
-    }
-
-    fn count_of(&self, n: usize) -> u32 {
-        u32::try_from(n).unwrap_or(u32::MAX)
     }
 }
 
