@@ -21,7 +21,7 @@ use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
 use shoal_shared::seams::{Announcer, Haves, PeerTransport};
-use shoal_shared::session::{Announces, Progress, Schedule, Stall};
+use shoal_shared::session::{self, Announces, Listed, Miss, Progress, Schedule, Stall};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
@@ -153,23 +153,22 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                         }
                         sched.on_piece(peer, index, now);
                     }
-                    Err(e) if e.is_misbehaviour() => {
-                        dl.metrics.bad_pieces.inc();
-                        tracing::warn!(%digest, %peer, cause = %e, "peer blacklisted for this blob");
-                        dl.peers.ban(peer);
-                        sched.on_failure(peer, index, now, Failure::Bad);
-                    }
-                    // An origin that holds the blob declines a piece it has just sent to
-                    // another agent (first copies first): take it from that agent.
-                    Err(PeerError::Refused { refusal: Refusal::NotFound, .. }) if sched.is_origin(peer) => {
-                        sched.on_failure(peer, index, now, Failure::Deferred);
-                    }
-                    Err(PeerError::Refused { refusal: Refusal::Busy, .. }) => {
-                        sched.on_failure(peer, index, now, Failure::Busy);
-                    }
                     Err(e) => {
-                        tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
-                        sched.on_failure(peer, index, now, Failure::Unavailable);
+                        let failure = miss(&e).failure(sched.is_origin(peer));
+                        match failure {
+                            Failure::Bad => {
+                                dl.metrics.bad_pieces.inc();
+                                tracing::warn!(%digest, %peer, cause = %e, "peer blacklisted for this blob");
+                                dl.peers.ban(peer);
+                            }
+                            Failure::Unavailable => {
+                                tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
+                            }
+                            // Busy: paused. Deferred: an origin declined a piece it has just
+                            // sent to another agent (first copies first): take it from there.
+                            Failure::Busy | Failure::Deferred => {}
+                        }
+                        sched.on_failure(peer, index, now, failure);
                     }
                 }
             }
@@ -198,12 +197,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 // batched announce: probe it now rather than at our next announce.
                 let now = started.elapsed();
                 let addr = lead.addr;
-                if addr != dl.settings.me
-                    && sched.admits(addr, now)
-                    && !probing.contains(&addr)
-                    && !sched.is_seeder(addr)
-                    && sched.peer_count() < dl.settings.max_peers.max(1)
-                {
+                if session::takes_lead(&sched, addr, now, addr == dl.settings.me || probing.contains(&addr)) {
                     spawn_probe(dl, metainfo, &mut probes, &mut probing, lead);
                 }
             }
@@ -223,6 +217,15 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
     Ok(())
 }
 
+/// What a failed piece request was, for [`Miss::failure`].
+fn miss(e: &PeerError) -> Miss {
+    match e {
+        _ if e.is_misbehaviour() => Miss::Misbehaved,
+        PeerError::Refused { refusal, .. } => Miss::Refused(*refusal),
+        _ => Miss::Lost,
+    }
+}
+
 /// Moves the verified prefix past every held piece and tells streaming readers.
 fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 {
     {
@@ -240,7 +243,8 @@ fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 
     pieces
 }
 
-/// Probes the peers an announce listed that the scheduler would take and is not following.
+/// Probes the peers an announce listed that the scheduler would take and is not following
+/// ([`session::to_probe`] chooses them).
 fn probe_listed<P: PeerTransport, T: Announcer>(
     dl: &Env<'_, P, T>,
     metainfo: &Metainfo,
@@ -250,18 +254,11 @@ fn probe_listed<P: PeerTransport, T: Announcer>(
     listed: Vec<PeerInfo>,
     now: Duration,
 ) {
-    let room = dl.settings.max_peers.max(1).saturating_sub(sched.peer_count());
-    let wanted = listed.into_iter().filter(|p| {
-        p.addr != dl.settings.me
-            && sched.admits(p.addr, now)
-            && !sched.is_seeder(p.addr)
-            && !probing.contains(&p.addr)
-    });
-    // Seeders and origins first: they may displace agents when the cap is reached.
-    let mut wanted: Vec<PeerInfo> = wanted.collect();
-    wanted.sort_by_key(|p| (!p.complete, p.origin));
-    for p in wanted.into_iter().take(room.max(1)) {
-        spawn_probe(dl, metainfo, probes, probing, p);
+    let me = dl.settings.me;
+    let listed = listed.into_iter().map(Listed::from);
+    let chosen = session::to_probe(sched, listed, now, |p| p == me || probing.contains(&p));
+    for p in chosen {
+        spawn_probe(dl, metainfo, probes, probing, p.into());
     }
 }
 

@@ -16,8 +16,9 @@ use std::time::Duration;
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
-pub use shoal_shared::session::Stall;
 use shoal_shared::session::{self, Progress, Schedule};
+pub use shoal_shared::session::{Listed, Miss, Stall};
+pub use shoal_shared::wire::Refusal;
 
 use super::queue::{Nanos, SEC};
 
@@ -103,6 +104,25 @@ impl Scheduler {
 
     pub fn is_seeder(&self, host: u32) -> bool {
         self.inner.is_seeder(host)
+    }
+
+    pub fn is_origin(&self, host: u32) -> bool {
+        self.inner.is_origin(host)
+    }
+
+    /// The agent's choice of listed peers to probe ([`session::to_probe`]).
+    pub fn to_probe(
+        &self,
+        listed: impl IntoIterator<Item = Listed<u32>>,
+        now: Nanos,
+        busy: impl Fn(u32) -> bool,
+    ) -> Vec<Listed<u32>> {
+        session::to_probe(&self.inner, listed, dur(now), busy)
+    }
+
+    /// The agent's rule for a lead ([`session::takes_lead`]).
+    pub fn takes_lead(&self, host: u32, now: Nanos, busy: bool) -> bool {
+        session::takes_lead(&self.inner, host, dur(now), busy)
     }
 
     /// When the last piece arrived (or the download started).

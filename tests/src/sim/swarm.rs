@@ -34,7 +34,7 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::{Action, Failure, FirstCopies, Scheduler, Stall};
+use super::driver::{Action, FirstCopies, Listed, Miss, Refusal, Scheduler, Stall};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};
@@ -421,20 +421,13 @@ impl World {
         let listed = self.tracker.sample(host, &self.hosts, now, max, &mut self.rng);
         let h = &self.hosts[host as usize];
         let Some(s) = h.sched.as_ref() else { return };
-        let room = (s.policy().scheduler.max_peers).saturating_sub(s.peer_count()).max(1);
-        let mut wanted: Vec<(bool, bool, u32)> = listed
-            .into_iter()
-            .filter(|&p| {
-                s.admits(p, now) && !s.is_seeder(p) && !h.connecting.contains(&p) && !h.following.contains(&p)
-            })
-            .map(|p| {
-                let peer = &self.hosts[p as usize];
-                (peer.origin || peer.done_at.is_some(), peer.origin, p)
-            })
-            .collect();
-        wanted.sort_by_key(|&(complete, origin, _)| (!complete, origin));
-        for (complete, origin, p) in wanted.into_iter().take(room) {
-            self.probe(host, p, !complete && !origin);
+        let listed = listed.into_iter().map(|p| {
+            let peer = &self.hosts[p as usize];
+            Listed { peer: p, complete: peer.origin || peer.done_at.is_some(), origin: peer.origin }
+        });
+        let chosen = s.to_probe(listed, now, |p| h.connecting.contains(&p) || h.following.contains(&p));
+        for l in chosen {
+            self.probe(host, l.peer, !l.complete && !l.origin);
         }
     }
 
@@ -473,12 +466,7 @@ impl World {
         let now = self.now();
         let h = &self.hosts[host as usize];
         let Some(s) = h.sched.as_ref() else { return };
-        if s.admits(peer, now)
-            && !h.connecting.contains(&peer)
-            && !h.following.contains(&peer)
-            && !s.is_seeder(peer)
-            && s.peer_count() < s.policy().scheduler.max_peers
-        {
+        if s.takes_lead(peer, now, h.connecting.contains(&peer) || h.following.contains(&peer)) {
             self.probe(host, peer, true);
         }
     }
@@ -774,10 +762,10 @@ impl World {
             let q = &self.reqs[r as usize];
             (q.client, q.server, q.piece, q.state)
         };
-        let failure = match state {
-            ReqState::Declined => Failure::Deferred,
-            ReqState::Busy => Failure::Busy,
-            ReqState::Lost => Failure::Unavailable,
+        // What the real server answers; the agent's rule maps it to a failure.
+        let miss = match state {
+            ReqState::Declined | ReqState::Lost => Miss::Refused(Refusal::NotFound),
+            ReqState::Busy => Miss::Refused(Refusal::Busy),
             _ => return,
         };
         self.reqs[r as usize].state = ReqState::Done;
@@ -786,6 +774,7 @@ impl World {
             c.outstanding.swap_remove(i);
         }
         let Some(s) = c.sched.as_mut() else { return };
+        let failure = miss.failure(s.is_origin(server));
         s.on_failure(server, piece, now, failure);
         self.dispatch(client);
     }
