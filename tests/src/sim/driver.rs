@@ -16,7 +16,7 @@ use std::time::Duration;
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
-use shoal_shared::session::{self, Progress, Schedule};
+use shoal_shared::session::{self, Announces, Progress, Schedule};
 pub use shoal_shared::session::{Listed, Miss, Stall};
 pub use shoal_shared::wire::Refusal;
 
@@ -44,12 +44,6 @@ impl Policy {
             progress_timeout: 60 * SEC,
         }
     }
-
-    /// When a download `age` old announces next: the agent's [`Schedule::next`], a quarter
-    /// of its age between the first and the longest interval.
-    pub fn next_announce(&self, age: Nanos) -> Nanos {
-        nanos(self.announces.next(dur(age)))
-    }
 }
 
 fn dur(t: Nanos) -> Duration {
@@ -60,12 +54,13 @@ fn nanos(d: Duration) -> Nanos {
     d.as_nanos().min(u128::from(Nanos::MAX)) as Nanos
 }
 
-/// One host's download: the scheduler keyed by host number and its progress timer, on the
-/// virtual clock.
+/// One host's download: the scheduler keyed by host number, its progress timer and its
+/// announce timer, on the virtual clock (the download starts at 0).
 #[derive(Debug)]
 pub struct Scheduler {
     inner: scheduler::Scheduler<u32>,
     progress: Progress,
+    announces: Announces,
     policy: Policy,
 }
 
@@ -77,6 +72,7 @@ impl Scheduler {
         Self {
             inner: scheduler::Scheduler::new(&Bitfield::new(pieces), piece_len, seed, policy.scheduler),
             progress: Progress::new(dur(policy.progress_timeout)),
+            announces: Announces::new(policy.announces),
             policy,
         }
     }
@@ -155,9 +151,26 @@ impl Scheduler {
         self.inner.back_off(host, dur(now));
     }
 
-    /// Cancels every request and forgives back-offs (a download that stopped progressing).
-    pub fn replan(&mut self) {
+    /// Cancels every request and forgives back-offs (a download that stopped progressing),
+    /// and asks for an announce at once (or as soon as the one in flight is answered).
+    pub fn replan(&mut self, now: Nanos) {
         self.inner.replan();
+        self.announces.replan(dur(now));
+    }
+
+    /// Whether an announce is due at `now`; if so it counts as sent.
+    pub fn announce_due(&mut self, now: Nanos) -> bool {
+        self.announces.poll(dur(now))
+    }
+
+    /// The tracker answered the announce in flight.
+    pub fn on_announce_answer(&mut self, now: Nanos) {
+        self.announces.on_answer(dur(now));
+    }
+
+    /// When the next announce is due, unless one is in flight.
+    pub fn next_announce(&self) -> Option<Nanos> {
+        self.announces.next_wakeup().map(nanos)
     }
 
     /// Expires overdue requests and fills the pipelines: cancels first, then requests.
@@ -214,9 +227,8 @@ mod tests {
         let c = &p.scheduler;
         assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (64, 4, 8, 32));
         assert_eq!(c.max_peers, 10);
-        assert_eq!(p.next_announce(0), SEC / 4);
-        assert_eq!(p.next_announce(4 * SEC), 5 * SEC);
-        assert_eq!(p.next_announce(100 * SEC), 103 * SEC);
+        assert_eq!(p.announces, Schedule::AGENT);
+        assert_eq!(p.progress_timeout, 60 * SEC);
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! Departed hosts answer nothing: requests to them run into the requester's deadline.
 //!
 //! Each agent mirrors the agent's download loop (`agent/src/download/swarm.rs`) around the
-//! scheduler ([`super::driver`]): it announces at once, then after a quarter of the
-//! download's age (250 ms to 3 s); probes up to `max_peers` less the peers known of the
+//! scheduler ([`super::driver`]): it announces at once, then a quarter of the download's
+//! age (250 ms to 3 s) after each answer, one announce in flight (the agent's announce
+//! timer); probes up to `max_peers` less the peers known of the
 //! listed ones (seeders and origins first), with a Subscribe to an agent still downloading
 //! (which then streams Have messages as its pieces verify, and probes the subscriber back)
 //! and a bitfield request otherwise; carries out the scheduler's requests and cancels; and
@@ -48,9 +49,9 @@ const TRACKER_TTL: Nanos = 30 * SEC;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
+    /// An announce may be due (the download's announce timer decides).
     Announce {
         host: u32,
-        version: u32,
     },
     AnnounceReply {
         host: u32,
@@ -129,8 +130,6 @@ struct Host {
     wake_at: Nanos,
     left_at: Option<Nanos>,
     announced: bool,
-    announce_version: u32,
-    next_announce: Nanos,
     /// Peers waiting for this host's Have messages.
     subscribers: Vec<u32>,
     /// Peers probed and not answered yet, and agents whose Have stream it follows (the
@@ -286,8 +285,6 @@ impl World {
                 wake_at: Nanos::MAX,
                 left_at: None,
                 announced: origin,
-                announce_version: 0,
-                next_announce: 0,
                 subscribers: Vec::new(),
                 connecting: Vec::new(),
                 following: Vec::new(),
@@ -310,7 +307,7 @@ impl World {
         let mut q = EventQueue::new();
         let agents: Vec<u32> = (cfg.origins..total as u32).collect();
         for &h in &agents {
-            q.schedule(0, Ev::Announce { host: h, version: 0 });
+            q.schedule(0, Ev::Announce { host: h });
         }
         let leaving = ((cfg.churn * f64::from(cfg.hosts)).round() as usize).min(agents.len());
         let limit_ns = (cfg.limit() * SEC as f64) as Nanos;
@@ -358,7 +355,7 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Announce { host, version } => self.announce(host, version),
+            Ev::Announce { host } => self.announce(host),
             Ev::AnnounceReply { host } => self.announce_reply(host),
             Ev::BitfieldArrive { client, server, subscribe } => self.probe_arrive(client, server, subscribe),
             Ev::BitfieldReply { client, server } => self.bitfield_reply(client, server),
@@ -391,20 +388,23 @@ impl World {
         }
     }
 
-    fn announce(&mut self, host: u32, version: u32) {
+    /// Sends an announce if the download's timer says one is due (several wake-ups may be
+    /// pending; the timer sends at most one at a time).
+    fn announce(&mut self, host: u32) {
         let now = self.now();
         let h = &mut self.hosts[host as usize];
-        if version != h.announce_version || h.gone() || !h.downloading() {
+        if h.gone() {
+            return;
+        }
+        // Every download starts at 0: its age is the virtual time.
+        let Some(s) = h.sched.as_mut() else { return };
+        if !s.announce_due(now) {
             return;
         }
         if !h.announced {
             h.announced = true;
             self.tracker.members.push(host);
         }
-        // Every download starts at 0: its age is the virtual time.
-        let next = self.cfg.policy.next_announce(now);
-        h.next_announce = next;
-        self.q.schedule(next, Ev::Announce { host, version });
         let delay = self.message_delay() + self.one_way;
         self.q.after(delay, Ev::AnnounceReply { host });
     }
@@ -414,8 +414,13 @@ impl World {
     /// known (at least one, so that a seeder may displace an agent when the cap is reached).
     fn announce_reply(&mut self, host: u32) {
         let now = self.now();
-        if self.hosts[host as usize].gone() || !self.hosts[host as usize].downloading() {
+        if self.hosts[host as usize].gone() {
             return;
+        }
+        let Some(s) = self.hosts[host as usize].sched.as_mut() else { return };
+        s.on_announce_answer(now);
+        if let Some(at) = s.next_announce() {
+            self.q.schedule(at, Ev::Announce { host });
         }
         let max = self.cfg.tracker_peers as usize;
         let listed = self.tracker.sample(host, &self.hosts, now, max, &mut self.rng);
@@ -512,11 +517,10 @@ impl World {
         let h = &mut self.hosts[client as usize];
         let Some(s) = h.sched.as_mut() else { return };
         if stall == Some(Stall::Replan) {
-            s.replan();
-            h.announce_version += 1;
-            h.next_announce = now;
-            let version = h.announce_version;
-            self.q.schedule(now, Ev::Announce { host: client, version });
+            s.replan(now);
+            if let Some(at) = s.next_announce() {
+                self.q.schedule(at, Ev::Announce { host: client });
+            }
         }
         let mut actions = std::mem::take(&mut self.actions);
         actions.clear();
