@@ -21,7 +21,7 @@ use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
 use shoal_shared::seams::{Announcer, Haves, PeerTransport};
-use shoal_shared::session::{self, Announces, Listed, Miss, Progress, Schedule, Stall};
+use shoal_shared::session::{self, Announces, Listed, Miss, Prefix, Progress, Schedule, Stall};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
@@ -69,7 +69,8 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
     let started = Instant::now();
     let mut progress = Progress::new(dl.settings.progress_timeout);
     // A resumed download may start with a prefix already held.
-    let mut prefix_pieces = advance_prefix(metainfo, active, 0);
+    let mut prefix = Prefix::default();
+    advance_prefix(metainfo, active, &mut prefix);
     let mut fetches: JoinSet<Fetch> = JoinSet::new();
     let mut handles: HashMap<(SocketAddr, u32), AbortHandle> = HashMap::new();
     let mut probes: JoinSet<Probe<P::Haves>> = JoinSet::new();
@@ -148,7 +149,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                             active.have.send_modify(|have| have.set(index));
                             active.relays.written(index);
                             dl.metrics.piece_seconds.observe(took.as_secs_f64());
-                            prefix_pieces = advance_prefix(metainfo, active, prefix_pieces);
+                            advance_prefix(metainfo, active, &mut prefix);
                             dl.metrics.pieces.inc();
                         }
                         sched.on_piece(peer, index, now);
@@ -227,20 +228,15 @@ fn miss(e: &PeerError) -> Miss {
 }
 
 /// Moves the verified prefix past every held piece and tells streaming readers.
-fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 {
-    {
-        let have = active.have.borrow();
-        while have.get(pieces) {
-            pieces += 1;
-        }
+fn advance_prefix(metainfo: &Metainfo, active: &Active, prefix: &mut Prefix) {
+    let grown = prefix.advance(&active.have.borrow(), metainfo);
+    if let Some(bytes) = grown {
+        active.prefix.send_if_modified(|p| {
+            let grew = bytes > p.bytes;
+            p.bytes = p.bytes.max(bytes);
+            grew
+        });
     }
-    let bytes = metainfo.piece_offset(pieces).min(metainfo.length());
-    active.prefix.send_if_modified(|p| {
-        let grew = bytes > p.bytes;
-        p.bytes = p.bytes.max(bytes);
-        grew
-    });
-    pieces
 }
 
 /// Probes the peers an announce listed that the scheduler would take and is not following
