@@ -21,7 +21,9 @@ use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
 use shoal_shared::seams::{Announcer, Haves, PeerTransport};
-use shoal_shared::session::{self, Announces, Listed, Miss, Prefix, Progress, Schedule, Stall};
+use shoal_shared::session::{
+    self, Announces, Listed, Miss, Prefix, Progress, Schedule, Stall, PROBE_TIMEOUT,
+};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
@@ -31,8 +33,6 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::{store_err, Active, DownloadError, DownloadMetrics, Settings};
 use crate::delivery::Source;
 
-/// How long to wait for a peer's bitfield.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Leads (peers to probe) queued for a download before further ones are dropped.
 pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.

@@ -21,7 +21,7 @@ mod progress;
 mod refusal;
 mod waves;
 
-pub use admission::{takes_lead, to_probe, Listed};
+pub use admission::{takes_lead, to_probe, Listed, PROBE_TIMEOUT};
 pub use announce::{Announces, Schedule};
 pub use prefix::Prefix;
 pub use progress::{Progress, Stall};

@@ -18,6 +18,9 @@ use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
 use shoal_shared::session::{self, Announces, Progress, Schedule};
 pub use shoal_shared::session::{Listed, Miss, Stall};
+
+/// How long an agent waits for a probed peer's bitfield (the agent's own).
+pub const PROBE_TIMEOUT: Nanos = session::PROBE_TIMEOUT.as_nanos() as Nanos;
 pub use shoal_shared::wire::Refusal;
 
 use super::queue::{Nanos, SEC};

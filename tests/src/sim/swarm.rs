@@ -35,15 +35,13 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::{Action, FirstCopies, Listed, Miss, Refusal, Scheduler, Stall};
+use super::driver::{Action, FirstCopies, Listed, Miss, Refusal, Scheduler, Stall, PROBE_TIMEOUT};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};
 
 /// Bytes of payload per packet (QUIC over a 1500-byte MTU, roughly).
 const MSS: f64 = 1200.0;
-/// How long an agent waits for a peer's bitfield (the agent's `PROBE_TIMEOUT`).
-const PROBE_TIMEOUT: Nanos = 5 * SEC;
 /// How long the tracker keeps listing a host that stopped announcing.
 const TRACKER_TTL: Nanos = 30 * SEC;
 

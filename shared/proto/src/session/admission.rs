@@ -6,7 +6,8 @@
 //! take it (not banned, not backing off), it is not already known as a seeder, and the
 //! driver is not already probing or following it. From an announce, at most the room left
 //! under the peer cap is probed, but at least one, seeders and origins first, since they may
-//! displace an agent when the cap is reached; a lead only while there is room.
+//! displace an agent when the cap is reached; a lead only while there is room. A probe
+//! unanswered within [`PROBE_TIMEOUT`] backs the peer off.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -15,6 +16,10 @@ use std::time::Duration;
 
 use crate::messages::PeerInfo;
 use crate::scheduler::Scheduler;
+
+/// How long a download waits for a probed peer's bitfield (or its subscription's first
+/// answer) before backing the peer off.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A peer as the tracker lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
