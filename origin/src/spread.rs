@@ -1,36 +1,33 @@
-//! First copies first: when many agents pull one blob from the origin at once, the origin
-//! hands out every piece once before it hands out any piece a second time, so the agents
-//! have something to trade and the origin's uplink carries about one copy of the blob
-//! instead of one per agent.
+//! First copies first, per blob: the origin hands out every piece of a blob once before it
+//! hands out any piece a second time (see [`FirstCopies`] in the protocol core for the rule
+//! and why; the simulator drives the same type).
 //!
-//! Agents cannot see each other's requests in flight, so without this two of them often
-//! ask the origin for the same piece at the same moment. A request for a piece already
-//! served in the current wave is refused (the agent backs the origin off briefly and takes
-//! the piece from a peer once that peer announces it); a wave ends when every piece has
-//! been served, or after [`WAVE`], so a lone agent retrying a piece waits at most that long.
+//! This module only keeps one wave per blob being served, on the origin's clock, and bounds
+//! how many it remembers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use shoal_shared::digest::Digest;
+use shoal_shared::session::FirstCopies;
+pub use shoal_shared::session::LONGEST_WAVE as WAVE;
 
-/// Longest wave.
-pub const WAVE: Duration = Duration::from_secs(30);
 /// Blobs tracked at once; beyond this, idle ones are forgotten.
 const MAX_BLOBS: usize = 4096;
 
+/// Which pieces went out in the current wave of each blob.
 #[derive(Debug)]
-struct Wave {
-    served: Vec<bool>,
-    count: u32,
-    started: Instant,
+pub struct Spread {
+    /// The origin's clock starts here: waves are kept as offsets from it.
+    epoch: Instant,
+    blobs: Mutex<HashMap<Digest, FirstCopies>>,
 }
 
-/// Which pieces went out in the current wave of each blob.
-#[derive(Debug, Default)]
-pub struct Spread {
-    blobs: Mutex<HashMap<Digest, Wave>>,
+impl Default for Spread {
+    fn default() -> Self {
+        Self { epoch: Instant::now(), blobs: Mutex::default() }
+    }
 }
 
 impl Spread {
@@ -39,35 +36,27 @@ impl Spread {
         if index >= pieces {
             return false;
         }
+        let now = self.since_epoch(now);
         let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
         if blobs.len() >= MAX_BLOBS && !blobs.contains_key(&digest) {
-            blobs.retain(|_, w| now.saturating_duration_since(w.started) < WAVE);
+            blobs.retain(|_, w| now.saturating_sub(w.started()) < WAVE);
             // Every remembered wave still runs: the oldest ends early (its blob's pieces are
             // then served to anyone), the others keep theirs.
             if blobs.len() >= MAX_BLOBS {
-                if let Some(oldest) = blobs.iter().min_by_key(|(_, w)| w.started).map(|(d, _)| *d) {
+                if let Some(oldest) = blobs.iter().min_by_key(|(_, w)| w.started()).map(|(d, _)| *d) {
                     blobs.remove(&oldest);
                 }
             }
         }
-        let wave = blobs.entry(digest).or_insert_with(|| Wave {
-            served: vec![false; pieces as usize],
-            count: 0,
-            started: now,
-        });
-        if wave.served.len() != pieces as usize
-            || wave.count == pieces
-            || now.saturating_duration_since(wave.started) >= WAVE
-        {
-            *wave = Wave { served: vec![false; pieces as usize], count: 0, started: now };
+        let wave = blobs.entry(digest).or_insert_with(|| FirstCopies::new(pieces, WAVE, now));
+        if wave.pieces() != pieces {
+            *wave = FirstCopies::new(pieces, WAVE, now);
         }
-        let slot = &mut wave.served[index as usize];
-        if *slot {
-            return false;
-        }
-        *slot = true;
-        wave.count += 1;
-        true
+        wave.admit(index, now)
+    }
+
+    fn since_epoch(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.epoch)
     }
 }
 
@@ -91,6 +80,15 @@ mod tests {
         assert!(s.admit(digest(), 0, 3, t));
         assert!(!s.admit(digest(), 0, 3, t));
         assert!(!s.admit(digest(), 3, 3, t), "out of range");
+    }
+
+    #[test]
+    fn a_blob_of_another_length_starts_over() {
+        let s = Spread::default();
+        let t = Instant::now();
+        assert!(s.admit(digest(), 0, 3, t));
+        assert!(s.admit(digest(), 0, 4, t), "a new piece count is a new wave");
+        assert!(!s.admit(digest(), 0, 4, t));
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! Shoal's I/O building blocks, on top of the pure protocol crate `shoal-proto`.
 //!
 //! The pure modules are re-exported from `shoal-proto` under their old paths ([`digest`],
-//! [`metainfo`], [`bitfield`], [`codec`], [`wire`], [`scheduler`], [`oci`], [`hint`]). Built
+//! [`metainfo`], [`bitfield`], [`codec`], [`wire`], [`scheduler`], [`session`], [`oci`], [`hint`]). Built
 //! on them here: [`store`], [`tls`], [`peer`], [`http`], [`client`], [`tracker`], [`config`],
 //! [`telemetry`], [`ratelimit`], [`members`], [`tasks`], [`seams`], [`registry_client`].
 
 pub use shoal_proto::{
     bitfield, blocks, codec, digest, docker_config, hint, image, manifest, messages, metainfo, oci,
-    referrers, registry_auth, ring, scheduler, tenant, wire,
+    referrers, registry_auth, ring, scheduler, session, tenant, wire,
 };
 
 pub mod client;

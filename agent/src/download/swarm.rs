@@ -2,13 +2,14 @@
 //!
 //! The scheduler decides; this loop carries out its [`Action`]s (one task per piece request,
 //! aborted on cancel, which resets the QUIC stream), reports every answer back, and feeds it
-//! what peers hold: the tracker's peer list (re-announced every [`REANNOUNCE`], in a task of
-//! its own so that a slow tracker does not hold up the pieces), then per peer one probe (a
+//! what peers hold: the tracker's peer list (re-announced on [`Schedule::AGENT`], in a task
+//! of its own so that a slow tracker does not hold up the pieces), then per peer one probe (a
 //! `Subscribe` stream to an agent still downloading, whose `Have` frames arrive as its pieces
-//! verify; a bitfield from a seeder or origin). Re-announces start at [`FIRST_REANNOUNCE`]
-//! and slow down as the download ages. A download that makes
+//! verify; a bitfield from a seeder or origin). Re-announces start at 250 ms and slow down
+//! as the download ages ([`Announces`]). A download that makes
 //! no progress for half the progress timeout is re-planned (every request cancelled,
-//! back-offs forgiven, the tracker asked again); for the whole timeout, it fails.
+//! back-offs forgiven, the tracker asked again); for the whole timeout, it fails: the rule
+//! is [`Progress`], in the protocol core, which the simulator drives too.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,6 +21,9 @@ use shoal_shared::metainfo::{Metainfo, VerifiedPiece};
 use shoal_shared::peer::PeerError;
 use shoal_shared::scheduler::{self, Action, Failure, Scheduler};
 use shoal_shared::seams::{Announcer, Haves, PeerTransport};
+use shoal_shared::session::{
+    self, Announces, Listed, Miss, Prefix, Progress, Schedule, Stall, PROBE_TIMEOUT,
+};
 use shoal_shared::tls::Role;
 use shoal_shared::tracker::LookupError;
 use shoal_shared::wire::Refusal;
@@ -29,14 +33,6 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::{store_err, Active, DownloadError, DownloadMetrics, Settings};
 use crate::delivery::Source;
 
-/// How long to wait for a peer's bitfield.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Re-announce at least this often while downloading, to find new peers.
-const REANNOUNCE: Duration = Duration::from_secs(3);
-/// First re-announce: agents that start together find each other within a fraction of a
-/// second (the interval grows with the download's age up to [`REANNOUNCE`]), so they do not
-/// each fetch the blob from the origin before learning of the others.
-const FIRST_REANNOUNCE: Duration = Duration::from_millis(250);
 /// Leads (peers to probe) queued for a download before further ones are dropped.
 pub(super) const LEAD_QUEUE: usize = 256;
 /// Have batches queued from all peers before their streams are made to wait.
@@ -71,9 +67,10 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
         scheduler::Config::for_agent(u64::from(metainfo.piece_length()), dl.settings.max_peers),
     );
     let started = Instant::now();
-    let timeout = dl.settings.progress_timeout;
+    let mut progress = Progress::new(dl.settings.progress_timeout);
     // A resumed download may start with a prefix already held.
-    let mut prefix_pieces = advance_prefix(metainfo, active, 0);
+    let mut prefix = Prefix::default();
+    advance_prefix(metainfo, active, &mut prefix);
     let mut fetches: JoinSet<Fetch> = JoinSet::new();
     let mut handles: HashMap<(SocketAddr, u32), AbortHandle> = HashMap::new();
     let mut probes: JoinSet<Probe<P::Haves>> = JoinSet::new();
@@ -84,28 +81,24 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
     // The announce runs beside the loop (a slow tracker must not hold up pieces), at most
     // one at a time; the next is due a while after the last one answered.
     let mut announcing: JoinSet<Result<Vec<PeerInfo>, LookupError>> = JoinSet::new();
-    let mut next_announce = Duration::ZERO;
-    // A re-plan asked for a fresh announce while one was in flight: due as soon as it answers.
-    let mut announce_again = false;
-    let mut replanned = false;
+    let mut announces = Announces::new(Schedule::AGENT);
 
     while !sched.is_complete() {
         let now = started.elapsed();
-        if announcing.is_empty() && now >= next_announce {
+        if announces.poll(now) {
             let (tracker, a) =
                 (dl.tracker.clone(), Announce { digest, peer: dl.settings.me, complete: false });
             announcing.spawn(async move { tracker.announce(&a).await.map(|resp| resp.peers) });
         }
-        let idle = now.saturating_sub(sched.last_progress());
-        if idle >= timeout {
-            return Err(DownloadError::Stalled(timeout));
-        }
-        if idle >= timeout / 2 && !replanned {
-            tracing::info!(%digest, ?idle, "no progress: re-planning");
-            sched.replan();
-            replanned = true;
-            next_announce = now;
-            announce_again = !announcing.is_empty();
+        match progress.check(now, sched.last_progress()) {
+            Some(Stall::Fail) => return Err(DownloadError::Stalled(progress.timeout())),
+            Some(Stall::Replan) => {
+                let idle = now.saturating_sub(sched.last_progress());
+                tracing::info!(%digest, ?idle, "no progress: re-planning");
+                sched.replan();
+                announces.replan(now);
+            }
+            None => {}
         }
         sched.poll(now, &mut actions);
         for action in actions.drain(..) {
@@ -126,17 +119,13 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 }
             }
         }
-        let stall_at = sched.last_progress() + if replanned { timeout } else { timeout / 2 };
-        let announce_at = if announcing.is_empty() { next_announce } else { Duration::MAX };
+        let stall_at = progress.next_check(sched.last_progress());
+        let announce_at = announces.next_wakeup().unwrap_or(Duration::MAX);
         let wake = sched.next_wakeup(now).unwrap_or(stall_at).min(stall_at).min(announce_at);
         tokio::select! {
             Some(joined) = announcing.join_next(), if !announcing.is_empty() => {
                 let age = started.elapsed();
-                next_announce = if std::mem::take(&mut announce_again) {
-                    age
-                } else {
-                    age + (age / 4).clamp(FIRST_REANNOUNCE, REANNOUNCE)
-                };
+                announces.on_answer(age);
                 match joined {
                     Ok(Ok(listed)) => probe_listed(dl, metainfo, &sched, &mut probes, &mut probing, listed, age),
                     Ok(Err(e)) => tracing::warn!(%digest, cause = %e, "announce failed"),
@@ -160,29 +149,27 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                             active.have.send_modify(|have| have.set(index));
                             active.relays.written(index);
                             dl.metrics.piece_seconds.observe(took.as_secs_f64());
-                            prefix_pieces = advance_prefix(metainfo, active, prefix_pieces);
+                            advance_prefix(metainfo, active, &mut prefix);
                             dl.metrics.pieces.inc();
-                            replanned = false;
                         }
                         sched.on_piece(peer, index, now);
                     }
-                    Err(e) if e.is_misbehaviour() => {
-                        dl.metrics.bad_pieces.inc();
-                        tracing::warn!(%digest, %peer, cause = %e, "peer blacklisted for this blob");
-                        dl.peers.ban(peer);
-                        sched.on_failure(peer, index, now, Failure::Bad);
-                    }
-                    // An origin that holds the blob declines a piece it has just sent to
-                    // another agent (first copies first): take it from that agent.
-                    Err(PeerError::Refused { refusal: Refusal::NotFound, .. }) if sched.is_origin(peer) => {
-                        sched.on_failure(peer, index, now, Failure::Deferred);
-                    }
-                    Err(PeerError::Refused { refusal: Refusal::Busy, .. }) => {
-                        sched.on_failure(peer, index, now, Failure::Busy);
-                    }
                     Err(e) => {
-                        tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
-                        sched.on_failure(peer, index, now, Failure::Unavailable);
+                        let failure = miss(&e).failure(sched.is_origin(peer));
+                        match failure {
+                            Failure::Bad => {
+                                dl.metrics.bad_pieces.inc();
+                                tracing::warn!(%digest, %peer, cause = %e, "peer blacklisted for this blob");
+                                dl.peers.ban(peer);
+                            }
+                            Failure::Unavailable => {
+                                tracing::debug!(%digest, %peer, cause = %e, "piece request failed");
+                            }
+                            // Busy: paused. Deferred: an origin declined a piece it has just
+                            // sent to another agent (first copies first): take it from there.
+                            Failure::Busy | Failure::Deferred => {}
+                        }
+                        sched.on_failure(peer, index, now, failure);
                     }
                 }
             }
@@ -211,12 +198,7 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 // batched announce: probe it now rather than at our next announce.
                 let now = started.elapsed();
                 let addr = lead.addr;
-                if addr != dl.settings.me
-                    && sched.admits(addr, now)
-                    && !probing.contains(&addr)
-                    && !sched.is_seeder(addr)
-                    && sched.peer_count() < dl.settings.max_peers.max(1)
-                {
+                if session::takes_lead(&sched, addr, now, addr == dl.settings.me || probing.contains(&addr)) {
                     spawn_probe(dl, metainfo, &mut probes, &mut probing, lead);
                 }
             }
@@ -236,24 +218,29 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
     Ok(())
 }
 
-/// Moves the verified prefix past every held piece and tells streaming readers.
-fn advance_prefix(metainfo: &Metainfo, active: &Active, mut pieces: u32) -> u32 {
-    {
-        let have = active.have.borrow();
-        while have.get(pieces) {
-            pieces += 1;
-        }
+/// What a failed piece request was, for [`Miss::failure`].
+fn miss(e: &PeerError) -> Miss {
+    match e {
+        _ if e.is_misbehaviour() => Miss::Misbehaved,
+        PeerError::Refused { refusal, .. } => Miss::Refused(*refusal),
+        _ => Miss::Lost,
     }
-    let bytes = metainfo.piece_offset(pieces).min(metainfo.length());
-    active.prefix.send_if_modified(|p| {
-        let grew = bytes > p.bytes;
-        p.bytes = p.bytes.max(bytes);
-        grew
-    });
-    pieces
 }
 
-/// Probes the peers an announce listed that the scheduler would take and is not following.
+/// Moves the verified prefix past every held piece and tells streaming readers.
+fn advance_prefix(metainfo: &Metainfo, active: &Active, prefix: &mut Prefix) {
+    let grown = prefix.advance(&active.have.borrow(), metainfo);
+    if let Some(bytes) = grown {
+        active.prefix.send_if_modified(|p| {
+            let grew = bytes > p.bytes;
+            p.bytes = p.bytes.max(bytes);
+            grew
+        });
+    }
+}
+
+/// Probes the peers an announce listed that the scheduler would take and is not following
+/// ([`session::to_probe`] chooses them).
 fn probe_listed<P: PeerTransport, T: Announcer>(
     dl: &Env<'_, P, T>,
     metainfo: &Metainfo,
@@ -263,18 +250,11 @@ fn probe_listed<P: PeerTransport, T: Announcer>(
     listed: Vec<PeerInfo>,
     now: Duration,
 ) {
-    let room = dl.settings.max_peers.max(1).saturating_sub(sched.peer_count());
-    let wanted = listed.into_iter().filter(|p| {
-        p.addr != dl.settings.me
-            && sched.admits(p.addr, now)
-            && !sched.is_seeder(p.addr)
-            && !probing.contains(&p.addr)
-    });
-    // Seeders and origins first: they may displace agents when the cap is reached.
-    let mut wanted: Vec<PeerInfo> = wanted.collect();
-    wanted.sort_by_key(|p| (!p.complete, p.origin));
-    for p in wanted.into_iter().take(room.max(1)) {
-        spawn_probe(dl, metainfo, probes, probing, p);
+    let me = dl.settings.me;
+    let listed = listed.into_iter().map(Listed::from);
+    let chosen = session::to_probe(sched, listed, now, |p| p == me || probing.contains(&p));
+    for p in chosen {
+        spawn_probe(dl, metainfo, probes, probing, p.into());
     }
 }
 

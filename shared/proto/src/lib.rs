@@ -9,7 +9,9 @@
 //! Modules: [`digest`] (OCI content digests), [`metainfo`] (pieces and their hashes), [`blocks`] (checking a
 //! piece block by block as it arrives),
 //! [`bitfield`], [`codec`] (the one bincode module), [`wire`] (peer messages and framing),
-//! [`scheduler`] (the download session), [`oci`] (references, manifests, media types, error
+//! [`scheduler`] (which peer is asked for which piece), [`session`] (the download's rules around
+//! the scheduler: its progress timer and announce timer, the origin's first-copies-first
+//! waves), [`oci`] (references, manifests, media types, error
 //! codes), [`referrers`] (the referrers API's index), [`image`] (image references with Docker Hub's rules), [`hint`] (which registry a
 //! pull is for), [`messages`] (tracker messages), [`ring`] (who owns a blob among origins or
 //! trackers),
@@ -32,5 +34,6 @@ pub mod referrers;
 pub mod registry_auth;
 pub mod ring;
 pub mod scheduler;
+pub mod session;
 pub mod tenant;
 pub mod wire;

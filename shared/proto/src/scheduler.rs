@@ -169,6 +169,11 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         s
     }
 
+    /// The configuration it was made with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Pieces in the blob.
     pub fn len(&self) -> u32 {
         self.pieces.len() as u32

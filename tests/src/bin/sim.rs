@@ -61,7 +61,7 @@ struct Cli {
     server_queue: u32,
     /// First copies first at origins: the longest wave in seconds (0: off), as the real
     /// origin's 30 s.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = shoal_shared::session::LONGEST_WAVE.as_secs_f64())]
     origin_wave: f64,
     /// Peers the tracker lists per announce, besides the origins.
     #[arg(long, default_value_t = 50)]

@@ -7,13 +7,21 @@
 //! scheduler owns the policy (front window, rarest first, origin as fallback, pipelines,
 //! deadlines with re-dispatch, endgame, back-off, peer cap); this file only converts clocks
 //! and carries [`Policy`], the agent's constants for the scheduler and its download loop
-//! (re-announce schedule, progress timeout).
+//! (re-announce schedule, progress timeout). The progress timer is the agent's own
+//! ([`shoal_shared::session::Progress`]), kept beside the scheduler it reads; an origin's
+//! first-copies-first waves are the origin's own ([`FirstCopies`]).
 
 use std::time::Duration;
 
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
+use shoal_shared::session::{self, Announces, Progress, Schedule};
+pub use shoal_shared::session::{Listed, Miss, Stall};
+
+/// How long an agent waits for a probed peer's bitfield (the agent's own).
+pub const PROBE_TIMEOUT: Nanos = session::PROBE_TIMEOUT.as_nanos() as Nanos;
+pub use shoal_shared::wire::Refusal;
 
 use super::queue::{Nanos, SEC};
 
@@ -22,10 +30,8 @@ use super::queue::{Nanos, SEC};
 pub struct Policy {
     /// The scheduler's configuration, as the agent builds it.
     pub scheduler: scheduler::Config,
-    /// First re-announce; the interval then grows with the download's age (a quarter of it).
-    pub first_reannounce: Nanos,
-    /// Longest re-announce interval.
-    pub reannounce: Nanos,
+    /// The re-announce intervals (the agent's [`Schedule::AGENT`]).
+    pub announces: Schedule,
     /// No progress for half of this: re-plan; for all of it: the download fails.
     pub progress_timeout: Nanos,
 }
@@ -37,16 +43,9 @@ impl Policy {
     pub fn agent(piece_len: u64) -> Self {
         Self {
             scheduler: scheduler::Config::for_agent(piece_len, 10),
-            first_reannounce: SEC / 4,
-            reannounce: 3 * SEC,
+            announces: Schedule::AGENT,
             progress_timeout: 60 * SEC,
         }
-    }
-
-    /// When a download `age` old announces next: like the agent, a quarter of its age,
-    /// between the first and the longest interval.
-    pub fn next_announce(&self, age: Nanos) -> Nanos {
-        age + (age / 4).clamp(self.first_reannounce, self.reannounce.max(self.first_reannounce))
     }
 }
 
@@ -58,10 +57,13 @@ fn nanos(d: Duration) -> Nanos {
     d.as_nanos().min(u128::from(Nanos::MAX)) as Nanos
 }
 
-/// One host's download: the scheduler keyed by host number, on the virtual clock.
+/// One host's download: the scheduler keyed by host number, its progress timer and its
+/// announce timer, on the virtual clock (the download starts at 0).
 #[derive(Debug)]
 pub struct Scheduler {
     inner: scheduler::Scheduler<u32>,
+    progress: Progress,
+    announces: Announces,
     policy: Policy,
 }
 
@@ -72,6 +74,8 @@ impl Scheduler {
         let piece_len = u32::try_from(piece_len).unwrap_or(u32::MAX);
         Self {
             inner: scheduler::Scheduler::new(&Bitfield::new(pieces), piece_len, seed, policy.scheduler),
+            progress: Progress::new(dur(policy.progress_timeout)),
+            announces: Announces::new(policy.announces),
             policy,
         }
     }
@@ -101,9 +105,38 @@ impl Scheduler {
         self.inner.is_seeder(host)
     }
 
+    pub fn is_origin(&self, host: u32) -> bool {
+        self.inner.is_origin(host)
+    }
+
+    /// The agent's choice of listed peers to probe ([`session::to_probe`]).
+    pub fn to_probe(
+        &self,
+        listed: impl IntoIterator<Item = Listed<u32>>,
+        now: Nanos,
+        busy: impl Fn(u32) -> bool,
+    ) -> Vec<Listed<u32>> {
+        session::to_probe(&self.inner, listed, dur(now), busy)
+    }
+
+    /// The agent's rule for a lead ([`session::takes_lead`]).
+    pub fn takes_lead(&self, host: u32, now: Nanos, busy: bool) -> bool {
+        session::takes_lead(&self.inner, host, dur(now), busy)
+    }
+
     /// When the last piece arrived (or the download started).
     pub fn last_progress(&self) -> Nanos {
         nanos(self.inner.last_progress())
+    }
+
+    /// What the progress timer says at `now`: re-plan (once per stall) or fail.
+    pub fn stall(&mut self, now: Nanos) -> Option<Stall> {
+        self.progress.check(dur(now), self.inner.last_progress())
+    }
+
+    /// When [`stall`](Self::stall) next has something to say without a new piece.
+    pub fn next_stall_check(&self) -> Nanos {
+        nanos(self.progress.next_check(self.inner.last_progress()))
     }
 
     /// A peer answered with its bitfield; false if the scheduler turned it away.
@@ -121,9 +154,26 @@ impl Scheduler {
         self.inner.back_off(host, dur(now));
     }
 
-    /// Cancels every request and forgives back-offs (a download that stopped progressing).
-    pub fn replan(&mut self) {
+    /// Cancels every request and forgives back-offs (a download that stopped progressing),
+    /// and asks for an announce at once (or as soon as the one in flight is answered).
+    pub fn replan(&mut self, now: Nanos) {
         self.inner.replan();
+        self.announces.replan(dur(now));
+    }
+
+    /// Whether an announce is due at `now`; if so it counts as sent.
+    pub fn announce_due(&mut self, now: Nanos) -> bool {
+        self.announces.poll(dur(now))
+    }
+
+    /// The tracker answered the announce in flight.
+    pub fn on_announce_answer(&mut self, now: Nanos) {
+        self.announces.on_answer(dur(now));
+    }
+
+    /// When the next announce is due, unless one is in flight.
+    pub fn next_announce(&self) -> Option<Nanos> {
+        self.announces.next_wakeup().map(nanos)
     }
 
     /// Expires overdue requests and fills the pipelines: cancels first, then requests.
@@ -147,6 +197,23 @@ impl Scheduler {
     }
 }
 
+/// An origin's first copies first (the origin's own [`session::FirstCopies`]) on the
+/// virtual clock.
+#[derive(Debug)]
+pub struct FirstCopies(session::FirstCopies);
+
+impl FirstCopies {
+    /// A blob of `pieces` pieces whose waves last at most `longest`, the first from `now`.
+    pub fn new(pieces: u32, longest: Nanos, now: Nanos) -> Self {
+        Self(session::FirstCopies::new(pieces, dur(longest), dur(now)))
+    }
+
+    /// Whether `piece` may be served at `now` (recorded if so).
+    pub fn admit(&mut self, piece: u32, now: Nanos) -> bool {
+        self.0.admit(piece, dur(now))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,9 +230,8 @@ mod tests {
         let c = &p.scheduler;
         assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (64, 4, 8, 32));
         assert_eq!(c.max_peers, 10);
-        assert_eq!(p.next_announce(0), SEC / 4);
-        assert_eq!(p.next_announce(4 * SEC), 5 * SEC);
-        assert_eq!(p.next_announce(100 * SEC), 103 * SEC);
+        assert_eq!(p.announces, Schedule::AGENT);
+        assert_eq!(p.progress_timeout, 60 * SEC);
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Config {
             agent_budget: 16 << 20,
             origin_budget: 32 << 20,
             server_queue: 0,
-            origin_wave: 30 * SEC,
+            origin_wave: shoal_shared::session::LONGEST_WAVE.as_nanos() as Nanos,
             tracker_peers: 50,
             have_batch: 0,
             cut_through: u64::from(shoal_shared::blocks::BLOCK_SIZE),
@@ -163,7 +163,11 @@ impl Config {
         if c.max_in_flight == 0 || c.max_peers == 0 || pipelines.contains(&0) {
             return bad("pipelines, in-flight cap and peer count must be positive");
         }
-        if c.timeout_floor.is_zero() || c.min_rate == 0 || p.reannounce == 0 || p.progress_timeout == 0 {
+        if c.timeout_floor.is_zero()
+            || c.min_rate == 0
+            || p.announces.longest.is_zero()
+            || p.progress_timeout == 0
+        {
             return bad("timeouts, minimum rate and re-announce interval must be positive");
         }
         if self.piece_len > u64::from(u32::MAX) {

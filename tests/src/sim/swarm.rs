@@ -9,13 +9,15 @@
 //! Departed hosts answer nothing: requests to them run into the requester's deadline.
 //!
 //! Each agent mirrors the agent's download loop (`agent/src/download/swarm.rs`) around the
-//! scheduler ([`super::driver`]): it announces at once, then after a quarter of the
-//! download's age (250 ms to 3 s); probes up to `max_peers` less the peers known of the
+//! scheduler ([`super::driver`]): it announces at once, then a quarter of the download's
+//! age (250 ms to 3 s) after each answer, one announce in flight (the agent's announce
+//! timer); probes up to `max_peers` less the peers known of the
 //! listed ones (seeders and origins first), with a Subscribe to an agent still downloading
 //! (which then streams Have messages as its pieces verify, and probes the subscriber back)
 //! and a bitfield request otherwise; carries out the scheduler's requests and cancels; and
 //! polls it again at its next deadline or back-off. A download without progress for half
-//! the progress timeout is re-planned and re-announces; for the whole of it, it fails.
+//! the progress timeout is re-planned and re-announces; for the whole of it, it fails (the
+//! rule is the protocol core's `session::Progress`, reached through [`super::driver`]).
 //!
 //! Cut-through (`Config::cut_through`, on by default as in the agent): once the first
 //! block of a piece has arrived and passed at a host, the host offers the piece (Have to its
@@ -33,23 +35,21 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::{Action, Failure, Scheduler};
+use super::driver::{Action, FirstCopies, Listed, Miss, Refusal, Scheduler, Stall, PROBE_TIMEOUT};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};
 
 /// Bytes of payload per packet (QUIC over a 1500-byte MTU, roughly).
 const MSS: f64 = 1200.0;
-/// How long an agent waits for a peer's bitfield (the agent's `PROBE_TIMEOUT`).
-const PROBE_TIMEOUT: Nanos = 5 * SEC;
 /// How long the tracker keeps listing a host that stopped announcing.
 const TRACKER_TTL: Nanos = 30 * SEC;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
+    /// An announce may be due (the download's announce timer decides).
     Announce {
         host: u32,
-        version: u32,
     },
     AnnounceReply {
         host: u32,
@@ -126,14 +126,10 @@ struct Host {
     done_at: Option<Nanos>,
     /// The download stalled for the whole progress timeout and failed.
     failed: bool,
-    /// The download was re-planned since its last progress.
-    replanned: bool,
     /// The earliest [`Ev::Wake`] pending.
     wake_at: Nanos,
     left_at: Option<Nanos>,
     announced: bool,
-    announce_version: u32,
-    next_announce: Nanos,
     /// Peers waiting for this host's Have messages.
     subscribers: Vec<u32>,
     /// Peers probed and not answered yet, and agents whose Have stream it follows (the
@@ -154,10 +150,8 @@ struct Host {
     early: Bitfield,
     /// Cut-through: requests served from a piece still arriving here, waiting for its end.
     waiters: Vec<u32>,
-    /// Origins: pieces sent in the current wave, how many, and since when.
-    wave: Vec<bool>,
-    wave_count: u32,
-    wave_started: Nanos,
+    /// Origins with first copies first: the pieces sent in the current wave.
+    first_copies: Option<FirstCopies>,
 }
 
 impl Host {
@@ -234,24 +228,6 @@ struct World {
     failed: u32,
 }
 
-/// The origin's first-copies-first rule (as `origin/src/spread.rs`): a piece already sent
-/// in the current wave is declined while others have not gone out; a wave ends when every
-/// piece went out or after `wave`.
-fn admit_wave(s: &mut Host, piece: u32, now: Nanos, wave: Nanos) -> bool {
-    if s.wave_count as usize == s.wave.len() || now.saturating_sub(s.wave_started) >= wave {
-        s.wave.iter_mut().for_each(|b| *b = false);
-        s.wave_count = 0;
-        s.wave_started = now;
-    }
-    let Some(slot) = s.wave.get_mut(piece as usize) else { return false };
-    if *slot {
-        return false;
-    }
-    *slot = true;
-    s.wave_count += 1;
-    true
-}
-
 /// Runs one simulation to the end (every agent finished or gone) or to `max_time`.
 pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
     cfg.validate()?;
@@ -319,12 +295,9 @@ impl World {
                 sched,
                 done_at: None,
                 failed: false,
-                replanned: false,
                 wake_at: Nanos::MAX,
                 left_at: None,
                 announced: origin,
-                announce_version: 0,
-                next_announce: 0,
                 subscribers: Vec::new(),
                 connecting: Vec::new(),
                 following: Vec::new(),
@@ -337,9 +310,8 @@ impl World {
                 outstanding: Vec::new(),
                 early: Bitfield::new(pieces),
                 waiters: Vec::new(),
-                wave: if origin { vec![false; pieces as usize] } else { Vec::new() },
-                wave_count: 0,
-                wave_started: 0,
+                first_copies: (origin && cfg.origin_wave > 0)
+                    .then(|| FirstCopies::new(pieces, cfg.origin_wave, 0)),
             });
             if origin {
                 tracker.origins.push(i);
@@ -348,7 +320,7 @@ impl World {
         let mut q = EventQueue::new();
         let agents: Vec<u32> = (cfg.origins..total as u32).collect();
         for &h in &agents {
-            q.schedule(0, Ev::Announce { host: h, version: 0 });
+            q.schedule(0, Ev::Announce { host: h });
         }
         let leaving = ((cfg.churn * f64::from(cfg.hosts)).round() as usize).min(agents.len());
         let limit_ns = (cfg.limit() * SEC as f64) as Nanos;
@@ -396,7 +368,7 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Announce { host, version } => self.announce(host, version),
+            Ev::Announce { host } => self.announce(host),
             Ev::AnnounceReply { host } => self.announce_reply(host),
             Ev::BitfieldArrive { client, server, subscribe } => self.probe_arrive(client, server, subscribe),
             Ev::BitfieldReply { client, server } => self.bitfield_reply(client, server),
@@ -429,20 +401,23 @@ impl World {
         }
     }
 
-    fn announce(&mut self, host: u32, version: u32) {
+    /// Sends an announce if the download's timer says one is due (several wake-ups may be
+    /// pending; the timer sends at most one at a time).
+    fn announce(&mut self, host: u32) {
         let now = self.now();
         let h = &mut self.hosts[host as usize];
-        if version != h.announce_version || h.gone() || !h.downloading() {
+        if h.gone() {
+            return;
+        }
+        // Every download starts at 0: its age is the virtual time.
+        let Some(s) = h.sched.as_mut() else { return };
+        if !s.announce_due(now) {
             return;
         }
         if !h.announced {
             h.announced = true;
             self.tracker.members.push(host);
         }
-        // Every download starts at 0: its age is the virtual time.
-        let next = self.cfg.policy.next_announce(now);
-        h.next_announce = next;
-        self.q.schedule(next, Ev::Announce { host, version });
         let delay = self.message_delay() + self.one_way;
         self.q.after(delay, Ev::AnnounceReply { host });
     }
@@ -452,27 +427,25 @@ impl World {
     /// known (at least one, so that a seeder may displace an agent when the cap is reached).
     fn announce_reply(&mut self, host: u32) {
         let now = self.now();
-        if self.hosts[host as usize].gone() || !self.hosts[host as usize].downloading() {
+        if self.hosts[host as usize].gone() {
             return;
+        }
+        let Some(s) = self.hosts[host as usize].sched.as_mut() else { return };
+        s.on_announce_answer(now);
+        if let Some(at) = s.next_announce() {
+            self.q.schedule(at, Ev::Announce { host });
         }
         let max = self.cfg.tracker_peers as usize;
         let listed = self.tracker.sample(host, &self.hosts, now, max, &mut self.rng);
         let h = &self.hosts[host as usize];
         let Some(s) = h.sched.as_ref() else { return };
-        let room = (s.policy().scheduler.max_peers).saturating_sub(s.peer_count()).max(1);
-        let mut wanted: Vec<(bool, bool, u32)> = listed
-            .into_iter()
-            .filter(|&p| {
-                s.admits(p, now) && !s.is_seeder(p) && !h.connecting.contains(&p) && !h.following.contains(&p)
-            })
-            .map(|p| {
-                let peer = &self.hosts[p as usize];
-                (peer.origin || peer.done_at.is_some(), peer.origin, p)
-            })
-            .collect();
-        wanted.sort_by_key(|&(complete, origin, _)| (!complete, origin));
-        for (complete, origin, p) in wanted.into_iter().take(room) {
-            self.probe(host, p, !complete && !origin);
+        let listed = listed.into_iter().map(|p| {
+            let peer = &self.hosts[p as usize];
+            Listed { peer: p, complete: peer.origin || peer.done_at.is_some(), origin: peer.origin }
+        });
+        let chosen = s.to_probe(listed, now, |p| h.connecting.contains(&p) || h.following.contains(&p));
+        for l in chosen {
+            self.probe(host, l.peer, !l.complete && !l.origin);
         }
     }
 
@@ -511,12 +484,7 @@ impl World {
         let now = self.now();
         let h = &self.hosts[host as usize];
         let Some(s) = h.sched.as_ref() else { return };
-        if s.admits(peer, now)
-            && !h.connecting.contains(&peer)
-            && !h.following.contains(&peer)
-            && !s.is_seeder(peer)
-            && s.peer_count() < s.policy().scheduler.max_peers
-        {
+        if s.takes_lead(peer, now, h.connecting.contains(&peer) || h.following.contains(&peer)) {
             self.probe(host, peer, true);
         }
     }
@@ -551,24 +519,21 @@ impl World {
     /// cancels and requests, then the next wake-up.
     fn dispatch(&mut self, client: u32) {
         let now = self.now();
-        let timeout = self.cfg.policy.progress_timeout;
-        let idle = match self.hosts[client as usize].sched.as_ref() {
-            Some(s) => now.saturating_sub(s.last_progress()),
+        let stall = match self.hosts[client as usize].sched.as_mut() {
+            Some(s) => s.stall(now),
             None => return,
         };
-        if idle >= timeout {
+        if stall == Some(Stall::Fail) {
             self.fail(client);
             return;
         }
         let h = &mut self.hosts[client as usize];
         let Some(s) = h.sched.as_mut() else { return };
-        if idle >= timeout / 2 && !h.replanned {
-            s.replan();
-            h.replanned = true;
-            h.announce_version += 1;
-            h.next_announce = now;
-            let version = h.announce_version;
-            self.q.schedule(now, Ev::Announce { host: client, version });
+        if stall == Some(Stall::Replan) {
+            s.replan(now);
+            if let Some(at) = s.next_announce() {
+                self.q.schedule(at, Ev::Announce { host: client });
+            }
         }
         let mut actions = std::mem::take(&mut self.actions);
         actions.clear();
@@ -603,7 +568,7 @@ impl World {
         self.actions = actions;
         let h = &mut self.hosts[client as usize];
         let Some(s) = h.sched.as_ref() else { return };
-        let stall_at = s.last_progress() + if h.replanned { timeout } else { timeout / 2 };
+        let stall_at = s.next_stall_check();
         let wake = s.next_wakeup(now).unwrap_or(stall_at).min(stall_at).max(now + 1);
         if wake < h.wake_at {
             h.wake_at = wake;
@@ -636,7 +601,6 @@ impl World {
         }
         let (server, piece) = (req.server, req.piece);
         let now = self.now();
-        let wave = self.cfg.origin_wave;
         let receiving = self.receiving(server, piece);
         let s = &mut self.hosts[server as usize];
         // The real server's order: upload budget (or a place in line) first, then the
@@ -650,7 +614,7 @@ impl World {
         } else if !free && s.line.len() >= self.cfg.server_queue as usize {
             self.reqs[r as usize].state = ReqState::Busy;
             self.q.after(self.one_way, Ev::Refused(r));
-        } else if s.origin && wave > 0 && !admit_wave(s, piece, now, wave) {
+        } else if s.first_copies.as_mut().is_some_and(|w| !w.admit(piece, now)) {
             self.reqs[r as usize].state = ReqState::Declined;
             self.q.after(self.one_way, Ev::Refused(r));
         } else if free {
@@ -772,7 +736,6 @@ impl World {
         }
         c.bits.set(piece);
         c.have += 1;
-        c.replanned = false;
         if !c.waiters.is_empty() {
             self.release_waiters(client, piece);
         }
@@ -834,10 +797,10 @@ impl World {
             let q = &self.reqs[r as usize];
             (q.client, q.server, q.piece, q.state)
         };
-        let failure = match state {
-            ReqState::Declined => Failure::Deferred,
-            ReqState::Busy => Failure::Busy,
-            ReqState::Lost => Failure::Unavailable,
+        // What the real server answers; the agent's rule maps it to a failure.
+        let miss = match state {
+            ReqState::Declined | ReqState::Lost => Miss::Refused(Refusal::NotFound),
+            ReqState::Busy => Miss::Refused(Refusal::Busy),
             _ => return,
         };
         self.reqs[r as usize].state = ReqState::Done;
@@ -850,6 +813,7 @@ impl World {
             self.end_relay(client, piece);
         }
         let Some(s) = self.hosts[client as usize].sched.as_mut() else { return };
+        let failure = miss.failure(s.is_origin(server));
         s.on_failure(server, piece, now, failure);
         self.dispatch(client);
     }
