@@ -25,8 +25,11 @@
 //! - **Pipelines**: each peer has a depth of requests in flight, deeper for seeders and
 //!   origins, grown by one when a piece comes back in under a quarter of its deadline,
 //!   halved on a timeout. A download-wide cap bounds piece buffers in memory.
-//! - **Deadlines** scale with the piece size and the peer's depth:
-//!   `max(timeout_floor, piece_len * depth / min_rate)`. A request past its deadline is
+//! - **Deadlines** scale with the piece size and the pieces a request may queue behind, its
+//!   peer's depth or the download's requests in flight, whichever is more (they share one
+//!   downlink): `max(timeout_floor, piece_len * max(depth, in_flight) / min_rate)`. Without
+//!   the second, a host on a slow link times out its own requests and backs every peer
+//!   off. A request past its deadline is
 //!   cancelled, its piece becomes free for another peer, and the slow peer backs off.
 //! - **Endgame**: once every missing piece is in flight, idle pipelines duplicate the
 //!   outstanding requests (up to [`Config::endgame_copies`] copies of a piece, never twice

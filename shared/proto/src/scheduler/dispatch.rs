@@ -105,7 +105,11 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         let p = self.peers.get_mut(&peer).expect("picked peer is known");
         p.in_flight += 1;
         let rate = self.config.min_rate.max(1);
-        let scaled = Duration::from_secs_f64((self.piece_len * u64::from(p.depth)) as f64 / rate as f64);
+        // The pieces this one may queue behind: the peer's pipeline, or every piece the
+        // download has in flight, whichever is more (they share the downlink; on a slow one,
+        // timing them out as the peer's fault would back every peer off).
+        let pieces = u64::from(p.depth.max(self.in_flight + 1));
+        let scaled = Duration::from_secs_f64((self.piece_len * pieces) as f64 / rate as f64);
         let deadline = now + scaled.max(self.config.timeout_floor);
         self.requests.insert((peer, index), Outstanding { sent: now, deadline });
         self.holders.entry(index).or_default().push(peer);

@@ -147,6 +147,22 @@ fn a_piece_that_timed_out_at_an_agent_may_come_from_the_origin_whoever_offers_it
 }
 
 #[test]
+fn deadlines_grow_with_the_downloads_pieces_in_flight() {
+    // Eight requests to four peers share one downlink: at 1 MiB/s the k-th cannot be due
+    // before k seconds, whatever its own peer's depth (2).
+    let mut s = Scheduler::new(&Bitfield::new(8), 1 << 20, 3, cfg());
+    for p in 1..=4 {
+        s.add_peer(p, false, Bitfield::full(8), T0).expect("agent");
+    }
+    assert_eq!(requests(&poll(&mut s, T0)).len(), 8);
+    assert_eq!(s.next_wakeup(T0), Some(secs(2)), "the first two at the floor");
+    let late = poll(&mut s, Duration::from_millis(2500));
+    assert_eq!(cancels(&late).len(), 2, "only the first two are overdue: {late:?}");
+    let later = poll(&mut s, Duration::from_millis(8500));
+    assert_eq!(cancels(&later).len(), 6, "the other six by 8 s: {later:?}");
+}
+
+#[test]
 fn a_deferred_piece_is_not_asked_of_the_origin_again_for_a_while() {
     let mut s = Scheduler::new(&Bitfield::new(3), 1 << 20, 1, Config { seeder_pipeline: 1, ..cfg() });
     s.add_peer(9, true, Bitfield::new(3), T0).expect("origin");
