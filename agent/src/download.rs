@@ -30,6 +30,7 @@ use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
+use shoal_shared::metainfo::VerifiedPiece;
 use shoal_shared::peer::{PeerClient, Relays};
 use shoal_shared::store::{BlobStore, PartialBlob, StoreError};
 use tokio::sync::watch;
@@ -116,6 +117,9 @@ pub struct Active {
     /// Peers worth probing that the download loop has not asked for: agents that
     /// subscribed to this download's pieces, peers from the batched announce.
     pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
+    /// Pieces just written, offered to the sha256 along the prefix so that it hashes them
+    /// from memory instead of reading them back (a full queue only means a read-back).
+    pub(crate) written: tokio::sync::mpsc::Sender<VerifiedPiece>,
     prefix: watch::Sender<Prefix>,
     /// Who sent each piece.
     pub sources: Arc<Sources>,
@@ -543,9 +547,11 @@ impl Downloads {
             }
         };
         let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
+        let (written, written_rx) = tokio::sync::mpsc::channel(WRITTEN_QUEUE);
         let active = Arc::new(Active {
             partial,
             leads,
+            written,
             relays: if self.settings.cut_through {
                 Relays::new(held.clone())
             } else {
@@ -570,7 +576,7 @@ impl Downloads {
         self.active.insert(digest, active.clone());
         self.metrics.active.inc();
         phase.send_replace(Phase::Streaming(active.clone()));
-        let hasher = tokio::spawn(hash_along(active.clone()));
+        let hasher = tokio::spawn(hash_along(active.clone(), written_rx));
         let result = async {
             let env = swarm::Env {
                 peers: &self.peers,
@@ -627,23 +633,40 @@ fn announce_batches(seeded: &[Digest], downloading: &[Digest]) -> Vec<Vec<BlobSt
     }
 }
 
+/// Written pieces queued for the sha256 task before further ones are left to be read back.
+const WRITTEN_QUEUE: usize = 2;
+
 /// Hashes the blob with sha256 along its verified prefix; returns the digest once the
-/// prefix covers the whole blob.
-async fn hash_along(active: Arc<Active>) -> Result<Digest, DownloadError> {
+/// prefix covers the whole blob. Pieces the swarm loop wrote are taken as they come (each
+/// is offered before the prefix moves past it), so those within reach are hashed from
+/// memory.
+async fn hash_along(
+    active: Arc<Active>,
+    mut written: tokio::sync::mpsc::Receiver<VerifiedPiece>,
+) -> Result<Digest, DownloadError> {
     let mut rx = active.subscribe();
     let mut hasher = active.partial.prefix_hasher();
     let length = active.length();
     loop {
+        while let Ok(piece) = written.try_recv() {
+            hasher.offer(piece);
+        }
         let prefix = *rx.borrow_and_update();
         if prefix.failed {
             return Err(DownloadError::Unavailable("download failed".into()));
         }
         hasher.advance(prefix.bytes).await.map_err(store_err)?;
         if hasher.offset() >= length {
+            tracing::debug!(bytes = length, from_memory = hasher.from_memory(), "sha256 along the prefix");
             return Ok(hasher.finish());
         }
-        if rx.changed().await.is_err() {
-            return Err(DownloadError::Unavailable("download ended".into()));
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return Err(DownloadError::Unavailable("download ended".into()));
+                }
+            }
+            Some(piece) = written.recv() => hasher.offer(piece),
         }
     }
 }

@@ -297,3 +297,34 @@ async fn stale_partials_are_removed() {
     assert_eq!(store.remove_stale_partials(Duration::ZERO).expect("clean"), 1);
     assert_eq!(std::fs::read_dir(dir.path().join("partial")).expect("dir").count(), 0);
 }
+
+#[tokio::test]
+async fn the_prefix_hash_takes_offered_pieces_from_memory_and_reads_back_the_rest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = BlobStore::open(dir.path()).expect("open");
+    let within = (HASH_AHEAD / MIN_PIECE_LENGTH as usize) as u32;
+    let (data, m) = blob_of(MIN_PIECE_LENGTH * (within + 4) + 17);
+    let last = m.piece_count() - 1;
+    let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
+    let mut hasher = partial.prefix_hasher();
+    // Written back to front of the prefix: pieces 2.. while 0 and 1 are missing (those
+    // beyond HASH_AHEAD are not kept), 1 is never offered (read back), and 0, offered
+    // last, pushes out the furthest piece kept.
+    let order = (2..=last).chain([1, 0]);
+    let mut written = Bitfield::new(m.piece_count());
+    for i in order {
+        let piece = piece_of(&data, &m, i);
+        partial.write_piece(piece.clone()).await.expect("write");
+        written.set(i);
+        if i != 1 {
+            hasher.offer(piece);
+        }
+        let prefix = (0..m.piece_count()).find(|&p| !written.get(p)).unwrap_or(m.piece_count());
+        hasher.advance(m.piece_offset(prefix).min(m.length())).await.expect("advance");
+    }
+    assert_eq!(hasher.offset(), m.length());
+    let size = |i| u64::from(m.piece_size(i).expect("size"));
+    let read_back = size(1) + (within + 1..=last).map(size).sum::<u64>();
+    assert_eq!(hasher.from_memory(), m.length() - read_back);
+    assert_eq!(hasher.finish(), Digest::of(&data));
+}
