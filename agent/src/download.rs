@@ -117,9 +117,9 @@ pub struct Active {
     /// Peers worth probing that the download loop has not asked for: agents that
     /// subscribed to this download's pieces, peers from the batched announce.
     pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
-    /// Pieces just written, offered to the sha256 along the prefix so that it hashes them
-    /// from memory instead of reading them back (a full queue only means a read-back).
-    pub(crate) written: tokio::sync::mpsc::Sender<VerifiedPiece>,
+    /// Pieces just written, offered to the readers of the prefix (the sha256 along it,
+    /// clients streaming it) so that they take them from memory instead of reading them back.
+    pub(crate) written: Written,
     prefix: watch::Sender<Prefix>,
     /// Who sent each piece.
     pub sources: Arc<Sources>,
@@ -547,7 +547,9 @@ impl Downloads {
             }
         };
         let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
-        let (written, written_rx) = tokio::sync::mpsc::channel(WRITTEN_QUEUE);
+        let written = Written::default();
+        // Before any piece is written: the sha256 task sees every one.
+        let written_rx = written.subscribe();
         let active = Arc::new(Active {
             partial,
             leads,
@@ -633,8 +635,33 @@ fn announce_batches(seeded: &[Digest], downloading: &[Digest]) -> Vec<Vec<BlobSt
     }
 }
 
-/// Written pieces queued for the sha256 task before further ones are left to be read back.
+/// Written pieces queued for one reader before further ones are left to be read back.
 const WRITTEN_QUEUE: usize = 2;
+
+/// Hands each piece the swarm loop writes to every reader of the prefix that subscribed,
+/// each of which keeps what it can use ([`Ahead`](shoal_shared::store::Ahead)). Never waits:
+/// a reader whose queue is full reads that piece back from the file instead.
+#[derive(Debug, Default)]
+pub struct Written(std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<VerifiedPiece>>>);
+
+impl Written {
+    /// The pieces written from now on (those written before are read back).
+    pub fn subscribe(&self) -> tokio::sync::mpsc::Receiver<VerifiedPiece> {
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITTEN_QUEUE);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        rx
+    }
+
+    /// Offers `piece`, just written, to every reader (a clone of its block list each, the
+    /// bytes shared); must come before the prefix moves past it.
+    pub(crate) fn send(&self, piece: &VerifiedPiece) {
+        use tokio::sync::mpsc::error::TrySendError;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|tx| !matches!(tx.try_send(piece.clone()), Err(TrySendError::Closed(_))));
+    }
+}
 
 /// Hashes the blob with sha256 along its verified prefix; returns the digest once the
 /// prefix covers the whole blob. Pieces the swarm loop wrote are taken as they come (each

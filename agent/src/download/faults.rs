@@ -164,10 +164,9 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
     let (hold, _) = cache.admit(metainfo.digest(), metainfo.length()).expect("admitted");
     let (partial, held) = PartialBlob::open_or_create(&store, metainfo.clone()).await.expect("partial");
     let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
-    let (written, _) = tokio::sync::mpsc::channel(1);
     let active = Active {
         partial,
-        written,
+        written: Default::default(),
         relays: shoal_shared::peer::Relays::new(held.clone()),
         have: watch::Sender::new(held),
         leads,

@@ -113,11 +113,9 @@ impl PartialBlob {
         PrefixHasher {
             file: self.file.clone(),
             path: self.path.clone(),
-            piece_length: u64::from(self.metainfo.piece_length()),
             state: Some((DigestHasher::new(), vec![0u8; READ_CHUNK])),
             offset: 0,
-            kept: BTreeMap::new(),
-            kept_bytes: 0,
+            ahead: Ahead::new(self.metainfo.piece_length()),
             from_memory: 0,
         }
     }
@@ -206,31 +204,84 @@ pub(super) fn held_pieces(
     Ok((held, verified))
 }
 
-/// Most bytes of pieces a [`PrefixHasher`] keeps in memory at and ahead of its offset,
-/// waiting for the prefix to reach them (a piece at the offset is always kept: it is hashed
-/// next). One default piece: more (8 MiB) took ~10% more bytes from memory on a cold pull
-/// but raised the agent's peak RSS past 64 MiB.
-pub const HASH_AHEAD: usize = 4 << 20;
+/// Most bytes of pieces a reader of a download's prefix (the sha256 along it, a client
+/// streaming it) keeps in memory at and ahead of its offset, waiting to get there (a piece
+/// at the offset is always kept: it is taken next). One default piece: twice that took ~10%
+/// more of the sha256's bytes from memory on a cold pull but raised the agent's peak RSS
+/// past 64 MiB.
+pub const KEEP_AHEAD: usize = 4 << 20;
+
+/// Pieces just written to a download's file, kept in memory for a reader that moves along
+/// the file's prefix, so that it takes them from memory when it gets there instead of
+/// reading them back (and, for a client, checking them again). A piece is the verified
+/// bytes that were written (the very buffers, shared, not copied).
+///
+/// Bounded: pieces before the reader's offset are dropped, and beyond [`KEEP_AHEAD`] bytes
+/// the furthest pieces give way to nearer ones; what is not kept is read back.
+#[derive(Debug)]
+pub struct Ahead {
+    piece_length: u64,
+    /// By offset, all at or past the reader's offset.
+    kept: BTreeMap<u64, VerifiedPiece>,
+    bytes: usize,
+}
+
+impl Ahead {
+    pub fn new(piece_length: u32) -> Self {
+        Self { piece_length: u64::from(piece_length), kept: BTreeMap::new(), bytes: 0 }
+    }
+
+    /// Offers a piece just written, for a reader now at `from`.
+    pub fn offer(&mut self, piece: VerifiedPiece, from: u64) {
+        let at = u64::from(piece.index()) * self.piece_length;
+        if at < from {
+            return;
+        }
+        self.bytes += piece.len();
+        if let Some(old) = self.kept.insert(at, piece) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > KEEP_AHEAD {
+            match self.kept.last_entry() {
+                Some(last) if *last.key() != from => self.bytes -= last.remove().len(),
+                _ => break,
+            }
+        }
+    }
+
+    /// The piece starting at `at`, if kept; pieces before it are dropped.
+    pub fn take(&mut self, at: u64) -> Option<VerifiedPiece> {
+        let rest = self.kept.split_off(&at);
+        self.kept = rest;
+        let piece = self.kept.remove(&at);
+        self.bytes = self.kept.values().map(VerifiedPiece::len).sum();
+        piece
+    }
+
+    /// The kept pieces starting before `to`, taken out.
+    fn take_below(&mut self, to: u64) -> BTreeMap<u64, VerifiedPiece> {
+        let rest = self.kept.split_off(&to);
+        let below = std::mem::replace(&mut self.kept, rest);
+        self.bytes = self.kept.values().map(VerifiedPiece::len).sum();
+        below
+    }
+}
 
 /// Streams sha256 over a growing prefix of a file, so a download's whole-blob digest is
 /// ready when its last piece lands instead of costing a second pass over the blob.
 ///
-/// Pieces just written can be [`offer`](Self::offer)ed: their verified bytes (the very
-/// buffers written, shared, not copied) are hashed from memory when the prefix reaches them,
-/// instead of being read back from the page cache. Most pieces arrive at or just past the
-/// prefix; those further ahead than [`HASH_AHEAD`] bytes allow, and pieces held from an
+/// Pieces just written can be [`offer`](Self::offer)ed ([`Ahead`]): they are hashed from
+/// memory when the prefix reaches them, instead of being read back from the page cache.
+/// Most pieces arrive at or just past the prefix; the others, and pieces held from an
 /// earlier run, are read back. Either way the digest is over the bytes the file holds.
 #[derive(Debug)]
 pub struct PrefixHasher {
     file: Arc<File>,
     path: PathBuf,
-    piece_length: u64,
     /// The hasher and its read buffer; out only while a blocking task hashes.
     state: Option<(DigestHasher, Vec<u8>)>,
     offset: u64,
-    /// Pieces offered, by offset, all at or past `offset`.
-    kept: BTreeMap<u64, VerifiedPiece>,
-    kept_bytes: usize,
+    ahead: Ahead,
     /// Bytes hashed from memory (the rest was read back), for tests and logs.
     from_memory: u64,
 }
@@ -247,24 +298,9 @@ impl PrefixHasher {
     }
 
     /// Offers a piece that was just written to the file (its bytes are what the file now
-    /// holds at its offset), to hash from memory when the prefix reaches it. Kept only if
-    /// it lies at or past the offset and, unless it is the next to hash, within
-    /// [`HASH_AHEAD`]; the furthest pieces give way to nearer ones.
+    /// holds at its offset), to hash from memory when the prefix reaches it.
     pub fn offer(&mut self, piece: VerifiedPiece) {
-        let at = u64::from(piece.index()) * self.piece_length;
-        if at < self.offset {
-            return;
-        }
-        self.kept_bytes += piece.len();
-        if let Some(old) = self.kept.insert(at, piece) {
-            self.kept_bytes -= old.len();
-        }
-        while self.kept_bytes > HASH_AHEAD {
-            match self.kept.last_entry() {
-                Some(last) if *last.key() != self.offset => self.kept_bytes -= last.remove().len(),
-                _ => break,
-            }
-        }
+        self.ahead.offer(piece, self.offset);
     }
 
     /// Hashes the file up to `to` (bytes before it must be written and final): from the
@@ -276,9 +312,7 @@ impl PrefixHasher {
         let Some((mut hasher, mut buf)) = self.state.take() else {
             return Err(StoreError::Io { path: self.path.clone(), source: io::Error::other("hasher lost") });
         };
-        let ahead = self.kept.split_off(&to);
-        let mut kept = std::mem::replace(&mut self.kept, ahead);
-        self.kept_bytes = self.kept.values().map(VerifiedPiece::len).sum();
+        let mut kept = self.ahead.take_below(to);
         let (file, path, mut offset) = (self.file.clone(), self.path.clone(), self.offset);
         let (hasher, buf, offset, from_memory) = blocking(move || {
             let mut from_memory = 0;

@@ -302,13 +302,13 @@ async fn stale_partials_are_removed() {
 async fn the_prefix_hash_takes_offered_pieces_from_memory_and_reads_back_the_rest() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = BlobStore::open(dir.path()).expect("open");
-    let within = (HASH_AHEAD / MIN_PIECE_LENGTH as usize) as u32;
+    let within = (KEEP_AHEAD / MIN_PIECE_LENGTH as usize) as u32;
     let (data, m) = blob_of(MIN_PIECE_LENGTH * (within + 4) + 17);
     let last = m.piece_count() - 1;
     let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
     let mut hasher = partial.prefix_hasher();
     // Written back to front of the prefix: pieces 2.. while 0 and 1 are missing (those
-    // beyond HASH_AHEAD are not kept), 1 is never offered (read back), and 0, offered
+    // beyond KEEP_AHEAD are not kept), 1 is never offered (read back), and 0, offered
     // last, pushes out the furthest piece kept.
     let order = (2..=last).chain([1, 0]);
     let mut written = Bitfield::new(m.piece_count());
