@@ -635,8 +635,10 @@ fn announce_batches(seeded: &[Digest], downloading: &[Digest]) -> Vec<Vec<BlobSt
     }
 }
 
-/// Written pieces queued for one reader before further ones are left to be read back.
-const WRITTEN_QUEUE: usize = 2;
+/// Written pieces queued for one reader before further ones are left to be read back (a
+/// reader drains its queue at once unless it is busy hashing or its client is not reading;
+/// 2 raised the peak RSS of a cold pull by ~5-10 MiB).
+const WRITTEN_QUEUE: usize = 1;
 
 /// Hands each piece the swarm loop writes to every reader of the prefix that subscribed,
 /// each of which keeps what it can use ([`Ahead`](shoal_shared::store::Ahead)). Never waits:
