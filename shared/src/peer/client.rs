@@ -58,9 +58,9 @@ pub struct PeerClient {
     buffers: PiecePool,
 }
 
-/// Bytes of piece buffers kept for reuse ([`PiecePool`]): a few pieces of the default
-/// length, the pieces a download has in flight at once from an origin.
-pub const PIECE_POOL: usize = 16 << 20;
+/// Bytes of piece buffers kept for reuse ([`PiecePool`]): two pieces of the default length.
+/// 16 MiB saved no measurable CPU more on a cold pull and let the peak RSS reach 66-70 MiB.
+pub const PIECE_POOL: usize = 8 << 20;
 
 /// Default cap on the peers a host keeps connections to at once.
 pub const MAX_CONNECTIONS: usize = 256;
