@@ -30,6 +30,7 @@ use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
+use shoal_shared::metainfo::VerifiedPiece;
 use shoal_shared::peer::{PeerClient, Relays};
 use shoal_shared::store::{BlobStore, PartialBlob, StoreError};
 use tokio::sync::watch;
@@ -116,6 +117,9 @@ pub struct Active {
     /// Peers worth probing that the download loop has not asked for: agents that
     /// subscribed to this download's pieces, peers from the batched announce.
     pub(crate) leads: tokio::sync::mpsc::Sender<PeerInfo>,
+    /// Pieces just written, offered to the readers of the prefix (the sha256 along it,
+    /// clients streaming it) so that they take them from memory instead of reading them back.
+    pub(crate) written: Written,
     prefix: watch::Sender<Prefix>,
     /// Who sent each piece.
     pub sources: Arc<Sources>,
@@ -543,9 +547,13 @@ impl Downloads {
             }
         };
         let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
+        let written = Written::default();
+        // Before any piece is written: the sha256 task sees every one.
+        let written_rx = written.subscribe();
         let active = Arc::new(Active {
             partial,
             leads,
+            written,
             relays: if self.settings.cut_through {
                 Relays::new(held.clone())
             } else {
@@ -570,7 +578,7 @@ impl Downloads {
         self.active.insert(digest, active.clone());
         self.metrics.active.inc();
         phase.send_replace(Phase::Streaming(active.clone()));
-        let hasher = tokio::spawn(hash_along(active.clone()));
+        let hasher = tokio::spawn(hash_along(active.clone(), written_rx));
         let result = async {
             let env = swarm::Env {
                 peers: &self.peers,
@@ -627,23 +635,67 @@ fn announce_batches(seeded: &[Digest], downloading: &[Digest]) -> Vec<Vec<BlobSt
     }
 }
 
+/// Written pieces queued for one reader before further ones are left to be read back (a
+/// reader drains its queue at once unless it is busy hashing or its client is not reading;
+/// 2 raised the peak RSS of a cold pull by ~5-10 MiB).
+const WRITTEN_QUEUE: usize = 1;
+
+/// Hands each piece the swarm loop writes to every reader of the prefix that subscribed,
+/// each of which keeps what it can use ([`Ahead`](shoal_shared::store::Ahead)). Never waits:
+/// a reader whose queue is full reads that piece back from the file instead.
+#[derive(Debug, Default)]
+pub struct Written(std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<VerifiedPiece>>>);
+
+impl Written {
+    /// The pieces written from now on (those written before are read back).
+    pub fn subscribe(&self) -> tokio::sync::mpsc::Receiver<VerifiedPiece> {
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITTEN_QUEUE);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        rx
+    }
+
+    /// Offers `piece`, just written, to every reader (a clone of its block list each, the
+    /// bytes shared); must come before the prefix moves past it.
+    pub(crate) fn send(&self, piece: &VerifiedPiece) {
+        use tokio::sync::mpsc::error::TrySendError;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|tx| !matches!(tx.try_send(piece.clone()), Err(TrySendError::Closed(_))));
+    }
+}
+
 /// Hashes the blob with sha256 along its verified prefix; returns the digest once the
-/// prefix covers the whole blob.
-async fn hash_along(active: Arc<Active>) -> Result<Digest, DownloadError> {
+/// prefix covers the whole blob. Pieces the swarm loop wrote are taken as they come (each
+/// is offered before the prefix moves past it), so those within reach are hashed from
+/// memory.
+async fn hash_along(
+    active: Arc<Active>,
+    mut written: tokio::sync::mpsc::Receiver<VerifiedPiece>,
+) -> Result<Digest, DownloadError> {
     let mut rx = active.subscribe();
     let mut hasher = active.partial.prefix_hasher();
     let length = active.length();
     loop {
+        while let Ok(piece) = written.try_recv() {
+            hasher.offer(piece);
+        }
         let prefix = *rx.borrow_and_update();
         if prefix.failed {
             return Err(DownloadError::Unavailable("download failed".into()));
         }
         hasher.advance(prefix.bytes).await.map_err(store_err)?;
         if hasher.offset() >= length {
+            tracing::debug!(bytes = length, from_memory = hasher.from_memory(), "sha256 along the prefix");
             return Ok(hasher.finish());
         }
-        if rx.changed().await.is_err() {
-            return Err(DownloadError::Unavailable("download ended".into()));
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return Err(DownloadError::Unavailable("download ended".into()));
+                }
+            }
+            Some(piece) = written.recv() => hasher.offer(piece),
         }
     }
 }

@@ -17,7 +17,7 @@ use shoal_shared::oci::{
     manifest_media_type, paginate, parse_v2_path, ErrorCode, Reference, TagList, V2Path, V2PathError,
     MAX_MANIFEST,
 };
-use shoal_shared::store::READ_CHUNK;
+use shoal_shared::store::{Ahead, READ_CHUNK};
 
 use crate::delivery::{Counted, Tally};
 use crate::download::{Active, DownloadError, Downloads, Fetched};
@@ -426,34 +426,62 @@ async fn tag_list(req: &HttpRequest, name: &str, state: &AppState) -> HttpRespon
 
 /// The bytes of a download in progress, in order, each chunk sent as soon as the verified
 /// prefix covers it. Ends with an error (the client sees a short body) if the download fails.
+///
+/// Pieces written while the client streams come from memory ([`Ahead`]): the verified bytes
+/// themselves, which never passed through the disk. The others (written before the client
+/// came, or not kept) are read from the file, and each is checked against its hash just
+/// before: pieces were verified when they arrived, but the file is the cache's once
+/// committed (and may be damaged there), so no byte read from it leaves unless its piece
+/// matches now, as on the cached path.
 fn prefix_stream(
     active: Arc<Active>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
-    let rx = active.subscribe();
-    // `checked`: the end of the last piece whose bytes on disk were checked against its
-    // hash just before being read for sending. Pieces were verified when they arrived, but
-    // the file is the cache's once committed (and may be damaged there): no byte leaves
-    // unless its piece matches now, as on the cached path.
-    futures_util::stream::unfold(Some((active, rx, 0u64, 0u64)), |state| async move {
-        let (active, mut rx, offset, mut checked) = state?;
-        let length = active.length();
+    let state = Streaming {
+        rx: active.subscribe(),
+        written: active.written.subscribe(),
+        ahead: Ahead::new(active.partial.metainfo().piece_length()),
+        blocks: std::collections::VecDeque::new(),
+        offset: 0,
+        checked: 0,
+        active,
+    };
+    futures_util::stream::unfold(Some(state), |state| async move {
+        let mut st = state?;
+        let length = st.active.length();
         loop {
-            if offset >= length {
+            // A piece from memory, block by block (`offset` is already past it).
+            if let Some(block) = st.blocks.pop_front() {
+                let last = st.blocks.is_empty() && st.offset >= length;
+                // The download (and its hold on the cache) is let go with the last chunk:
+                // the server may keep a finished body around for a while.
+                return Some((Ok(block), (!last).then_some(st)));
+            }
+            if st.offset >= length {
                 return None;
             }
-            let prefix = *rx.borrow_and_update();
-            if prefix.bytes > offset {
-                if offset >= checked {
-                    let m = active.partial.metainfo();
-                    let index = (offset / u64::from(m.piece_length())) as u32;
+            while let Ok(piece) = st.written.try_recv() {
+                st.ahead.offer(piece, st.offset);
+            }
+            let prefix = *st.rx.borrow_and_update();
+            if prefix.bytes > st.offset {
+                if st.offset >= st.checked {
+                    // At a piece's start: `checked` is where the last piece checked ended.
+                    if let Some(piece) = st.ahead.take(st.offset) {
+                        st.offset += piece.len() as u64;
+                        st.checked = st.offset;
+                        st.blocks.extend(piece.blocks().iter().cloned());
+                        continue;
+                    }
+                    let m = st.active.partial.metainfo();
+                    let index = (st.offset / u64::from(m.piece_length())) as u32;
                     // `offset` is inside the blob, so its piece exists; were it not, the
                     // stream ends here rather than send empty chunks forever.
                     let end = match m.piece_size(index) {
                         Ok(size) => m.piece_offset(index) + u64::from(size),
                         Err(e) => return Some((Err(std::io::Error::other(e)), None)),
                     };
-                    match active.partial.piece_intact(index).await {
-                        Ok(true) => checked = end,
+                    match st.active.partial.piece_intact(index).await {
+                        Ok(true) => st.checked = end,
                         Ok(false) => {
                             tracing::error!(digest = %m.digest(), piece = index, "a downloaded piece no longer matches its hash; response cut");
                             return Some((Err(std::io::Error::other("stored piece is damaged")), None));
@@ -461,21 +489,45 @@ fn prefix_stream(
                         Err(e) => return Some((Err(std::io::Error::other(e)), None)),
                     }
                 }
-                let n = (prefix.bytes.min(checked) - offset).min(READ_CHUNK as u64) as usize;
-                let next = offset + n as u64;
-                return Some(match active.partial.read_at(offset, n).await {
-                    // The download (and its hold on the cache) is let go with the last
-                    // chunk: the server may keep a finished body around for a while.
+                let n = (prefix.bytes.min(st.checked) - st.offset).min(READ_CHUNK as u64) as usize;
+                let next = st.offset + n as u64;
+                return Some(match st.active.partial.read_at(st.offset, n).await {
                     Ok(bytes) if next >= length => (Ok(bytes), None),
-                    Ok(bytes) => (Ok(bytes), Some((active, rx, next, checked))),
+                    Ok(bytes) => {
+                        st.offset = next;
+                        (Ok(bytes), Some(st))
+                    }
                     Err(e) => (Err(std::io::Error::other(e)), None),
                 });
             }
-            if prefix.failed || rx.changed().await.is_err() {
+            if prefix.failed {
                 return Some((Err(std::io::Error::other("download failed")), None));
+            }
+            tokio::select! {
+                changed = st.rx.changed() => {
+                    if changed.is_err() {
+                        return Some((Err(std::io::Error::other("download failed")), None));
+                    }
+                }
+                Some(piece) = st.written.recv() => st.ahead.offer(piece, st.offset),
             }
         }
     })
+}
+
+/// Where a [`prefix_stream`] is.
+struct Streaming {
+    active: Arc<Active>,
+    rx: tokio::sync::watch::Receiver<crate::download::Prefix>,
+    /// Pieces as they are written, and those kept until the stream gets to them.
+    written: tokio::sync::mpsc::Receiver<shoal_shared::metainfo::VerifiedPiece>,
+    ahead: Ahead,
+    /// The rest of a piece taken from memory, to send.
+    blocks: std::collections::VecDeque<bytes::Bytes>,
+    /// Bytes handed out (or, with `blocks`, taken to send).
+    offset: u64,
+    /// The end of the last piece known good: checked on disk, or taken from memory.
+    checked: u64,
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bitfield::{Bitfield, BitfieldError};
-use crate::blocks::{BlockHashes, PieceReceiver};
+use crate::blocks::{BlockHashes, PiecePool, PieceReceiver};
 use crate::digest::Digest;
 use crate::metainfo::{Metainfo, MetainfoError, VerifiedPiece};
 use crate::ratelimit::RateLimiter;

@@ -476,6 +476,6 @@ mod tests;
 
 #[cfg(test)]
 use partial::held_pieces;
-pub use partial::{PartialBlob, PrefixHasher};
+pub use partial::{Ahead, PartialBlob, PrefixHasher, KEEP_AHEAD};
 pub use staged::Staged;
 use staged::TempGuard;

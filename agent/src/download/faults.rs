@@ -166,6 +166,7 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
     let (leads, leads_rx) = tokio::sync::mpsc::channel(swarm::LEAD_QUEUE);
     let active = Active {
         partial,
+        written: Default::default(),
         relays: shoal_shared::peer::Relays::new(held.clone()),
         have: watch::Sender::new(held),
         leads,

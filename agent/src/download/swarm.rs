@@ -140,7 +140,10 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                 match result {
                     Ok(piece) => {
                         if !active.have.borrow().get(index) {
-                            active.partial.write_piece(piece).await.map_err(store_err)?;
+                            active.partial.write_piece(piece.clone()).await.map_err(store_err)?;
+                            // Before the prefix moves past it: the sha256 task and streaming
+                            // clients take it from memory.
+                            active.written.send(&piece);
                             let source = if sched.is_origin(peer) { active.sources.origin() } else { Source::Peer };
                             active.sources.set(index, source);
                             if let Ok(mut by_peer) = active.by_peer.lock() {

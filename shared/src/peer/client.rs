@@ -54,7 +54,13 @@ pub struct PeerClient {
     idle_before_evict: Duration,
     /// Where dialled connections are recorded for revocation checks.
     live: LiveConnections,
+    /// Piece buffers reused across pieces (and downloads).
+    buffers: PiecePool,
 }
+
+/// Bytes of piece buffers kept for reuse ([`PiecePool`]): two pieces of the default length.
+/// 16 MiB saved no measurable CPU more on a cold pull and let the peak RSS reach 66-70 MiB.
+pub const PIECE_POOL: usize = 8 << 20;
 
 /// Default cap on the peers a host keeps connections to at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -69,6 +75,7 @@ impl PeerClient {
             max_connections: MAX_CONNECTIONS,
             idle_before_evict: IDLE_BEFORE_EVICT,
             live: LiveConnections::default(),
+            buffers: PiecePool::new(PIECE_POOL),
         }
     }
 
@@ -248,7 +255,8 @@ impl PeerClient {
                 // block as it lands, so a wrong byte ends the transfer within its block. The
                 // buffer is sized by the metainfo, not by the peer.
                 let bad = |cause| PeerError::BadPiece { addr, cause };
-                let mut piece = PieceReceiver::new(metainfo.check_blocks(index, blocks).map_err(bad)?);
+                let mut piece =
+                    PieceReceiver::pooled(metainfo.check_blocks(index, blocks).map_err(bad)?, &self.buffers);
                 let mut relay = relays.start(index, expected, piece.hashes());
                 let mut relayed = 0;
                 while piece.remaining() > 0 {

@@ -297,3 +297,58 @@ async fn stale_partials_are_removed() {
     assert_eq!(store.remove_stale_partials(Duration::ZERO).expect("clean"), 1);
     assert_eq!(std::fs::read_dir(dir.path().join("partial")).expect("dir").count(), 0);
 }
+
+#[tokio::test]
+async fn the_prefix_hash_takes_offered_pieces_from_memory_and_reads_back_the_rest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = BlobStore::open(dir.path()).expect("open");
+    let (data, m) = blob_of(MIN_PIECE_LENGTH * 6 + 17);
+    let last = m.piece_count() - 1;
+    let (partial, _) = PartialBlob::open_or_create(&store, m.clone()).await.expect("create");
+    let mut hasher = partial.prefix_hasher();
+    // Piece 0 in order (from memory), 2 ahead of the prefix (kept only within KEEP_AHEAD),
+    // 1 never offered (read back), the rest in order (from memory).
+    let order = [0, 2, 1].into_iter().chain(3..=last);
+    let mut written = Bitfield::new(m.piece_count());
+    for i in order {
+        let piece = piece_of(&data, &m, i);
+        partial.write_piece(piece.clone()).await.expect("write");
+        written.set(i);
+        if i != 1 {
+            hasher.offer(piece);
+        }
+        let prefix = (0..m.piece_count()).find(|&p| !written.get(p)).unwrap_or(m.piece_count());
+        hasher.advance(m.piece_offset(prefix).min(m.length())).await.expect("advance");
+    }
+    assert_eq!(hasher.offset(), m.length());
+    let size = |i| u64::from(m.piece_size(i).expect("size"));
+    let read_back = size(1) + if KEEP_AHEAD >= size(2) as usize { 0 } else { size(2) };
+    assert_eq!(hasher.from_memory(), m.length() - read_back);
+    assert_eq!(hasher.finish(), Digest::of(&data));
+}
+
+#[test]
+fn ahead_keeps_the_next_piece_and_the_nearest_within_its_limit() {
+    let (data, m) = blob_of(MIN_PIECE_LENGTH * 8);
+    let at = |i| m.piece_offset(i);
+    let mut ahead = Ahead::with_limit(MIN_PIECE_LENGTH, 2 * MIN_PIECE_LENGTH as usize);
+    for i in [5, 3, 4] {
+        ahead.offer(piece_of(&data, &m, i), at(1));
+    }
+    // Two pieces beyond the next: 5, the furthest, gave way.
+    ahead.offer(piece_of(&data, &m, 1), at(1));
+    // Behind the reader: never kept.
+    ahead.offer(piece_of(&data, &m, 0), at(1));
+    assert!(ahead.take(at(0)).is_none());
+    assert_eq!(ahead.take(at(1)).map(|p| p.data()), Some(piece_of(&data, &m, 1).data()));
+    assert!(ahead.take(at(2)).is_none());
+    assert_eq!(ahead.take(at(4)).map(|p| p.index()), Some(4), "3 was dropped on the way");
+    assert!(ahead.take(at(3)).is_none());
+    assert!(ahead.take(at(5)).is_none());
+    // With no room beyond the next piece, only that one is kept.
+    let mut next_only = Ahead::with_limit(MIN_PIECE_LENGTH, 0);
+    next_only.offer(piece_of(&data, &m, 3), at(2));
+    next_only.offer(piece_of(&data, &m, 2), at(2));
+    assert!(next_only.take(at(2)).is_some());
+    assert!(next_only.take(at(3)).is_none());
+}
