@@ -25,8 +25,8 @@ struct Cli {
     /// Blob size in bytes (overrides --size-mib), e.g. 3000000000 for Kraken's 3 GB.
     #[arg(long)]
     size_bytes: Option<u64>,
-    /// Piece length in KiB.
-    #[arg(long, default_value_t = 4096)]
+    /// Piece length in KiB (default: the origin's).
+    #[arg(long, default_value_t = u64::from(shoal_shared::metainfo::DEFAULT_PIECE_LENGTH) / 1024)]
     piece_kib: u64,
     /// Every host's uplink and downlink: 100mbit, 1gbit, 300MB/s, ...
     #[arg(long, default_value = "100mbit")]

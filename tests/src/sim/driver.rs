@@ -225,10 +225,10 @@ mod tests {
     #[test]
     fn agent_constants_follow_the_piece_size() {
         let c = Policy::agent(4 << 20).scheduler;
-        assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (4, 4, 4, 4));
+        assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (4, 4, 2, 4));
         let p = Policy::agent(256 << 10);
         let c = &p.scheduler;
-        assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (64, 4, 8, 32));
+        assert_eq!((c.max_in_flight, c.peer_pipeline, c.seeder_pipeline, c.max_pipeline), (64, 4, 2, 32));
         assert_eq!(c.max_peers, 10);
         assert_eq!(p.announces, Schedule::AGENT);
         assert_eq!(p.progress_timeout, 60 * SEC);
