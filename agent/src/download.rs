@@ -14,7 +14,13 @@
 
 #[cfg(test)]
 mod faults;
+mod metrics;
 mod swarm;
+mod written;
+
+pub use metrics::DownloadMetrics;
+use written::hash_along;
+pub use written::Written;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,15 +28,10 @@ use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::{Registry, Unit};
 use shoal_shared::bitfield::Bitfield;
 use shoal_shared::client::{Announce, AnnounceBatch, BlobState, PeerInfo, MAX_BATCH, MAX_BATCH_DOWNLOADING};
 use shoal_shared::digest::Digest;
 use shoal_shared::hint::Hint;
-use shoal_shared::metainfo::VerifiedPiece;
 use shoal_shared::peer::{PeerClient, Relays};
 use shoal_shared::store::{BlobStore, PartialBlob, StoreError};
 use tokio::sync::watch;
@@ -39,7 +40,7 @@ use tracing::Instrument;
 use shoal_shared::tracker::{LookupError, TrackerClient};
 
 use crate::cache::{Cache, Hold};
-use crate::delivery::{Delivered, Sources, Tally};
+use crate::delivery::{Sources, Tally};
 
 /// Why a download failed. Cloned to every waiting request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -159,83 +160,6 @@ pub enum Fetched {
     Cached(Tally),
     /// Still downloading: stream its verified prefix.
     Streaming(Arc<Active>),
-}
-
-/// Agent counters.
-#[derive(Debug, Clone)]
-pub struct DownloadMetrics {
-    pub started: Counter,
-    pub completed: Counter,
-    pub failed: Counter,
-    pub pieces: Counter,
-    pub bad_pieces: Counter,
-    pub damaged_blobs: Counter,
-    pub active: Gauge,
-    /// Peers (agents and origins) this agent holds a connection to.
-    pub peers: Gauge,
-    /// Bytes sent to local clients, by where they came from.
-    pub delivered: Delivered,
-    pub piece_seconds: Histogram,
-    pub download_seconds: Histogram,
-}
-
-impl Default for DownloadMetrics {
-    fn default() -> Self {
-        Self {
-            started: Counter::default(),
-            completed: Counter::default(),
-            failed: Counter::default(),
-            pieces: Counter::default(),
-            bad_pieces: Counter::default(),
-            damaged_blobs: Counter::default(),
-            active: Gauge::default(),
-            peers: Gauge::default(),
-            delivered: Delivered::default(),
-            // 1 ms to ~65 s.
-            piece_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
-            // 10 ms to ~22 min.
-            download_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
-        }
-    }
-}
-
-impl DownloadMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("shoal_agent");
-        r.register("downloads_started", "Downloads started", self.started.clone());
-        r.register("downloads_completed", "Downloads completed and verified", self.completed.clone());
-        r.register("downloads_failed", "Downloads that failed", self.failed.clone());
-        r.register("pieces_fetched", "Verified pieces fetched from peers", self.pieces.clone());
-        r.register("bad_pieces", "Pieces rejected for a bad hash or protocol error", self.bad_pieces.clone());
-        r.register(
-            "damaged_blobs",
-            "Cached blobs dropped because a piece no longer matched its hash",
-            self.damaged_blobs.clone(),
-        );
-        r.register("active_downloads", "Downloads in progress", self.active.clone());
-        r.register(
-            "peers",
-            "Peers (agents and origins) this agent holds a connection to",
-            self.peers.clone(),
-        );
-        r.register(
-            "delivered_bytes",
-            "Blob bytes sent to local clients, by where they came from (cache, peer, origin)",
-            self.delivered.clone(),
-        );
-        r.register_with_unit(
-            "piece_fetch",
-            "Time to fetch and verify one piece from a peer or origin",
-            Unit::Seconds,
-            self.piece_seconds.clone(),
-        );
-        r.register_with_unit(
-            "download_duration",
-            "Time from a download's metainfo to its blob verified in the cache",
-            Unit::Seconds,
-            self.download_seconds.clone(),
-        );
-    }
 }
 
 /// Settings of the download engine.
@@ -632,71 +556,6 @@ fn announce_batches(seeded: &[Digest], downloading: &[Digest]) -> Vec<Vec<BlobSt
             return batches;
         }
         batches.push(batch);
-    }
-}
-
-/// Written pieces queued for one reader before further ones are left to be read back (a
-/// reader drains its queue at once unless it is busy hashing or its client is not reading;
-/// 2 raised the peak RSS of a cold pull by ~5-10 MiB).
-const WRITTEN_QUEUE: usize = 1;
-
-/// Hands each piece the swarm loop writes to every reader of the prefix that subscribed,
-/// each of which keeps what it can use ([`Ahead`](shoal_shared::store::Ahead)). Never waits:
-/// a reader whose queue is full reads that piece back from the file instead.
-#[derive(Debug, Default)]
-pub struct Written(std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<VerifiedPiece>>>);
-
-impl Written {
-    /// The pieces written from now on (those written before are read back).
-    pub fn subscribe(&self) -> tokio::sync::mpsc::Receiver<VerifiedPiece> {
-        let (tx, rx) = tokio::sync::mpsc::channel(WRITTEN_QUEUE);
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
-        rx
-    }
-
-    /// Offers `piece`, just written, to every reader (a clone of its block list each, the
-    /// bytes shared); must come before the prefix moves past it.
-    pub(crate) fn send(&self, piece: &VerifiedPiece) {
-        use tokio::sync::mpsc::error::TrySendError;
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|tx| !matches!(tx.try_send(piece.clone()), Err(TrySendError::Closed(_))));
-    }
-}
-
-/// Hashes the blob with sha256 along its verified prefix; returns the digest once the
-/// prefix covers the whole blob. Pieces the swarm loop wrote are taken as they come (each
-/// is offered before the prefix moves past it), so those within reach are hashed from
-/// memory.
-async fn hash_along(
-    active: Arc<Active>,
-    mut written: tokio::sync::mpsc::Receiver<VerifiedPiece>,
-) -> Result<Digest, DownloadError> {
-    let mut rx = active.subscribe();
-    let mut hasher = active.partial.prefix_hasher();
-    let length = active.length();
-    loop {
-        while let Ok(piece) = written.try_recv() {
-            hasher.offer(piece);
-        }
-        let prefix = *rx.borrow_and_update();
-        if prefix.failed {
-            return Err(DownloadError::Unavailable("download failed".into()));
-        }
-        hasher.advance(prefix.bytes).await.map_err(store_err)?;
-        if hasher.offset() >= length {
-            tracing::debug!(bytes = length, from_memory = hasher.from_memory(), "sha256 along the prefix");
-            return Ok(hasher.finish());
-        }
-        tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    return Err(DownloadError::Unavailable("download ended".into()));
-                }
-            }
-            Some(piece) = written.recv() => hasher.offer(piece),
-        }
     }
 }
 
