@@ -36,8 +36,7 @@ impl World {
                 self.account(e.src, e.sent);
                 self.wasted += e.sent;
             }
-            self.reqs[r as usize].state = ReqState::Lost;
-            self.q.after(self.one_way, Ev::Refused(r));
+            self.reset(r);
             self.release_slot(host, r);
         }
         self.schedule_finishes();
@@ -46,14 +45,20 @@ impl World {
         for w in waiters {
             let q = &mut self.reqs[w as usize];
             if q.piece == piece && q.state == ReqState::Waiting {
-                q.state = ReqState::Lost;
                 self.wasted += self.piece_bytes(piece);
-                self.q.after(self.one_way, Ev::Refused(w));
+                self.reset(w);
             } else if q.state == ReqState::Waiting {
                 kept.push(w);
             }
         }
         self.hosts[host as usize].waiters = kept;
+    }
+
+    /// Ends request `r` at its server as the agent's server ends a stream it cannot serve
+    /// (no piece, or its relay ended): the requester hears `NotFound` a one-way delay later.
+    pub(super) fn reset(&mut self, r: u32) {
+        self.reqs[r as usize].state = ReqState::Lost;
+        self.q.after(self.one_way, Ev::Refused(r));
     }
 
     /// Cut-through: the first block of request `r`'s piece passed at its requester, which

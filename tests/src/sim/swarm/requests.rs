@@ -20,8 +20,7 @@ impl World {
         if s.gone() {
             self.reqs[r as usize].state = ReqState::Lost;
         } else if s.failed || (!s.bits.get(piece) && !receiving) {
-            self.reqs[r as usize].state = ReqState::Lost;
-            self.q.after(self.one_way, Ev::Refused(r));
+            self.reset(r);
         } else if !free && s.line.len() >= self.cfg.server_queue as usize {
             self.reqs[r as usize].state = ReqState::Busy;
             self.q.after(self.one_way, Ev::Refused(r));
@@ -82,8 +81,7 @@ impl World {
             if self.hosts[server as usize].bits.get(piece) || self.receiving(server, piece) {
                 self.start_flow(next);
             } else {
-                self.reqs[next as usize].state = ReqState::Lost;
-                self.q.after(self.one_way, Ev::Refused(next));
+                self.reset(next);
             }
         }
     }
@@ -107,8 +105,7 @@ impl World {
         } else if !self.receiving(e.src, piece) {
             // Its relay ended under it: the stream is reset.
             self.wasted += e.sent;
-            self.reqs[e.tag as usize].state = ReqState::Lost;
-            self.q.after(self.one_way, Ev::Refused(e.tag));
+            self.reset(e.tag);
         } else {
             // Cut-through: everything the server had is sent; its last block follows its own.
             self.reqs[e.tag as usize].state = ReqState::Waiting;
