@@ -23,7 +23,8 @@ async fn a_piece_moves_on_from_an_agent_before_that_agent_holds_it_whole() {
     .expect("cluster");
     let image = c.push_image("relay/chain:v1", &[32 * MIB], 31).await.expect("push");
     let (layer, size) = image.layers[0].clone();
-    // B: 4 MiB/s in, so each of the pieces it has in flight takes about a second.
+    // B: 4 MiB/s in, so each of the pieces it has in flight takes about a second: slower
+    // than C, yet fast enough to be offered before it is whole (within 4 s).
     let b =
         c.start_agent(AgentOptions { ingress_limit: 4 * MIB as u64, ..Default::default() }).await.expect("b");
     let cc = c.start_agent(AgentOptions::default()).await.expect("c");

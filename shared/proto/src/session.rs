@@ -5,8 +5,9 @@
 //! stopped progressing is re-planned and when it fails ([`Progress`]), when it announces
 //! itself to the tracker ([`Announces`]), which peers it contacts ([`to_probe`],
 //! [`takes_lead`]), how a request that brought no piece counts ([`Miss`]), how far its
-//! verified prefix reaches ([`Prefix`]), and which piece an origin serves a second copy of
-//! ([`FirstCopies`]). Like the scheduler,
+//! verified prefix reaches ([`Prefix`]), which piece an origin serves a second copy of
+//! ([`FirstCopies`]), and which piece still arriving is offered to other peers
+//! ([`EarlyOffer`]). Like the scheduler,
 //! nothing here does I/O or reads a clock: the caller passes `now` as a [`Duration`] since
 //! any fixed start. The agent's download loop (`agent/src/download/swarm.rs`) drives these
 //! with real peers and a real clock; the simulator (`shoal-tests`, `sim`) drives the same
@@ -16,6 +17,7 @@
 
 mod admission;
 mod announce;
+mod offer;
 mod prefix;
 mod progress;
 mod refusal;
@@ -23,6 +25,7 @@ mod waves;
 
 pub use admission::{takes_lead, to_probe, Listed, PROBE_TIMEOUT};
 pub use announce::{Announces, Schedule};
+pub use offer::{fast_enough, EarlyOffer, EARLY_OFFER_BLOCKS, EARLY_OFFER_WITHIN};
 pub use prefix::Prefix;
 pub use progress::{Progress, Stall};
 pub use refusal::Miss;

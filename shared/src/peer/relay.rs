@@ -1,9 +1,12 @@
 //! Cut-through: pieces passed on to peers while they are still arriving.
 //!
 //! A download registers each piece it starts receiving from a peer in its [`Relays`], once
-//! the piece's block hashes have been checked against the metainfo: the piece is then
-//! *offered* (its bit set in [`Relays::offered`], the bitfield `Subscribe` streams follow),
-//! and every block that passes its hash is pushed into the [`Relay`]. A peer asking for the
+//! the piece's block hashes have been checked against the metainfo, and every block that
+//! passes its hash is pushed into the [`Relay`]. Once a few blocks have passed, if they came
+//! fast enough ([`EarlyOffer`]), the piece is *offered* (its bit set in [`Relays::offered`],
+//! the bitfield `Subscribe` streams follow); a piece arriving slowly is offered only once it
+//! is written, so that a slow link does not hold up the peers that would relay it. A peer
+//! asking for the
 //! piece before it is whole is sent the same block hashes and the blocks as they come
 //! (`server.rs`), so each hop of the swarm costs a block time instead of a piece time. The
 //! receiving peer checks every block itself; a relay never holds a byte that has not passed.
@@ -18,9 +21,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::bitfield::Bitfield;
 use crate::blocks::BlockHashes;
+use crate::session::EarlyOffer;
 
 /// A piece being received, readable block by block.
 #[derive(Debug)]
@@ -109,7 +114,8 @@ impl Relays {
 
     /// Starts relaying piece `index` of `size` bytes under `hashes` (already checked);
     /// `None` when it is relayed already (a second copy of it, in the endgame) or the
-    /// download offers no pieces.
+    /// download offers no pieces. The piece is offered once its first blocks show it
+    /// arriving fast enough ([`EarlyOffer`]), or once it is written.
     pub fn start(&self, index: u32, size: u32, hashes: &BlockHashes) -> Option<RelayWriter> {
         if !self.enabled || index >= self.offered.borrow().len() {
             return None;
@@ -128,8 +134,14 @@ impl Relays {
             relays.insert(index, relay.clone());
             relay
         };
-        self.offer(index);
-        Some(RelayWriter { relays: self.clone(), index, relay, complete: false })
+        Some(RelayWriter {
+            relays: self.clone(),
+            index,
+            relay,
+            complete: false,
+            started: Instant::now(),
+            offer: EarlyOffer::new(u64::from(size)),
+        })
     }
 
     /// Piece `index` is written and its bit set: its relay is no longer needed.
@@ -163,12 +175,18 @@ pub struct RelayWriter {
     index: u32,
     relay: Arc<Relay>,
     complete: bool,
+    started: Instant,
+    offer: EarlyOffer,
 }
 
 impl RelayWriter {
-    /// Passes on a block that has passed its hash.
+    /// Passes on a block that has passed its hash; offers the piece when the rule says so.
     pub fn push(&mut self, block: Bytes) {
+        let len = block.len();
         self.relay.push(block);
+        if self.offer.on_block(self.started.elapsed(), len) {
+            self.relays.offer(self.index);
+        }
     }
 
     /// Every block is in: the relay stays readable until the piece is written.
@@ -203,8 +221,7 @@ mod tests {
         let mut offered = relays.offered();
         let mut w = relays.start(2, 40_000, &hashes()).expect("new");
         assert!(relays.start(2, 40_000, &hashes()).is_none(), "one relay per piece");
-        assert!(offered.has_changed().expect("open"));
-        assert!(offered.borrow_and_update().get(2), "offered once it arrives");
+        assert!(!offered.has_changed().expect("open"), "not offered before blocks pass");
         let relay = relays.get(2).expect("relayed");
         let reader = tokio::spawn({
             let relay = relay.clone();
@@ -214,11 +231,17 @@ mod tests {
         w.push(Bytes::from_static(b"b"));
         let (a, b) = reader.await.expect("join");
         assert_eq!((a.as_deref(), b.as_deref()), (Some(&b"a"[..]), Some(&b"b"[..])));
+        // 2 MiB more within far less than the two seconds that would make them too slow.
+        w.push(Bytes::from(vec![0u8; 1 << 20]));
+        assert!(!offered.has_changed().expect("open"), "not offered before its fourth block");
+        w.push(Bytes::from(vec![0u8; 1 << 20]));
+        assert!(offered.has_changed().expect("open"));
+        assert!(offered.borrow_and_update().get(2), "offered once its first blocks came fast");
         w.complete();
         assert!(relays.get(2).is_some(), "kept until written");
         relays.written(2);
         assert!(relays.get(2).is_none());
-        assert_eq!(relay.block(2).await, None, "ended");
+        assert_eq!(relay.block(4).await, None, "ended");
     }
 
     #[tokio::test]
@@ -237,5 +260,23 @@ mod tests {
         // Another copy may be relayed now.
         assert!(relays.start(1, 40_000, &hashes()).is_some());
         assert!(Relays::none().start(0, 1, &BlockHashes::default()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_piece_arriving_slowly_is_offered_only_once_written() {
+        let relays = Relays::new(Bitfield::new(4));
+        let mut offered = relays.offered();
+        // A 64 MiB piece in 16 KiB blocks at least 50 ms apart: 320 KB/s or less, far
+        // slower than the whole piece within 4 s.
+        let mut w = relays.start(3, 64 << 20, &hashes()).expect("new");
+        for _ in 0..6 {
+            w.push(Bytes::from(vec![0u8; 16 << 10]));
+            assert!(relays.get(3).is_some(), "served to peers that ask");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!offered.has_changed().expect("open"), "not offered while arriving slowly");
+        w.complete();
+        relays.written(3);
+        assert!(offered.borrow_and_update().get(3), "offered once written");
     }
 }

@@ -35,7 +35,10 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 use shoal_shared::bitfield::Bitfield;
 
-use super::driver::{Action, FirstCopies, Listed, Miss, Refusal, Scheduler, Stall, PROBE_TIMEOUT};
+use super::driver::{
+    fast_enough, Action, FirstCopies, Listed, Miss, Refusal, Scheduler, Stall, EARLY_OFFER_BLOCKS,
+    PROBE_TIMEOUT,
+};
 use super::net::{Finish, FlowId, Net};
 use super::queue::{EventQueue, Nanos, SEC};
 use super::{Config, ConfigError};

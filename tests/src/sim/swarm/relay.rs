@@ -1,19 +1,40 @@
 //! Cut-through in the model: which hosts are receiving a piece, the first block that makes a
 //! piece offered, and the relayed requests that wait for the relay's own last block.
 
+use std::time::Duration;
+
 use super::*;
 
 impl World {
-    /// Cut-through: whether `host` is receiving `piece` now (a request for it under way
-    /// whose first block passed).
+    /// Cut-through: whether `host` is receiving `piece` now: a request for it under way
+    /// whose first block passed, from a server that holds the piece or is itself receiving
+    /// it. A relay sends only bytes it has received, so a chain of relays that does not
+    /// reach a holder (its source ended, or it loops back on itself) carries nothing.
     pub(super) fn receiving(&self, host: u32, piece: u32) -> bool {
-        let h = &self.hosts[host as usize];
-        h.outstanding.iter().any(|&x| {
-            let q = &self.reqs[x as usize];
-            q.piece == piece
-                && q.relaying
-                && matches!(q.state, ReqState::Flowing(_) | ReqState::InTransit | ReqState::Waiting)
-        })
+        let mut seen = vec![host];
+        let mut next = vec![host];
+        while let Some(h) = next.pop() {
+            for &x in &self.hosts[h as usize].outstanding {
+                let q = &self.reqs[x as usize];
+                if q.piece != piece || !q.relaying {
+                    continue;
+                }
+                match q.state {
+                    // Sent in full by a server that holds the piece.
+                    ReqState::InTransit => return true,
+                    ReqState::Flowing(_) | ReqState::Waiting => {}
+                    _ => continue,
+                }
+                if self.hosts[q.server as usize].bits.get(piece) {
+                    return true;
+                }
+                if !seen.contains(&q.server) {
+                    seen.push(q.server);
+                    next.push(q.server);
+                }
+            }
+        }
+        false
     }
 
     /// Cut-through: `host`'s transfer of `piece` ended without the piece (cancelled, timed
@@ -61,8 +82,9 @@ impl World {
         self.q.after(self.one_way, Ev::Refused(r));
     }
 
-    /// Cut-through: the first block of request `r`'s piece passed at its requester, which
-    /// offers the piece to its followers as if it held it.
+    /// Cut-through: the first [`EARLY_OFFER_BLOCKS`] blocks of request `r`'s piece passed at
+    /// its requester, which relays the piece from now on and, if they came fast enough (the
+    /// agent's rule, [`fast_enough`]), offers it to its followers as if it held it.
     pub(super) fn first_block(&mut self, r: u32) {
         let (client, piece, state) = {
             let q = &self.reqs[r as usize];
@@ -72,6 +94,20 @@ impl World {
             return;
         }
         self.reqs[r as usize].relaying = true;
+        if let ReqState::Flowing(flow) = state {
+            // The rate between the first block and the last one counted.
+            let rate = self.net.rate(flow);
+            let bytes = self.cfg.cut_through * u64::from(EARLY_OFFER_BLOCKS - 1);
+            let fast = rate > 0.0
+                && fast_enough(
+                    self.piece_bytes(piece) as u64,
+                    bytes,
+                    Duration::from_secs_f64(bytes as f64 / rate),
+                );
+            if !fast {
+                return;
+            }
+        }
         let c = &mut self.hosts[client as usize];
         if c.gone() || !c.downloading() || c.bits.get(piece) || c.early.get(piece) {
             return;

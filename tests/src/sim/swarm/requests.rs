@@ -51,8 +51,10 @@ impl World {
         if self.cfg.cut_through > 0 {
             let rate = self.net.rate(flow);
             let rate = if rate > 0.0 { rate } else { self.cfg.rate };
-            let block = (self.cfg.cut_through as f64).min(bytes);
-            let at = self.one_way + (block / rate * SEC as f64) as Nanos;
+            // The agent decides whether to offer a piece still arriving once its first
+            // EARLY_OFFER_BLOCKS blocks have passed.
+            let blocks = (self.cfg.cut_through as f64 * f64::from(EARLY_OFFER_BLOCKS)).min(bytes);
+            let at = self.one_way + (blocks / rate * SEC as f64) as Nanos;
             self.q.after(at, Ev::FirstBlock(r));
         }
     }
