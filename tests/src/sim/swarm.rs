@@ -20,11 +20,13 @@
 //! rule is the protocol core's `session::Progress`, reached through [`super::driver`]).
 //!
 //! Cut-through (`Config::cut_through`, on by default as in the agent): once the first
-//! block of a piece has arrived and passed at a host, the host offers the piece (Have to its
-//! followers, and in its bitfield) and serves it; a flow from a host still receiving the
-//! piece delivers its last block one block time after the host's own last block. The flow
-//! itself runs at its fair share, so the model spends the server's uplink a little earlier
-//! than a real relay, which is paced by its input.
+//! blocks of a piece (`EARLY_OFFER_BLOCKS`) have arrived and passed at a host, the host
+//! serves it, and offers it (Have to its followers, and in its bitfield) if they came fast
+//! enough (the agent's `session::fast_enough`); a flow from a host still receiving the
+//! piece delivers its last block one block time after the host's own last block, and only
+//! while the host's chain of relays reaches a holder. The flow itself runs at its fair
+//! share, so the model spends the server's uplink a little earlier than a real relay, which
+//! is paced by its input.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -82,8 +84,8 @@ enum Ev {
     Wake(u32),
     HaveFlush(u32),
     Leave(u32),
-    /// Cut-through: the first block of request `.0`'s piece has arrived and passed at its
-    /// requester, which now offers the piece to its followers.
+    /// Cut-through: the first blocks of request `.0`'s piece have arrived and passed at its
+    /// requester, which now relays the piece and may offer it to its followers.
     FirstBlock(u32),
 }
 
@@ -115,7 +117,7 @@ struct Req {
     server: u32,
     piece: u32,
     state: ReqState,
-    /// Cut-through: the piece's first block passed at the client, which relays it from here.
+    /// Cut-through: the piece's first blocks passed at the client, which relays it from here.
     relaying: bool,
 }
 
@@ -148,7 +150,7 @@ struct Host {
     serving: Vec<u32>,
     // Requesting side: requests sent and not settled.
     outstanding: Vec<u32>,
-    /// Cut-through: pieces being received whose first block passed (offered to peers).
+    /// Cut-through: pieces being received and offered to peers (their first blocks came fast).
     early: Bitfield,
     /// Cut-through: requests served from a piece still arriving here, waiting for its end.
     waiters: Vec<u32>,

@@ -1,5 +1,6 @@
-//! Cut-through in the model: which hosts are receiving a piece, the first block that makes a
-//! piece offered, and the relayed requests that wait for the relay's own last block.
+//! Cut-through in the model: which hosts are receiving a piece (through a chain of relays
+//! that reaches a holder), the first blocks that make a piece relayed and, if they came fast
+//! enough, offered, and the relayed requests that wait for the relay's own last block.
 
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use super::*;
 
 impl World {
     /// Cut-through: whether `host` is receiving `piece` now: a request for it under way
-    /// whose first block passed, from a server that holds the piece or is itself receiving
+    /// whose first blocks passed, from a server that holds the piece or is itself receiving
     /// it. A relay sends only bytes it has received, so a chain of relays that does not
     /// reach a holder (its source ended, or it loops back on itself) carries nothing.
     pub(super) fn receiving(&self, host: u32, piece: u32) -> bool {

@@ -126,7 +126,8 @@ fn a_piece_arriving_slowly_is_not_offered_before_it_is_whole() {
     // A tenth of the hosts on a tenth of the link. Offered while still arriving there, a
     // piece reaches every host that relays it at the slow host's pace: the fast hosts took
     // 2.30x the limit (p50) against 1.41x without slow hosts. The agent's rule offers such
-    // a piece only once whole (its first blocks came under 1 MiB/s): 1.44x.
+    // a piece only once whole (its first blocks came too slowly for it to be whole within
+    // 4 s): 1.44x.
     let fast = run(&config(200, 64 * MIB, 4 * MIB)).expect("valid");
     let mixed = run(&Config { slow_hosts: 0.1, ..config(200, 64 * MIB, 4 * MIB) }).expect("valid");
     assert_eq!((mixed.completed(), mixed.failed), (200, 0), "{mixed}");
