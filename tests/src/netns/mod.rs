@@ -63,6 +63,42 @@ pub struct SwarmArgs {
     /// Seed of the image's pseudo-random contents.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Hosts on slower links (`--slow-rate`), spread evenly, never the first (which
+    /// measures the physical limit); their ratios are reported apart, over their own limit.
+    #[arg(long, default_value_t = 0)]
+    pub slow_hosts: usize,
+    /// The slow hosts' link cap, in both directions (default: a tenth of `--rate`).
+    #[arg(long, value_parser = Rate::parse)]
+    pub slow_rate: Option<Rate>,
+}
+
+impl SwarmArgs {
+    /// Whether host `i` (from 0) is one of the `--slow-hosts`, spread evenly as in
+    /// `shoal-sim`: one every `hosts / slow_hosts`, the last of each run.
+    pub fn is_slow(&self, i: usize) -> bool {
+        let f = self.slow_hosts as f64 / self.hosts.max(1) as f64;
+        self.slow_hosts > 0 && ((i as f64 + 1.0) * f).floor() > (i as f64 * f).floor()
+    }
+
+    /// The slow hosts' link cap.
+    pub fn slow_rate(&self) -> Rate {
+        self.slow_rate.unwrap_or(Rate(self.rate.0 / 10))
+    }
+
+    /// Each host's link cap, in host order.
+    pub fn host_rates(&self) -> anyhow::Result<Vec<Rate>> {
+        if self.slow_hosts >= self.hosts {
+            anyhow::bail!(
+                "--slow-hosts must be fewer than --hosts ({}), got {}",
+                self.hosts,
+                self.slow_hosts
+            );
+        }
+        if self.slow_rate().0 < 1000 {
+            anyhow::bail!("--slow-rate must be at least 1kbit, got {}", self.slow_rate());
+        }
+        Ok((0..self.hosts).map(|i| if self.is_slow(i) { self.slow_rate() } else { self.rate }).collect())
+    }
 }
 
 /// A link rate in bits per second.
@@ -193,5 +229,29 @@ mod tests {
         assert_eq!(percentile(&[1.0, f64::NAN], 50.0), None);
         let s = Spread::of(&[1.2, 1.0, 1.1, 1.9]).expect("spread");
         assert_eq!((s.p50, s.p99, s.max), (1.1, 1.9, 1.9));
+    }
+
+    #[test]
+    fn slow_hosts_are_spread_evenly_and_never_the_first() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SwarmArgs,
+        }
+        let args =
+            |flags: &[&str]| Cli::parse_from(std::iter::once("bench").chain(flags.iter().copied())).args;
+        let a = args(&["--hosts", "10", "--slow-hosts", "2"]);
+        let rates = a.host_rates().expect("valid");
+        let slow: Vec<usize> = (0..10).filter(|&i| rates[i] == Rate(10_000_000)).collect();
+        assert_eq!(slow, vec![4, 9]);
+        assert_eq!(rates[0], Rate(100_000_000));
+        let a = args(&["--hosts", "4", "--slow-hosts", "1", "--slow-rate", "5mbit"]);
+        assert_eq!(
+            a.host_rates().expect("valid"),
+            vec![Rate(100_000_000); 3].into_iter().chain([Rate(5_000_000)]).collect::<Vec<_>>()
+        );
+        assert!(args(&["--hosts", "3", "--slow-hosts", "3"]).host_rates().is_err());
+        assert!(args(&["--hosts", "3"]).host_rates().expect("valid").iter().all(|&r| r == Rate(100_000_000)));
     }
 }

@@ -61,7 +61,34 @@ pub(super) fn report(args: &SwarmArgs, size: u64, limit: f64, phases: &[Phase]) 
          median time to the first body byte; CPU%: machine busy over the phase"
     )?;
     let Some(shoal) = phases.last() else { return Ok(out) };
-    let ratios: Vec<f64> = shoal.secs.iter().map(|t| t / limit).collect();
+    let all: Vec<f64> = shoal.secs.iter().map(|t| t / limit).collect();
+    // With slow hosts, the targets are the fast hosts'; the slow ones are measured against
+    // their own link's limit.
+    let slow_limit = args.rate.bytes_per_sec() / args.slow_rate().bytes_per_sec();
+    let (mut ratios, mut slow) = (Vec::new(), Vec::new());
+    for (i, &r) in all.iter().enumerate() {
+        if args.is_slow(i) {
+            slow.push(r / slow_limit);
+        } else {
+            ratios.push(r);
+        }
+    }
+    if !slow.is_empty() {
+        let f = Spread::of(&ratios).context("no fast hosts")?;
+        let s = Spread::of(&slow).context("no slow hosts")?;
+        writeln!(
+            out,
+            "\nwith {} slow hosts at {}: fast hosts ({}) p50 {:.2}x max {:.2}x; slow hosts, over their own limit, \
+             p50 {:.2}x max {:.2}x",
+            slow.len(),
+            args.slow_rate(),
+            ratios.len(),
+            f.p50,
+            f.max,
+            s.p50,
+            s.max
+        )?;
+    }
     let s = Spread::of(&ratios).context("no hosts")?;
     let egress = shoal.seed_tx as f64 / size as f64;
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };

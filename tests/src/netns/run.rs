@@ -43,7 +43,7 @@ pub async fn swarm(args: SwarmArgs) -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("shoal-netbench-").tempdir().context("temp dir")?;
     let dir = tmp.path().to_path_buf();
     eprintln!("working in {}", dir.display());
-    let topo = Topology::create(args.hosts, args.rate)?;
+    let topo = Topology::create(args.rate, &args.host_rates()?)?;
     let mut procs = Procs::default();
     let result = tokio::select! {
         r = run(&args, &bins, &topo, &dir, &mut procs) => r,

@@ -41,9 +41,11 @@ pub struct Topology {
 pub const NODE_IF: &str = "eth0";
 
 impl Topology {
-    /// Builds the bridge namespace, the seed and `hosts` host namespaces, every link capped at
-    /// `rate` in both directions. On error, what was built is removed (by `Drop`).
-    pub fn create(hosts: usize, rate: Rate) -> anyhow::Result<Self> {
+    /// Builds the bridge namespace, the seed (its link capped at `rate`) and one host
+    /// namespace per entry of `host_rates` (each capped at its own), in both directions. On
+    /// error, what was built is removed (by `Drop`).
+    pub fn create(rate: Rate, host_rates: &[Rate]) -> anyhow::Result<Self> {
+        let hosts = host_rates.len();
         if !(1..=200).contains(&hosts) {
             bail!("--hosts must be between 1 and 200, got {hosts}");
         }
@@ -60,7 +62,8 @@ impl Topology {
         ip(&["-n", &topo.bridge_ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &topo.bridge_ns, "link", "set", "br0", "up"])?;
         let nodes: Vec<Node> = std::iter::once(topo.seed.clone()).chain(topo.hosts.clone()).collect();
-        for (i, node) in nodes.iter().enumerate() {
+        let rates: Vec<Rate> = std::iter::once(rate).chain(host_rates.iter().copied()).collect();
+        for (i, (node, rate)) in nodes.iter().zip(rates).enumerate() {
             topo.add_node(node, &format!("p{i}"), rate)?;
         }
         Ok(topo)
