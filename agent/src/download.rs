@@ -479,7 +479,7 @@ impl Downloads {
             leads,
             written,
             relays: if self.settings.cut_through {
-                Relays::new(held.clone())
+                Relays::new(held.clone()).counting_held_back(self.metrics.held_back.clone())
             } else {
                 Relays::whole_pieces(held.clone())
             },

@@ -15,6 +15,8 @@ pub struct DownloadMetrics {
     pub failed: Counter,
     pub pieces: Counter,
     pub bad_pieces: Counter,
+    /// Pieces that arrived too slowly to be offered to peers before they were whole.
+    pub held_back: Counter,
     pub damaged_blobs: Counter,
     pub active: Gauge,
     /// Peers (agents and origins) this agent holds a connection to.
@@ -33,6 +35,7 @@ impl Default for DownloadMetrics {
             failed: Counter::default(),
             pieces: Counter::default(),
             bad_pieces: Counter::default(),
+            held_back: Counter::default(),
             damaged_blobs: Counter::default(),
             active: Gauge::default(),
             peers: Gauge::default(),
@@ -53,6 +56,11 @@ impl DownloadMetrics {
         r.register("downloads_failed", "Downloads that failed", self.failed.clone());
         r.register("pieces_fetched", "Verified pieces fetched from peers", self.pieces.clone());
         r.register("bad_pieces", "Pieces rejected for a bad hash or protocol error", self.bad_pieces.clone());
+        r.register(
+            "pieces_held_back",
+            "Pieces that arrived too slowly to be offered to peers before they were whole (cut-through)",
+            self.held_back.clone(),
+        );
         r.register(
             "damaged_blobs",
             "Cached blobs dropped because a piece no longer matched its hash",

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -83,12 +84,24 @@ pub struct Relays {
     offered: watch::Sender<Bitfield>,
     /// Off: pieces are offered only once written (whole pieces only).
     enabled: bool,
+    /// Counts pieces that arrived too slowly to be offered before they were whole.
+    held_back: Counter,
 }
 
 impl Relays {
     /// Relays for a download that holds `have` already.
     pub fn new(have: Bitfield) -> Self {
-        Self { relays: Arc::default(), offered: watch::Sender::new(have), enabled: true }
+        Self {
+            relays: Arc::default(),
+            offered: watch::Sender::new(have),
+            enabled: true,
+            held_back: Counter::default(),
+        }
+    }
+
+    /// Counts in `held_back` the pieces that arrive too slowly to be offered early.
+    pub fn counting_held_back(self, held_back: Counter) -> Self {
+        Self { held_back, ..self }
     }
 
     /// Relays that pass on only whole pieces: nothing is relayed, and a piece is offered
@@ -184,8 +197,12 @@ impl RelayWriter {
     pub fn push(&mut self, block: Bytes) {
         let len = block.len();
         self.relay.push(block);
-        if self.offer.on_block(self.started.elapsed(), len) {
-            self.relays.offer(self.index);
+        match self.offer.on_block(self.started.elapsed(), len) {
+            Some(true) => self.relays.offer(self.index),
+            Some(false) => {
+                self.relays.held_back.inc();
+            }
+            None => {}
         }
     }
 
@@ -264,7 +281,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_piece_arriving_slowly_is_offered_only_once_written() {
-        let relays = Relays::new(Bitfield::new(4));
+        let held_back = Counter::default();
+        let relays = Relays::new(Bitfield::new(4)).counting_held_back(held_back.clone());
         let mut offered = relays.offered();
         // A 64 MiB piece in 16 KiB blocks at least 50 ms apart: 320 KB/s or less, far
         // slower than the whole piece within 4 s.
@@ -275,6 +293,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert!(!offered.has_changed().expect("open"), "not offered while arriving slowly");
+        assert_eq!(held_back.get(), 1);
         w.complete();
         relays.written(3);
         assert!(offered.borrow_and_update().get(3), "offered once written");

@@ -44,17 +44,18 @@ impl EarlyOffer {
         Self { piece_len, first: None, bytes: 0, blocks: 0 }
     }
 
-    /// A block of `len` bytes passed at `now`. True exactly once: at the
-    /// [`EARLY_OFFER_BLOCKS`]th block, if the piece arrived [`fast_enough`] since the first.
-    pub fn on_block(&mut self, now: Duration, len: usize) -> bool {
+    /// A block of `len` bytes passed at `now`. At the [`EARLY_OFFER_BLOCKS`]th block, the
+    /// decision: `Some(true)` to offer the piece now (it arrived [`fast_enough`] since the
+    /// first block), `Some(false)` to offer it only once whole; `None` at every other block.
+    pub fn on_block(&mut self, now: Duration, len: usize) -> Option<bool> {
         self.blocks = self.blocks.saturating_add(1);
         let Some(first) = self.first else {
             self.first = Some(now);
-            return false;
+            return None;
         };
         self.bytes += len as u64;
-        self.blocks == EARLY_OFFER_BLOCKS
-            && fast_enough(self.piece_len, self.bytes, now.saturating_sub(first))
+        (self.blocks == EARLY_OFFER_BLOCKS)
+            .then(|| fast_enough(self.piece_len, self.bytes, now.saturating_sub(first)))
     }
 }
 
@@ -66,33 +67,36 @@ mod tests {
     const PIECE: u64 = 4 << 20;
 
     /// Feeds `n` blocks `gap` apart, starting at `start`; returns the blocks at which the
-    /// rule said to offer.
-    fn feed(n: u32, start: Duration, gap: Duration) -> Vec<u32> {
+    /// rule decided, and what.
+    fn feed(n: u32, start: Duration, gap: Duration) -> Vec<(u32, bool)> {
         let mut offer = EarlyOffer::new(PIECE);
-        (1..=n).filter(|&k| offer.on_block(start + gap * (k - 1), BLOCK)).collect()
+        (1..=n).filter_map(|k| offer.on_block(start + gap * (k - 1), BLOCK).map(|o| (k, o))).collect()
     }
 
     #[test]
     fn a_fast_piece_is_offered_once_at_the_fourth_block() {
         // 16 KiB every millisecond: 16 MB/s.
-        assert_eq!(feed(10, Duration::from_secs(3), Duration::from_millis(1)), vec![EARLY_OFFER_BLOCKS]);
+        assert_eq!(
+            feed(10, Duration::from_secs(3), Duration::from_millis(1)),
+            vec![(EARLY_OFFER_BLOCKS, true)]
+        );
     }
 
     #[test]
     fn a_slow_piece_is_not_offered_early() {
         // 16 KiB every 50 ms: 320 KB/s, 13 s for the piece.
-        assert!(feed(64, Duration::ZERO, Duration::from_millis(50)).is_empty());
+        assert_eq!(feed(64, Duration::ZERO, Duration::from_millis(50)), vec![(EARLY_OFFER_BLOCKS, false)]);
     }
 
     #[test]
     fn the_wait_for_the_first_block_does_not_count() {
         // The first block came after a long round trip; the rest at 16 MB/s.
         let mut offer = EarlyOffer::new(PIECE);
-        assert!(!offer.on_block(Duration::from_millis(900), BLOCK));
+        assert_eq!(offer.on_block(Duration::from_millis(900), BLOCK), None);
         let t = Duration::from_millis(900);
-        assert!(!offer.on_block(t + Duration::from_millis(1), BLOCK));
-        assert!(!offer.on_block(t + Duration::from_millis(2), BLOCK));
-        assert!(offer.on_block(t + Duration::from_millis(3), BLOCK));
+        assert_eq!(offer.on_block(t + Duration::from_millis(1), BLOCK), None);
+        assert_eq!(offer.on_block(t + Duration::from_millis(2), BLOCK), None);
+        assert_eq!(offer.on_block(t + Duration::from_millis(3), BLOCK), Some(true));
     }
 
     #[test]
