@@ -25,7 +25,7 @@ mod waves;
 
 pub use admission::{takes_lead, to_probe, Listed, PROBE_TIMEOUT};
 pub use announce::{Announces, Schedule};
-pub use offer::{fast_enough, EarlyOffer, EARLY_OFFER_BLOCKS, EARLY_OFFER_WITHIN};
+pub use offer::{EarlyOffer, EARLY_OFFER_BLOCKS, EARLY_OFFER_WITHIN};
 pub use prefix::Prefix;
 pub use progress::{Progress, Stall};
 pub use refusal::Miss;

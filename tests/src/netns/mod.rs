@@ -76,8 +76,7 @@ impl SwarmArgs {
     /// Whether host `i` (from 0) is one of the `--slow-hosts`, spread evenly as in
     /// `shoal-sim`: one every `hosts / slow_hosts`, the last of each run.
     pub fn is_slow(&self, i: usize) -> bool {
-        let f = self.slow_hosts as f64 / self.hosts.max(1) as f64;
-        self.slow_hosts > 0 && ((i as f64 + 1.0) * f).floor() > (i as f64 * f).floor()
+        crate::sim::picked_evenly(i as u64, self.slow_hosts as f64 / self.hosts.max(1) as f64)
     }
 
     /// The slow hosts' link cap.

@@ -17,7 +17,7 @@ use shoal_shared::bitfield::Bitfield;
 use shoal_shared::scheduler;
 pub use shoal_shared::scheduler::{Action, Failure};
 use shoal_shared::session::{self, Announces, Progress, Schedule};
-pub use shoal_shared::session::{fast_enough, Listed, Miss, Stall, EARLY_OFFER_BLOCKS};
+pub use shoal_shared::session::{EarlyOffer, Listed, Miss, Stall, EARLY_OFFER_BLOCKS};
 
 /// How long an agent waits for a probed peer's bitfield (the agent's own).
 pub const PROBE_TIMEOUT: Nanos = session::PROBE_TIMEOUT.as_nanos() as Nanos;

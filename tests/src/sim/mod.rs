@@ -109,8 +109,7 @@ impl Config {
     /// Whether agent `agent` (0-based, origins not counted) is on a slow link: agents are
     /// picked evenly, one in every `1 / slow_hosts`.
     pub fn is_slow(&self, agent: u32) -> bool {
-        let f = self.slow_hosts;
-        f > 0.0 && ((f64::from(agent) + 1.0) * f).floor() > (f64::from(agent) * f).floor()
+        picked_evenly(u64::from(agent), self.slow_hosts)
     }
 
     pub fn pieces(&self) -> u32 {
@@ -244,6 +243,13 @@ pub fn parse_duration(s: &str) -> Result<Nanos, DurationError> {
     } else {
         Err(err())
     }
+}
+
+/// Whether item `i` (from 0) is among a `fraction` of the items picked evenly: one in every
+/// `1 / fraction`, the last of each run (so item 0 is picked only when every item is). Slow
+/// hosts in `shoal-sim` and in the netns benchmark are picked this way.
+pub fn picked_evenly(i: u64, fraction: f64) -> bool {
+    fraction > 0.0 && ((i as f64 + 1.0) * fraction).floor() > (i as f64 * fraction).floor()
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub const EARLY_OFFER_WITHIN: Duration = Duration::from_secs(4);
 
 /// Whether a piece of `piece_len` bytes, of which `bytes` after its first block took
 /// `elapsed` to arrive, is fast enough to be offered before it is whole.
-pub fn fast_enough(piece_len: u64, bytes: u64, elapsed: Duration) -> bool {
+fn fast_enough(piece_len: u64, bytes: u64, elapsed: Duration) -> bool {
     bytes as f64 * EARLY_OFFER_WITHIN.as_secs_f64() >= piece_len as f64 * elapsed.as_secs_f64()
 }
 

@@ -85,7 +85,7 @@ impl World {
 
     /// Cut-through: the first [`EARLY_OFFER_BLOCKS`] blocks of request `r`'s piece passed at
     /// its requester, which relays the piece from now on and, if they came fast enough (the
-    /// agent's rule, [`fast_enough`]), offers it to its followers as if it held it.
+    /// agent's rule, [`EarlyOffer`]), offers it to its followers as if it held it.
     pub(super) fn first_block(&mut self, r: u32) {
         let (client, piece, state) = {
             let q = &self.reqs[r as usize];
@@ -96,16 +96,7 @@ impl World {
         }
         self.reqs[r as usize].relaying = true;
         if let ReqState::Flowing(flow) = state {
-            // The rate between the first block and the last one counted.
-            let rate = self.net.rate(flow);
-            let bytes = self.cfg.cut_through * u64::from(EARLY_OFFER_BLOCKS - 1);
-            let fast = rate > 0.0
-                && fast_enough(
-                    self.piece_bytes(piece) as u64,
-                    bytes,
-                    Duration::from_secs_f64(bytes as f64 / rate),
-                );
-            if !fast {
+            if !self.offers_early(piece, self.net.rate(flow)) {
                 return;
             }
         }
@@ -115,6 +106,23 @@ impl World {
         }
         c.early.set(piece);
         self.offer(client, piece, false);
+    }
+
+    /// The agent's offer rule ([`EarlyOffer`]) fed the first blocks of `piece` as they come
+    /// at `rate` bytes per second: whether the piece is offered before it is whole.
+    fn offers_early(&self, piece: u32, rate: f64) -> bool {
+        if rate <= 0.0 {
+            return false;
+        }
+        let len = self.piece_bytes(piece) as u64;
+        let block = self.cfg.cut_through;
+        let mut rule = EarlyOffer::new(len);
+        let mut decision = None;
+        for k in 0..len.div_ceil(block).min(u64::from(EARLY_OFFER_BLOCKS)) {
+            let at = Duration::from_secs_f64((k * block) as f64 / rate);
+            decision = decision.or(rule.on_block(at, block.min(len - k * block) as usize));
+        }
+        decision == Some(true)
     }
 
     /// Tells `host`'s followers it has `piece` (their Have arrives a one-way delay later);

@@ -158,24 +158,29 @@ impl World {
         }
     }
 
-    /// The server refused (Busy, or NotFound from a failed download): the request fails.
-    pub(super) fn refused(&mut self, r: u32) {
-        let now = self.now();
-        let (client, server, piece, state) = {
-            let q = &self.reqs[r as usize];
-            (q.client, q.server, q.piece, q.state)
-        };
-        // What the real server answers; the agent's rule maps it to a failure.
-        let miss = match state {
-            ReqState::Declined | ReqState::Lost => Miss::Refused(Refusal::NotFound),
-            ReqState::Busy => Miss::Refused(Refusal::Busy),
-            _ => return,
-        };
-        self.reqs[r as usize].state = ReqState::Done;
+    /// Ends request `r` at its client as `state`, out of the client's outstanding requests;
+    /// its client, server, piece and the state it was in.
+    fn settle(&mut self, r: u32, state: ReqState) -> (u32, u32, u32, ReqState) {
+        let q = &mut self.reqs[r as usize];
+        let (client, server, piece, was) = (q.client, q.server, q.piece, q.state);
+        q.state = state;
         let c = &mut self.hosts[client as usize];
         if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
             c.outstanding.swap_remove(i);
         }
+        (client, server, piece, was)
+    }
+
+    /// The server refused (Busy, or NotFound from a failed download): the request fails.
+    pub(super) fn refused(&mut self, r: u32) {
+        let now = self.now();
+        // What the real server answers; the agent's rule maps it to a failure.
+        let miss = match self.reqs[r as usize].state {
+            ReqState::Declined | ReqState::Lost => Miss::Refused(Refusal::NotFound),
+            ReqState::Busy => Miss::Refused(Refusal::Busy),
+            _ => return,
+        };
+        let (client, server, piece, _) = self.settle(r, ReqState::Done);
         if self.reqs[r as usize].relaying {
             // A relayed stream reset under a relay: the relay's own readers are reset too.
             self.end_relay(client, piece);
@@ -189,15 +194,7 @@ impl World {
     /// Gives up on a request wherever it is; bytes already sent for it are wasted.
     pub(super) fn cancel(&mut self, r: u32) {
         let now = self.now();
-        let (client, server, piece, state) = {
-            let q = &self.reqs[r as usize];
-            (q.client, q.server, q.piece, q.state)
-        };
-        self.reqs[r as usize].state = ReqState::Cancelled;
-        let c = &mut self.hosts[client as usize];
-        if let Some(i) = c.outstanding.iter().position(|&x| x == r) {
-            c.outstanding.swap_remove(i);
-        }
+        let (client, server, piece, state) = self.settle(r, ReqState::Cancelled);
         match state {
             ReqState::Flowing(flow) => {
                 if let Some(e) = self.net.abort(now, flow, &mut self.finishes) {
