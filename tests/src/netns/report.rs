@@ -94,12 +94,12 @@ pub(super) fn report(args: &SwarmArgs, size: u64, limit: f64, phases: &[Phase]) 
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
     writeln!(
         out,
-        "\ntargets (shoal): p50 <= 1.05x {} ({:.2}x); max <= 1.25x {} ({:.2}x); origin egress <= 1.2x {} ({egress:.2}x)",
-        verdict(s.p50 <= 1.05),
+        "\ntargets (shoal): p50 <= 1.10x {} ({:.2}x); max <= 1.20x {} ({:.2}x); origin egress <= 1.10x {} ({egress:.2}x)",
+        verdict(s.p50 <= 1.10),
         s.p50,
-        verdict(s.max <= 1.25),
+        verdict(s.max <= 1.20),
         s.max,
-        verdict(egress <= 1.2),
+        verdict(egress <= 1.10),
     )?;
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);

@@ -136,6 +136,21 @@ fn a_piece_arriving_slowly_is_not_offered_before_it_is_whole() {
 }
 
 #[test]
+fn a_piece_whose_first_copies_do_not_spread_goes_out_again_from_the_origin() {
+    // A 10 MiB blob in 1 MiB pieces, a tenth of the hosts slow. In this run every fast host
+    // ends up waiting on one piece whose copies all come through relays fed from a slow
+    // link; the origin declined it for the rest of its wave (every other piece being held,
+    // nobody asked for them and the wave lasted its 30 s), so the fast hosts took 72x the
+    // limit. The origin now sends a piece again once its last copy had time to be offered
+    // (`PIECE_HOLD`): 5.5x.
+    let cfg = Config { slow_hosts: 0.1, seed: 1, ..Config::new(100, 10 * MIB, MIB, 12.5e6) };
+    let r = run(&cfg).expect("valid");
+    assert_eq!((r.completed(), r.failed), (100, 0), "{r}");
+    let p50 = r.quantile(0.5).expect("ratios");
+    assert!(p50 < 10.0, "fast hosts' p50 {p50:.2}x: {r}");
+}
+
+#[test]
 fn a_relay_carries_nothing_unless_its_chain_reaches_a_holder() {
     // Host 0 is the origin; agents 1, 2 and 3 relay piece 0 from each other.
     let mut w = World::new(config(3, 4 * MIB, 4 * MIB));
