@@ -1,6 +1,7 @@
 //! First copies first, per blob: the origin hands out every piece of a blob once before it
-//! hands out any piece a second time (see [`FirstCopies`] in the protocol core for the rule
-//! and why; the simulator drives the same type).
+//! hands out any piece a second time, unless that piece's copies did not spread within the
+//! hold (see [`FirstCopies`] in the protocol core for the rule and why; the simulator drives
+//! the same type).
 //!
 //! This module only keeps one wave per blob being served, on the origin's clock, and bounds
 //! how many it remembers.

@@ -7,8 +7,9 @@
 //! ask the origin for the same piece at the same moment. A request for a piece already
 //! served in the current wave is refused (the agent defers the piece at that origin and
 //! takes it from a peer once that peer announces it); a wave ends when every piece has been
-//! served, or after its longest length ([`LONGEST_WAVE`] at the origin), so a lone agent
-//! retrying a piece waits at most that long.
+//! served, or after its longest length ([`LONGEST_WAVE`] at the origin); and a piece asked
+//! for again [`PIECE_HOLD`] after its last copy goes out again, so an agent retrying a piece
+//! whose copies did not spread waits at most that long.
 //!
 //! One [`FirstCopies`] tracks one blob. The origin's server keeps one per blob being served
 //! (`origin/src/spread.rs`, on the origin's clock); the simulator keeps one per origin host
@@ -56,7 +57,8 @@ impl FirstCopies {
 
     /// The same with a piece going out again `hold` after its last copy (rather than
     /// [`PIECE_HOLD`]); at least the wave's longest turns the hold off.
-    pub fn with_hold(mut self, hold: Duration) -> Self {
+    #[cfg(test)]
+    fn with_hold(mut self, hold: Duration) -> Self {
         self.hold = hold;
         self
     }
