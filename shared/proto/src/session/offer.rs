@@ -45,7 +45,7 @@ impl EarlyOffer {
     }
 
     /// A block of `len` bytes passed at `now`. At the [`EARLY_OFFER_BLOCKS`]th block, the
-    /// decision: `Some(true)` to offer the piece now (it arrived [`fast_enough`] since the
+    /// decision: `Some(true)` to offer the piece now (it arrived fast enough since the
     /// first block), `Some(false)` to offer it only once whole; `None` at every other block.
     pub fn on_block(&mut self, now: Duration, len: usize) -> Option<bool> {
         self.blocks = self.blocks.saturating_add(1);
