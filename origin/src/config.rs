@@ -48,7 +48,7 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<PathBuf>,
     /// Piece length of new blobs' metainfo, a power of two from 64KiB to 64MiB (e.g. `4MiB`;
-    /// a bare number is bytes) [default: 4MiB].
+    /// a bare number is bytes) [default: 2MiB].
     #[arg(long, env = "SHOAL_PIECE_LENGTH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub piece_length: Option<shoal_shared::ratelimit::ByteRate>,

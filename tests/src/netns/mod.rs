@@ -44,7 +44,7 @@ pub struct SwarmArgs {
     #[arg(long, default_value_t = 128)]
     pub size_mib: u64,
     /// Piece length the origin uses for the blob's metainfo, in KiB (64 to 65536).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = shoal_shared::metainfo::DEFAULT_PIECE_LENGTH / 1024)]
     pub piece_kib: u32,
     /// Directory with shoal-origin, shoal-tracker and shoal-agent (default: this binary's).
     #[arg(long)]

@@ -78,7 +78,7 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         agents: usize,
         /// Piece length in bytes.
-        #[arg(long, default_value_t = 4 * 1024 * 1024)]
+        #[arg(long, default_value_t = shoal_shared::metainfo::DEFAULT_PIECE_LENGTH)]
         piece_length: u32,
     },
     /// Load test: many clients at once on an agent (and the origin as the baseline), and a

@@ -24,7 +24,7 @@ pub(crate) struct PullArgs {
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Piece length the origin uses for the blob's metainfo, in bytes.
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, default_value_t = shoal_shared::metainfo::DEFAULT_PIECE_LENGTH)]
     piece_length: u32,
     /// Keep the temp dir (data, certificates, logs) and print its path.
     #[arg(long)]
