@@ -58,7 +58,8 @@ pub struct PeerClient {
     buffers: PiecePool,
 }
 
-/// Bytes of piece buffers kept for reuse ([`PiecePool`]): two pieces of the default length.
+/// Bytes of piece buffers kept for reuse ([`PiecePool`]): four pieces of the default length
+/// (two of 4 MiB, the default when it was sized).
 /// 16 MiB saved no measurable CPU more on a cold pull and let the peak RSS reach 66-70 MiB.
 pub const PIECE_POOL: usize = 8 << 20;
 
