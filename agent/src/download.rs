@@ -198,6 +198,8 @@ impl Downloads {
         peers: PeerClient,
         settings: Settings,
     ) -> Self {
+        // The client counts what it received and dropped; the metrics export that count.
+        let metrics = DownloadMetrics { discarded: peers.discarded().clone(), ..DownloadMetrics::default() };
         Self {
             store,
             cache,
@@ -209,7 +211,7 @@ impl Downloads {
             inflight: DashMap::new(),
             active: DashMap::new(),
             seeding: DashMap::new(),
-            metrics: DownloadMetrics::default(),
+            metrics,
         }
     }
 

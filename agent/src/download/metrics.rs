@@ -17,6 +17,10 @@ pub struct DownloadMetrics {
     pub bad_pieces: Counter,
     /// Pieces that arrived too slowly to be offered to peers before they were whole.
     pub held_back: Counter,
+    /// Piece bytes received and not kept (the peer client's [`PeerClient::discarded`]).
+    ///
+    /// [`PeerClient::discarded`]: shoal_shared::peer::PeerClient::discarded
+    pub discarded: Counter,
     pub damaged_blobs: Counter,
     pub active: Gauge,
     /// Peers (agents and origins) this agent holds a connection to.
@@ -36,6 +40,7 @@ impl Default for DownloadMetrics {
             pieces: Counter::default(),
             bad_pieces: Counter::default(),
             held_back: Counter::default(),
+            discarded: Counter::default(),
             damaged_blobs: Counter::default(),
             active: Gauge::default(),
             peers: Gauge::default(),
@@ -60,6 +65,12 @@ impl DownloadMetrics {
             "pieces_held_back",
             "Pieces that arrived too slowly to be offered to peers before they were whole (cut-through)",
             self.held_back.clone(),
+        );
+        r.register_with_unit(
+            "piece_discarded",
+            "Piece bytes received from peers and origins and not kept: requests that failed, were cut short or given up (an endgame copy that lost), and whole copies of pieces already held",
+            Unit::Bytes,
+            self.discarded.clone(),
         );
         r.register(
             "damaged_blobs",

@@ -154,6 +154,9 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                             dl.metrics.piece_seconds.observe(took.as_secs_f64());
                             advance_prefix(metainfo, active, &mut prefix);
                             dl.metrics.pieces.inc();
+                        } else {
+                            // An endgame copy that came whole after another: not kept.
+                            dl.metrics.discarded.inc_by(piece.len() as u64);
                         }
                         sched.on_piece(peer, index, now);
                     }

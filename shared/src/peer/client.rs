@@ -56,6 +56,8 @@ pub struct PeerClient {
     live: LiveConnections,
     /// Piece buffers reused across pieces (and downloads).
     buffers: PiecePool,
+    /// Piece bytes received and then not kept ([`PeerClient::discarded`]).
+    discarded: Counter,
 }
 
 /// Bytes of piece buffers kept for reuse ([`PiecePool`]): four pieces of the default length
@@ -77,7 +79,16 @@ impl PeerClient {
             idle_before_evict: IDLE_BEFORE_EVICT,
             live: LiveConnections::default(),
             buffers: PiecePool::new(PIECE_POOL),
+            discarded: Counter::default(),
         }
+    }
+
+    /// Piece bytes received and not kept: requests that failed, were cut short or were
+    /// given up (an endgame copy that lost, a deadline) after some of their bytes arrived.
+    /// Callers add the pieces that arrive whole but are no longer needed. Their sum is the
+    /// download side's waste, which the senders' byte counters cannot show.
+    pub fn discarded(&self) -> &Counter {
+        &self.discarded
     }
 
     /// Records every connection this client makes in `live`, so a reload of the TLS
@@ -260,6 +271,9 @@ impl PeerClient {
                     PieceReceiver::pooled(metainfo.check_blocks(index, blocks).map_err(bad)?, &self.buffers);
                 let mut relay = relays.start(index, expected, piece.hashes());
                 let mut relayed = 0;
+                // Counted as discarded unless the piece comes out whole and verified: on an
+                // error, and when the caller drops this future mid-piece.
+                let mut unkept = Unkept { counter: &self.discarded, bytes: 0 };
                 while piece.remaining() > 0 {
                     let chunk = recv
                         .read_chunk(piece.remaining(), true)
@@ -269,6 +283,7 @@ impl PeerClient {
                     if let Some(limiter) = &self.ingress {
                         limiter.acquire(chunk.bytes.len() as u64).await;
                     }
+                    unkept.bytes += chunk.bytes.len() as u64;
                     piece.extend(&chunk.bytes).map_err(bad)?;
                     if let Some(relay) = &mut relay {
                         for block in &piece.blocks()[relayed..] {
@@ -278,12 +293,27 @@ impl PeerClient {
                     }
                 }
                 let piece = piece.finish().map_err(bad)?;
+                unkept.bytes = 0;
                 if let Some(relay) = relay {
                     relay.complete();
                 }
                 Ok(piece)
             }
             other => Err(PeerError::Protocol { addr, cause: format!("unexpected {}", other.kind()) }),
+        }
+    }
+}
+
+/// Bytes of a piece in transfer, added to `counter` when dropped unless reset to zero.
+struct Unkept<'a> {
+    counter: &'a Counter,
+    bytes: u64,
+}
+
+impl Drop for Unkept<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.counter.inc_by(self.bytes);
         }
     }
 }

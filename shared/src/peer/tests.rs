@@ -249,6 +249,10 @@ enum Lie {
     OtherPiece,
     /// The right proof and the first `.0` bytes, then the stream ends.
     CutShort(usize),
+    /// The right proof and the first `.0` bytes, then nothing (the stream stays open).
+    Stall(usize),
+    /// No lie: the right proof and the whole piece.
+    Truth,
 }
 
 /// A server that answers every piece request with `lie`, by hand over real QUIC.
@@ -275,11 +279,12 @@ async fn lying_server(dir: &std::path::Path, data: Bytes, m: Metainfo, lie: Lie)
                     (BlockHashes::of(&good), Bytes::from(bad))
                 }
                 Lie::OtherPiece => (BlockHashes::of(&piece(1)), piece(1)),
-                Lie::CutShort(n) => (BlockHashes::of(&good), good.slice(..n)),
+                Lie::CutShort(n) | Lie::Stall(n) => (BlockHashes::of(&good), good.slice(..n)),
+                Lie::Truth => (BlockHashes::of(&good), good.clone()),
             };
             write_frame(&mut send, &Response::Piece { index, length, blocks }).await.expect("frame");
             send.write_all(&body).await.expect("body");
-            if let Lie::CutShort(_) = lie {
+            if let Lie::CutShort(_) | Lie::Truth = lie {
                 let _ = send.finish();
             } else {
                 // Keep the stream open: the client must give up on what it has.
@@ -327,4 +332,35 @@ async fn lying_servers_are_caught_within_the_bad_block() {
             ),
         }
     }
+}
+
+#[tokio::test]
+async fn piece_bytes_received_and_not_kept_are_counted() {
+    let (_tmp, dirs, _) = setup(&["server", "client"]);
+    let data = Bytes::from((0..3 * MIN_PIECE_LENGTH).map(|i| (i * 11 + i / 7001) as u8).collect::<Vec<u8>>());
+    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+    b.update(&data);
+    let m = b.finish().expect("metainfo");
+    let client = node(&dirs[1], &m);
+    let peers = PeerClient::new(client.endpoint.clone());
+    let ask = |lie| {
+        let (dir, data, m, peers) = (dirs[0].clone(), data.clone(), m.clone(), peers.clone());
+        async move {
+            let addr = lying_server(&dir, data, m.clone(), lie).await;
+            tokio::time::timeout(Duration::from_secs(2), peers.piece(addr, &m, 0, &Relays::none())).await
+        }
+    };
+    // A whole, verified piece is kept.
+    assert!(matches!(ask(Lie::Truth).await, Ok(Ok(_))));
+    assert_eq!(peers.discarded().get(), 0);
+    // A piece cut short: what arrived is dropped.
+    assert!(matches!(ask(Lie::CutShort(5000)).await, Ok(Err(PeerError::Transport { .. }))));
+    assert_eq!(peers.discarded().get(), 5000);
+    // A request given up mid-piece (here at its deadline): what arrived before is dropped.
+    assert!(ask(Lie::Stall(20_000)).await.is_err(), "the stalled piece never completes");
+    assert_eq!(peers.discarded().get(), 25_000);
+    // A piece refused for a bad block counts the bytes read up to the refusal.
+    let before = peers.discarded().get();
+    assert!(matches!(ask(Lie::BadBlockThenStall(1)).await, Ok(Err(PeerError::BadPiece { .. }))));
+    assert!(peers.discarded().get() > before);
 }

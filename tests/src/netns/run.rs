@@ -214,15 +214,19 @@ async fn run(
     let served = agents_metric(&ctx, "shoal_peer_bytes_served_total").await;
     let bad = agents_metric(&ctx, "shoal_agent_bad_pieces_total").await;
     let held_back = agents_metric(&ctx, "shoal_agent_pieces_held_back_total").await;
+    let discarded = agents_metric(&ctx, "shoal_agent_piece_discarded_bytes_total").await;
     let show = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
     let agents_line = format!(
         "agents (from their /metrics): pieces fetched {} for {} needed ({:.2}x), piece bytes served to peers {} \
-         ({:.2}x the blob), bad pieces {}, pieces held back from early offers (arriving too slowly) {}",
+         ({:.2}x the blob), piece bytes received and not kept {} ({:.3}x the blob), bad pieces {}, \
+         pieces held back from early offers (arriving too slowly) {}",
         show(fetched),
         pieces * n as f64,
         fetched.unwrap_or(f64::NAN) / (pieces * n as f64),
         show(served),
         served.unwrap_or(f64::NAN) / size as f64,
+        show(discarded),
+        discarded.unwrap_or(f64::NAN) / size as f64,
         show(bad),
         show(held_back),
     );
