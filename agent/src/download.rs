@@ -198,9 +198,8 @@ impl Downloads {
         peers: PeerClient,
         settings: Settings,
     ) -> Self {
-        // The client counts what it received and dropped; the metrics export that count.
-        let metrics = DownloadMetrics { discarded: peers.discarded().clone(), ..DownloadMetrics::default() };
         Self {
+            metrics: DownloadMetrics { discarded: peers.discarded().clone(), ..DownloadMetrics::default() },
             store,
             cache,
             tracker,
@@ -211,7 +210,6 @@ impl Downloads {
             inflight: DashMap::new(),
             active: DashMap::new(),
             seeding: DashMap::new(),
-            metrics,
         }
     }
 

@@ -255,6 +255,14 @@ enum Lie {
     Truth,
 }
 
+/// A blob of three pieces of the smallest length, byte `i` being `byte(i)`, and its metainfo.
+fn three_pieces(byte: impl Fn(u32) -> u8) -> (Bytes, Metainfo) {
+    let data = Bytes::from((0..3 * MIN_PIECE_LENGTH).map(byte).collect::<Vec<u8>>());
+    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
+    b.update(&data);
+    (data, b.finish().expect("metainfo"))
+}
+
 /// A server that answers every piece request with `lie`, by hand over real QUIC.
 async fn lying_server(dir: &std::path::Path, data: Bytes, m: Metainfo, lie: Lie) -> SocketAddr {
     let identity = TlsIdentity::load(dir).expect("identity");
@@ -301,10 +309,7 @@ async fn lying_server(dir: &std::path::Path, data: Bytes, m: Metainfo, lie: Lie)
 #[tokio::test]
 async fn lying_servers_are_caught_within_the_bad_block() {
     let (_tmp, dirs, _) = setup(&["server", "client"]);
-    let data = Bytes::from((0..3 * MIN_PIECE_LENGTH).map(|i| (i * 7 + i / 4099) as u8).collect::<Vec<u8>>());
-    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
-    b.update(&data);
-    let m = b.finish().expect("metainfo");
+    let (data, m) = three_pieces(|i| (i * 7 + i / 4099) as u8);
     let client = node(&dirs[1], &m);
     let last = (MIN_PIECE_LENGTH / crate::blocks::BLOCK_SIZE) as usize - 1;
     for lie in [
@@ -337,10 +342,7 @@ async fn lying_servers_are_caught_within_the_bad_block() {
 #[tokio::test]
 async fn piece_bytes_received_and_not_kept_are_counted() {
     let (_tmp, dirs, _) = setup(&["server", "client"]);
-    let data = Bytes::from((0..3 * MIN_PIECE_LENGTH).map(|i| (i * 11 + i / 7001) as u8).collect::<Vec<u8>>());
-    let mut b = MetainfoBuilder::new(MIN_PIECE_LENGTH).expect("builder");
-    b.update(&data);
-    let m = b.finish().expect("metainfo");
+    let (data, m) = three_pieces(|i| (i * 11 + i / 7001) as u8);
     let client = node(&dirs[1], &m);
     let peers = PeerClient::new(client.endpoint.clone());
     let ask = |lie| {
