@@ -238,7 +238,9 @@ async fn bytes_delivered_by_source_add_up_to_what_clients_got() {
     assert!(parse_counter(&text, "shoal_agent_piece_fetch_seconds_count") > 0, "{text}");
     assert!(parse_counter(&text, "shoal_agent_download_duration_seconds_count") > 0, "{text}");
     assert!(text.contains("shoal_agent_peers "), "{text}");
+    // Exported, and zero: one source (the origin), no endgame copies, nothing cut short.
     assert!(text.contains("shoal_agent_piece_discarded_bytes_total "), "{text}");
+    assert_eq!(parse_counter(&text, "shoal_agent_piece_discarded_bytes_total"), 0, "{text}");
 
     let hot = pull_image(&c.client, &one, "app/src", "v1").await.expect("hot pull");
     let text = metrics(&c.client, &one).await;
