@@ -37,8 +37,9 @@
 //! - **Peer standing**: a peer that sent a bad piece is banned for this blob (never asked
 //!   again, even if re-added); a peer that fails or stalls backs off, exponentially with
 //!   its consecutive failures; a delivered piece clears its failures. A peer that answers
-//!   Busy (no upload budget free) is only paused for [`Config::busy_pause`], its pipeline
-//!   cut to what it accepted; its pieces still count as available.
+//!   Busy (no upload budget free) is only paused, for [`Config::busy_pause`] doubled with
+//!   each further Busy before it delivers a piece (at most [`Config::max_busy_pause`]), its
+//!   pipeline cut to what it accepted; its pieces still count as available.
 //! - **Peer cap**: at most [`Config::max_peers`] peers; when full, a seeder or origin
 //!   displaces the agent holding the fewest pieces.
 //! - **Re-plan**: [`Scheduler::replan`] cancels every request and forgives back-offs, for a

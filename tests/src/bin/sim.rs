@@ -97,6 +97,9 @@ struct Cli {
     /// How long a peer that answered Busy is not asked again (default: the scheduler's).
     #[arg(long)]
     busy_pause: Option<String>,
+    /// Longest Busy pause, reached by doubling (default: the scheduler's).
+    #[arg(long)]
+    max_busy_pause: Option<String>,
     /// Seconds without progress after which a download fails (re-planned at half).
     #[arg(long)]
     progress_timeout: Option<String>,
@@ -164,6 +167,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(t) = &cli.busy_pause {
         c.busy_pause = Duration::from_nanos(parse_duration(t)?);
+    }
+    if let Some(t) = &cli.max_busy_pause {
+        c.max_busy_pause = Duration::from_nanos(parse_duration(t)?);
     }
     if let Some(t) = &cli.progress_timeout {
         policy.progress_timeout = parse_duration(t)?;

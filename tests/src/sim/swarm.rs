@@ -182,6 +182,8 @@ struct World {
     actions: Vec<Action<u32>>,
     origin_egress: f64,
     wasted: f64,
+    /// Requests refused Busy.
+    busy: u64,
     /// Agents neither finished nor gone.
     active: u32,
     departed: u32,
@@ -222,6 +224,8 @@ pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
         unfinished: w.active,
         origin_egress: w.origin_egress / cfg.size as f64,
         wasted: w.wasted / cfg.size as f64,
+        requests: w.reqs.len() as u64,
+        busy: w.busy,
         virtual_secs: w.q.now() as f64 / SEC as f64,
         wall_secs: started.elapsed().as_secs_f64(),
         events: w.q.processed(),
@@ -306,6 +310,7 @@ impl World {
             actions: Vec::new(),
             origin_egress: 0.0,
             wasted: 0.0,
+            busy: 0,
             departed: 0,
             failed: 0,
         }

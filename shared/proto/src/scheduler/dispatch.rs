@@ -29,6 +29,7 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             }
             if let Some(s) = self.standing.get_mut(&peer) {
                 s.failures = 0;
+                s.busy = 0;
             }
         }
         if self.pieces[index as usize].have {

@@ -11,6 +11,8 @@ use super::{Action, Failure, Scheduler, DEFER};
 pub(super) struct Standing {
     pub(super) banned: bool,
     pub(super) failures: u32,
+    /// Busy answers since the peer last delivered a piece, counting one per pause.
+    pub(super) busy: u32,
     pub(super) until: Duration,
 }
 
@@ -34,7 +36,13 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
                     p.depth = p.in_flight.clamp(1, p.depth.max(1));
                 }
                 let s = self.standing.entry(peer).or_default();
-                s.until = s.until.max(now + self.config.busy_pause);
+                // Answers to requests sent before the pause are one refusal, not several.
+                if s.until <= now {
+                    s.busy = s.busy.saturating_add(1);
+                }
+                let factor = 1u32 << s.busy.saturating_sub(1).min(16);
+                let pause = self.config.busy_pause.saturating_mul(factor).min(self.config.max_busy_pause);
+                s.until = s.until.max(now + pause);
             }
             Failure::Deferred => {
                 self.pieces[index as usize].origin_after = now + DEFER;

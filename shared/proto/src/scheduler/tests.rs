@@ -25,6 +25,7 @@ fn cfg() -> Config {
         max_backoff: Duration::from_secs(8),
         endgame_copies: 2,
         busy_pause: Duration::from_millis(250),
+        max_busy_pause: Duration::from_millis(250),
     }
 }
 
@@ -321,7 +322,7 @@ fn a_busy_peer_is_paused_briefly_and_its_pieces_stay_off_the_origin() {
     // Depth two, plus one for a piece that came back fast: three in flight again.
     assert_eq!(again.len(), 2, "{again:?}");
     assert!(again.iter().all(|(p, _)| *p == 1));
-    // Busy again and again: still a short pause each time, never an exponential one.
+    // Busy again and again: never longer than the longest pause (here the first).
     let mut outstanding = vec![got[1], again[0], again[1]];
     for k in 0..6u64 {
         let t = ms(1000 * (k + 1));
@@ -333,6 +334,36 @@ fn a_busy_peer_is_paused_briefly_and_its_pieces_stay_off_the_origin() {
         assert_eq!(r.len(), 1, "back to one in flight: {r:?}");
         outstanding = r;
     }
+}
+
+#[test]
+fn busy_pauses_double_until_the_peer_delivers() {
+    let ms = Duration::from_millis;
+    let config = Config { busy_pause: ms(10), max_busy_pause: ms(40), seeder_pipeline: 2, ..cfg() };
+    let mut s = Scheduler::new(&Bitfield::new(8), 1 << 20, 3, config);
+    s.add_peer(1, false, Bitfield::full(8), T0).expect("add");
+    let mut out = requests(&poll(&mut s, T0));
+    assert_eq!(out.len(), 2);
+    // Both answers to one round of requests: one refusal, one 10 ms pause.
+    s.on_failure(1, out[0].1, T0, Failure::Busy);
+    s.on_failure(1, out[1].1, ms(1), Failure::Busy);
+    assert_eq!(s.next_wakeup(ms(1)), Some(ms(11)), "answers to one round are one 10 ms pause");
+    // Each further refusal doubles the pause, up to the longest.
+    let mut t = ms(11);
+    for pause in [20, 40, 40] {
+        out = requests(&poll(&mut s, t));
+        assert_eq!(out.len(), 1, "one in flight after a refusal: {out:?}");
+        s.on_failure(1, out[0].1, t, Failure::Busy);
+        assert!(!s.admits(1, t + ms(pause - 1)), "paused {pause} ms at {t:?}");
+        assert_eq!(s.next_wakeup(t), Some(t + ms(pause)));
+        t += ms(pause);
+    }
+    // A delivered piece starts the pauses over.
+    out = requests(&poll(&mut s, t));
+    s.on_piece(1, out[0].1, t + ms(1));
+    out = requests(&poll(&mut s, t + ms(1)));
+    s.on_failure(1, out[0].1, t + ms(2), Failure::Busy);
+    assert_eq!(s.next_wakeup(t + ms(2)), Some(t + ms(12)), "back to the first pause");
 }
 
 #[test]

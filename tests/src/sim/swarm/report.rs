@@ -24,6 +24,10 @@ pub struct Report {
     /// Bytes sent that gave nobody a new piece (cut short or arrived after a timeout), over
     /// the blob size.
     pub wasted: f64,
+    /// Piece requests sent.
+    pub requests: u64,
+    /// Piece requests refused Busy.
+    pub busy: u64,
     /// Virtual seconds until the last agent finished (or the run stopped).
     pub virtual_secs: f64,
     pub wall_secs: f64,
@@ -101,6 +105,15 @@ impl fmt::Display for Report {
         }
         writeln!(f, "origin egress / blob: {:.3}x", self.origin_egress)?;
         writeln!(f, "wasted transfer / blob: {:.3}x", self.wasted)?;
+        let per = |n: u64| n as f64 / (f64::from(c.hosts) * f64::from(c.pieces())).max(1.0);
+        writeln!(
+            f,
+            "requests: {} ({:.2} per agent per piece), refused Busy: {} ({:.2} per agent per piece)",
+            self.requests,
+            per(self.requests),
+            self.busy,
+            per(self.busy)
+        )?;
         write!(
             f,
             "simulation: {} events, {:.3} virtual s, {:.2} wall s, {:.0} events/s",

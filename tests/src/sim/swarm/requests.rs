@@ -23,6 +23,7 @@ impl World {
             self.reset(r);
         } else if !free && s.line.len() >= self.cfg.server_queue as usize {
             self.reqs[r as usize].state = ReqState::Busy;
+            self.busy += 1;
             self.q.after(self.one_way, Ev::Refused(r));
         } else if s.first_copies.as_mut().is_some_and(|w| !w.admit(piece, now)) {
             self.reqs[r as usize].state = ReqState::Declined;
