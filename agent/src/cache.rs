@@ -28,7 +28,7 @@ const HIGH_WATERMARK: f64 = 0.90;
 /// ...down to this share (and so does making room for a download).
 const LOW_WATERMARK: f64 = 0.80;
 /// Disk bytes charged for a blob's metainfo file (one filesystem block; the JSON of a blob
-/// of 128 pieces fits: up to 256 MiB at the default 2 MiB pieces).
+/// of 128 pieces fits: up to 128 MiB at the default 1 MiB pieces).
 const META_BYTES: u64 = 4096;
 
 /// The cache cannot make room: everything it holds is in use.

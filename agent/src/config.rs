@@ -55,11 +55,11 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed_time: Option<shoal_shared::config::Span>,
     /// Piece bytes sent to peers at once, e.g. `16MiB` (a piece holds its share until the
-    /// peer has acknowledged it) [default: 16MiB].
+    /// peer has acknowledged it) [default: 12MiB].
     #[arg(long, env = "SHOAL_UPLOAD_BUDGET")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_budget: Option<ByteRate>,
-    /// Piece requests that may wait for upload budget; more are refused as busy [default: 0].
+    /// Piece requests that may wait for upload budget; more are refused as busy [default: 2].
     #[arg(long, env = "SHOAL_UPLOAD_QUEUE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_queue: Option<usize>,
@@ -138,7 +138,7 @@ pub struct Config {
     pub seed_time: u64,
     #[serde(default = "default_upload_budget")]
     pub upload_budget: ByteRate,
-    #[serde(default)]
+    #[serde(default = "default_upload_queue")]
     pub upload_queue: usize,
     #[serde(default = "default_max_peers")]
     pub max_peers: usize,
@@ -190,7 +190,10 @@ fn default_seed_time() -> u64 {
     3600
 }
 fn default_upload_budget() -> ByteRate {
-    ByteRate(16 << 20)
+    ByteRate(12 << 20)
+}
+fn default_upload_queue() -> usize {
+    2
 }
 fn default_max_peers() -> usize {
     10
@@ -219,7 +222,7 @@ impl Config {
             progress_timeout: default_progress_timeout(),
             seed_time: default_seed_time(),
             upload_budget: default_upload_budget(),
-            upload_queue: 0,
+            upload_queue: default_upload_queue(),
             max_peers: default_max_peers(),
             cut_through: default_cut_through(),
             egress_limit: ByteRate::default(),

@@ -61,7 +61,7 @@ enum Command {
 }
 
 /// glibc's allocator, set for buffers of pieces and blocks that are allocated and freed at
-/// line rate (a piece buffer per piece, 2 MiB by default, 1 MiB read chunks, actix's write buffers):
+/// line rate (a piece buffer per piece, 1 MiB by default, 1 MiB read chunks, actix's write buffers):
 ///
 /// - The mmap threshold is fixed, so glibc never raises it after a free: the dynamic
 ///   threshold (and the trim threshold it drags up with it) let the agent's resident size

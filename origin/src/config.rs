@@ -48,16 +48,16 @@ pub struct ServeFlags {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<PathBuf>,
     /// Piece length of new blobs' metainfo, a power of two from 64KiB to 64MiB (e.g. `4MiB`;
-    /// a bare number is bytes) [default: 2MiB].
+    /// a bare number is bytes) [default: 1MiB].
     #[arg(long, env = "SHOAL_PIECE_LENGTH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub piece_length: Option<shoal_shared::ratelimit::ByteRate>,
-    /// Piece bytes sent to peers at once, e.g. `32MiB` (a piece holds its share until the
-    /// peer has acknowledged it) [default: 32MiB].
+    /// Piece bytes sent to peers at once, e.g. `64MiB` (a piece holds its share until the
+    /// peer has acknowledged it) [default: 16MiB].
     #[arg(long, env = "SHOAL_UPLOAD_BUDGET")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_budget: Option<ByteRate>,
-    /// Piece requests that may wait for upload budget; more are refused as busy [default: 0].
+    /// Piece requests that may wait for upload budget; more are refused as busy [default: 2].
     #[arg(long, env = "SHOAL_UPLOAD_QUEUE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_queue: Option<usize>,
@@ -209,7 +209,7 @@ pub struct Config {
     pub piece_length: u32,
     #[serde(default = "default_upload_budget")]
     pub upload_budget: ByteRate,
-    #[serde(default)]
+    #[serde(default = "default_upload_queue")]
     pub upload_queue: usize,
     #[serde(default = "default_workers")]
     pub http_workers: usize,
@@ -274,7 +274,10 @@ fn default_piece_length() -> u32 {
     DEFAULT_PIECE_LENGTH
 }
 fn default_upload_budget() -> ByteRate {
-    ByteRate(32 << 20)
+    ByteRate(16 << 20)
+}
+fn default_upload_queue() -> usize {
+    2
 }
 fn default_workers() -> usize {
     2
@@ -324,7 +327,7 @@ impl Config {
             tls,
             piece_length: default_piece_length(),
             upload_budget: default_upload_budget(),
-            upload_queue: 0,
+            upload_queue: default_upload_queue(),
             http_workers: default_workers(),
             send_timeout: default_send_timeout(),
             cache_size: default_cache_size(),

@@ -111,5 +111,5 @@ mod tests;
 
 pub use client::{HaveStream, PeerClient, PeerError, MAX_CONNECTIONS};
 use frames::{read_frame, write_frame, StreamError};
-pub use relay::{Relay, Relays};
+pub use relay::{Judgements, Relay, Relays};
 pub use server::{serve, UploadLimits, DEFAULT_COST};

@@ -64,8 +64,12 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
         &initial,
         metainfo.piece_length(),
         rand::random(),
-        scheduler::Config::for_agent(u64::from(metainfo.piece_length()), dl.settings.max_peers),
+        agent_policy(u64::from(metainfo.piece_length()), dl.settings),
     );
+    // How fast the first blocks of relayed pieces came: the scheduler's cap on requests
+    // in flight follows them.
+    let mut judged = active.relays.judgements();
+    let mut applied = *judged.borrow_and_update();
     let started = Instant::now();
     let mut progress = Progress::new(dl.settings.progress_timeout);
     // A resumed download may start with a prefix already held.
@@ -208,6 +212,16 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
                     spawn_probe(dl, metainfo, &mut probes, &mut probing, lead);
                 }
             }
+            Ok(()) = judged.changed() => {
+                let now = *judged.borrow_and_update();
+                for _ in applied.fast..now.fast {
+                    sched.on_first_blocks(true);
+                }
+                for _ in applied.slow..now.slow {
+                    sched.on_first_blocks(false);
+                }
+                applied = now;
+            }
             Some((peer, indices)) = have_rx.recv() => {
                 for index in indices {
                     sched.on_have(peer, index);
@@ -222,6 +236,17 @@ pub(crate) async fn run<P: PeerTransport, T: Announcer>(
         }
     }
     Ok(())
+}
+
+/// The scheduler's policy for this agent: with cut-through off nothing judges first
+/// blocks, so the download keeps its most requests in flight from the start.
+fn agent_policy(piece_len: u64, settings: &Settings) -> scheduler::Config {
+    let config = scheduler::Config::for_agent(piece_len, settings.max_peers);
+    if settings.cut_through {
+        config
+    } else {
+        config.whole_pieces()
+    }
 }
 
 /// What a failed piece request was, for [`Miss::failure`].
@@ -328,4 +353,27 @@ async fn forward_haves<H: Haves>(
         }
     }
     peer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(cut_through: bool) -> Settings {
+        Settings {
+            me: SocketAddr::from(([127, 0, 0, 1], 1)),
+            progress_timeout: Duration::from_secs(60),
+            seed_time: Duration::ZERO,
+            max_peers: 10,
+            cut_through,
+        }
+    }
+
+    #[test]
+    fn without_cut_through_the_download_starts_at_its_most_requests_in_flight() {
+        let relayed = agent_policy(1 << 20, &settings(true));
+        assert_eq!((relayed.start_in_flight, relayed.max_in_flight), (4, 16));
+        let whole = agent_policy(1 << 20, &settings(false));
+        assert_eq!((whole.start_in_flight, whole.max_in_flight), (16, 16));
+    }
 }

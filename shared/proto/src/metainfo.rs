@@ -11,12 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, DigestHasher};
 
-/// Default piece length: 2 MiB. Against Kraken's 4 MiB, in the simulator (seed 42, 100 Mbit/s,
-/// 128 MiB) 10 hosts 1.10x (1.22x), 1,000 hosts 1.20x / 1.26x (1.25x / 1.31x), slow hosts
-/// 1.23x (1.28x), churn 1.24x / 1.59x (1.27x / 1.87x), 10 MiB 2.50x (2.79x); in the netns
-/// benchmark at 10 hosts 1.21x-1.31x (1.38x-1.42x). Kraken's own scenario (3 GB at 300 MB/s)
-/// is 3% slower (1.33x against 1.29x). See docs/ARCHITECTURE.md, "Defaults".
-pub const DEFAULT_PIECE_LENGTH: u32 = 2 << 20;
+/// Default piece length: 1 MiB, with the agent's requests in flight following how fast
+/// pieces come (`scheduler::Config::start_in_flight`). See docs/ARCHITECTURE.md, "Defaults",
+/// for the sweeps against 2 MiB (the previous default) and Kraken's 4 MiB.
+pub const DEFAULT_PIECE_LENGTH: u32 = 1 << 20;
 /// Smallest accepted piece length.
 pub const MIN_PIECE_LENGTH: u32 = 64 << 10;
 /// Largest accepted piece length; also bounds every piece buffer.

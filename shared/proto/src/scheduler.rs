@@ -24,7 +24,11 @@
 //!   [`Config::shared_origin_pipeline`].
 //! - **Pipelines**: each peer has a depth of requests in flight, deeper for seeders and
 //!   origins, grown by one when a piece comes back in under a quarter of its deadline,
-//!   halved on a timeout. A download-wide cap bounds piece buffers in memory.
+//!   halved on a timeout. A download-wide cap bounds piece buffers in memory; it starts
+//!   low ([`Config::start_in_flight`]) and grows by one for each request whose first blocks
+//!   come fast, shrinks by one for each whose first blocks come slowly
+//!   ([`Scheduler::on_first_blocks`]): a host on a slow link keeps few requests in flight,
+//!   so it does not hold many of a busy server's upload slots at a fraction of its rate.
 //! - **Deadlines** scale with the piece size and the pieces a request may queue behind, its
 //!   peer's depth or the download's requests in flight, whichever is more (they share one
 //!   downlink): `max(timeout_floor, piece_len * max(depth, in_flight) / min_rate)`. Without
@@ -65,7 +69,7 @@ mod standing;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Config, AGENT_IN_FLIGHT_BYTES, AGENT_WINDOW};
+pub use config::{Config, AGENT_IN_FLIGHT_BYTES, AGENT_MIN_IN_FLIGHT, AGENT_START_IN_FLIGHT, AGENT_WINDOW};
 pub use events::{Action, AddPeerError, Failure, DEFER};
 pub use pick::SAMPLE;
 
@@ -116,6 +120,8 @@ pub struct Scheduler<P> {
     /// Peers each in-flight piece is requested from.
     holders: Map<u32, Vec<P>>,
     in_flight: u32,
+    /// Requests the download may have in flight now (see [`Config::start_in_flight`]).
+    cap: u32,
     pending: Vec<Action<P>>,
     /// Non-origin peers known.
     agents: usize,
@@ -159,6 +165,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             requests: Map::default(),
             holders: Map::default(),
             in_flight: 0,
+            cap: config.start_in_flight.clamp(
+                config.min_in_flight.clamp(1, config.max_in_flight.max(1)),
+                config.max_in_flight.max(1),
+            ),
             pending: Vec::new(),
             agents: 0,
             origin_cursor: 0,
@@ -199,6 +209,12 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
     /// Requests outstanding.
     pub fn in_flight(&self) -> u32 {
         self.in_flight
+    }
+
+    /// Requests the download may have in flight now (grown and shrunk by
+    /// [`on_first_blocks`](Self::on_first_blocks)).
+    pub fn in_flight_cap(&self) -> u32 {
+        self.cap
     }
 
     /// Peers known (not counting banned or removed ones).

@@ -77,11 +77,21 @@ impl Relay {
     }
 }
 
+/// How many pieces' first blocks came fast enough to be offered early, and how many did
+/// not, since the download started ([`Relays::judgements`]); the download loop grows or
+/// shrinks its requests in flight by them (`Scheduler::on_first_blocks`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Judgements {
+    pub fast: u64,
+    pub slow: u64,
+}
+
 /// The pieces one download is relaying, and what it offers to its followers. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Relays {
     relays: Arc<Mutex<HashMap<u32, Arc<Relay>>>>,
     offered: watch::Sender<Bitfield>,
+    judged: watch::Sender<Judgements>,
     /// Off: pieces are offered only once written (whole pieces only).
     enabled: bool,
     /// Counts pieces that arrived too slowly to be offered before they were whole.
@@ -94,6 +104,7 @@ impl Relays {
         Self {
             relays: Arc::default(),
             offered: watch::Sender::new(have),
+            judged: watch::Sender::new(Judgements::default()),
             enabled: true,
             held_back: Counter::default(),
         }
@@ -118,6 +129,11 @@ impl Relays {
     /// The pieces held or arriving: what followers are told of.
     pub fn offered(&self) -> watch::Receiver<Bitfield> {
         self.offered.subscribe()
+    }
+
+    /// The early-offer judgements of the pieces relayed so far (none when relaying is off).
+    pub fn judgements(&self) -> watch::Receiver<Judgements> {
+        self.judged.subscribe()
     }
 
     /// The relay of piece `index`, if it is arriving (or arrived and is not written yet).
@@ -193,17 +209,18 @@ pub struct RelayWriter {
 }
 
 impl RelayWriter {
-    /// Passes on a block that has passed its hash; offers the piece when the rule says so.
+    /// Passes on a block that has passed its hash; offers the piece when the rule says so,
+    /// and counts the rule's judgement in [`Relays::judgements`].
     pub fn push(&mut self, block: Bytes) {
         let len = block.len();
         self.relay.push(block);
-        match self.offer.on_block(self.started.elapsed(), len) {
-            Some(true) => self.relays.offer(self.index),
-            Some(false) => {
-                self.relays.held_back.inc();
-            }
-            None => {}
+        let Some(fast) = self.offer.on_block(self.started.elapsed(), len) else { return };
+        if fast {
+            self.relays.offer(self.index);
+        } else {
+            self.relays.held_back.inc();
         }
+        self.relays.judged.send_modify(|j| if fast { j.fast += 1 } else { j.slow += 1 });
     }
 
     /// Every block is in: the relay stays readable until the piece is written.
@@ -254,11 +271,14 @@ mod tests {
         w.push(Bytes::from(vec![0u8; 1 << 20]));
         assert!(offered.has_changed().expect("open"));
         assert!(offered.borrow_and_update().get(2), "offered once its first blocks came fast");
+        assert_eq!(*relays.judgements().borrow(), Judgements { fast: 1, slow: 0 });
+        w.push(Bytes::from(vec![0u8; 1 << 20]));
+        assert_eq!(*relays.judgements().borrow(), Judgements { fast: 1, slow: 0 }, "judged once");
         w.complete();
         assert!(relays.get(2).is_some(), "kept until written");
         relays.written(2);
         assert!(relays.get(2).is_none());
-        assert_eq!(relay.block(4).await, None, "ended");
+        assert_eq!(relay.block(5).await, None, "ended");
     }
 
     #[tokio::test]
@@ -294,6 +314,7 @@ mod tests {
         }
         assert!(!offered.has_changed().expect("open"), "not offered while arriving slowly");
         assert_eq!(held_back.get(), 1);
+        assert_eq!(*relays.judgements().borrow(), Judgements { fast: 0, slow: 1 });
         w.complete();
         relays.written(3);
         assert!(offered.borrow_and_update().get(3), "offered once written");

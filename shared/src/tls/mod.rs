@@ -206,7 +206,7 @@ fn provider() -> Arc<CryptoProvider> {
 /// QUIC transport parameters tuned for bulk transfer on a LAN.
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    // A stream carries one piece (2 MiB by default, at most 64 MiB); the connection window bounds
+    // A stream carries one piece (1 MiB by default, at most 64 MiB); the connection window bounds
     // what a fast sender can make us buffer.
     t.stream_receive_window(VarInt::from_u32(6 << 20))
         .receive_window(VarInt::from_u32(16 << 20))

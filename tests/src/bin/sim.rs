@@ -49,15 +49,15 @@ struct Cli {
     /// Origin hosts, each holding the whole blob.
     #[arg(long, default_value_t = 1)]
     origins: u32,
-    /// Piece bytes an agent sends at once (the agent's --upload-budget): 16MiB, 4MiB, ...
-    #[arg(long, default_value = "16MiB")]
+    /// Piece bytes an agent sends at once (the agent's --upload-budget): 12MiB, 4MiB, ...
+    #[arg(long, default_value = "12MiB")]
     agent_budget: ByteRate,
     /// Piece bytes an origin sends at once (the origin's --upload-budget).
-    #[arg(long, default_value = "32MiB")]
+    #[arg(long, default_value = "16MiB")]
     origin_budget: ByteRate,
     /// Requests a server keeps waiting for upload budget; more are refused as Busy (the
     /// servers' --upload-queue).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 2)]
     server_queue: u32,
     /// First copies first at origins: the longest wave in seconds (0: off), as the real
     /// origin's 30 s.
@@ -87,6 +87,10 @@ struct Cli {
     /// Requests in flight per download (default: the agent's, 16 MiB of pieces, 4..=64).
     #[arg(long)]
     max_in_flight: Option<u32>,
+    /// Requests in flight a download starts with, grown by fast pieces and shrunk by slow
+    /// ones (default: the agent's; with --cut-through 0, --max-in-flight).
+    #[arg(long)]
+    start_in_flight: Option<u32>,
     /// Pieces at the front of the blob fetched in order (the agent's IN_ORDER_WINDOW).
     #[arg(long)]
     window: Option<u32>,
@@ -152,12 +156,16 @@ fn main() -> anyhow::Result<()> {
         (cli.origin_pipeline, &mut c.shared_origin_pipeline),
         (cli.max_pipeline, &mut c.max_pipeline),
         (cli.max_in_flight, &mut c.max_in_flight),
+        (cli.start_in_flight, &mut c.start_in_flight),
         (cli.endgame_copies, &mut c.endgame_copies),
     ];
     for (flag, field) in counts {
         if let Some(v) = flag {
             *field = v;
         }
+    }
+    if cfg.cut_through == 0 && cli.start_in_flight.is_none() {
+        *c = c.whole_pieces();
     }
     if let Some(v) = cli.max_peers {
         c.max_peers = v as usize;

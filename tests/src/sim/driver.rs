@@ -186,6 +186,12 @@ impl Scheduler {
         self.inner.on_piece(host, piece, dur(now));
     }
 
+    /// The first blocks of a requested piece came fast enough to offer it early, or not:
+    /// the download's cap on requests in flight grows or shrinks.
+    pub fn on_first_blocks(&mut self, fast: bool) {
+        self.inner.on_first_blocks(fast);
+    }
+
     /// A request failed (refused, reset).
     pub fn on_failure(&mut self, host: u32, piece: u32, now: Nanos, failure: Failure) {
         self.inner.on_failure(host, piece, dur(now), failure);

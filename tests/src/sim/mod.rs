@@ -43,7 +43,7 @@ pub struct Config {
     /// Piece bytes an origin sends at once.
     pub origin_budget: u64,
     /// Requests a server keeps waiting for upload budget; more are refused (Busy), as the
-    /// real servers' `--upload-queue` (default 0).
+    /// real servers' `--upload-queue` (default 2).
     pub server_queue: u32,
     /// First copies first at origins (origin/src/spread.rs): the longest wave, 0 for off.
     pub origin_wave: Nanos,
@@ -82,9 +82,9 @@ impl Config {
             loss: 0.0,
             churn: 0.0,
             origins: 1,
-            agent_budget: 16 << 20,
-            origin_budget: 32 << 20,
-            server_queue: 0,
+            agent_budget: 12 << 20,
+            origin_budget: 16 << 20,
+            server_queue: 2,
             origin_wave: shoal_shared::session::LONGEST_WAVE.as_nanos() as Nanos,
             tracker_peers: 50,
             have_batch: 0,

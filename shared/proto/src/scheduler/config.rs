@@ -20,8 +20,17 @@ pub struct Config {
     pub shared_origin_pipeline: u32,
     /// Deepest a pipeline grows.
     pub max_pipeline: u32,
-    /// Requests in flight for the whole download.
+    /// Most requests in flight for the whole download.
     pub max_in_flight: u32,
+    /// Requests in flight for the whole download at the start. The cap grows by one for
+    /// each request whose first blocks arrive fast enough to be offered early
+    /// ([`crate::session::EarlyOffer`]) and shrinks by one for each that does not, within
+    /// [`min_in_flight`](Self::min_in_flight)..=[`max_in_flight`](Self::max_in_flight)
+    /// ([`Scheduler::on_first_blocks`]). A driver that does not judge first blocks (whole
+    /// pieces only) sets it to `max_in_flight`.
+    pub start_in_flight: u32,
+    /// Fewest requests in flight the cap shrinks to.
+    pub min_in_flight: u32,
     /// Peers kept per download.
     pub max_peers: usize,
     /// Shortest deadline of a request.
@@ -47,6 +56,14 @@ pub const AGENT_WINDOW: u32 = 8;
 /// Piece buffers an agent's download keeps in flight, in bytes (bounds memory, not
 /// throughput).
 pub const AGENT_IN_FLIGHT_BYTES: u64 = 16 << 20;
+/// Requests an agent's download starts with in flight, before it has seen how fast pieces
+/// come. Measured in the simulator with 1 MiB pieces (`shoal-sim --hosts 1000 --slow-hosts
+/// 0.1`): starting at the full 16, the origin's upload slots were held by slow hosts each
+/// with 16 requests in flight at a sixteenth of its link, and the fast hosts' p50 was 1.87x
+/// the limit; starting at 4 and growing with fast pieces, 1.14x.
+pub const AGENT_START_IN_FLIGHT: u32 = 4;
+/// Fewest requests in flight an agent's download shrinks to when pieces come slowly.
+pub const AGENT_MIN_IN_FLIGHT: u32 = 2;
 
 impl Config {
     /// The agent's download policy for pieces of `piece_len` bytes and at most `max_peers`
@@ -62,9 +79,19 @@ impl Config {
             seeder_pipeline: 2.min(max_in_flight),
             max_pipeline: 32.min(max_in_flight),
             max_in_flight,
+            start_in_flight: AGENT_START_IN_FLIGHT.min(max_in_flight),
+            min_in_flight: AGENT_MIN_IN_FLIGHT.min(max_in_flight),
             max_peers: max_peers.max(1),
             ..Self::default()
         }
+    }
+}
+
+impl Config {
+    /// This policy for a download that takes whole pieces only (no cut-through): nothing
+    /// judges first blocks, so the download keeps its most requests in flight from the start.
+    pub fn whole_pieces(self) -> Self {
+        Self { start_in_flight: self.max_in_flight, ..self }
     }
 }
 
@@ -77,6 +104,8 @@ impl Default for Config {
             shared_origin_pipeline: 1,
             max_pipeline: 32,
             max_in_flight: 64,
+            start_in_flight: 64,
+            min_in_flight: 2,
             max_peers: 32,
             timeout_floor: Duration::from_secs(5),
             min_rate: 1 << 20,

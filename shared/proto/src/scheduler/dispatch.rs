@@ -48,6 +48,15 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         self.last_progress = now;
     }
 
+    /// The first blocks of a piece requested arrived fast enough to offer it before it is
+    /// whole (`fast`), or too slowly ([`crate::session::EarlyOffer`]'s judgement): the
+    /// download's cap on requests in flight grows or shrinks by one, within
+    /// [`Config::min_in_flight`](super::Config::min_in_flight)..=`max_in_flight`.
+    pub fn on_first_blocks(&mut self, fast: bool) {
+        let (lo, hi) = (self.config.min_in_flight.max(1), self.config.max_in_flight.max(1));
+        self.cap = if fast { self.cap + 1 } else { self.cap.saturating_sub(1) }.clamp(lo.min(hi), hi);
+    }
+
     /// Expires overdue requests and fills every pipeline. Appends to `out` the cancels first,
     /// then the new requests.
     pub fn poll(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
@@ -80,13 +89,13 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
         }
         for k in 0..self.order.len() {
             let peer = self.order[k];
-            if self.in_flight >= self.config.max_in_flight {
+            if self.in_flight >= self.cap {
                 break;
             }
             if self.standing.get(&peer).is_some_and(|s| s.until > now) {
                 continue;
             }
-            while self.in_flight < self.config.max_in_flight {
+            while self.in_flight < self.cap {
                 let Some(p) = self.peers.get(&peer) else { break };
                 let shared = p.origin && self.agents > 0;
                 let depth =

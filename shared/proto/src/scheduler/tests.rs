@@ -18,6 +18,8 @@ fn cfg() -> Config {
         shared_origin_pipeline: 8,
         max_pipeline: 4,
         max_in_flight: 64,
+        start_in_flight: 64,
+        min_in_flight: 2,
         max_peers: 8,
         timeout_floor: Duration::from_secs(2),
         min_rate: 1 << 20,
@@ -495,4 +497,40 @@ fn out_of_range_reports_are_ignored() {
     s.on_have(1, 99);
     assert_eq!(s.have_count(), 0);
     assert!(requests(&poll(&mut s, T0)).is_empty());
+}
+
+#[test]
+fn the_in_flight_cap_follows_how_fast_first_blocks_come() {
+    let config = Config { start_in_flight: 3, min_in_flight: 2, max_in_flight: 5, max_pipeline: 8, ..cfg() };
+    let mut s = Scheduler::new(&Bitfield::new(32), 1 << 20, 7, config);
+    s.add_peer(1, false, Bitfield::full(32), T0).expect("add");
+    s.add_peer(2, false, Bitfield::full(32), T0).expect("add");
+    // Two seeders at depth 2 each could take 4; the download starts at 3.
+    assert_eq!(requests(&poll(&mut s, T0)).len(), 3);
+    assert_eq!(s.in_flight_cap(), 3);
+    // A fast piece: one more may go out, up to the most.
+    s.on_first_blocks(true);
+    assert_eq!(requests(&poll(&mut s, T0)).len(), 1);
+    for _ in 0..5 {
+        s.on_first_blocks(true);
+    }
+    assert_eq!(s.in_flight_cap(), 5);
+    // Slow pieces: nothing new goes out until requests come back under the cap, which
+    // never goes below the least.
+    for _ in 0..6 {
+        s.on_first_blocks(false);
+    }
+    assert_eq!(s.in_flight_cap(), 2);
+    let sent: Vec<(u8, u32)> = requests(&poll(&mut s, T0));
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(s.in_flight(), 4);
+}
+
+#[test]
+fn a_cap_configured_out_of_order_stays_within_the_most() {
+    let config = Config { start_in_flight: 9, min_in_flight: 7, max_in_flight: 3, ..cfg() };
+    let mut s = Scheduler::<u8>::new(&Bitfield::new(8), 1 << 20, 7, config);
+    assert_eq!(s.in_flight_cap(), 3);
+    s.on_first_blocks(false);
+    assert_eq!(s.in_flight_cap(), 3);
 }

@@ -85,7 +85,9 @@ impl World {
 
     /// Cut-through: the first [`EARLY_OFFER_BLOCKS`] blocks of request `r`'s piece passed at
     /// its requester, which relays the piece from now on and, if they came fast enough (the
-    /// agent's rule, [`EarlyOffer`]), offers it to its followers as if it held it.
+    /// agent's rule, [`EarlyOffer`]), offers it to its followers as if it held it. The
+    /// judgement also grows or shrinks the requester's cap on requests in flight, as the
+    /// agent's download loop does.
     pub(super) fn first_block(&mut self, r: u32) {
         let (client, piece, state) = {
             let q = &self.reqs[r as usize];
@@ -96,9 +98,15 @@ impl World {
         }
         self.reqs[r as usize].relaying = true;
         if let ReqState::Flowing(flow) = state {
-            if !self.offers_early(piece, self.net.rate(flow)) {
+            let fast = self.offers_early(piece, self.net.rate(flow));
+            if let Some(s) = self.hosts[client as usize].sched.as_mut() {
+                s.on_first_blocks(fast);
+            }
+            if !fast {
                 return;
             }
+            // The cap grew: the agent's loop polls on every event.
+            self.dispatch(client);
         }
         let c = &mut self.hosts[client as usize];
         if c.gone() || !c.downloading() || c.bits.get(piece) || c.early.get(piece) {

@@ -124,14 +124,17 @@ fn a_relay_whose_transfer_ends_resets_the_requests_it_served() {
 #[test]
 fn a_piece_arriving_slowly_is_not_offered_before_it_is_whole() {
     // A tenth of the hosts on a tenth of the link. Offered while still arriving there, a
-    // piece reaches every host that relays it at the slow host's pace: the fast hosts took
-    // 2.30x the limit (p50) against 1.41x without slow hosts. The agent's rule offers such
-    // a piece only once whole (its first blocks came too slowly for it to be whole within
-    // 4 s): 1.44x.
-    let fast = run(&config(200, 64 * MIB, 4 * MIB)).expect("valid");
-    let mixed = run(&Config { slow_hosts: 0.1, ..config(200, 64 * MIB, 4 * MIB) }).expect("valid");
+    // piece reaches every host that relays it at the slow host's pace (4 MiB pieces: the
+    // fast hosts took 2.30x the limit, p50, against 1.41x without slow hosts). The agent's
+    // rule offers such a piece only once whole (its first blocks came too slowly for it to
+    // be whole within 4 s), and a host whose pieces come slowly keeps fewer requests in
+    // flight, so it does not hold the servers' upload slots (default 1 MiB pieces: 1.19x
+    // against 1.16x).
+    let fast = run(&config(200, 64 * MIB, MIB)).expect("valid");
+    let mixed = run(&Config { slow_hosts: 0.1, ..config(200, 64 * MIB, MIB) }).expect("valid");
     assert_eq!((mixed.completed(), mixed.failed), (200, 0), "{mixed}");
     let (f, m) = (fast.quantile(0.5).expect("ratios"), mixed.quantile(0.5).expect("ratios"));
+    eprintln!("fast hosts' p50 with slow hosts {m:.3}x, without {f:.3}x");
     assert!(m <= 1.10 * f, "fast hosts' p50 with slow hosts {m:.3}x, without {f:.3}x");
 }
 
