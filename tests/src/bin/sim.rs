@@ -91,6 +91,10 @@ struct Cli {
     /// ones (default: the agent's; with --cut-through 0, --max-in-flight).
     #[arg(long)]
     start_in_flight: Option<u32>,
+    /// Fewest requests in flight slow pieces shrink a download to (default: the agent's, 2;
+    /// --min-in-flight and --start-in-flight both at --max-in-flight turn the rule off).
+    #[arg(long)]
+    min_in_flight: Option<u32>,
     /// Pieces at the front of the blob fetched in order (the agent's IN_ORDER_WINDOW).
     #[arg(long)]
     window: Option<u32>,
@@ -157,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         (cli.max_pipeline, &mut c.max_pipeline),
         (cli.max_in_flight, &mut c.max_in_flight),
         (cli.start_in_flight, &mut c.start_in_flight),
+        (cli.min_in_flight, &mut c.min_in_flight),
         (cli.endgame_copies, &mut c.endgame_copies),
     ];
     for (flag, field) in counts {

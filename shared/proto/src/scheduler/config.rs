@@ -58,9 +58,10 @@ pub const AGENT_WINDOW: u32 = 8;
 pub const AGENT_IN_FLIGHT_BYTES: u64 = 16 << 20;
 /// Requests an agent's download starts with in flight, before it has seen how fast pieces
 /// come. Measured in the simulator with 1 MiB pieces (`shoal-sim --hosts 1000 --slow-hosts
-/// 0.1`): starting at the full 16, the origin's upload slots were held by slow hosts each
-/// with 16 requests in flight at a sixteenth of its link, and the fast hosts' p50 was 1.87x
-/// the limit; starting at 4 and growing with fast pieces, 1.14x.
+/// 0.1`): with 16 in flight throughout, the origin's upload slots were held by slow hosts
+/// each with 16 requests at a sixteenth of its link, and the fast hosts' p50 was 4.5x the
+/// limit; starting at 4, growing with fast pieces and shrinking with slow ones, 1.133x
+/// (starting at 16, 1.148x).
 pub const AGENT_START_IN_FLIGHT: u32 = 4;
 /// Fewest requests in flight an agent's download shrinks to when pieces come slowly.
 pub const AGENT_MIN_IN_FLIGHT: u32 = 2;
