@@ -280,6 +280,12 @@ async fn send_garbage(c: &Cluster, name: &str, bytes: &[u8]) -> anyhow::Result<b
     let Ok(reason) = reason else { return Ok(false) };
     let reason = format!("{reason:?}");
     eprintln!("connection closed: {reason}");
+    // A stateless reset: the origin had closed and forgotten the connection, and its close
+    // frame was lost on a loaded machine (seen once in CI); the origin's protocol-error
+    // counter, checked by the caller, says why it closed.
+    if reason == "Reset" {
+        return Ok(true);
+    }
     anyhow::ensure!(
         reason.contains("ApplicationClosed") && reason.contains("protocol violation"),
         "{reason}"
