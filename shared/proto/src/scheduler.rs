@@ -165,10 +165,10 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
             requests: Map::default(),
             holders: Map::default(),
             in_flight: 0,
-            cap: config.start_in_flight.clamp(
-                config.min_in_flight.clamp(1, config.max_in_flight.max(1)),
-                config.max_in_flight.max(1),
-            ),
+            cap: {
+                let (lo, hi) = config.in_flight_bounds();
+                config.start_in_flight.clamp(lo, hi)
+            },
             pending: Vec::new(),
             agents: 0,
             origin_cursor: 0,

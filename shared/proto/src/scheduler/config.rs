@@ -86,13 +86,17 @@ impl Config {
             ..Self::default()
         }
     }
-}
 
-impl Config {
     /// This policy for a download that takes whole pieces only (no cut-through): nothing
     /// judges first blocks, so the download keeps its most requests in flight from the start.
     pub fn whole_pieces(self) -> Self {
         Self { start_in_flight: self.max_in_flight, ..self }
+    }
+
+    /// The least and most requests in flight, each at least 1, the least never above the most.
+    pub(super) fn in_flight_bounds(&self) -> (u32, u32) {
+        let hi = self.max_in_flight.max(1);
+        (self.min_in_flight.clamp(1, hi), hi)
     }
 }
 

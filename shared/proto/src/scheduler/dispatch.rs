@@ -53,8 +53,8 @@ impl<P: Copy + Eq + Hash + std::fmt::Debug> Scheduler<P> {
     /// download's cap on requests in flight grows or shrinks by one, within
     /// [`Config::min_in_flight`](super::Config::min_in_flight)..=`max_in_flight`.
     pub fn on_first_blocks(&mut self, fast: bool) {
-        let (lo, hi) = (self.config.min_in_flight.max(1), self.config.max_in_flight.max(1));
-        self.cap = if fast { self.cap + 1 } else { self.cap.saturating_sub(1) }.clamp(lo.min(hi), hi);
+        let (lo, hi) = self.config.in_flight_bounds();
+        self.cap = if fast { self.cap + 1 } else { self.cap.saturating_sub(1) }.clamp(lo, hi);
     }
 
     /// Expires overdue requests and fills every pipeline. Appends to `out` the cancels first,
