@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shoal_shared::bitfield::Bitfield;
+use shoal_shared::blocks::{BlockHashes, BLOCK_SIZE};
 use shoal_shared::client::{Announce, AnnounceResponse, PeerInfo};
 use shoal_shared::metainfo::{Metainfo, MetainfoBuilder, VerifiedPiece, MIN_PIECE_LENGTH};
 use shoal_shared::peer::PeerError;
@@ -32,6 +33,10 @@ enum Behaviour {
     Stalling,
     /// Sends this many pieces, then is gone (every request fails at the transport).
     Vanishing { after: u32 },
+    /// Passes every block on to the download's relays at once, as the real transport does
+    /// when they verify (so the download judges the piece fast), and holds the request
+    /// open this long before it ends.
+    Relaying { hold: Duration },
 }
 
 /// Fake peers, each holding the whole blob and behaving as told; records bans and pieces sent.
@@ -41,6 +46,26 @@ struct FakePeers {
     behaviour: Arc<HashMap<SocketAddr, Behaviour>>,
     sent: Arc<Mutex<HashMap<SocketAddr, u32>>>,
     banned: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Piece requests open now, and the most open at once.
+    open: Arc<Mutex<(u32, u32)>>,
+}
+
+/// Counts a piece request open while it lives.
+struct Open(Arc<Mutex<(u32, u32)>>);
+
+impl Open {
+    fn new(open: &Arc<Mutex<(u32, u32)>>) -> Self {
+        let mut o = open.lock().expect("open");
+        o.0 += 1;
+        o.1 = o.1.max(o.0);
+        Self(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.lock().expect("open").0 -= 1;
+    }
 }
 
 /// A peer that never announces anything new (the fakes are seeders).
@@ -95,11 +120,12 @@ impl PeerTransport for FakePeers {
         addr: SocketAddr,
         metainfo: &Metainfo,
         index: u32,
-        _relays: &shoal_shared::peer::Relays,
+        relays: &shoal_shared::peer::Relays,
     ) -> Result<VerifiedPiece, PeerError> {
         if self.gone(addr) {
             return Err(Self::transport(addr));
         }
+        let _open = Open::new(&self.open);
         let start = metainfo.piece_offset(index) as usize;
         let size = metainfo.piece_size(index).map_err(|cause| PeerError::BadPiece { addr, cause })? as usize;
         let mut bytes = self.blob.slice(start..start + size);
@@ -109,6 +135,15 @@ impl PeerTransport for FakePeers {
                 let mut flipped = bytes.to_vec();
                 flipped[size / 2] ^= 0x01;
                 bytes = Bytes::from(flipped);
+            }
+            Behaviour::Relaying { hold } => {
+                if let Some(mut relay) = relays.start(index, size as u32, &BlockHashes::of(&bytes)) {
+                    for block in bytes.chunks(BLOCK_SIZE as usize) {
+                        relay.push(bytes.slice_ref(block));
+                    }
+                    relay.complete();
+                }
+                tokio::time::sleep(hold).await;
             }
             Behaviour::Honest | Behaviour::Vanishing { .. } => {}
         }
@@ -139,6 +174,8 @@ struct Outcome {
     took: Duration,
     banned: Vec<SocketAddr>,
     bad_pieces: u64,
+    /// The most piece requests open at once.
+    most_open: u32,
     /// Pieces the download marked as held, with what the partial file holds there.
     held: Vec<(u32, Bytes)>,
     blob: Bytes,
@@ -184,6 +221,7 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
         behaviour: Arc::new(behaviour),
         sent: Default::default(),
         banned: Default::default(),
+        open: Default::default(),
     };
     let tracker = FakeTracker {
         peers: (0..peers.len())
@@ -213,7 +251,8 @@ async fn download(peers: &[Behaviour], timeout: Duration) -> Outcome {
         Bytes::new()
     };
     let banned = fake.banned.lock().expect("banned").clone();
-    Outcome { result, took, banned, bad_pieces: metrics.bad_pieces.get(), held, blob, written }
+    let most_open = fake.open.lock().expect("open").1;
+    Outcome { result, took, banned, bad_pieces: metrics.bad_pieces.get(), most_open, held, blob, written }
 }
 
 /// Every piece marked held holds exactly the blob's bytes.
@@ -278,4 +317,18 @@ async fn a_peer_that_vanishes_alone_fails_the_download_after_the_progress_timeou
     assert!(matches!(o.result, Err(DownloadError::Stalled(_))), "{:?}", o.result.as_ref().err());
     assert_eq!(o.held.len(), 5, "the pieces it sent before vanishing are kept");
     held_pieces_are_right(&o);
+}
+
+#[tokio::test]
+async fn requests_in_flight_grow_as_pieces_come_fast() {
+    // A download starts with few requests in flight (`AGENT_START_IN_FLIGHT`) and takes one
+    // more for each piece whose first blocks came fast enough to offer early: the loop
+    // carries the relays' judgements to its scheduler. Eight peers, each holding a request
+    // open 50 ms after its blocks passed, have room for 16 at once.
+    let start = shoal_shared::scheduler::AGENT_START_IN_FLIGHT;
+    let hold = Duration::from_millis(50);
+    let o = download(&[Behaviour::Relaying { hold }; 8], Duration::from_secs(10)).await;
+    o.result.as_ref().expect("download");
+    assert!(whole(&o));
+    assert!(o.most_open >= 2 * start, "at most {} requests open at once (start {start})", o.most_open);
 }

@@ -192,6 +192,11 @@ impl Scheduler {
         self.inner.on_first_blocks(fast);
     }
 
+    /// How many requests the download may have in flight now.
+    pub fn in_flight_cap(&self) -> u32 {
+        self.inner.in_flight_cap()
+    }
+
     /// A request failed (refused, reset).
     pub fn on_failure(&mut self, host: u32, piece: u32, now: Nanos, failure: Failure) {
         self.inner.on_failure(host, piece, dur(now), failure);

@@ -128,6 +128,8 @@ struct Host {
     have: u32,
     sched: Option<Box<Scheduler>>,
     done_at: Option<Nanos>,
+    /// The requests its download was allowed in flight when it finished.
+    cap_at_end: u32,
     /// The download stalled for the whole progress timeout and failed.
     failed: bool,
     /// The earliest [`Ev::Wake`] pending.
@@ -203,22 +205,29 @@ pub fn run(cfg: &Config) -> Result<Report, ConfigError> {
         w.handle(ev);
     }
     let (mut ratios, mut slow_ratios) = (Vec::new(), Vec::new());
+    let (mut caps, mut slow_caps) = (Vec::new(), Vec::new());
     for (i, h) in w.hosts.iter().enumerate().skip(cfg.origins as usize) {
         let Some(t) = h.done_at else { continue };
         let secs = t as f64 / SEC as f64;
         if cfg.is_slow(i as u32 - cfg.origins) {
             slow_ratios.push(secs / cfg.slow_limit());
+            slow_caps.push(h.cap_at_end);
         } else {
             ratios.push(secs / cfg.limit());
+            caps.push(h.cap_at_end);
         }
     }
     ratios.sort_by(f64::total_cmp);
     slow_ratios.sort_by(f64::total_cmp);
+    caps.sort_unstable();
+    slow_caps.sort_unstable();
     Ok(Report {
         config: cfg.clone(),
         limit: cfg.limit(),
         ratios,
         slow_ratios,
+        caps,
+        slow_caps,
         departed: w.departed,
         failed: w.failed,
         unfinished: w.active,
@@ -258,6 +267,7 @@ impl World {
                 have: if origin { pieces } else { 0 },
                 sched,
                 done_at: None,
+                cap_at_end: 0,
                 failed: false,
                 wake_at: Nanos::MAX,
                 left_at: None,
@@ -449,6 +459,7 @@ impl World {
         let now = self.now();
         let c = &mut self.hosts[client as usize];
         c.done_at = Some(now);
+        c.cap_at_end = c.sched.as_ref().map_or(0, |s| s.in_flight_cap());
         c.sched = None;
         c.connecting.clear();
         c.following.clear();

@@ -13,6 +13,10 @@ pub struct Report {
     pub ratios: Vec<f64>,
     /// Completion times of the slow agents that finished, over their own limit, sorted.
     pub slow_ratios: Vec<f64>,
+    /// The requests in flight each agent that finished was allowed at the end (the cap
+    /// follows how fast pieces' first blocks came), sorted; slow agents apart.
+    pub caps: Vec<u32>,
+    pub slow_caps: Vec<u32>,
     /// Agents that left before finishing.
     pub departed: u32,
     /// Agents whose download stalled for the whole progress timeout and failed.
@@ -102,6 +106,17 @@ impl fmt::Display for Report {
             )?;
         } else {
             writeln!(f, "completion / limit: p50 {}  p99 {}  max {}", q(0.5), q(0.99), q(1.0))?;
+        }
+        let median = |caps: &[u32]| caps.get(caps.len() / 2).map_or("-".to_string(), u32::to_string);
+        if c.slow_hosts > 0.0 {
+            writeln!(
+                f,
+                "requests in flight allowed at the end, p50: fast agents {}, slow agents {}",
+                median(&self.caps),
+                median(&self.slow_caps)
+            )?;
+        } else {
+            writeln!(f, "requests in flight allowed at the end, p50: {}", median(&self.caps))?;
         }
         writeln!(f, "origin egress / blob: {:.3}x", self.origin_egress)?;
         writeln!(f, "wasted transfer / blob: {:.3}x", self.wasted)?;

@@ -111,6 +111,22 @@ fn slow_hosts_are_spread_evenly_and_measured_against_their_own_link() {
 }
 
 #[test]
+fn requests_in_flight_follow_how_fast_pieces_come() {
+    // The agent's rule, driven as its loop drives it: each piece whose first blocks came
+    // fast enough to offer early (whole within a few seconds at their pace) allows one more
+    // request in flight, each slow one one fewer. The fast agents end at their most (16 of
+    // 1 MiB); the slow ones, on a tenth of the link, where a piece shares it with few
+    // enough others to be fast (7 in this run).
+    let cfg = Config { slow_hosts: 0.1, ..config(20, 32 * MIB, MIB) };
+    let (start, most) = (cfg.policy.scheduler.start_in_flight, cfg.policy.scheduler.max_in_flight);
+    let r = run(&cfg).expect("valid");
+    assert_eq!((r.caps.len(), r.slow_caps.len()), (18, 2), "{r}");
+    let fast = r.caps[r.caps.len() / 2];
+    assert!(fast > start && fast <= most, "{r}");
+    assert!(r.slow_caps.iter().all(|&c| c < fast), "{r}");
+}
+
+#[test]
 fn a_relay_whose_transfer_ends_resets_the_requests_it_served() {
     // A fifth of the hosts leave mid-download. A relay whose own transfer is cut ends the
     // requests it served from it (the agent resets those streams), and so on down the
